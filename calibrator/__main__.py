@@ -1,0 +1,3 @@
+from calibrator.cli.main import main
+
+raise SystemExit(main())

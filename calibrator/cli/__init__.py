@@ -1,0 +1,1 @@
+"""Command-line entry points. The CLI only parses options and wires the stages together."""

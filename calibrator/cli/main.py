@@ -1,0 +1,52 @@
+"""``calibrator`` / ``python -m calibrator``: dispatch to a sub-command, turn bad input into
+a one-line error with exit code 2 (a traceback only with --debug)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+
+from calibrator import __version__
+from calibrator.errors import CalibratorError
+
+EXIT_BAD_INPUT = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from calibrator.cli import test_cmd
+
+    parser = argparse.ArgumentParser(
+        prog="calibrator",
+        description="Accuracy-driven INT8 post-training calibration for Caffe models.")
+    parser.add_argument("--version", action="version", version=f"calibrator {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show a full traceback on errors")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    test_cmd.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if getattr(args, "run", None) is None:
+            parser.print_help()
+            return EXIT_BAD_INPUT
+        return args.run(args)
+    except CalibratorError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"calibrator: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("calibrator: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,40 @@
+"""``calibrator test``: the ``caffe test`` equivalent (FP32, or INT8 simulation when the
+prototxt carries quantization_param)."""
+
+from __future__ import annotations
+
+import argparse
+
+from calibrator.cli.common import add_device_options, add_image_folder_options, \
+    image_folder_options
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "test", help="run N TEST batches and print each output blob's mean, as caffe test",
+        description="Run N TEST-phase batches and print the mean of every output blob over "
+                    "them (name = value), as `caffe test` does.")
+    parser.add_argument("-m", "--model", required=True, metavar="PROTOTXT",
+                        help="network definition with a TEST data layer (or --images)")
+    parser.add_argument("-w", "--weights", required=True, metavar="CAFFEMODEL",
+                        help="trained weights, matched to layers by name")
+    parser.add_argument("-i", "--iterations", type=int, default=50, metavar="N",
+                        help="number of batches (default 50, as caffe test)")
+    parser.add_argument("--dump", metavar="DIR",
+                        help="save every output blob of every batch as DIR/<blob>_<batch>.npy")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_device_options(parser)
+    add_image_folder_options(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from calibrator.evaluation import run_test
+    from calibrator.model import load_model, select_device
+
+    model = load_model(args.model, args.weights, images=image_folder_options(args),
+                       device=select_device(args.gpu))
+    result = run_test(model, args.iterations, dump_dir=args.dump, quiet=args.quiet)
+    for line in result.lines():
+        print(line)
+    return 0

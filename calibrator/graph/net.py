@@ -1,0 +1,238 @@
+"""A Caffe NetParameter as a PyTorch module that runs its layers in prototxt order.
+
+Blobs are named as in Caffe. In-place layers (top == bottom) overwrite the blob name, so
+every *version* of a blob is identified by the node that produced it; hooks see each node's
+tops as they are produced, which is where calibration hangs its observers and the INT8
+simulation its fake-quantizers. Blobs are freed after their last use unless asked for."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from calibrator.errors import CalibratorError, LayerError
+from calibrator.graph.layer import Layer, Shape, layer_class
+
+#: Layer types whose tops are fed from outside the graph (data sources or the caller).
+DATA_LAYER_TYPES = frozenset({"Data", "ImageData", "AnnotatedData", "Input", "HDF5Data",
+                              "MemoryData", "WindowData", "VideoData", "DummyInput"})
+
+Hook = Callable[["Node", tuple], "tuple | None"]
+
+
+@dataclass
+class Node:
+    """One layer of the graph with its connections and inferred top shapes."""
+
+    index: int
+    name: str
+    type: str
+    bottoms: list[str]
+    tops: list[str]
+    module: Layer
+    param: object  # caffe_pb2.LayerParameter
+    bottom_shapes: list[Shape] = field(default_factory=list)
+    top_shapes: list[Shape] = field(default_factory=list)
+
+    @property
+    def in_place(self) -> bool:
+        return bool(self.bottoms) and bool(self.tops) and self.bottoms[0] == self.tops[0]
+
+
+def fit_blob(array: np.ndarray, expected: Shape) -> np.ndarray | None:
+    """``array`` reshaped to ``expected`` if Caffe would accept it, else None.
+
+    Caffe accepts a legacy 4-D (num, channels, height, width) blob for a shape with fewer
+    axes when the extra leading axes are 1; we accept any shape whose non-unit axes agree."""
+    if tuple(array.shape) == tuple(expected):
+        return array
+    if array.size != int(np.prod(expected, dtype=np.int64)):
+        return None
+    squeeze = lambda s: tuple(d for d in s if d != 1)  # noqa: E731
+    if squeeze(array.shape) == squeeze(expected):
+        return array.reshape(expected)
+    return None
+
+
+class CaffeNet(torch.nn.Module):
+    """The graph of one phase of a network.
+
+    ``input_shapes`` gives the shape of every blob fed from outside (data-layer tops, Input
+    layers may be overridden); ``weights`` maps layer names to learned blobs.
+    """
+
+    def __init__(self, net_param, weights: Mapping[str, Sequence[np.ndarray]] | None = None,
+                 input_shapes: Mapping[str, Shape] | None = None, *, source: str = "",
+                 require_weights: bool = True):
+        super().__init__()
+        self.net_param = net_param
+        self.source = source
+        self.nodes: list[Node] = []
+        self.input_shapes: dict[str, Shape] = {}
+        self.data_layers = []  # LayerParameters of the layers fed from outside
+        weights = weights or {}
+        input_shapes = dict(input_shapes or {})
+        shapes: dict[str, Shape] = {}
+        modules = torch.nn.ModuleList()
+        used_weights = set()
+
+        for param in net_param.layer:
+            if param.type in DATA_LAYER_TYPES:
+                self.data_layers.append(param)
+                for i, top in enumerate(param.top):
+                    shape = input_shapes.get(top)
+                    if shape is None and param.type == "Input":
+                        declared = param.input_param.shape
+                        if len(declared):
+                            dims = declared[min(i, len(declared) - 1)].dim
+                            shape = tuple(int(d) for d in dims)
+                    if shape is None:
+                        raise LayerError(param.name, param.type,
+                                         f"no shape known for its top '{top}'")
+                    shapes[top] = tuple(shape)
+                    self.input_shapes[top] = tuple(shape)
+                continue
+            cls = layer_class(param.type)
+            if cls is None:
+                raise LayerError(param.name, param.type, f"unknown layer type '{param.type}'")
+            for bottom in param.bottom:
+                if bottom not in shapes:
+                    raise LayerError(param.name, param.type,
+                                     f"bottom '{bottom}' is not produced by an earlier layer")
+            bottom_shapes = [shapes[b] for b in param.bottom]
+            try:
+                module = cls(param, bottom_shapes)
+            except LayerError:
+                raise
+            except (ValueError, IndexError, RuntimeError) as exc:
+                raise LayerError(param.name, param.type, f"bad parameters: {exc}") from None
+            self._load_weights(module, param, weights.get(param.name), require_weights)
+            if param.name in weights:
+                used_weights.add(param.name)
+            node = Node(len(self.nodes), param.name, param.type, list(param.bottom),
+                        list(param.top), module, param, bottom_shapes)
+            node.top_shapes = self._infer_top_shapes(node)
+            for top, shape in zip(node.tops, node.top_shapes):
+                shapes[top] = shape
+            self.nodes.append(node)
+            modules.append(module)
+        self.layers = modules
+        self.blob_shapes = shapes
+        self.output_names = self._outputs()
+        self._last_use = self._last_uses()
+
+    # -- construction helpers ----------------------------------------------------------------
+    def _load_weights(self, module: Layer, param, found, require: bool) -> None:
+        expected = module.blob_shapes()
+        found = list(found or [])
+        if not expected:
+            if found:
+                module.load_blobs([])  # the layer ignores stored blobs it does not need
+            return
+        optional = module.optional_blob_count()
+        if not found:
+            if require:
+                raise LayerError(param.name, param.type,
+                                 "no weights for this layer in the caffemodel (layers are "
+                                 "matched by name)")
+            found = [np.zeros(s, np.float32) for s in expected]
+        if not (len(expected) - optional <= len(found) <= len(expected)):
+            raise LayerError(param.name, param.type,
+                             f"expected {len(expected)} weight blobs, found {len(found)}")
+        fitted = []
+        for i, (array, shape) in enumerate(zip(found, expected)):
+            blob = fit_blob(array, shape)
+            if blob is None:
+                raise LayerError(param.name, param.type,
+                                 f"weight blob {i} has shape {tuple(array.shape)}, "
+                                 f"expected {tuple(shape)}")
+            fitted.append(blob.astype(np.float32, copy=False))
+        module.load_blobs(fitted)
+
+    def _infer_top_shapes(self, node: Node) -> list[Shape]:
+        zeros = [torch.zeros(s) for s in node.bottom_shapes]
+        try:
+            with torch.no_grad():
+                tops = node.module(*zeros)
+        except LayerError:
+            raise
+        except (RuntimeError, ValueError, IndexError) as exc:
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise LayerError(node.name, node.type,
+                             f"cannot run on bottoms of shapes {node.bottom_shapes}: "
+                             f"{message}") from None
+        if len(tops) != len(node.tops):
+            raise LayerError(node.name, node.type,
+                             f"produces {len(tops)} tops, the prototxt names {len(node.tops)}")
+        return [tuple(t.shape) for t in tops]
+
+    def _outputs(self) -> list[str]:
+        """Caffe's net outputs: blobs produced and not consumed by any later layer."""
+        available: dict[str, None] = {}
+        for name in self.input_shapes:
+            available[name] = None
+        for node in self.nodes:
+            for bottom in node.bottoms:
+                available.pop(bottom, None)
+            for top in node.tops:
+                available[top] = None
+        return list(available)
+
+    def _last_uses(self) -> dict[str, int]:
+        last: dict[str, int] = {}
+        for node in self.nodes:
+            for bottom in node.bottoms:
+                last[bottom] = node.index
+        return last
+
+    # -- queries -----------------------------------------------------------------------------
+    def node(self, name: str) -> Node:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise KeyError(name)
+
+    def consumers(self, blob: str, after: int = -1) -> list[Node]:
+        return [n for n in self.nodes if n.index > after and blob in n.bottoms]
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.parameters():
+            return p.device
+        for b in self.buffers():
+            return b.device
+        return torch.device("cpu")
+
+    # -- running -----------------------------------------------------------------------------
+    def forward(self, feeds: Mapping[str, torch.Tensor], *, outputs: Iterable[str] | None = None,
+                start: int = 0, stop: int | None = None, hook: Hook | None = None,
+                keep_all: bool = False) -> dict[str, torch.Tensor]:
+        """Run nodes ``start``..``stop`` (exclusive) from the blobs in ``feeds``.
+
+        Returns the ``outputs`` blobs (default: the net's outputs) or, with ``keep_all``,
+        every blob's final version. ``hook(node, tops)`` may return replacement tops."""
+        wanted = set(self.output_names if outputs is None else outputs)
+        blobs = dict(feeds)
+        nodes = self.nodes[start:stop]
+        for node in nodes:
+            try:
+                tops = node.module(*[blobs[b] for b in node.bottoms])
+            except KeyError as exc:
+                raise CalibratorError(f"layer '{node.name}': blob {exc} was not fed") from None
+            if hook is not None:
+                replaced = hook(node, tops)
+                if replaced is not None:
+                    tops = replaced
+            for top, value in zip(node.tops, tops):
+                blobs[top] = value
+            if not keep_all:
+                for bottom in node.bottoms:
+                    if (self._last_use.get(bottom) == node.index and bottom not in wanted
+                            and bottom not in node.tops):
+                        blobs.pop(bottom, None)
+        if keep_all:
+            return blobs
+        return {name: blobs[name] for name in wanted if name in blobs}

@@ -1,0 +1,98 @@
+"""Load a Caffe model for one phase: prototxt + caffemodel + data source -> runnable graph."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from calibrator.caffe import caffe_pb2
+from calibrator.caffe.caffemodel import read_caffemodel
+from calibrator.caffe.netstate import filter_net
+from calibrator.caffe.prototxt import read_net
+from calibrator.errors import CalibratorError
+from calibrator.graph.net import CaffeNet
+
+
+@dataclass
+class ImageFolderOptions:
+    """Preprocessing for a deploy net fed from a folder of images (no data layer)."""
+
+    folder: str
+    mean: Sequence[float] = (0.0, 0.0, 0.0)
+    norm: float = 1.0
+    size: Sequence[int] | None = None  # (H, W)
+    batch_size: int | None = None
+
+
+@dataclass
+class Model:
+    prototxt: Path
+    weights_path: Path | None
+    net_param: caffe_pb2.NetParameter  # the whole upgraded net (writers keep every layer)
+    test_param: caffe_pb2.NetParameter  # the TEST-phase layers
+    weights: dict
+    net: CaffeNet
+    source: object | None  # calibrator.data.DataSource
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def batch_size(self) -> int:
+        return self.source.batch_size if self.source is not None else 1
+
+
+def select_device(gpu: int | None) -> torch.device:
+    """``--gpu ID`` as Caffe takes it; None or a negative id runs on the CPU."""
+    if gpu is None or gpu < 0:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise CalibratorError(f"--gpu {gpu}: no CUDA device is available (run without --gpu)")
+    if gpu >= torch.cuda.device_count():
+        raise CalibratorError(f"--gpu {gpu}: only {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device(f"cuda:{gpu}")
+
+
+def build_source(test_param, base_dir: Path, images: ImageFolderOptions | None):
+    """The data source that feeds the net's data layer (or the image folder of a deploy net)."""
+    from calibrator import data
+
+    data_layers = [l for l in test_param.layer if data.is_data_layer(l.type)]
+    inputs = [l for l in test_param.layer if l.type == "Input"]
+    if images is not None:
+        if len(inputs) != 1 or len(inputs[0].top) != 1:
+            raise CalibratorError("--images needs a deploy net with exactly one Input blob")
+        layer = inputs[0]
+        shape = tuple(int(d) for d in layer.input_param.shape[0].dim)
+        batch = images.batch_size or shape[0]
+        return data.build_image_folder_source(
+            images.folder, layer.top[0], (batch,) + shape[1:], images.mean, images.norm,
+            images.size, batch_size=batch)
+    if len(data_layers) > 1:
+        names = ", ".join(l.name for l in data_layers)
+        raise CalibratorError(f"the TEST phase has several data layers ({names}); keep one")
+    if data_layers:
+        return data.build_data_source(data_layers[0], base_dir)
+    return None
+
+
+def load_model(prototxt: str | os.PathLike, weights: str | os.PathLike | None, *,
+               images: ImageFolderOptions | None = None, device: torch.device | None = None,
+               stages: Sequence[str] = (), need_source: bool = True,
+               require_weights: bool = True) -> Model:
+    prototxt = Path(prototxt)
+    net_param = read_net(prototxt)
+    test_param = filter_net(net_param, caffe_pb2.TEST, stages)
+    weight_blobs = read_caffemodel(weights) if weights is not None else {}
+    source = build_source(test_param, prototxt.parent, images)
+    if source is None and need_source and not any(l.type == "Input" for l in test_param.layer):
+        raise CalibratorError(f"{prototxt}: the TEST phase has no data layer or Input")
+    input_shapes = source.top_shapes() if source is not None else {}
+    net = CaffeNet(test_param, weight_blobs, input_shapes, source=str(prototxt),
+                   require_weights=require_weights and weights is not None)
+    device = device or torch.device("cpu")
+    net.to(device).eval()
+    return Model(prototxt, Path(weights) if weights else None, net_param, test_param,
+                 weight_blobs, net, source, device)

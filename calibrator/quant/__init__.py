@@ -1,0 +1,1 @@
+"""INT8 calibration: the fused view, statistics, range estimators, scales, simulation."""

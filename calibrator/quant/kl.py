@@ -1,0 +1,112 @@
+"""Entropy (KL) calibration, TensorRT's method in ncnn's convention, vectorised over all
+candidate thresholds at once.
+
+Given a histogram of |x| in 2048 bins over [0, absmax] (exact zeros skipped), each candidate
+``i`` (the number of levels ... 2047) builds
+
+* P: the first ``i`` bins with the mass of every bin from ``i`` on added to bin ``i - 1``
+  (clipping puts outliers on the threshold);
+* Q: the same ``i`` bins *without* the tail, merged into ``levels`` equal-width levels
+  (fractional bin edges split a bin's count pro rata) and spread back uniformly over the
+  bins that were non-zero in the histogram;
+
+both smoothed (zeros get 1e-4, taken evenly from the non-zero bins so the mass is kept) and
+normalised; the candidate with the first minimal KL(P || Q) wins and the threshold is the
+middle of its last bin, ``(i + 0.5) * absmax / 2048``.
+
+Every candidate is one row of a (candidates x bins) matrix; each bin overlaps at most two
+levels because a level is at least one bin wide, so merging and spreading are two
+``scatter_add``/``gather`` calls per side instead of Python loops.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NUM_BINS = 2048
+SMOOTH_EPS = 1e-4
+
+
+def merge_and_expand(hist: torch.Tensor, candidates: torch.Tensor, levels: int) -> torch.Tensor:
+    """Q for every candidate: rows of ``len(candidates)`` x ``len(hist)`` (zero past ``i``).
+
+    ``hist`` holds float64 counts; ``candidates`` the bin counts ``i`` (each >= levels)."""
+    bins = hist.numel()
+    k = torch.arange(bins, dtype=torch.int64, device=hist.device)
+    i = candidates.to(torch.int64).unsqueeze(1)                       # (C, 1)
+    valid = k.unsqueeze(0) < i                                        # (C, B)
+    level = torch.div(k.unsqueeze(0) * levels, i, rounding_mode="floor")  # level of bin start
+    # fraction of bin k inside `level`: up to the level's right edge (level + 1) * i / levels
+    edge = (level + 1).to(torch.float64) * i.to(torch.float64) / levels
+    w_first = (edge - k.unsqueeze(0).to(torch.float64)).clamp(max=1.0)
+    w_next = 1.0 - w_first
+    counts = hist.unsqueeze(0) * valid
+    nonzero = ((hist != 0).unsqueeze(0) & valid).to(torch.float64)
+    level_next = (level + 1).clamp(max=levels)                        # column `levels` = sink
+    mass = torch.zeros(i.shape[0], levels + 1, dtype=torch.float64, device=hist.device)
+    mass.scatter_add_(1, level.clamp(max=levels), counts * w_first)
+    mass.scatter_add_(1, level_next, counts * w_next)
+    support = torch.zeros_like(mass)
+    support.scatter_add_(1, level.clamp(max=levels), nonzero * w_first)
+    support.scatter_add_(1, level_next, nonzero * w_next)
+    per_bin = torch.where(support > 0, mass / support.clamp(min=1e-300), torch.zeros_like(mass))
+    spread = (w_first * per_bin.gather(1, level.clamp(max=levels))
+              + w_next * per_bin.gather(1, level_next))
+    return spread * nonzero
+
+
+def clip_with_tail(hist: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """P for every candidate: the first ``i`` bins, the tail mass added to bin ``i - 1``."""
+    bins = hist.numel()
+    k = torch.arange(bins, device=hist.device)
+    i = candidates.to(torch.int64).unsqueeze(1)
+    p = hist.unsqueeze(0) * (k.unsqueeze(0) < i)
+    suffix = torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0])  # sum of hist[k:]
+    tail = torch.cat([suffix, suffix.new_zeros(1)])[candidates.to(torch.int64)]
+    p.scatter_add_(1, i - 1, tail.unsqueeze(1))
+    return p
+
+
+def smooth(dist: torch.Tensor, valid: torch.Tensor, eps: float = SMOOTH_EPS) -> torch.Tensor:
+    """Give zero bins ``eps``, taking the same total evenly from the non-zero bins."""
+    zeros = (dist == 0) & valid
+    nonzeros = (dist != 0) & valid
+    n_zero = zeros.sum(1, keepdim=True).to(dist.dtype)
+    n_nonzero = nonzeros.sum(1, keepdim=True).to(dist.dtype).clamp(min=1)
+    return dist + eps * zeros - (eps * n_zero / n_nonzero) * nonzeros
+
+
+def kl_divergences(hist: torch.Tensor, levels: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """(candidates, KL per candidate) for a histogram of ``NUM_BINS`` counts."""
+    hist = hist.to(torch.float64)
+    bins = hist.numel()
+    candidates = torch.arange(levels, bins, device=hist.device)
+    valid = torch.arange(bins, device=hist.device).unsqueeze(0) < candidates.unsqueeze(1)
+    p = smooth(clip_with_tail(hist, candidates), valid)
+    q = smooth(merge_and_expand(hist, candidates, levels), valid)
+    p = p / p.sum(1, keepdim=True).clamp(min=1e-300)
+    q = q / q.sum(1, keepdim=True).clamp(min=1e-300)
+    usable = valid & (p > 0)
+    ratio = torch.where(usable & (q > 0), p / q.clamp(min=1e-300), torch.ones_like(p))
+    terms = torch.where(usable, p * torch.log(ratio), torch.zeros_like(p))
+    # q == 0 where p > 0 cannot happen after smoothing unless a row is all zero
+    return candidates, terms.sum(1)
+
+
+def kl_threshold(hist: torch.Tensor, absmax: float, levels: int = 128) -> float:
+    """The KL threshold T for a histogram of |x| over [0, absmax]; 0 for an all-zero tensor."""
+    if absmax <= 0 or float(hist.sum()) == 0:
+        return float(max(absmax, 0.0))
+    candidates, divergence = kl_divergences(hist, levels)
+    best = int(candidates[int(torch.argmin(divergence))])
+    return (best + 0.5) * absmax / hist.numel()
+
+
+def abs_histogram(x: torch.Tensor, absmax: float, bins: int = NUM_BINS) -> torch.Tensor:
+    """int64 histogram of |x| over [0, absmax] in ``bins`` bins, exact zeros skipped."""
+    a = x.detach().abs().flatten()
+    a = a[a != 0]
+    if a.numel() == 0 or absmax <= 0:
+        return torch.zeros(bins, dtype=torch.int64, device=x.device)
+    index = (a.to(torch.float64) * (bins / absmax)).to(torch.int64).clamp_(max=bins - 1)
+    return torch.bincount(index, minlength=bins)

@@ -1,0 +1,22 @@
+"""Shared fixtures: where ../shared is, and skipping real-model tests when it is absent."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_path() -> Path | None:
+    env = os.environ.get("CALIBRATOR_SHARED")
+    path = Path(env) if env else REPO.parent / "shared"
+    return path if path.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    path = shared_path()
+    if path is None:
+        pytest.skip("../shared (or $CALIBRATOR_SHARED) not found")
+    return path
