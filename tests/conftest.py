@@ -5,6 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from calibrator.runtime import tune_allocator
+
+tune_allocator()  # the real-model tests run batch-50 CNNs on the CPU
+
 REPO = Path(__file__).resolve().parents[1]
 
 

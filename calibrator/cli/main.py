@@ -11,6 +11,7 @@ from calibrator import __version__
 from calibrator.errors import CalibratorError
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line
     parser = build_parser()
+    from calibrator.runtime import exact_arithmetic, tune_allocator
+
+    tune_allocator()
+    exact_arithmetic()
     try:
         args = parser.parse_args(argv)
         if getattr(args, "run", None) is None:
@@ -46,6 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("calibrator: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug, not bad input: say so in one line
+        if debug:
+            raise
+        print(f"calibrator: internal error: {type(exc).__name__}: {exc}".splitlines()[0]
+              + " (run with --debug for the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -57,6 +57,21 @@ def fit_blob(array: np.ndarray, expected: Shape) -> np.ndarray | None:
     return None
 
 
+def _run_symbolic(node: Node):
+    """The node's tops as fake tensors (shapes only), or None if it needs real values."""
+    try:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+    except ImportError:  # pragma: no cover - older torch
+        return None
+    try:
+        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
+            return tuple(node.module(*[torch.zeros(s) for s in node.bottom_shapes]))
+    except LayerError:
+        raise
+    except Exception:  # data-dependent or not traceable: fall back to real zeros
+        return None
+
+
 class CaffeNet(torch.nn.Module):
     """The graph of one phase of a network.
 
@@ -153,17 +168,22 @@ class CaffeNet(torch.nn.Module):
         module.load_blobs(fitted)
 
     def _infer_top_shapes(self, node: Node) -> list[Shape]:
-        zeros = [torch.zeros(s) for s in node.bottom_shapes]
-        try:
-            with torch.no_grad():
-                tops = node.module(*zeros)
-        except LayerError:
-            raise
-        except (RuntimeError, ValueError, IndexError) as exc:
-            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise LayerError(node.name, node.type,
-                             f"cannot run on bottoms of shapes {node.bottom_shapes}: "
-                             f"{message}") from None
+        """Top shapes from running the layer on its bottom shapes: symbolically (fake
+        tensors, no arithmetic) where the layer allows, else on zeros (data-dependent
+        layers such as DetectionOutput)."""
+        tops = _run_symbolic(node)
+        if tops is None:
+            zeros = [torch.zeros(s) for s in node.bottom_shapes]
+            try:
+                with torch.no_grad():
+                    tops = node.module(*zeros)
+            except LayerError:
+                raise
+            except (RuntimeError, ValueError, IndexError) as exc:
+                message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise LayerError(node.name, node.type,
+                                 f"cannot run on bottoms of shapes {node.bottom_shapes}: "
+                                 f"{message}") from None
         if len(tops) != len(node.tops):
             raise LayerError(node.name, node.type,
                              f"produces {len(tops)} tops, the prototxt names {len(node.tops)}")
@@ -209,20 +229,29 @@ class CaffeNet(torch.nn.Module):
     # -- running -----------------------------------------------------------------------------
     def forward(self, feeds: Mapping[str, torch.Tensor], *, outputs: Iterable[str] | None = None,
                 start: int = 0, stop: int | None = None, hook: Hook | None = None,
+                overrides: Mapping[int, Callable] | None = None,
                 keep_all: bool = False) -> dict[str, torch.Tensor]:
         """Run nodes ``start``..``stop`` (exclusive) from the blobs in ``feeds``.
 
         Returns the ``outputs`` blobs (default: the net's outputs) or, with ``keep_all``,
-        every blob's final version. ``hook(node, tops)`` may return replacement tops."""
+        every blob's final version. ``hook(node, tops)`` may return replacement tops.
+        ``overrides[node.index](node, blobs)`` runs instead of a node (the INT8 simulation
+        uses it): it returns the node's tops, or None to write nothing."""
         wanted = set(self.output_names if outputs is None else outputs)
         blobs = dict(feeds)
         nodes = self.nodes[start:stop]
         for node in nodes:
+            override = overrides.get(node.index) if overrides else None
             try:
-                tops = node.module(*[blobs[b] for b in node.bottoms])
+                if override is not None:
+                    tops = override(node, blobs)
+                else:
+                    tops = node.module(*[blobs[b] for b in node.bottoms])
             except KeyError as exc:
                 raise CalibratorError(f"layer '{node.name}': blob {exc} was not fed") from None
-            if hook is not None:
+            if tops is None:
+                tops = ()
+            elif hook is not None:
                 replaced = hook(node, tops)
                 if replaced is not None:
                     tops = replaced

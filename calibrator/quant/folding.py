@@ -1,0 +1,24 @@
+"""BatchNorm/Scale folded into the preceding Convolution or InnerProduct, as Intel Caffe
+does before running INT8: W' = W * a, b' = b * a + c for the per-channel affine y = a*x + c
+of each folded layer."""
+
+from __future__ import annotations
+
+import torch
+
+from calibrator.quant.fusion import FusedUnit
+
+
+def folded_weights(unit: FusedUnit) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of the unit's layer with its BatchNorm/Scale folded in (float32)."""
+    weight, bias = unit.layer.module.weight_bias()
+    weight = weight.detach().float()
+    bias = (torch.zeros(weight.shape[0], device=weight.device) if bias is None
+            else bias.detach().float())
+    for node in unit.folded:
+        multiplier, offset = node.module.channel_affine()
+        multiplier = multiplier.to(weight.device).float()
+        offset = offset.to(weight.device).float()
+        weight = weight * multiplier.reshape((-1,) + (1,) * (weight.dim() - 1))
+        bias = bias * multiplier + offset
+    return weight, bias

@@ -1,0 +1,230 @@
+"""The fused view of a TEST net, as Intel Caffe (MKL-DNN) fuses it before running INT8.
+
+* BatchNorm (+ Scale) right after a Convolution is folded into its weights and bias;
+* a ReLU after the (folded) Convolution is fused, its negative slope kept;
+* a Convolution producing one input of a 2-input Eltwise SUM (unit coefficients) absorbs the
+  add, and a ReLU after the add; when both inputs come from such convolutions the later one in
+  layer order absorbs it, so the other input (the residual) always exists when it runs.
+
+A fusion only happens when every intermediate tensor has that single consumer. Calibration
+statistics and scales describe the fused tensors: a unit's output is what its last node writes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from calibrator.graph.net import CaffeNet, Node
+
+CONV_TYPES = ("Convolution", "ConvolutionDepthwise", "DepthwiseConvolution")
+#: Layers that run on INT8 values between quantized layers (Intel's int8_layers).
+INT8_PASS_THROUGH = ("ReLU", "Split", "Concat", "Pooling", "Eltwise")
+
+
+@dataclass
+class BlobRef:
+    """One version of a blob: the node that wrote it (-1: fed from outside) and its name."""
+
+    producer: int
+    name: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.producer}:{self.name}"
+
+
+@dataclass
+class FusedUnit:
+    """A Convolution or InnerProduct with everything fused into it."""
+
+    name: str                      # the layer that carries quantization_param
+    kind: str                      # "conv" or "fc"
+    layer: Node
+    input: BlobRef
+    folded: list[Node] = field(default_factory=list)   # BatchNorm / Scale
+    relu: Node | None = None        # ReLU fused after the conv (or after the absorbed add)
+    eltwise: Node | None = None     # absorbed Eltwise SUM
+    residual: BlobRef | None = None
+    output: BlobRef | None = None   # the fused tensor
+
+    @property
+    def relu_slope(self) -> float | None:
+        if self.relu is None:
+            return None
+        return float(self.relu.param.relu_param.negative_slope)
+
+    @property
+    def output_unsigned(self) -> bool:
+        """Intel: output u8 iff a ReLU with slope 0 is fused."""
+        return self.relu is not None and self.relu_slope == 0.0
+
+    @property
+    def nodes(self) -> list[Node]:
+        extra = [n for n in (self.eltwise, self.relu) if n is not None]
+        return [self.layer] + self.folded + extra
+
+    @property
+    def last(self) -> Node:
+        return max(self.nodes, key=lambda n: n.index)
+
+
+class FusedGraph:
+    """Units in layer order plus the blob-version bookkeeping the later stages need."""
+
+    def __init__(self, net: CaffeNet, units: list[FusedUnit], version_of: dict):
+        self.net = net
+        self.units = units
+        self.by_name = {u.name: u for u in units}
+        self._version_of = version_of  # (node index, bottom name) -> BlobRef read there
+        self.unit_of_node = {n.index: u for u in units for n in u.nodes}
+        self.unit_by_output = {u.output.key: u for u in units}
+
+    def input_of(self, node: Node, bottom: int = 0) -> BlobRef:
+        return self._version_of[(node.index, node.bottoms[bottom])]
+
+    def consumers(self, ref: BlobRef) -> list[Node]:
+        """Nodes reading this blob version (outside the unit that produced it)."""
+        out = []
+        for node in self.net.nodes[ref.producer + 1:]:
+            if ref.name in node.bottoms and self._version_of.get(
+                    (node.index, ref.name)) == ref:
+                unit = self.unit_of_node.get(node.index)
+                producer_unit = self.unit_by_output.get(ref.key)
+                if unit is not None and unit is producer_unit:
+                    continue
+                out.append(node)
+        return out
+
+    def upstream_units(self, ref: BlobRef) -> tuple[list[FusedUnit], list[BlobRef]]:
+        """Quantized units reached from ``ref`` going up through the INT8 pass-through
+        layers, and the non-quantized blob versions where the walk stopped."""
+        units, others, stack, seen = [], [], [ref], set()
+        while stack:
+            current = stack.pop()
+            if current.key in seen:
+                continue
+            seen.add(current.key)
+            unit = self.unit_by_output.get(current.key)
+            if unit is not None:
+                units.append(unit)
+                continue
+            if current.producer < 0:
+                others.append(current)
+                continue
+            node = self.net.nodes[current.producer]
+            if node.type in INT8_PASS_THROUGH and node.index not in self.unit_of_node:
+                stack.extend(self.input_of(node, i) for i in range(len(node.bottoms)))
+            else:
+                others.append(current)
+        return units, others
+
+    def downstream(self, ref: BlobRef) -> tuple[list[FusedUnit], list[Node]]:
+        """Units reached from ``ref`` going down through pass-through layers, and the
+        other (non-INT8) consumers met on the way."""
+        units, others, stack, seen = [], [], [ref], set()
+        while stack:
+            current = stack.pop()
+            if current.key in seen:
+                continue
+            seen.add(current.key)
+            for node in self.consumers(current):
+                unit = self.unit_of_node.get(node.index)
+                if unit is not None and node is unit.layer:
+                    units.append(unit)
+                elif unit is not None:  # the residual input of an absorbed add
+                    units.append(unit)
+                elif node.type in INT8_PASS_THROUGH:
+                    stack.extend(BlobRef(node.index, t) for t in node.tops)
+                else:
+                    others.append(node)
+        return units, others
+
+
+def _versions(net: CaffeNet) -> dict:
+    """Which version each node reads for each bottom."""
+    latest = {name: BlobRef(-1, name) for name in net.input_shapes}
+    version_of = {}
+    for node in net.nodes:
+        for bottom in node.bottoms:
+            if bottom in latest:
+                version_of[(node.index, bottom)] = latest[bottom]
+        for top in node.tops:
+            latest[top] = BlobRef(node.index, top)
+    return version_of
+
+
+def _sole_consumer(net: CaffeNet, version_of: dict, ref: BlobRef) -> Node | None:
+    readers = [n for n in net.nodes[ref.producer + 1:]
+               if ref.name in n.bottoms and version_of.get((n.index, ref.name)) == ref]
+    if len(readers) != 1 or ref.name in net.output_names and _is_final(net, ref):
+        return None
+    return readers[0]
+
+
+def _is_final(net: CaffeNet, ref: BlobRef) -> bool:
+    """True if this version is the last one of a net output (someone outside reads it)."""
+    return all(ref.name not in n.tops for n in net.nodes[ref.producer + 1:])
+
+
+def _unit_sum_coefficients_ok(node: Node) -> bool:
+    param = node.param.eltwise_param
+    if param.operation != type(param).SUM or len(node.bottoms) != 2:
+        return False
+    return all(c == 1.0 for c in param.coeff)
+
+
+def analyze(net: CaffeNet, *, quantize_fc: bool = False) -> FusedGraph:
+    """Find every fusable Convolution (and InnerProduct with ``quantize_fc``)."""
+    version_of = _versions(net)
+    units: list[FusedUnit] = []
+    claimed: set[int] = set()
+    kinds = {t: "conv" for t in CONV_TYPES}
+    if quantize_fc:
+        kinds["InnerProduct"] = "fc"
+    for node in net.nodes:
+        if node.type not in kinds or node.index in claimed or len(node.bottoms) != 1:
+            continue
+        unit = FusedUnit(node.name, kinds[node.type], node, version_of[(node.index,
+                                                                        node.bottoms[0])])
+        current = BlobRef(node.index, node.tops[0])
+        follower = _sole_consumer(net, version_of, current)
+        if follower is not None and follower.type == "BatchNorm":
+            unit.folded.append(follower)
+            current = BlobRef(follower.index, follower.tops[0])
+            follower = _sole_consumer(net, version_of, current)
+            if follower is not None and follower.type == "Scale" and len(follower.bottoms) == 1:
+                unit.folded.append(follower)
+                current = BlobRef(follower.index, follower.tops[0])
+                follower = _sole_consumer(net, version_of, current)
+        if follower is not None and follower.type == "ReLU":
+            unit.relu = follower
+            current = BlobRef(follower.index, follower.tops[0])
+        unit.output = current
+        units.append(unit)
+        claimed.update(n.index for n in unit.nodes)
+    by_output = {u.output.key: u for u in units}
+    # Eltwise SUM absorption: the later producing conv (in layer order) takes the add.
+    for node in net.nodes:
+        if node.type != "Eltwise" or not _unit_sum_coefficients_ok(node):
+            continue
+        refs = [version_of.get((node.index, b)) for b in node.bottoms]
+        if any(r is None for r in refs) or refs[0] == refs[1]:
+            continue
+        candidates = [by_output.get(r.key) for r in refs]
+        candidates = [(u, i) for i, u in enumerate(candidates)
+                      if u is not None and u.relu is None and u.eltwise is None
+                      and _sole_consumer(net, version_of, u.output) is node]
+        if not candidates:
+            continue
+        unit, position = max(candidates, key=lambda c: c[0].layer.index)
+        unit.eltwise = node
+        unit.residual = refs[1 - position]
+        current = BlobRef(node.index, node.tops[0])
+        follower = _sole_consumer(net, version_of, current)
+        if follower is not None and follower.type == "ReLU":
+            unit.relu = follower
+            current = BlobRef(follower.index, follower.tops[0])
+        del by_output[unit.output.key]
+        unit.output = current
+        by_output[current.key] = unit
+    return FusedGraph(net, units, version_of)

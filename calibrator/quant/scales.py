@@ -1,0 +1,236 @@
+"""Scales by Intel Caffe's rules, from the fused view and the tensor statistics.
+
+Convention: integer = round(float * scale). Activations: 255/T for u8, 127/T for s8;
+weights: 127/max|W| per output channel (``-c multiple``) or per tensor (``-c single``) of the
+*folded* weights, a zero channel gets 0. A threshold T of 0 (an all-zero tensor) gives scale
+1, so no scale is ever inf or NaN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+from calibrator.quant import estimators
+from calibrator.quant.folding import folded_weights
+from calibrator.quant.fusion import FusedGraph, FusedUnit
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    """Intel calibrator flags that decide scales (the CLI maps its options onto these)."""
+
+    estimator: str = "KL"            # -a
+    per_channel: bool = False        # -c multiple
+    first_conv: bool = False         # -1st
+    quantize_fc: bool = False        # -fc
+    unsigned_range: bool = False     # -u: s8 outputs scaled by 255 as well
+    concat_fp32: bool = False        # -t
+    unify_concat: bool = False       # -f
+    force_u8: bool = False           # -fu (first conv fed u8)
+    bits: int = 8                    # --bits
+
+
+@dataclass(frozen=True)
+class UnitChoice:
+    """Per-layer decisions the accuracy search may change."""
+
+    fp32: bool = False
+    estimator: str | None = None        # None: the global one
+    per_channel: bool | None = None
+    input_threshold: float | None = None    # explicit thresholds (EasyQuant-style search)
+    output_threshold: float | None = None
+    weight_scale_factor: float = 1.0
+
+
+@dataclass
+class LayerQuant:
+    """Everything written into one layer's quantization_param, plus why."""
+
+    name: str
+    scale_in: float
+    scale_out: float
+    scale_params: list[float]
+    input_unsigned: bool
+    output_unsigned: bool
+    output_int8: bool
+    force_u8_input: bool = False
+    bits: int = 8
+    estimator: str = "KL"
+    per_channel: bool = False
+    input_threshold: float = 0.0
+    output_threshold: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def is_negative_input(self) -> bool:
+        return not self.input_unsigned
+
+    @property
+    def bw_layer_out(self) -> int:
+        return self.bits if self.output_int8 else 32
+
+
+def qmax(unsigned: bool, bits: int = 8) -> int:
+    return 2 ** bits - 1 if unsigned else 2 ** (bits - 1) - 1
+
+
+def activation_scale(threshold: float, unsigned: bool, bits: int = 8) -> float:
+    return qmax(unsigned, bits) / threshold if threshold > 0 else 1.0
+
+
+def weight_scales(weight: torch.Tensor, per_channel: bool, bits: int = 8,
+                  factor: float = 1.0) -> list[float]:
+    """qmax/max|W| per output channel (or once for the tensor, repeated); 0 for a zero one."""
+    limit = 2 ** (bits - 1) - 1
+    w = weight.detach().double().abs().reshape(weight.shape[0], -1)
+    maxima = w.max(1).values if per_channel else w.max().expand(weight.shape[0])
+    scales = torch.where(maxima > 0, limit / maxima.clamp(min=1e-300), torch.zeros_like(maxima))
+    return [float(s) * factor for s in scales]
+
+
+@dataclass
+class QuantPlan:
+    """The quantized layers of one configuration, in layer order."""
+
+    layers: dict[str, LayerQuant]
+    options: QuantOptions
+    choices: dict[str, UnitChoice]
+
+    def fp32_layers(self, fused: FusedGraph) -> list[str]:
+        return [u.name for u in fused.units if u.name not in self.layers]
+
+
+def eligible_units(fused: FusedGraph, options: QuantOptions) -> list[FusedUnit]:
+    """Units Intel would quantize: every conv but the first (unless -1st); fc with -fc."""
+    units = [u for u in fused.units if u.kind == "conv" or options.quantize_fc]
+    convs = [u for u in units if u.kind == "conv"]
+    if convs and not (options.first_conv or options.force_u8):
+        units = [u for u in units if u is not convs[0]]
+    return units
+
+
+def first_conv(fused: FusedGraph) -> FusedUnit | None:
+    convs = [u for u in fused.units if u.kind == "conv"]
+    return convs[0] if convs else None
+
+
+def build_plan(fused: FusedGraph, stats: dict, options: QuantOptions,
+               choices: dict[str, UnitChoice] | None = None) -> QuantPlan:
+    choices = dict(choices or {})
+    units = [u for u in eligible_units(fused, options)
+             if not choices.get(u.name, UnitChoice()).fp32]
+    quantized = {u.name for u in units}
+    first = first_conv(fused)
+    layers: dict[str, LayerQuant] = {}
+    for unit in units:
+        choice = choices.get(unit.name, UnitChoice())
+        estimator = choice.estimator or options.estimator
+        per_channel = options.per_channel if choice.per_channel is None else choice.per_channel
+        # input sign: every quantized producer reached upstream must output u8; a tensor
+        # that comes from an FP32 layer is u8 only if it was never negative.
+        producers, others = fused.upstream_units(unit.input)
+        unsigned = all(fused.by_name[p.name].output_unsigned and p.name in quantized
+                       for p in producers)
+        unsigned = unsigned and all(stats[r.key].unsigned for r in others)
+        force_u8 = options.force_u8 and unit is first
+        if unit is first and options.first_conv and not force_u8:
+            unsigned = False  # Intel: the first conv takes s8 input
+        t_in = choice.input_threshold
+        if t_in is None:
+            t_in = estimators.threshold(stats[unit.input.key], estimator, options.bits)
+        t_out = choice.output_threshold
+        if t_out is None:
+            t_out = estimators.threshold(stats[unit.output.key], estimator, options.bits)
+        weight, _ = folded_weights(unit)
+        lq = LayerQuant(
+            name=unit.name,
+            scale_in=1.0 if force_u8 else activation_scale(t_in, unsigned, options.bits),
+            scale_out=activation_scale(
+                t_out, unit.output_unsigned or options.unsigned_range, options.bits),
+            scale_params=weight_scales(weight, per_channel, options.bits,
+                                       choice.weight_scale_factor),
+            input_unsigned=unsigned or force_u8, output_unsigned=unit.output_unsigned,
+            output_int8=True, force_u8_input=force_u8, bits=options.bits,
+            estimator=estimator, per_channel=per_channel, input_threshold=t_in,
+            output_threshold=t_out)
+        layers[unit.name] = lq
+    _decide_output_precision(fused, layers, options)
+    _average_pooling_rule(fused, layers)
+    return QuantPlan(layers, options, choices)
+
+
+def _decide_output_precision(fused: FusedGraph, layers: dict[str, LayerQuant],
+                             options: QuantOptions) -> None:
+    """FP32 output for a unit with no INT8 consumer and for the last quantized unit;
+    -t / -f for the units feeding a Concat."""
+    order = [u for u in fused.units if u.name in layers]
+    for unit in order:
+        reached, _ = fused.downstream(unit.output)
+        if not any(r.name in layers and r is not unit for r in reached):
+            _to_fp32(layers[unit.name], "no INT8 consumer")
+    if order:
+        _to_fp32(layers[order[-1].name], "last quantized layer")
+    if not (options.concat_fp32 or options.unify_concat):
+        return
+    for node in fused.net.nodes:
+        if node.type != "Concat":
+            continue
+        feeding = []
+        for i in range(len(node.bottoms)):
+            producers, _ = fused.upstream_units(fused.input_of(node, i))
+            feeding.extend(p for p in producers if p.name in layers)
+        if not feeding:
+            continue
+        if options.unify_concat:
+            int8 = [layers[p.name] for p in feeding if layers[p.name].output_int8]
+            if int8:
+                smallest = min(l.scale_out for l in int8)
+                for lq in int8:
+                    lq.scale_out = smallest
+                    lq.notes.append(f"scale_out unified over Concat '{node.name}'")
+        else:
+            for p in feeding:
+                _to_fp32(layers[p.name], f"feeds Concat '{node.name}' (-t)")
+
+
+def _to_fp32(lq: LayerQuant, why: str) -> None:
+    if lq.output_int8:
+        lq.output_int8 = False
+        lq.scale_out = 1.0
+        lq.notes.append(f"FP32 output: {why}")
+
+
+def _average_pooling_rule(fused: FusedGraph, layers: dict[str, LayerQuant]) -> None:
+    """An AVE pooling between two quantized convs keeps the producer's scale: the consumer's
+    scale_in becomes the producer's scale_out."""
+    for unit in fused.units:
+        lq = layers.get(unit.name)
+        if lq is None or unit.input.producer < 0:
+            continue
+        node = fused.net.nodes[unit.input.producer]
+        if node.type != "Pooling" or node.param.pooling_param.pool != \
+                type(node.param.pooling_param).AVE:
+            continue
+        source = fused.unit_by_output.get(fused.input_of(node).key)
+        if source is not None and source.name in layers and layers[source.name].output_int8:
+            lq.scale_in = layers[source.name].scale_out
+            lq.notes.append(f"scale_in = scale_out of '{source.name}' (AVE pooling between)")
+
+
+def with_choice(choices: dict[str, UnitChoice], name: str, **changes) -> dict[str, UnitChoice]:
+    """A copy of ``choices`` with one unit's choice changed."""
+    out = dict(choices)
+    out[name] = replace(out.get(name, UnitChoice()), **changes)
+    return out
+
+
+def summarize_thresholds(plan: QuantPlan) -> dict[str, tuple[float, float]]:
+    return {name: (lq.input_threshold, lq.output_threshold) for name, lq in plan.layers.items()}
+
+
+__all__ = ["QuantOptions", "UnitChoice", "LayerQuant", "QuantPlan", "build_plan",
+           "activation_scale", "weight_scales", "qmax", "eligible_units", "with_choice",
+           "np"]

@@ -1,0 +1,176 @@
+"""Simulated INT8 inference: what Intel Caffe's MKL-DNN INT8 convolution computes, as
+fake-quant on the fused graph.
+
+Per quantized unit:
+  q_in  = saturate(round(x * scale_in))             u8 [0, 255] or s8 [-128, 127]
+          (used as-is with force_u8_input: the data layer already produces u8 values)
+  q_w   = saturate(round(W' * scale_params[o]))      s8, W' the folded weights
+  q_b   = round(b' * scale_in * scale_params[o])     s32
+  acc   = conv(q_in, q_w) + q_b                      exact int32 accumulation
+  y     = acc / (scale_in * scale_params[o])  (+ residual)  -> fused ReLU
+  out   = saturate(round(y * scale_out)) / scale_out     INT8 output, or y for FP32 output
+A residual stored as INT8 with scale s_r enters as q_r * scale_out / s_r, i.e. its float value
+times scale_out: the float form above is the same number.
+
+The accumulation is exact: products and partial sums are integers, and float32 holds every
+integer below 2^24. When a layer's worst case (qmax_in * 127 * fan-in) could pass 2^24 the input
+is split into 4-bit halves, each convolved exactly, and recombined in float64.
+Rounding is half-to-even (``torch.round``), as the runtime's nearbyint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from calibrator.quant.folding import folded_weights
+from calibrator.quant.fusion import FusedGraph, FusedUnit
+from calibrator.quant.scales import LayerQuant, QuantPlan
+
+EXACT_LIMIT = 2 ** 24
+
+
+def saturate(q: torch.Tensor, unsigned: bool, bits: int = 8) -> torch.Tensor:
+    if unsigned:
+        return q.clamp(0, 2 ** bits - 1)
+    return q.clamp(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+
+
+def quantize(x: torch.Tensor, scale: float, unsigned: bool, bits: int = 8) -> torch.Tensor:
+    """Integer values (as float tensors) of x at ``scale``."""
+    return saturate(torch.round(x * scale), unsigned, bits)
+
+
+@dataclass
+class _UnitKernel:
+    """Precomputed integer weights and requantization factors of one unit."""
+
+    unit: FusedUnit
+    quant: LayerQuant
+    q_weight: torch.Tensor
+    q_bias: torch.Tensor          # float64, integer-valued
+    dequant: torch.Tensor         # 1 / (scale_in * scale_params[o]), float64 (0 for a 0 scale)
+    split: bool                   # accumulate in two exact halves
+
+    def accumulate(self, q_in: torch.Tensor) -> torch.Tensor:
+        run = self.unit.layer.module.run_with
+        if not self.split:
+            acc = run(q_in, self.q_weight, None).double()
+        else:  # q = 16*hi + lo, lo in [0, 15]: both halves accumulate exactly in float32
+            hi = torch.div(q_in, 16, rounding_mode="floor")
+            lo = q_in - 16 * hi
+            acc = 16 * run(hi, self.q_weight, None).double() + run(lo, self.q_weight, None).double()
+        return acc + _per_channel(self.q_bias, acc)
+
+
+def _per_channel(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.reshape((1, -1) + (1,) * (like.dim() - 2))
+
+
+def build_kernel(unit: FusedUnit, lq: LayerQuant, device) -> _UnitKernel:
+    weight, bias = folded_weights(unit)
+    scales = torch.tensor(lq.scale_params, dtype=torch.float64, device=device)
+    limit = 2 ** (lq.bits - 1) - 1
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    q_weight = torch.round(weight.double().to(device) * scales.reshape(shape)).clamp(
+        -limit - 1, limit).float()
+    q_bias = torch.round(bias.double().to(device) * lq.scale_in * scales)
+    denominator = lq.scale_in * scales
+    dequant = torch.where(denominator > 0, 1.0 / denominator.clamp(min=1e-300),
+                          torch.zeros_like(denominator))
+    fan_in = q_weight[0].numel()
+    qmax_in = 2 ** lq.bits - 1 if lq.input_unsigned else 2 ** (lq.bits - 1)
+    worst = qmax_in * limit * fan_in
+    return _UnitKernel(unit, lq, q_weight, q_bias, dequant, worst >= EXACT_LIMIT)
+
+
+class Int8Simulator:
+    """Overrides for ``CaffeNet.forward`` that run each quantized unit as INT8 would.
+
+    The unit's layer node computes the integer accumulation; its folded/fused nodes are
+    skipped; its last node applies residual, ReLU and output requantization."""
+
+    def __init__(self, fused: FusedGraph, plan: QuantPlan, device=None):
+        self.fused = fused
+        self.plan = plan
+        device = device or fused.net.device
+        self.kernels = {name: build_kernel(fused.by_name[name], lq, device)
+                        for name, lq in plan.layers.items()}
+        self.overrides = {}
+        for name, kernel in self.kernels.items():
+            unit = kernel.unit
+            for node in unit.nodes:
+                self.overrides[node.index] = self._skip
+            if unit.eltwise is not None and unit.eltwise is not unit.last:
+                self.overrides[unit.eltwise.index] = self._make_stash(kernel)
+            self.overrides[unit.layer.index] = self._make_start(kernel)
+            self.overrides[unit.last.index] = self._make_finish(kernel, unit.layer.index
+                                                                == unit.last.index)
+
+    @staticmethod
+    def _skip(node, blobs):
+        return None
+
+    def _make_stash(self, kernel: _UnitKernel):
+        """Keep the residual before the add's node frees it (a fused ReLU follows)."""
+        def stash(node, blobs):
+            blobs[f"\0res:{kernel.unit.name}"] = self._residual(kernel.unit, blobs)
+            return None
+
+        return stash
+
+    def _residual(self, unit: FusedUnit, blobs) -> torch.Tensor:
+        stashed = blobs.pop(f"\0res:{unit.name}", None)
+        if stashed is not None:
+            return stashed
+        return blobs[unit.eltwise.bottoms[self._residual_position(unit)]]
+
+    def _make_start(self, kernel: _UnitKernel):
+        key = f"\0acc:{kernel.unit.name}"
+        single = kernel.unit.last is kernel.unit.layer
+
+        def start(node, blobs):
+            x = blobs[node.bottoms[0]]
+            lq = kernel.quant
+            q_in = x if lq.force_u8_input else quantize(x, lq.scale_in, lq.input_unsigned,
+                                                        lq.bits)
+            blobs[key] = kernel.accumulate(q_in)
+            if single:
+                return self._finish(kernel, node, blobs)
+            return None
+
+        return start
+
+    def _make_finish(self, kernel: _UnitKernel, single: bool):
+        if single:
+            return self._make_start(kernel)
+
+        def finish(node, blobs):
+            return self._finish(kernel, node, blobs)
+
+        return finish
+
+    def _finish(self, kernel: _UnitKernel, node, blobs):
+        unit, lq = kernel.unit, kernel.quant
+        acc = blobs.pop(f"\0acc:{unit.name}")
+        y = acc * _per_channel(kernel.dequant, acc)
+        if unit.residual is not None:
+            y = y + self._residual(unit, blobs).double()
+        if unit.relu is not None:
+            slope = unit.relu_slope
+            y = torch.where(y > 0, y, y * slope) if slope else y.clamp(min=0)
+        if lq.output_int8:
+            y = quantize(y, lq.scale_out, lq.output_unsigned, lq.bits) / lq.scale_out
+        return (y.float(),)
+
+    def _residual_position(self, unit: FusedUnit) -> int:
+        bottoms = unit.eltwise.bottoms
+        for i, name in enumerate(bottoms):
+            if self.fused.input_of(unit.eltwise, i) == unit.residual:
+                return i
+        raise AssertionError("residual not found")  # pragma: no cover
+
+
+def simulated_forward(net, simulator: Int8Simulator, feeds, **kwargs):
+    return net(feeds, overrides=simulator.overrides, **kwargs)
