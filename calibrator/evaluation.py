@@ -52,13 +52,14 @@ def _file_stem(blob: str) -> str:
 
 
 def run_test(model, iterations: int, *, dump_dir: str | Path | None = None,
-             hook: Callable | None = None, quiet: bool = False) -> TestResult:
+             hook: Callable | None = None, overrides: dict | None = None,
+             quiet: bool = False) -> TestResult:
     """Average each net output over ``iterations`` batches (Caffe's ``caffe test``)."""
     sums: OrderedDict[str, np.ndarray] = OrderedDict()
     net = model.net
     with torch.no_grad():
         for index, feeds in batches(model, iterations, desc="test", quiet=quiet):
-            outputs = net(feeds, hook=hook)
+            outputs = net(feeds, hook=hook, overrides=overrides)
             for name in net.output_names:
                 value = outputs[name].detach().float().cpu().numpy()
                 if dump_dir is not None:

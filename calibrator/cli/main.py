@@ -12,6 +12,7 @@ from calibrator.errors import CalibratorError
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 3
+SUBCOMMANDS = ("test",)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,7 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="calibrator",
-        description="Accuracy-driven INT8 post-training calibration for Caffe models.")
+        description="Accuracy-driven INT8 post-training calibration for Caffe models. "
+                    "Calibrate: calibrator -m TEST.prototxt -w W.caffemodel [-i N -n BLOB -l "
+                    "LOSS -d 0|1 ...] (see `calibrator -m x -w y -h`).")
     parser.add_argument("--version", action="version", version=f"calibrator {__version__}")
     parser.add_argument("--debug", action="store_true",
                         help="show a full traceback on errors")
@@ -33,6 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line
     parser = build_parser()
+    if argv and argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help", "--version"):
+        from calibrator.cli import calibrate_cmd
+
+        parser = calibrate_cmd.build_parser()
+        parser.set_defaults(run=calibrate_cmd.run)
     from calibrator.runtime import exact_arithmetic, tune_allocator
 
     tune_allocator()

@@ -13,7 +13,8 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "test", help="run N TEST batches and print each output blob's mean, as caffe test",
         description="Run N TEST-phase batches and print the mean of every output blob over "
-                    "them (name = value), as `caffe test` does.")
+                    "them (name = value), as `caffe test` does. A prototxt whose layers carry "
+                    "quantization_param runs as simulated INT8.")
     parser.add_argument("-m", "--model", required=True, metavar="PROTOTXT",
                         help="network definition with a TEST data layer (or --images)")
     parser.add_argument("-w", "--weights", required=True, metavar="CAFFEMODEL",
@@ -31,10 +32,18 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from calibrator.evaluation import run_test
     from calibrator.model import load_model, select_device
+    from calibrator.quant.fusion import analyze
+    from calibrator.quant.params import from_proto, has_quantization
+    from calibrator.quant.simulate import Int8Simulator
 
     model = load_model(args.model, args.weights, images=image_folder_options(args),
                        device=select_device(args.gpu))
-    result = run_test(model, args.iterations, dump_dir=args.dump, quiet=args.quiet)
+    overrides = None
+    if has_quantization(model.test_param):  # an INT8 prototxt: simulate what it describes
+        fused = analyze(model.net, quantize_fc=True)
+        overrides = Int8Simulator(fused, from_proto(fused)).overrides
+    result = run_test(model, args.iterations, dump_dir=args.dump, overrides=overrides,
+                      quiet=args.quiet)
     for line in result.lines():
         print(line)
     return 0

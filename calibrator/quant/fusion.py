@@ -166,6 +166,15 @@ def _is_final(net: CaffeNet, ref: BlobRef) -> bool:
     return all(ref.name not in n.tops for n in net.nodes[ref.producer + 1:])
 
 
+def _foldable(node: Node) -> bool:
+    """BatchNorm/Scale can be folded when they are a per-channel affine map."""
+    try:
+        node.module.channel_affine()
+    except Exception:  # LayerError: batch statistics, a second bottom, a non-channel axis
+        return False
+    return True
+
+
 def _unit_sum_coefficients_ok(node: Node) -> bool:
     param = node.param.eltwise_param
     if param.operation != type(param).SUM or len(node.bottoms) != 2:
@@ -188,11 +197,11 @@ def analyze(net: CaffeNet, *, quantize_fc: bool = False) -> FusedGraph:
                                                                         node.bottoms[0])])
         current = BlobRef(node.index, node.tops[0])
         follower = _sole_consumer(net, version_of, current)
-        if follower is not None and follower.type == "BatchNorm":
+        if follower is not None and follower.type == "BatchNorm" and _foldable(follower):
             unit.folded.append(follower)
             current = BlobRef(follower.index, follower.tops[0])
             follower = _sole_consumer(net, version_of, current)
-            if follower is not None and follower.type == "Scale" and len(follower.bottoms) == 1:
+            if follower is not None and follower.type == "Scale" and _foldable(follower):
                 unit.folded.append(follower)
                 current = BlobRef(follower.index, follower.tops[0])
                 follower = _sole_consumer(net, version_of, current)

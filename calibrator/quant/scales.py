@@ -29,6 +29,7 @@ class QuantOptions:
     unsigned_range: bool = False     # -u: s8 outputs scaled by 255 as well
     concat_fp32: bool = False        # -t
     unify_concat: bool = False       # -f
+    unify_concat_consumer: bool = False  # -ucac (with -f)
     force_u8: bool = False           # -fu (first conv fed u8)
     bits: int = 8                    # --bits
 
@@ -191,9 +192,20 @@ def _decide_output_precision(fused: FusedGraph, layers: dict[str, LayerQuant],
                 for lq in int8:
                     lq.scale_out = smallest
                     lq.notes.append(f"scale_out unified over Concat '{node.name}'")
+                if options.unify_concat_consumer:
+                    _concat_consumers_take(fused, layers, node, smallest)
         else:
             for p in feeding:
                 _to_fp32(layers[p.name], f"feeds Concat '{node.name}' (-t)")
+
+
+def _concat_consumers_take(fused: FusedGraph, layers, concat, scale: float) -> None:
+    """-ucac: convs reading the Concat directly take its unified scale as scale_in."""
+    for unit in fused.units:
+        lq = layers.get(unit.name)
+        if lq is not None and unit.input.producer == concat.index:
+            lq.scale_in = scale
+            lq.notes.append(f"scale_in = unified scale of Concat '{concat.name}' (-ucac)")
 
 
 def _to_fp32(lq: LayerQuant, why: str) -> None:

@@ -1,0 +1,127 @@
+"""The main command's flow: load, evaluate FP32, calibrate, search, write. Each step lives in
+its own package; this module only sequences them and reports."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from calibrator.errors import CalibratorError
+
+EXIT_MET, EXIT_NOT_MET = 0, 1
+
+
+def _say(args, message: str) -> None:
+    if not args.quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+def default_metric_blob(test_param, detection: bool) -> str:
+    """Intel's rule: the top of the Accuracy layer with the smallest top_k (the
+    DetectionEvaluate top for detection)."""
+    if detection:
+        for layer in test_param.layer:
+            if layer.type == "DetectionEvaluate":
+                return layer.top[0]
+        raise CalibratorError("-d 1: the TEST net has no DetectionEvaluate layer")
+    best = None
+    for layer in test_param.layer:
+        if layer.type == "Accuracy" and len(layer.top):
+            k = layer.accuracy_param.top_k
+            if best is None or k < best[0]:
+                best = (k, layer.top[0])
+    if best is None:
+        raise CalibratorError("the TEST net has no Accuracy layer: name the metric blob with -n")
+    return best[1]
+
+
+def output_paths(args) -> dict[str, Path]:
+    from calibrator.writers import quantized_prototxt_path
+
+    paths = {"prototxt": Path(args.output) if args.output
+             else quantized_prototxt_path(args.model)}
+    if args.table:
+        paths["table"] = Path(args.table)
+    if args.json:
+        paths["json"] = Path(args.json)
+    for name, path in paths.items():
+        if path.resolve() in (Path(args.model).resolve(), Path(args.weights).resolve()):
+            raise CalibratorError(f"{path}: the {name} output would overwrite an input")
+    return paths
+
+
+def write_outputs(args, model, calibration, plan, paths, extra_record=None) -> None:
+    from calibrator.writers import write_json, write_quantized_prototxt, write_table
+    from calibrator.writers.outputs import plan_record
+
+    write_quantized_prototxt(paths["prototxt"], model.net_param, plan)
+    if "table" in paths:
+        write_table(paths["table"], plan, calibration.fused)
+    if "json" in paths:
+        record = plan_record(plan, calibration.fused, calibration.stats)
+        record.update(extra_record or {})
+        write_json(paths["json"], record)
+
+
+def write_performance_model(args, model) -> Path:
+    """-p: every conv but the first at scale 1.0, for speed measurements only."""
+    from calibrator.caffe.prototxt import write_net
+    from calibrator.quant.fusion import analyze
+    from calibrator.quant.params import annotate
+    from calibrator.quant.scales import LayerQuant, QuantPlan, QuantOptions, eligible_units
+    from calibrator.writers import quantized_prototxt_path
+
+    options = QuantOptions()
+    fused = analyze(model.net)
+    layers = {}
+    for unit in eligible_units(fused, options):
+        channels = unit.layer.module.weight_bias()[0].shape[0]
+        layers[unit.name] = LayerQuant(unit.name, 1.0, 1.0, [1.0] * channels, True, True, True)
+    path = quantized_prototxt_path(args.model, "_dummy")
+    write_net(path, annotate(model.net_param, QuantPlan(layers, options, {})))
+    return path
+
+
+def run_calibration(args, options) -> int:
+    from calibrator.cli.common import image_folder_options
+    from calibrator.evaluation import run_test
+    from calibrator.model import load_model, select_device
+    from calibrator.quant.calibrate import calibrate
+
+    started = time.time()
+    model = load_model(args.model, args.weights, images=image_folder_options(args),
+                       device=select_device(args.gpu))
+    if args.performance_model:
+        path = write_performance_model(args, model)
+        print(f"performance-only prototxt written: {path}")
+        return EXIT_MET
+    paths = output_paths(args)
+    metric = None
+    if not args.quantize_model:
+        metric = args.blob_name or default_metric_blob(model.test_param, bool(args.detection))
+        if metric not in model.net.output_names and metric not in model.net.blob_shapes:
+            raise CalibratorError(f"-n {metric}: no such blob in the TEST net")
+    _say(args, f"calibrating {len(model.test_param.layer)} layers on {args.sampling_iterations}"
+               f" batches of {model.batch_size} ({options.estimator})")
+    calibration = calibrate(model, options, args.sampling_iterations, quiet=args.quiet)
+    plan = calibration.plan()
+    if args.quantize_model:
+        write_outputs(args, model, calibration, plan, paths)
+        print(f"quantized prototxt written: {paths['prototxt']} "
+              f"({len(plan.layers)} INT8 layers, {time.time() - started:.1f} s)")
+        return EXIT_MET
+    fp32 = run_test(model, args.iterations, quiet=args.quiet).scores[metric].item()
+    simulator = calibration.simulator(plan)
+    int8 = run_test(model, args.iterations, overrides=simulator.overrides,
+                    quiet=args.quiet).scores[metric].item()
+    loss = fp32 - int8
+    if args.relative and fp32:
+        loss = loss / abs(fp32)
+    met = loss <= args.accuracy_loss
+    write_outputs(args, model, calibration, plan, paths,
+                  {"metric": metric, "fp32": fp32, "int8": int8, "loss": loss})
+    print(f"{metric}: FP32 {fp32:.6g}, INT8 {int8:.6g}, loss {loss:.6g} "
+          f"({'within' if met else 'beyond'} -l {args.accuracy_loss:g})")
+    print(f"quantized prototxt written: {paths['prototxt']}")
+    return EXIT_MET if met else EXIT_NOT_MET
