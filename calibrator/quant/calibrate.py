@@ -25,6 +25,15 @@ class Calibration:
 
 def calibrate(model, options: QuantOptions, sampling_iterations: int, *,
               quiet: bool = False) -> Calibration:
+    from calibrator.evaluation import batches
+
     fused = analyze(model.net, quantize_fc=options.quantize_fc)
-    stats = collect(model, fused, sampling_iterations, quiet=quiet)
+    passes = iter(("statistics 1/2", "statistics 2/2"))
+
+    def make_batches():
+        desc = next(passes, "statistics")
+        return (feeds for _, feeds in batches(model, sampling_iterations, desc=desc,
+                                              quiet=quiet))
+
+    stats = collect(model.net, fused, make_batches)
     return Calibration(fused, stats, options)

@@ -26,6 +26,7 @@ class TensorStats:
     zeros: int = 0
     batch_absmax: list[float] = field(default_factory=list)
     hist: np.ndarray | None = None  # int64 counts of |x| over [0, absmax], zeros skipped
+    thresholds: dict = field(default_factory=dict, repr=False)  # (estimator, bits) -> T
 
     @property
     def unsigned(self) -> bool:
@@ -123,6 +124,13 @@ def parse_estimator(name: str) -> str:
 def threshold(stats: TensorStats, estimator: str, bits: int = 8) -> float:
     """T for ``stats`` by the named estimator; never negative, never NaN."""
     name = parse_estimator(estimator)
+    if (name, bits) in stats.thresholds:
+        return stats.thresholds[(name, bits)]
+    stats.thresholds[(name, bits)] = value = _compute_threshold(stats, name, bits)
+    return value
+
+
+def _compute_threshold(stats: TensorStats, name: str, bits: int) -> float:
     if stats.absmax <= 0 or not np.isfinite(stats.absmax):
         return 0.0
     if name.startswith("PERCENTILE"):

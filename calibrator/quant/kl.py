@@ -103,10 +103,20 @@ def kl_threshold(hist: torch.Tensor, absmax: float, levels: int = 128) -> float:
 
 
 def abs_histogram(x: torch.Tensor, absmax: float, bins: int = NUM_BINS) -> torch.Tensor:
-    """int64 histogram of |x| over [0, absmax] in ``bins`` bins, exact zeros skipped."""
-    a = x.detach().abs().flatten()
-    a = a[a != 0]
-    if a.numel() == 0 or absmax <= 0:
-        return torch.zeros(bins, dtype=torch.int64, device=x.device)
-    index = (a.to(torch.float64) * (bins / absmax)).to(torch.int64).clamp_(max=bins - 1)
-    return torch.bincount(index, minlength=bins)
+    """int64 histogram of |x| over [0, absmax] in ``bins`` bins, exact zeros skipped.
+
+    ``torch.histc`` counts in float32, exact only below 2^24 per bin, so it runs on chunks
+    small enough for that and the counts are summed as int64."""
+    counts = torch.zeros(bins, dtype=torch.int64, device=x.device)
+    if absmax <= 0:
+        return counts
+    flat = x.detach().reshape(-1)
+    for chunk in flat.split(_HISTC_CHUNK):
+        a = chunk.abs().float()
+        part = torch.histc(a, bins=bins, min=0.0, max=float(absmax)).to(torch.int64)
+        part[0] -= (a == 0).sum()
+        counts += part
+    return counts
+
+
+_HISTC_CHUNK = 1 << 23

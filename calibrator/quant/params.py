@@ -16,7 +16,9 @@ def to_proto(lq: LayerQuant) -> caffe_pb2.QuantizationParameter:
     param.bw_params = lq.bits
     param.scale_in.append(lq.scale_in)
     param.scale_out.append(lq.scale_out)
-    param.scale_params.extend(lq.scale_params)
+    # per-tensor weights: one value, as Intel's calibrator writes for -c single
+    same = not lq.per_channel and len(set(lq.scale_params)) == 1
+    param.scale_params.extend(lq.scale_params[:1] if same else lq.scale_params)
     if lq.is_negative_input:
         param.is_negative_input = True
     if lq.force_u8_input:
@@ -66,7 +68,8 @@ def from_proto(fused: FusedGraph) -> QuantPlan:
             scale_params=[float(s) for s in scale_params],
             input_unsigned=not q.is_negative_input,
             output_unsigned=unit.output_unsigned, output_int8=output_int8,
-            force_u8_input=q.force_u8_input, bits=bits, estimator="given")
+            force_u8_input=q.force_u8_input, bits=bits, estimator="given",
+            per_channel=len(q.scale_params) > 1)
     for param in fused.net.net_param.layer:
         if param.HasField("quantization_param") and param.name not in {u.name for u in
                                                                         fused.units}:

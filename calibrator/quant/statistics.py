@@ -7,14 +7,13 @@ aggregates stay in memory (on the model's device), never the activations themsel
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
-from calibrator.evaluation import batches
 from calibrator.quant.estimators import TensorStats
 from calibrator.quant.fusion import BlobRef, FusedGraph
-from calibrator.quant.kl import NUM_BINS
+from calibrator.quant.kl import NUM_BINS, abs_histogram
 
 
 def tracked_refs(fused: FusedGraph) -> list[BlobRef]:
@@ -42,7 +41,7 @@ class _Collector:
         stats = self.stats[ref.key]
         x = x.detach()
         if not self.second_pass:
-            lo, hi = float(x.min()), float(x.max())
+            lo, hi = (float(v) for v in torch.aminmax(x))
             absmax = max(abs(lo), abs(hi))
             stats.minimum = min(stats.minimum, lo)
             stats.maximum = max(stats.maximum, hi)
@@ -53,10 +52,7 @@ class _Collector:
             return
         if stats.absmax <= 0:
             return
-        a = x.abs().flatten()
-        a = a[a != 0].to(torch.float64)
-        index = (a * (NUM_BINS / stats.absmax)).to(torch.int64).clamp_(max=NUM_BINS - 1)
-        counts = torch.bincount(index, minlength=NUM_BINS)
+        counts = abs_histogram(x, stats.absmax)
         if ref.key in self.hists:
             self.hists[ref.key] += counts
         else:
@@ -72,19 +68,21 @@ class _Collector:
         return None
 
 
-def collect(model, fused: FusedGraph, iterations: int, *, refs=None, quiet: bool = False
-            ) -> dict[str, TensorStats]:
-    """TensorStats for each tracked blob version, keyed by ``BlobRef.key``."""
+def collect(net, fused: FusedGraph, make_batches: Callable[[], Iterable[dict]], *,
+            refs=None) -> dict[str, TensorStats]:
+    """TensorStats for each tracked blob version, keyed by ``BlobRef.key``.
+
+    ``make_batches()`` yields the calibration feeds (blob name -> tensor on the net's
+    device); it is called twice, once per pass."""
     refs = tracked_refs(fused) if refs is None else refs
-    collector = _Collector(refs, model.device)
+    collector = _Collector(refs, net.device)
     last = max([r.producer for r in refs] + [0])
     with torch.no_grad():
         for second in (False, True):
             collector.second_pass = second
-            for _, feeds in batches(model, iterations, desc="statistics " + "12"[second],
-                                    quiet=quiet):
+            for feeds in make_batches():
                 collector.feeds(feeds)
-                model.net(feeds, hook=collector.hook, stop=last + 1, outputs=())
+                net(feeds, hook=collector.hook, stop=last + 1, outputs=())
     for key, stats in collector.stats.items():
         hist = collector.hists.get(key)
         stats.hist = (hist.cpu().numpy() if hist is not None
