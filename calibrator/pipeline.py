@@ -85,7 +85,6 @@ def write_performance_model(args, model) -> Path:
 
 def run_calibration(args, options) -> int:
     from calibrator.cli.common import image_folder_options
-    from calibrator.evaluation import run_test
     from calibrator.model import load_model, select_device
     from calibrator.quant.calibrate import calibrate
 
@@ -111,17 +110,81 @@ def run_calibration(args, options) -> int:
         print(f"quantized prototxt written: {paths['prototxt']} "
               f"({len(plan.layers)} INT8 layers, {time.time() - started:.1f} s)")
         return EXIT_MET
-    fp32 = run_test(model, args.iterations, quiet=args.quiet).scores[metric].item()
-    simulator = calibration.simulator(plan)
-    int8 = run_test(model, args.iterations, overrides=simulator.overrides,
-                    quiet=args.quiet).scores[metric].item()
-    loss = fp32 - int8
-    if args.relative and fp32:
-        loss = loss / abs(fp32)
-    met = loss <= args.accuracy_loss
+    result, evaluator = _search(args, model, calibration, metric, paths)
+    plan = result.best_plan
+    loss = fp32_loss(result.fp32_metric, result.best_metric, args.relative)
+    actions = _actions(result)
+    summary = {"metric": metric, "fp32": result.fp32_metric, "int8": result.best_metric,
+               "loss": loss, "tolerance": args.accuracy_loss,
+               "relative": bool(args.relative), "met": result.met,
+               "strategy": args.strategy, "fp32_layers": result.reverted,
+               "full_evaluations": result.evaluations,
+               "int8_layers": len(plan.layers)}
     write_outputs(args, model, calibration, plan, paths,
-                  {"metric": metric, "fp32": fp32, "int8": int8, "loss": loss})
-    print(f"{metric}: FP32 {fp32:.6g}, INT8 {int8:.6g}, loss {loss:.6g} "
-          f"({'within' if met else 'beyond'} -l {args.accuracy_loss:g})")
+                  {"search": {**summary, "sensitivity": result.sensitivity,
+                              "trace": [[s.action, s.metric] for s in result.trace]}})
+    if not args.quiet:
+        from calibrator.report import layer_table, trace_table
+
+        print(layer_table(calibration.fused, plan, result.sensitivity, actions))
+        print()
+        print(trace_table(result.trace))
+        print()
+    if args.report:
+        from calibrator.report import write_report
+
+        write_report(args.report, fused=calibration.fused, plan=plan, stats=calibration.stats,
+                     result=result, summary={**summary,
+                                             "wall_seconds": round(time.time() - started, 1)},
+                     actions=actions)
+    evaluator.state.discard()
+    verdict = "met" if result.met else "NOT met (best configuration written)"
+    if result.stopped_by:
+        verdict += f"; search stopped by --{result.stopped_by}"
+    print(f"{metric}: FP32 {result.fp32_metric:.6g}, INT8 {result.best_metric:.6g}, "
+          f"loss {loss:.6g}, tolerance -l {args.accuracy_loss:g} {verdict}")
+    print(f"FP32 layers: {', '.join(result.reverted) if result.reverted else 'none'}; "
+          f"{result.evaluations} full evaluations; {time.time() - started:.1f} s")
     print(f"quantized prototxt written: {paths['prototxt']}")
-    return EXIT_MET if met else EXIT_NOT_MET
+    return EXIT_MET if result.met else EXIT_NOT_MET
+
+
+def fp32_loss(fp32: float, int8: float, relative: bool) -> float:
+    drop = fp32 - int8
+    return drop / abs(fp32) if relative and fp32 else drop
+
+
+def _actions(result) -> dict[str, str]:
+    actions = {a.layer: a.action for a in result.adjustments}
+    for name in result.reverted:
+        actions[name] = (actions[name] + "; " if name in actions else "") + "reverted to FP32"
+    return actions
+
+
+def _search(args, model, calibration, metric_blob, paths):
+    from calibrator.search.evaluator import Evaluator, SearchState
+    from calibrator.search.loop import Search, SearchSettings
+    from calibrator.search.metric import make_metric
+
+    state_path = Path(str(paths["prototxt"]) + ".search.json")
+    inputs = {"model": str(Path(args.model).resolve()),
+              "weights": str(Path(args.weights).resolve()),
+              "iterations": args.iterations, "metric": metric_blob,
+              "sampling_iterations": args.sampling_iterations,
+              "options": repr(calibration.options)}
+    if args.resume and state_path.exists():
+        state = SearchState.load(state_path, inputs)
+        _say(args, f"resuming: {len(state.evaluations)} evaluations recalled from {state_path}")
+    else:
+        if args.resume:
+            _say(args, f"--resume: no saved search at {state_path}; starting afresh")
+        state = SearchState(state_path, inputs)
+    evaluator = Evaluator(model, make_metric(model.net, metric_blob), args.iterations, state,
+                          quiet=args.quiet)
+    settings = SearchSettings(tolerance=args.accuracy_loss, relative=args.relative,
+                              strategy=args.strategy, max_evals=args.max_evals,
+                              time_budget=args.time_budget, scale_search=bool(args.scale_search),
+                              allow_fp32=bool(args.use_fp32_fallback),
+                              probe_images=args.probe_images)
+    search = Search(model, calibration, evaluator, settings, say=lambda m: _say(args, m))
+    return search.run(), evaluator

@@ -79,6 +79,22 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--table", metavar="FILE", help="also write an ncnn calibration table")
     ours.add_argument("--json", metavar="FILE", help="also write every scale and statistic")
     ours.add_argument("--relative", action="store_true", help="-l is a relative drop")
+    ours.add_argument("--strategy", choices=("bisect", "intel"), default="bisect",
+                      help="bisect: rank layers by sensitivity, adjust the worst, bisect the "
+                           "ranking for the FP32 layers, prune; intel: Intel's legacy loop "
+                           "(revert convs in prototxt order, one full evaluation per step)")
+    ours.add_argument("--max-evals", type=int, metavar="N",
+                      help="stop after N full evaluations (FP32 included); the best found "
+                           "is written")
+    ours.add_argument("--time-budget", type=float, metavar="SECONDS",
+                      help="start no full evaluation after this many seconds")
+    ours.add_argument("--resume", action="store_true",
+                      help="continue an interrupted search from <output>.search.json "
+                           "without repeating its full evaluations")
+    ours.add_argument("--report", metavar="DIR",
+                      help="write report.md, report.json and PNG plots into DIR")
+    ours.add_argument("--probe-images", type=int, default=16, metavar="N",
+                      help="images for the sensitivity ranking and the layer fixes")
     ours.add_argument("--quiet", action="store_true", help="no progress bars")
     ours.add_argument("--debug", action="store_true", help="traceback on errors")
     add_device_options(ours)

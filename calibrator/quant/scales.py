@@ -44,6 +44,7 @@ class UnitChoice:
     input_threshold: float | None = None    # explicit thresholds (EasyQuant-style search)
     output_threshold: float | None = None
     weight_scale_factor: float = 1.0
+    weight_scales: tuple[float, ...] | None = None  # explicit per-channel scales
 
 
 @dataclass
@@ -151,8 +152,9 @@ def build_plan(fused: FusedGraph, stats: dict, options: QuantOptions,
             scale_in=1.0 if force_u8 else activation_scale(t_in, unsigned, options.bits),
             scale_out=activation_scale(
                 t_out, unit.output_unsigned or options.unsigned_range, options.bits),
-            scale_params=weight_scales(weight, per_channel, options.bits,
-                                       choice.weight_scale_factor),
+            scale_params=(list(choice.weight_scales) if choice.weight_scales is not None
+                          else weight_scales(weight, per_channel, options.bits,
+                                             choice.weight_scale_factor)),
             input_unsigned=unsigned or force_u8, output_unsigned=unit.output_unsigned,
             output_int8=True, force_u8_input=force_u8, bits=options.bits,
             estimator=estimator, per_channel=per_channel, input_threshold=t_in,

@@ -1,0 +1,229 @@
+"""The search strategies. ``bisect`` (default): rank, adjust, bisect, prune. ``intel``:
+Intel's legacy loop (revert the first still-quantized conv in prototxt order after each
+full evaluation) kept for comparison.
+
+Full-evaluation budget of ``bisect`` for N quantized layers: FP32 (1) + all-INT8 (1) +
+adjusted (1) + bisection (ceil(log2 N)) + pruning (2) = 2 + ceil(log2 N) + 3.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+from calibrator.quant.scales import QuantPlan, with_choice
+from calibrator.search.adjust import Adjustment, adjust_layers
+from calibrator.search.evaluator import EvalResult, Evaluator
+from calibrator.search.sensitivity import make_probe, output_blob, rank_layers
+
+ADJUST_WORST = 5
+PRUNE_EVALS = 2
+
+
+@dataclass
+class Step:
+    step: int
+    action: str
+    metric: float
+    loss: float
+    evaluations: int
+    seconds: float
+    fp32_layers: int
+    met: bool
+
+
+@dataclass
+class SearchResult:
+    fp32_metric: float
+    best_plan: QuantPlan
+    best_metric: float
+    met: bool
+    trace: list[Step] = field(default_factory=list)
+    sensitivity: dict[str, float] = field(default_factory=dict)
+    adjustments: list[Adjustment] = field(default_factory=list)
+    reverted: list[str] = field(default_factory=list)
+    stopped_by: str | None = None     # "max-evals" / "time-budget" when a bound ended it
+    evaluations: int = 0
+
+
+@dataclass
+class SearchSettings:
+    tolerance: float
+    relative: bool = False
+    strategy: str = "bisect"
+    max_evals: int | None = None
+    time_budget: float | None = None
+    scale_search: bool = True
+    allow_fp32: bool = True
+    probe_images: int = 16
+
+
+class _Budget(Exception):
+    def __init__(self, why):
+        self.why = why
+
+
+class Search:
+    def __init__(self, model, calibration, evaluator: Evaluator, settings: SearchSettings,
+                 say=lambda message: None):
+        self.model = model
+        self.calibration = calibration
+        self.fused = calibration.fused
+        self.evaluator = evaluator
+        self.settings = settings
+        self.say = say
+        self.started = time.time()
+        self.trace: list[Step] = []
+        self.results: list[tuple[QuantPlan, EvalResult]] = []
+        self.fp32: EvalResult | None = None
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def loss(self, metric: float) -> float:
+        drop = self.fp32.metric - metric
+        if self.settings.relative:
+            return drop / abs(self.fp32.metric) if self.fp32.metric else drop
+        return drop
+
+    def met(self, result: EvalResult) -> bool:
+        return self.loss(result.metric) <= self.settings.tolerance + 1e-12
+
+    def _check_budget(self) -> None:
+        s = self.settings
+        if s.max_evals is not None and self.evaluator.used >= s.max_evals:
+            raise _Budget("max-evals")
+        if s.time_budget is not None and time.time() - self.started >= s.time_budget:
+            raise _Budget("time-budget")
+
+    def evaluate(self, plan: QuantPlan, action: str) -> EvalResult:
+        self._check_budget()
+        simulator = self.calibration.simulator(plan)
+        result = self.evaluator.evaluate(plan, simulator.overrides, desc=action[:30])
+        fp32_layers = len(plan.fp32_layers(self.fused))
+        step = Step(len(self.trace) + 1, action, result.metric, self.loss(result.metric),
+                    self.evaluator.used, round(time.time() - self.started, 1), fp32_layers,
+                    self.met(result))
+        self.trace.append(step)
+        self.results.append((plan, result))
+        self.say(f"[{step.evaluations:2d}] {action}: {result.metric:.6g} "
+                 f"(loss {step.loss:+.4f}{', recalled' if result.cached else ''})")
+        return result
+
+    def best(self) -> tuple[QuantPlan, float, bool]:
+        met = [(p, r) for p, r in self.results if self.met(r)]
+        if met:
+            plan, result = min(met, key=lambda pr: (len(pr[0].fp32_layers(self.fused)),
+                                                    -pr[1].metric))
+            return plan, result.metric, True
+        plan, result = max(self.results, key=lambda pr: pr[1].metric)
+        return plan, result.metric, False
+
+    # -- the strategies ----------------------------------------------------------------------
+    def run(self) -> SearchResult:
+        self.fp32 = self.evaluator.evaluate(None, None, desc="FP32")
+        self.say(f"[{self.evaluator.used:2d}] FP32: {self.fp32.metric:.6g}")
+        self.trace.append(Step(0, "FP32", self.fp32.metric, 0.0, self.evaluator.used,
+                               round(time.time() - self.started, 1),
+                               len(self.fused.units), True))
+        outcome = SearchResult(self.fp32.metric, None, 0.0, False)
+        try:
+            if self.settings.strategy == "intel":
+                self._intel(outcome)
+            else:
+                self._bisect(outcome)
+        except _Budget as stop:
+            outcome.stopped_by = stop.why
+        plan, metric, met = self.best()
+        outcome.best_plan, outcome.best_metric, outcome.met = plan, metric, met
+        outcome.trace = self.trace
+        outcome.evaluations = self.evaluator.used
+        outcome.reverted = plan.fp32_layers(self.fused)
+        return outcome
+
+    def _intel(self, outcome: SearchResult) -> None:
+        choices: dict = {}
+        plan = self.calibration.plan(choices)
+        order = [u.name for u in self.fused.units if u.name in plan.layers]
+        result = self.evaluate(plan, "all INT8")
+        while not self.met(result) and order:
+            name = order.pop(0)
+            choices = with_choice(choices, name, fp32=True)
+            plan = self.calibration.plan(choices)
+            result = self.evaluate(plan, f"revert {name}")
+
+    def _bisect(self, outcome: SearchResult) -> None:
+        calibration, net = self.calibration, self.model.net
+        choices: dict = {}
+        plan = calibration.plan(choices)
+        current = self.evaluate(plan, "all INT8")
+        if self.met(current):
+            return
+        probe = self._probe()
+        sensitivity = rank_layers(net, self.fused, probe, plan)
+        outcome.sensitivity = dict(sensitivity)
+        ranked = sorted(sensitivity, key=lambda n: (-sensitivity[n], n))
+        self.say("most sensitive: " + ", ".join(f"{n} ({sensitivity[n]:.3g})"
+                                                for n in ranked[:5]))
+        adjusted, kept = adjust_layers(
+            net, self.fused, probe, calibration.plan, choices, ranked[:ADJUST_WORST],
+            sensitivity, per_channel_default=calibration.options.per_channel,
+            scale_search=self.settings.scale_search)
+        if kept:
+            for adjustment in kept:
+                self.say(f"adjust {adjustment.layer}: {adjustment.action} "
+                         f"({adjustment.before:.3g} -> {adjustment.after:.3g})")
+            trial = self.evaluate(calibration.plan(adjusted),
+                                  f"adjust {len(kept)} layer(s)")
+            if trial.metric > current.metric:
+                choices, current = adjusted, trial
+                outcome.adjustments = kept
+                for adjustment in kept:
+                    sensitivity[adjustment.layer] = adjustment.after
+                ranked = sorted(sensitivity, key=lambda n: (-sensitivity[n], n))
+            if self.met(current):
+                return
+        if not self.settings.allow_fp32:
+            return
+        # bisection: the shortest prefix of the ranking whose reversion meets -l
+        lo, hi = 0, len(ranked)  # lo: known not met; hi: met (all FP32 = the FP32 metric)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            trial_plan = calibration.plan(self._reverted(choices, ranked[:mid]))
+            if self.met(self.evaluate(trial_plan, f"revert top {mid}")):
+                hi = mid
+            else:
+                lo = mid
+        reverted = ranked[:hi]
+        # pruning: re-quantize the least sensitive reverted layers that are not needed,
+        # a binary search for the longest such run within PRUNE_EVALS evaluations
+        candidates = sorted(reverted, key=lambda n: (sensitivity[n], n))
+        low, high = 0, len(candidates) - 1
+        for _ in range(PRUNE_EVALS):
+            if low >= high:
+                break
+            j = (low + high + 1) // 2
+            still = [n for n in reverted if n not in candidates[:j]]
+            trial_plan = calibration.plan(self._reverted(choices, still))
+            if self.met(self.evaluate(trial_plan, f"re-quantize {j} of {len(reverted)}")):
+                low = j
+            else:
+                high = j - 1
+
+    def _reverted(self, choices: dict, names) -> dict:
+        out = dict(choices)
+        for name in names:
+            out = with_choice(out, name, fp32=True)
+        return out
+
+    def _probe(self):
+        from calibrator.evaluation import batches
+
+        feeds = next(iter(batches(self.model, 1, desc="probe", quiet=True)))[1]
+        count = self.settings.probe_images
+        feeds = {k: v[:count] if v.dim() and v.shape[0] > count else v for k, v in feeds.items()}
+        return make_probe(self.model.net, self.fused, feeds,
+                          output_blob(self.evaluator.metric, self.model.net))
+
+
+def evaluation_budget(units: int) -> int:
+    return 2 + math.ceil(math.log2(max(units, 1))) + 3 if units > 1 else 5
