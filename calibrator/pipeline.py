@@ -137,13 +137,16 @@ def run_calibration(args, options) -> int:
                      result=result, summary={**summary,
                                              "wall_seconds": round(time.time() - started, 1)},
                      actions=actions)
-    evaluator.state.discard()
+    if result.stopped_by is None:
+        evaluator.state.discard()  # finished: nothing to resume
+    else:
+        _say(args, f"search state kept for --resume: {evaluator.state.path}")
     verdict = "met" if result.met else "NOT met (best configuration written)"
     if result.stopped_by:
         verdict += f"; search stopped by --{result.stopped_by}"
     print(f"{metric}: FP32 {result.fp32_metric:.6g}, INT8 {result.best_metric:.6g}, "
           f"loss {loss:.6g}, tolerance -l {args.accuracy_loss:g} {verdict}")
-    print(f"FP32 layers: {', '.join(result.reverted) if result.reverted else 'none'}; "
+    print(f"reverted to FP32: {', '.join(result.reverted) if result.reverted else 'none'}; "
           f"{result.evaluations} full evaluations; {time.time() - started:.1f} s")
     print(f"quantized prototxt written: {paths['prototxt']}")
     return EXIT_MET if result.met else EXIT_NOT_MET

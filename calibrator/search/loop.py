@@ -137,7 +137,8 @@ class Search:
         outcome.best_plan, outcome.best_metric, outcome.met = plan, metric, met
         outcome.trace = self.trace
         outcome.evaluations = self.evaluator.used
-        outcome.reverted = plan.fp32_layers(self.fused)
+        outcome.reverted = [name for name, choice in plan.choices.items()
+                            if choice.fp32 and name not in plan.layers]
         return outcome
 
     def _intel(self, outcome: SearchResult) -> None:
