@@ -24,6 +24,7 @@ def batches(model, iterations: int, *, desc: str = "batches", quiet: bool = Fals
     if model.source is None:
         raise CalibratorError(f"{model.prototxt}: nothing feeds the net (no data layer; "
                               "give --images for a deploy net)")
+    model.source.prefetch(iterations)  # a bad image fails here, before any output is written
     for index in progress_bar(range(iterations), desc=desc, quiet=quiet):
         feeds = model.source.batch(index)
         yield index, {k: v.to(model.device, non_blocking=True) for k, v in feeds.items()}

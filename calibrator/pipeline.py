@@ -55,7 +55,8 @@ def write_outputs(args, model, calibration, plan, paths, extra_record=None) -> N
     from calibrator.writers import write_json, write_quantized_prototxt, write_table
     from calibrator.writers.outputs import plan_record
 
-    write_quantized_prototxt(paths["prototxt"], model.net_param, plan)
+    write_quantized_prototxt(paths["prototxt"], model.net_param, plan,
+                             source_dir=Path(args.model).parent)
     if "table" in paths:
         write_table(paths["table"], plan, calibration.fused)
     if "json" in paths:

@@ -112,6 +112,9 @@ def options_from_args(args):
                               "kernels are not simulated; run without -wi")
     if args.first_conv_force_u8 and not args.enable_1st_conv:
         raise CalibratorError("-fu/--first_conv_force_u8 needs -1st/--enable_1st_conv")
+    if args.first_conv_force_u8:
+        raise CalibratorError("-fu/--first_conv_force_u8 is not available yet: quantize the "
+                              "first conv with -1st (s8 input) instead")
     for name in ("iterations", "sampling_iterations"):
         if getattr(args, name) < 1:
             raise CalibratorError(f"--{name} must be at least 1")

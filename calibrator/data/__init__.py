@@ -1,5 +1,6 @@
 """TEST-phase data layers (ImageData, Data/LMDB) and image folders as batch sources."""
 
+from calibrator.data import annotated as _annotated  # noqa: F401  (registers AnnotatedData)
 from calibrator.data import image_data as _image_data  # noqa: F401  (registers ImageData)
 from calibrator.data import lmdb_data as _lmdb_data  # noqa: F401  (registers Data)
 from calibrator.data.image_folder import ImageFolderSource, build_image_folder_source

@@ -119,6 +119,15 @@ class DataSource:
             shapes[self.tops[1]] = (self.batch_size,)
         return shapes
 
+    def prefetch(self, batches: int) -> None:
+        """Decode every sample of batches 0..batches-1 now (in parallel, into the cache), so
+        that a missing or unreadable image stops a run before anything is computed or
+        written. Does nothing without the cache."""
+        if self._cache is None or batches < 1:
+            return
+        positions = range(batches * self.batch_size)
+        self._images(list(dict.fromkeys(self._sample_at(p) for p in positions)))
+
     def batch(self, index: int) -> dict[str, torch.Tensor]:
         if index < 0:
             raise ValueError(f"batch index must be >= 0, got {index}")

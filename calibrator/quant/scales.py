@@ -79,8 +79,16 @@ def qmax(unsigned: bool, bits: int = 8) -> int:
     return 2 ** bits - 1 if unsigned else 2 ** (bits - 1) - 1
 
 
+def as_stored(value: float, overflow: float) -> float:
+    """``value`` as the prototxt stores it (a float32), so that the in-memory simulation runs
+    exactly what is written; a value too large for float32 becomes ``overflow``."""
+    with np.errstate(over="ignore"):
+        stored = np.float32(value)
+    return float(stored) if np.isfinite(stored) else overflow
+
+
 def activation_scale(threshold: float, unsigned: bool, bits: int = 8) -> float:
-    return qmax(unsigned, bits) / threshold if threshold > 0 else 1.0
+    return as_stored(qmax(unsigned, bits) / threshold, 1.0) if threshold > 0 else 1.0
 
 
 def weight_scales(weight: torch.Tensor, per_channel: bool, bits: int = 8,
@@ -90,7 +98,7 @@ def weight_scales(weight: torch.Tensor, per_channel: bool, bits: int = 8,
     w = weight.detach().double().abs().reshape(weight.shape[0], -1)
     maxima = w.max(1).values if per_channel else w.max().expand(weight.shape[0])
     scales = torch.where(maxima > 0, limit / maxima.clamp(min=1e-300), torch.zeros_like(maxima))
-    return [float(s) * factor for s in scales]
+    return [as_stored(float(s) * factor, 0.0) for s in scales]
 
 
 @dataclass
@@ -124,18 +132,17 @@ def build_plan(fused: FusedGraph, stats: dict, options: QuantOptions,
     choices = dict(choices or {})
     units = [u for u in eligible_units(fused, options)
              if not choices.get(u.name, UnitChoice()).fp32]
-    quantized = {u.name for u in units}
     first = first_conv(fused)
     layers: dict[str, LayerQuant] = {}
     for unit in units:
         choice = choices.get(unit.name, UnitChoice())
         estimator = choice.estimator or options.estimator
         per_channel = options.per_channel if choice.per_channel is None else choice.per_channel
-        # input sign: every quantized producer reached upstream must output u8; a tensor
-        # that comes from an FP32 layer is u8 only if it was never negative.
+        # input sign (Intel's is_convolution_input_u8): every conv reached upstream, INT8 or
+        # FP32 (the first conv, a search fallback), must end with a ReLU of slope 0; a tensor
+        # that comes from another FP32 layer is u8 only if it was never negative.
         producers, others = fused.upstream_units(unit.input)
-        unsigned = all(fused.by_name[p.name].output_unsigned and p.name in quantized
-                       for p in producers)
+        unsigned = all(p.output_unsigned for p in producers)
         unsigned = unsigned and all(stats[r.key].unsigned for r in others)
         force_u8 = options.force_u8 and unit is first
         if unit is first and options.first_conv and not force_u8:
@@ -160,9 +167,19 @@ def build_plan(fused: FusedGraph, stats: dict, options: QuantOptions,
             estimator=estimator, per_channel=per_channel, input_threshold=t_in,
             output_threshold=t_out)
         layers[unit.name] = lq
+    for lq in layers.values():
+        _as_written(lq)
     _decide_output_precision(fused, layers, options)
     _average_pooling_rule(fused, layers)
     return QuantPlan(layers, options, choices)
+
+
+def _as_written(lq: LayerQuant) -> None:
+    """Round scales to float32, the precision quantization_param stores, so the simulation
+    of a plan in memory and of the prototxt written from it compute the very same thing."""
+    lq.scale_in = float(np.float32(lq.scale_in))
+    lq.scale_out = float(np.float32(lq.scale_out))
+    lq.scale_params = [float(v) for v in np.asarray(lq.scale_params, np.float32)]
 
 
 def _decide_output_precision(fused: FusedGraph, layers: dict[str, LayerQuant],

@@ -14,7 +14,8 @@ times scale_out: the float form above is the same number.
 
 The accumulation is exact: products and partial sums are integers, and float32 holds every
 integer below 2^24. When a layer's worst case (qmax_in * 127 * fan-in) could pass 2^24 the input
-is split into 4-bit halves, each convolved exactly, and recombined in float64.
+is split into digits (4-bit halves, or narrower digits for a fan-in above ~8800), each convolved
+exactly, and recombined in float64; past a fan-in of 2^24 / 127 it runs in float64.
 Rounding is half-to-even (``torch.round``), as the runtime's nearbyint.
 """
 
@@ -51,17 +52,44 @@ class _UnitKernel:
     q_weight: torch.Tensor
     q_bias: torch.Tensor          # float64, integer-valued
     dequant: torch.Tensor         # 1 / (scale_in * scale_params[o]), float64 (0 for a 0 scale)
-    split: bool                   # accumulate in two exact halves
+    split: int | None             # bits per input digit (0: float64), None: one pass
+    target: object = None         # calibrator.quant.targets.Target; None: exact int32
 
     def accumulate(self, q_in: torch.Tensor) -> torch.Tensor:
-        run = self.unit.layer.module.run_with
-        if not self.split:
-            acc = run(q_in, self.q_weight, None).double()
-        else:  # q = 16*hi + lo, lo in [0, 15]: both halves accumulate exactly in float32
-            hi = torch.div(q_in, 16, rounding_mode="floor")
-            lo = q_in - 16 * hi
-            acc = 16 * run(hi, self.q_weight, None).double() + run(lo, self.q_weight, None).double()
+        acc = (self.exact_accumulate(q_in) if self.target is None
+               else self.target.accumulate(self, q_in))
         return acc + _per_channel(self.q_bias, acc)
+
+    def exact_accumulate(self, q_in: torch.Tensor,
+                         weight: torch.Tensor | None = None) -> torch.Tensor:
+        """conv(q_in, weight or q_weight) in exact integer arithmetic, float64, no bias."""
+        run = self.unit.layer.module.run_with
+        weight = self.q_weight if weight is None else weight
+        if self.split is None:
+            acc = run(q_in, weight, None).double()
+        elif self.split == 0:
+            acc = run(q_in.double(), weight.double(), None)
+        else:  # q = sum_k base^k d_k, d_k in [0, base): each digit accumulates exactly
+            base, rest, acc = 2 ** self.split, q_in, None
+            digits = -(-self.quant.bits // self.split)
+            for k in range(digits):
+                high = torch.div(rest, base, rounding_mode="floor") if k < digits - 1 else None
+                digit = rest if high is None else rest - base * high
+                part = run(digit, weight, None).double() * float(base ** k)
+                acc = part if acc is None else acc + part
+                rest = high
+        return acc
+
+
+def _digit_bits(fan_in: int, qmax_in: int, wmax: int) -> int | None:
+    """Bits per input digit that keep every digit's accumulation below 2^24 (None: the whole
+    input does; 0: no digit width does, accumulate in float64)."""
+    if qmax_in * wmax * fan_in < EXACT_LIMIT:
+        return None
+    for bits in (4, 3, 2, 1):
+        if (2 ** bits - 1) * wmax * fan_in < EXACT_LIMIT:
+            return bits
+    return 0
 
 
 def _per_channel(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -81,8 +109,8 @@ def build_kernel(unit: FusedUnit, lq: LayerQuant, device) -> _UnitKernel:
                           torch.zeros_like(denominator))
     fan_in = q_weight[0].numel()
     qmax_in = 2 ** lq.bits - 1 if lq.input_unsigned else 2 ** (lq.bits - 1)
-    worst = qmax_in * limit * fan_in
-    return _UnitKernel(unit, lq, q_weight, q_bias, dequant, worst >= EXACT_LIMIT)
+    return _UnitKernel(unit, lq, q_weight, q_bias, dequant,
+                       _digit_bits(fan_in, qmax_in, limit + 1))
 
 
 class Int8Simulator:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 from calibrator.caffe.prototxt import net_to_text
@@ -20,9 +21,43 @@ def quantized_prototxt_path(model: str | Path, suffix: str = "_quantized") -> Pa
     return model.with_name(f"{stem}{suffix}.prototxt")
 
 
-def write_quantized_prototxt(path: str | Path, net_param, plan: QuantPlan) -> Path:
+#: Path fields of data and evaluation layers that Caffe resolves relative to where it runs.
+PATH_FIELDS = (("image_data_param", "source"), ("image_data_param", "root_folder"),
+               ("data_param", "source"), ("transform_param", "mean_file"),
+               ("annotated_data_param", "label_map_file"),
+               ("detection_evaluate_param", "name_size_file"))
+
+
+def rebase_paths(net_param, source_dir: Path, target_dir: Path) -> None:
+    """Rewrite relative data paths that resolve beside the source prototxt so that they
+    resolve beside the written one (an --output in another folder keeps working)."""
+    if source_dir.resolve() == target_dir.resolve():
+        return
+    for layer in net_param.layer:
+        for message_name, field in PATH_FIELDS:
+            if message_name not in layer.DESCRIPTOR.fields_by_name \
+                    or not layer.HasField(message_name):
+                continue
+            message = getattr(layer, message_name)
+            value = getattr(message, field, "")
+            if not value or Path(value).is_absolute():
+                continue
+            original = source_dir / value
+            if not original.exists():
+                continue
+            rebased = os.path.relpath(original.resolve(), target_dir.resolve())
+            if value.endswith("/") and not rebased.endswith("/"):
+                rebased += "/"
+            setattr(message, field, rebased)
+
+
+def write_quantized_prototxt(path: str | Path, net_param, plan: QuantPlan,
+                             source_dir: Path | None = None) -> Path:
     """The whole net in protobuf's canonical text format with quantization_param."""
-    return atomic_write(path, net_to_text(annotate(net_param, plan)))
+    net = annotate(net_param, plan)
+    if source_dir is not None:
+        rebase_paths(net, Path(source_dir), Path(path).parent)
+    return atomic_write(path, net_to_text(net))
 
 
 def _number(value: float) -> str:

@@ -1,0 +1,111 @@
+"""Benchmarks: ``python -m calibrator.bench`` (``make bench``) runs the registered sections,
+prints a table per section and writes every figure to ``bench.json``.
+
+Performance claims live here, never in timed unit tests. A section is a function
+``(Context) -> SectionResult`` registered with :func:`section` in a module listed in
+:data:`SECTION_MODULES`; adding one (INT8 simulation speed, statistics pass, KL ms per
+tensor, search...) is a new function in a new module and one line in that tuple.
+
+Timings on a shared machine are noisy: sections time each step several times (``--repeat``)
+and interleave the things they compare batch by batch, so that load from other processes hits
+both sides alike; the JSON records the machine and its load average.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from calibrator.errors import CalibratorError
+
+#: Modules whose import registers sections, in the order they run.
+SECTION_MODULES = ("calibrator.bench.fp32",)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Context:
+    """What every section gets: where the shared models are, the device, the options."""
+
+    shared: Path
+    device: torch.device
+    gpu: int | None = None
+    repeat: int = 3
+    quiet: bool = False
+
+    def log(self, message: str) -> None:
+        if not self.quiet:
+            print(f"[bench] {message}", flush=True)
+
+    def sync(self) -> None:
+        """Wait for queued GPU work, so a timer around it measures it."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+@dataclass
+class Table:
+    headers: list[str]
+    rows: list[list]
+    title: str = ""
+
+
+@dataclass
+class SectionResult:
+    """Tables to print and the figures for bench.json (JSON-serialisable)."""
+
+    tables: list[Table]
+    data: dict
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Section:
+    name: str
+    title: str
+    run: Callable[[Context], SectionResult]
+
+
+SECTIONS: dict[str, Section] = {}
+
+
+def section(name: str, title: str):
+    """Decorator registering ``fn(ctx) -> SectionResult`` as the benchmark section ``name``."""
+    def register(fn):
+        SECTIONS[name] = Section(name, title, fn)
+        return fn
+    return register
+
+
+def load_sections() -> dict[str, Section]:
+    for module in SECTION_MODULES:
+        importlib.import_module(module)
+    return SECTIONS
+
+
+def find_shared(explicit: str | None = None) -> Path:
+    """``--shared``, else ``$CALIBRATOR_SHARED``, else ``../shared`` beside the repository
+    or beside the working directory."""
+    candidates = [explicit] if explicit else [os.environ.get("CALIBRATOR_SHARED"),
+                                              REPO.parent / "shared", Path.cwd().parent / "shared"]
+    for candidate in filter(None, candidates):
+        if Path(candidate).is_dir():
+            return Path(candidate)
+    raise CalibratorError("shared models not found: give --shared DIR or set "
+                          "CALIBRATOR_SHARED (the folder holding models/ and data/)")
+
+
+def timed(ctx: Context, fn: Callable[[], object]) -> tuple[float, object]:
+    """(seconds, result) of ``fn()``, GPU work included."""
+    ctx.sync()
+    start = time.perf_counter()
+    result = fn()
+    ctx.sync()
+    return time.perf_counter() - start, result
