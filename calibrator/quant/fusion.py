@@ -49,14 +49,16 @@ class FusedUnit:
 
     @property
     def relu_slope(self) -> float | None:
-        if self.relu is None:
-            return None
-        return float(self.relu.param.relu_param.negative_slope)
+        """Slope of the fused ReLU: a ReLU layer, or Intel's ``convolution_param.relu``
+        flag of an already compiled net; None without one."""
+        if self.relu is not None:
+            return float(self.relu.param.relu_param.negative_slope)
+        return getattr(self.layer.module, "fused_relu_slope", None)
 
     @property
     def output_unsigned(self) -> bool:
         """Intel: output u8 iff a ReLU with slope 0 is fused."""
-        return self.relu is not None and self.relu_slope == 0.0
+        return self.relu_slope == 0.0
 
     @property
     def nodes(self) -> list[Node]:

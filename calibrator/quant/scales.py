@@ -159,7 +159,8 @@ def build_plan(fused: FusedGraph, stats: dict, options: QuantOptions,
             scale_in=1.0 if force_u8 else activation_scale(t_in, unsigned, options.bits),
             scale_out=activation_scale(
                 t_out, unit.output_unsigned or options.unsigned_range, options.bits),
-            scale_params=(list(choice.weight_scales) if choice.weight_scales is not None
+            scale_params=([as_stored(v, 0.0) for v in choice.weight_scales]
+                          if choice.weight_scales is not None
                           else weight_scales(weight, per_channel, options.bits,
                                              choice.weight_scale_factor)),
             input_unsigned=unsigned or force_u8, output_unsigned=unit.output_unsigned,
@@ -167,19 +168,9 @@ def build_plan(fused: FusedGraph, stats: dict, options: QuantOptions,
             estimator=estimator, per_channel=per_channel, input_threshold=t_in,
             output_threshold=t_out)
         layers[unit.name] = lq
-    for lq in layers.values():
-        _as_written(lq)
     _decide_output_precision(fused, layers, options)
     _average_pooling_rule(fused, layers)
     return QuantPlan(layers, options, choices)
-
-
-def _as_written(lq: LayerQuant) -> None:
-    """Round scales to float32, the precision quantization_param stores, so the simulation
-    of a plan in memory and of the prototxt written from it compute the very same thing."""
-    lq.scale_in = float(np.float32(lq.scale_in))
-    lq.scale_out = float(np.float32(lq.scale_out))
-    lq.scale_params = [float(v) for v in np.asarray(lq.scale_params, np.float32)]
 
 
 def _decide_output_precision(fused: FusedGraph, layers: dict[str, LayerQuant],

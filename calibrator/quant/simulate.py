@@ -185,8 +185,8 @@ class Int8Simulator:
         y = acc * _per_channel(kernel.dequant, acc)
         if unit.residual is not None:
             y = y + self._residual(unit, blobs).double()
-        if unit.relu is not None:
-            slope = unit.relu_slope
+        slope = unit.relu_slope
+        if slope is not None:
             y = torch.where(y > 0, y, y * slope) if slope else y.clamp(min=0)
         if lq.output_int8:
             y = quantize(y, lq.scale_out, lq.output_unsigned, lq.bits) / lq.scale_out

@@ -1,0 +1,260 @@
+"""The INT8 simulation against an integer reference written here in numpy int64: quantize the
+input (float32 product, round half to even, saturate), quantize weights and bias, convolve
+by explicit im2col in int64, requantize in float64, ReLU, round, saturate. The simulated INT8
+output times scale_out must give exactly the reference integers; an FP32 output must be
+exactly float32(acc / (scale_in * scale_params))."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import calibrator.quant.simulate as simulate
+from calibrator.quant.fusion import analyze
+from calibrator.quant.scales import LayerQuant, QuantOptions, QuantPlan
+from tests.quant_helpers import (TinyNet, as_integers, conv_int64, input_text, quantize_bias,
+                                 quantize_input, quantize_weights, relu_text, requantize)
+
+
+class Case:
+    def __init__(self, name, in_shape, conv_param, kernel, stride=(1, 1), pad=(0, 0),
+                 dilation=(1, 1), group=1, bias=True, depthwise=False, in_u8=False,
+                 per_channel=False, slope=None, int8_out=True, clip_in=1.0, clip_out=0.8):
+        self.__dict__.update(locals())
+        del self.__dict__["self"]
+
+
+CASES = [
+    Case("plain_s8_in_per_tensor", (2, 3, 7, 6), "num_output: 5 kernel_size: 3 pad: 1", (3, 3),
+         pad=(1, 1)),
+    Case("no_bias_u8_in_relu_per_channel", (2, 4, 6, 6),
+         "num_output: 6 kernel_size: 3 bias_term: false", (3, 3), bias=False, in_u8=True,
+         per_channel=True, slope=0.0),
+    Case("grouped_stride_pad_dilation_leaky", (1, 6, 9, 8),
+         "num_output: 4 kernel_size: 3 stride: 2 pad: 2 dilation: 2 group: 2", (3, 3),
+         stride=(2, 2), pad=(2, 2), dilation=(2, 2), group=2, per_channel=True, slope=0.1,
+         clip_in=0.6),
+    Case("depthwise_u8_in_relu_fp32_out", (2, 5, 6, 7), "num_output: 5 kernel_size: 3 pad: 1",
+         (3, 3), pad=(1, 1), group=5, depthwise=True, in_u8=True, per_channel=True, slope=0.0,
+         int8_out=False),
+    Case("asymmetric_kernel_fp32_out_leaky", (2, 3, 6, 8),
+         "num_output: 4 kernel_h: 1 kernel_w: 3 stride_h: 2 stride_w: 1 pad_h: 0 pad_w: 1",
+         (1, 3), stride=(2, 1), pad=(0, 1), slope=0.25, int8_out=False),
+    Case("saturating_s8_out", (2, 3, 5, 5), "num_output: 4 kernel_size: 1", (1, 1),
+         clip_in=0.5, clip_out=0.3),
+]
+
+
+def single_conv(case: Case, seed: int):
+    type_name = "ConvolutionDepthwise" if case.depthwise else "Convolution"
+    text = (input_text(case.in_shape)
+            + f'layer {{ name: "conv" type: "{type_name}" bottom: "data" top: "y" '
+              f'convolution_param {{ {case.conv_param} }} }}\n')
+    if case.slope is not None:
+        text += relu_text("relu", "y", case.slope)
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0, 1, case.in_shape).astype(np.float32)
+    if case.in_u8:
+        x = np.abs(x)
+    return TinyNet(text, seed=seed, batches=[{"data": x}]), x
+
+
+#: CUDA runs too where there is a GPU (cuDNN must not pick an inexact algorithm, no TF32)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))]
+
+
+def run_simulation(net: TinyNet, plan: QuantPlan, captured=None, device="cpu"):
+    """The simulated outputs (on the CPU) of the first batch; ``captured`` gets each
+    node's first top."""
+    if device != "cpu":
+        from calibrator.runtime import exact_arithmetic
+
+        exact_arithmetic()
+    net.net.to(device)
+    try:
+        sim = simulate.Int8Simulator(analyze(net.net), plan)
+
+        def hook(node, tops):
+            if captured is not None:
+                captured[node.name] = tops[0].detach().cpu().numpy().copy()
+
+        feeds = {k: v.to(device) for k, v in net.batches[0].items()}
+        with torch.no_grad():
+            out = net.net(feeds, overrides=sim.overrides, hook=hook)
+        return {k: v.cpu() for k, v in out.items()}
+    finally:
+        net.net.to("cpu")
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("device", DEVICES)
+def test_single_conv_is_bit_exact(case, seed, device):
+    net, x = single_conv(case, seed)
+    weights = net.weights["conv"]
+    w = weights[0]
+    b = weights[1] if case.bias else None
+    assert w.shape[2:] == case.kernel and len(weights) == (2 if case.bias else 1)
+    o = w.shape[0]
+    # scales as the calibrator would choose them, some with clipping
+    s_in = (255.0 if case.in_u8 else 127.0) / (case.clip_in * float(np.abs(x).max()))
+    maxima = np.abs(w).reshape(o, -1).max(1).astype(np.float64)
+    sp = (127 / maxima) if case.per_channel else np.full(o, 127 / maxima.max())
+    fp32 = net.net(net.batches[0])["y"].numpy()
+    out_u8 = case.slope == 0.0
+    s_out = (255.0 if out_u8 else 127.0) / (case.clip_out * float(np.abs(fp32).max()))
+    lq = LayerQuant("conv", s_in, s_out if case.int8_out else 1.0, [float(s) for s in sp],
+                    input_unsigned=case.in_u8, output_unsigned=out_u8,
+                    output_int8=case.int8_out)
+    out = run_simulation(net, QuantPlan({"conv": lq}, QuantOptions(), {}),
+                         device=device)["y"].numpy()
+
+    # the reference
+    q_in = quantize_input(x, s_in, case.in_u8)
+    q_w = quantize_weights(w, sp)
+    acc = conv_int64(q_in, q_w, case.stride, case.pad, case.dilation, case.group)
+    if b is not None:
+        acc = acc + quantize_bias(b, s_in, sp)[None, :, None, None]
+    assert acc.shape == out.shape
+    if case.int8_out:
+        ref = requantize(acc, s_in, sp, s_out, out_u8, case.slope)
+        got = as_integers(out, s_out)
+        assert np.array_equal(got, ref)
+        lo, hi = (0, 255) if out_u8 else (-128, 127)
+        assert got.min() >= lo and got.max() <= hi
+        if case.clip_out < 1:
+            assert (ref == hi).any() or (ref == lo).any()  # saturation was checked too
+    else:
+        y = acc / (s_in * sp.reshape(1, -1, 1, 1))
+        if case.slope is not None:
+            y = np.where(y > 0, y, y * case.slope)
+        assert out.dtype == np.float32
+        assert np.array_equal(out, y.astype(np.float32))
+    # sanity: the INT8 result is near the FP32 one where the output does not saturate
+    if case.clip_in == 1.0:
+        inside = np.abs(fp32) < 0.75 * case.clip_out * np.abs(fp32).max()
+        assert np.abs(out - fp32)[inside].max() < 0.05 * np.abs(fp32).max()
+
+
+def test_ties_round_half_to_even():
+    """Dyadic scales make input products and requantized outputs land exactly on .5: the
+    runtime's nearbyint rounds them to even, not away from zero."""
+    case = Case("ties", (1, 4, 5, 5), "num_output: 3 kernel_size: 3 pad: 1", (3, 3),
+                pad=(1, 1))
+    rng = np.random.default_rng(3)
+    x = (rng.integers(-12, 12, case.in_shape) / 4).astype(np.float32)   # x * 2: k + 0.5 often
+    weights = {"conv": [(rng.integers(-32, 33, (3, 4, 3, 3)) / 8).astype(np.float32),
+                        (rng.integers(-8, 9, 3) / 16).astype(np.float32)]}
+    net = TinyNet(input_text(case.in_shape)
+                  + 'layer { name: "conv" type: "Convolution" bottom: "data" top: "y" '
+                    'convolution_param { num_output: 3 kernel_size: 3 pad: 1 } }\n',
+                  weights=weights, batches=[{"data": x}])
+    s_in, sp, s_out = 2.0, np.array([2.0, 4.0, 8.0]), 1.0
+    lq = LayerQuant("conv", s_in, s_out, list(sp), input_unsigned=False,
+                    output_unsigned=False, output_int8=True)
+    out = run_simulation(net, QuantPlan({"conv": lq}, QuantOptions(), {}))["y"].numpy()
+    q_in = quantize_input(x, s_in, False)
+    acc = conv_int64(q_in, quantize_weights(weights["conv"][0], sp), pad=(1, 1))
+    acc = acc + quantize_bias(weights["conv"][1], s_in, sp)[None, :, None, None]
+    ref = requantize(acc, s_in, sp, s_out, False)
+    # ties really occur, and half-away-from-zero would give other integers
+    exact = acc * s_out / (s_in * sp.reshape(1, -1, 1, 1))
+    assert (np.abs(exact - np.floor(exact)) == 0.5).sum() > 10
+    assert (np.abs(x * 2 - np.floor(x * 2)) == 0.5).sum() > 10
+    away = np.clip(np.sign(exact) * np.floor(np.abs(exact) + 0.5), -128, 127)
+    assert not np.array_equal(away, ref)
+    assert np.array_equal(as_integers(out, s_out), ref)
+
+
+def big_accumulation_net(channels: int, seed: int = 0):
+    """1x1 conv, u8 input at 252..255, weights 124..127 (s_in = sp = 1, so the floats are
+    the integers): the accumulation reaches 255 * 127 * channels. The bias cancels most of it
+    so that the exact sum is visible in the FP32 output (an error of 1 shows). 1024 channels
+    need two 4-bit digits, 9216 narrower ones, 140000 more than any digit allows."""
+    rng = np.random.default_rng(seed)
+    x = (255 - rng.integers(0, 4, (2, channels, 2, 2))).astype(np.float32)
+    w = (127 - rng.integers(0, 4, (3, channels, 1, 1))).astype(np.float32)
+    acc = conv_int64(x.astype(np.int64), w.astype(np.int64))
+    bias = (-np.median(acc, axis=(0, 2, 3))).astype(np.float32)
+    text = (input_text((2, channels, 2, 2))
+            + f'layer {{ name: "conv" type: "Convolution" bottom: "data" top: "y" '
+              f'convolution_param {{ num_output: 3 kernel_size: 1 }} }}\n')
+    net = TinyNet(text, weights={"conv": [w, bias]}, batches=[{"data": x}])
+    ref = acc + bias.astype(np.int64)[None, :, None, None]
+    return net, acc, ref
+
+
+@pytest.mark.parametrize("channels", [1024, 9216, 140_000])
+@pytest.mark.parametrize("device", DEVICES)
+def test_accumulation_beyond_2_24_is_exact(channels, device, monkeypatch):
+    net, acc, ref = big_accumulation_net(channels)
+    assert acc.max() > 2 ** 24 and np.abs(ref).max() < 2 ** 20
+    lq = LayerQuant("conv", 1.0, 1.0, [1.0] * 3, input_unsigned=True, output_unsigned=False,
+                    output_int8=False)
+    plan = QuantPlan({"conv": lq}, QuantOptions(), {})
+    out = run_simulation(net, plan, device=device)["y"].numpy()
+    assert np.array_equal(out.astype(np.int64), ref)
+    # INT8 output of the same sum (s_out 1/64): the rounding sees the exact integer too
+    lq8 = LayerQuant("conv", 1.0, 1 / 64, [1.0] * 3, input_unsigned=True,
+                     output_unsigned=False, output_int8=True)
+    out8 = run_simulation(net, QuantPlan({"conv": lq8}, QuantOptions(), {}),
+                          device=device)["y"].numpy()
+    assert np.array_equal(as_integers(out8, 1 / 64),
+                          np.clip(np.rint(ref / 64), -128, 127).astype(np.int64))
+    # the test has teeth: one float32 convolution (no split) is not exact here
+    monkeypatch.setattr(simulate, "EXACT_LIMIT", 2 ** 62)
+    unsplit = run_simulation(net, plan, device=device)["y"].numpy()
+    assert not np.array_equal(unsplit.astype(np.int64), ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_residual_net_is_bit_exact(device):
+    text = (input_text((2, 4, 6, 6))
+            + 'layer { name: "conv_a" type: "Convolution" bottom: "data" top: "a" '
+              'convolution_param { num_output: 8 kernel_size: 3 pad: 1 } }\n'
+            + relu_text("relu_a", "a")
+            + 'layer { name: "conv_b" type: "Convolution" bottom: "a" top: "b" '
+              'convolution_param { num_output: 8 kernel_size: 3 pad: 1 } }\n'
+            + 'layer { name: "add" type: "Eltwise" bottom: "a" bottom: "b" top: "s" }\n'
+            + relu_text("relu_s", "s")
+            + 'layer { name: "conv_c" type: "Convolution" bottom: "s" top: "c" '
+              'convolution_param { num_output: 4 kernel_size: 1 } }\n'
+            + relu_text("relu_c", "c"))
+    net = TinyNet(text, seed=11)
+    plan = net.calibrate(first_conv=True, per_channel=True, estimator="MAXP")
+    unit = net.fused.by_name["conv_b"]
+    assert unit.eltwise.name == "add" and unit.relu.name == "relu_s"
+    a, b, c = (plan.layers[n] for n in ("conv_a", "conv_b", "conv_c"))
+    assert not a.input_unsigned and b.input_unsigned and c.input_unsigned
+    assert a.output_int8 and b.output_int8 and not c.output_int8
+    captured = {}
+    out = run_simulation(net, plan, captured, device=device)["c"].numpy()
+
+    def layer(name, lq, x_float, unsigned_in, pad):
+        w, bias = net.weights[name]
+        sp = np.array(lq.scale_params)
+        q_in = quantize_input(x_float, lq.scale_in, unsigned_in)
+        acc = conv_int64(q_in, quantize_weights(w, sp), pad=(pad, pad))
+        return q_in, acc + quantize_bias(bias, lq.scale_in, sp)[None, :, None, None], sp
+
+    x = net.batches[0]["data"].numpy()
+    _, acc_a, sp_a = layer("conv_a", a, x, False, 1)
+    q_a = requantize(acc_a, a.scale_in, sp_a, a.scale_out, True, 0.0)
+    a_float = (q_a / a.scale_out).astype(np.float32)       # what conv_a hands on
+    q_in_b, acc_b, sp_b = layer("conv_b", b, a_float, True, 1)
+    assert b.scale_in == a.scale_out and np.array_equal(q_in_b, q_a)  # no double rounding
+    residual = a_float.astype(np.float64) * b.scale_out     # residual float value * s_out
+    q_b = requantize(acc_b, b.scale_in, sp_b, b.scale_out, True, 0.0, residual=residual)
+    b_float = (q_b / b.scale_out).astype(np.float32)
+    _, acc_c, sp_c = layer("conv_c", c, b_float, True, 0)
+    ref_c = np.maximum(acc_c / (c.scale_in * sp_c.reshape(1, -1, 1, 1)), 0).astype(np.float32)
+
+    assert np.array_equal(as_integers(captured["relu_a"], a.scale_out), q_a)
+    assert np.array_equal(as_integers(captured["relu_s"], b.scale_out), q_b)
+    assert np.array_equal(out, ref_c)
+    assert (q_b == 255).any() or q_b.max() > 200  # the u8 range is used
+    # and it is an approximation of the FP32 net
+    fp32 = net.net(net.batches[0])["c"].numpy()
+    assert np.abs(out - fp32).max() < 0.1 * np.abs(fp32).max()
