@@ -56,8 +56,13 @@ def run_test(model, iterations: int, *, dump_dir: str | Path | None = None,
              hook: Callable | None = None, overrides: dict | None = None,
              quiet: bool = False) -> TestResult:
     """Average each net output over ``iterations`` batches (Caffe's ``caffe test``)."""
+    from calibrator.detection.map import DetectionAccumulator
+    from calibrator.graph.layers.detection_evaluate import evaluation_outputs, reset_state
+
     sums: OrderedDict[str, np.ndarray] = OrderedDict()
     net = model.net
+    detections = {name: DetectionAccumulator() for name in evaluation_outputs(net)}
+    reset_state(net)
     with torch.no_grad():
         for index, feeds in batches(model, iterations, desc="test", quiet=quiet):
             outputs = net(feeds, hook=hook, overrides=overrides)
@@ -66,14 +71,28 @@ def run_test(model, iterations: int, *, dump_dir: str | Path | None = None,
                 if dump_dir is not None:
                     path = Path(dump_dir) / f"{_file_stem(name)}_{index}.npy"
                     _save_npy(path, value)
-                if name in sums and sums[name].shape != value.shape:
+                if name in detections:  # mAP over all iterations, as caffe test -detection
+                    detections[name].add(value)
+                    continue
+                if name in sums and sums[name] is not None and sums[name].shape != value.shape:
                     sums[name] = None  # varying shape (e.g. detections): no mean
                 elif name not in sums:
                     sums[name] = value.astype(np.float64)
                 elif sums[name] is not None:
                     sums[name] += value
     scores = OrderedDict((k, v / iterations) for k, v in sums.items() if v is not None)
+    for name, accumulator in detections.items():
+        scores[name] = np.array(accumulator.mean_ap(_ap_version(net, name)))
     return TestResult(scores, iterations)
+
+
+def _ap_version(net, blob: str) -> str:
+    for node in net.nodes:
+        if node.type == "DetectionEvaluate" and blob in node.tops:
+            param = node.param.detection_evaluate_param
+            if "ap_version" in param.DESCRIPTOR.fields_by_name and param.HasField("ap_version"):
+                return param.ap_version
+    return "11point"
 
 
 def _save_npy(path: Path, value: np.ndarray) -> None:

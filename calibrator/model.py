@@ -29,6 +29,15 @@ class ImageFolderOptions:
 
 
 @dataclass
+class DetectionListOptions:
+    """A deploy detector evaluated on a create_annoset-style list (``--det-list``)."""
+
+    list_path: str
+    labelmap: str
+    name_size: str | None = None
+
+
+@dataclass
 class Model:
     prototxt: Path
     weights_path: Path | None
@@ -78,13 +87,37 @@ def build_source(test_param, base_dir: Path, images: ImageFolderOptions | None):
     return None
 
 
+def _absolute_evaluation_paths(test_param, base_dir: Path) -> None:
+    """DetectionEvaluate opens its name/size file itself: resolve it as the data layers
+    resolve their paths (the prototxt's folder first, then the working directory)."""
+    from calibrator.fileio import resolve_relative
+
+    for layer in test_param.layer:
+        if layer.type == "DetectionEvaluate":
+            param = layer.detection_evaluate_param
+            if param.name_size_file:
+                param.name_size_file = str(resolve_relative(param.name_size_file, base_dir))
+
+
 def load_model(prototxt: str | os.PathLike, weights: str | os.PathLike | None, *,
                images: ImageFolderOptions | None = None, device: torch.device | None = None,
                stages: Sequence[str] = (), need_source: bool = True,
-               require_weights: bool = True) -> Model:
+               require_weights: bool = True,
+               detection_list: DetectionListOptions | None = None) -> Model:
     prototxt = Path(prototxt)
-    net_param = read_net(prototxt)
-    test_param = filter_net(net_param, caffe_pb2.TEST, stages)
+    net_param = read_net(prototxt)  # written back with scales: the user's own net
+    evaluated = net_param
+    if detection_list is not None:
+        from calibrator.detection.deploy import add_detection_evaluation
+
+        preprocessing = images or ImageFolderOptions("")
+        evaluated = add_detection_evaluation(
+            net_param, detection_list.list_path, detection_list.labelmap,
+            detection_list.name_size, preprocessing.mean, preprocessing.norm,
+            preprocessing.size, batch_size=preprocessing.batch_size)
+        images = None
+    test_param = filter_net(evaluated, caffe_pb2.TEST, stages)
+    _absolute_evaluation_paths(test_param, prototxt.parent)
     weight_blobs = read_caffemodel(weights) if weights is not None else {}
     source = build_source(test_param, prototxt.parent, images)
     if source is None and need_source and not any(l.type == "Input" for l in test_param.layer):

@@ -85,12 +85,13 @@ def write_performance_model(args, model) -> Path:
 
 
 def run_calibration(args, options) -> int:
-    from calibrator.cli.common import image_folder_options
+    from calibrator.cli.common import detection_list_options, image_folder_options
     from calibrator.model import load_model, select_device
     from calibrator.quant.calibrate import calibrate
 
     started = time.time()
     model = load_model(args.model, args.weights, images=image_folder_options(args),
+                       detection_list=detection_list_options(args),
                        device=select_device(args.gpu))
     if args.performance_model:
         path = write_performance_model(args, model)

@@ -94,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
             for note in result.notes:
                 print(f"- {note}")
         report["load_average_end"] = _load()
+        busy = max(loads[0] if loads else 0.0
+                   for loads in (report["load_average_start"], report["load_average_end"]))
+        cpus = report["machine"]["cpus_usable"] or 1
+        if busy > cpus:
+            print(f"\nwarning: load average reached {busy:g} on {cpus} CPU(s) (other processes "
+                  "compete for the CPUs): the timings are unreliable, rerun on an idle machine")
         atomic_write(args.out, json.dumps(report, indent=2) + "\n")
         print(f"\nwritten {args.out}")
         return 0

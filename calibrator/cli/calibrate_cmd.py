@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import argparse
 
-from calibrator.cli.common import add_device_options, add_image_folder_options
+from calibrator.cli.common import add_detection_list_options, add_device_options, \
+    add_image_folder_options
 
 INTEL_FLAGS_HELP = "Intel calibrator.py flags (same names and defaults)"
 
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--debug", action="store_true", help="traceback on errors")
     add_device_options(ours)
     add_image_folder_options(parser)
+    add_detection_list_options(parser)
     return parser
 
 

@@ -28,7 +28,33 @@ def add_image_folder_options(parser: argparse.ArgumentParser) -> None:
                        help="batch size for --images (default: the Input shape's batch)")
 
 
+def add_detection_list_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "deploy detectors without a data layer",
+        "evaluate a deploy net ending in DetectionOutput on a create_annoset-style list "
+        "(lines 'IMAGE XML', Pascal VOC boxes): adds the data and DetectionEvaluate layers "
+        "in memory; preprocessing from --mean/--norm/--size")
+    group.add_argument("--det-list", metavar="LIST", help="list of 'image annotation.xml' lines")
+    group.add_argument("--labelmap", metavar="PROTOTXT", help="Caffe-SSD LabelMap")
+    group.add_argument("--name-size", metavar="FILE",
+                       help="'NAME HEIGHT WIDTH' lines: compare boxes in original pixels")
+
+
+def detection_list_options(args):
+    from calibrator.errors import CalibratorError
+    from calibrator.model import DetectionListOptions
+
+    if not getattr(args, "det_list", None):
+        return None
+    if not args.labelmap:
+        raise CalibratorError("--det-list needs --labelmap")
+    return DetectionListOptions(args.det_list, args.labelmap, args.name_size)
+
+
 def image_folder_options(args) -> ImageFolderOptions | None:
+    if getattr(args, "det_list", None):  # preprocessing for the detection list
+        return ImageFolderOptions("", tuple(args.mean), args.norm,
+                                  tuple(args.size) if args.size else None, args.batch_size)
     if not getattr(args, "images", None):
         return None
     return ImageFolderOptions(args.images, tuple(args.mean), args.norm,

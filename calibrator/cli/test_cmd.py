@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from calibrator.cli.common import add_device_options, add_image_folder_options, \
-    image_folder_options
+from calibrator.cli.common import add_detection_list_options, add_device_options, \
+    add_image_folder_options, detection_list_options, image_folder_options
 
 
 def add_parser(subparsers) -> None:
@@ -26,6 +26,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_device_options(parser)
     add_image_folder_options(parser)
+    add_detection_list_options(parser)
     parser.set_defaults(run=run)
 
 
@@ -37,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from calibrator.quant.simulate import Int8Simulator
 
     model = load_model(args.model, args.weights, images=image_folder_options(args),
+                       detection_list=detection_list_options(args),
                        device=select_device(args.gpu))
     overrides = None
     if has_quantization(model.test_param):  # an INT8 prototxt: simulate what it describes

@@ -41,7 +41,6 @@ Two sources, chosen by ``data_param.source``:
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import cv2
@@ -54,8 +53,6 @@ from calibrator.data.paths import looked_in, resolve_path
 from calibrator.data.sources import DataSource, register
 from calibrator.data.transform import Transform, warn_legacy_fields, _has
 from calibrator.errors import CalibratorError, LayerError
-
-log = logging.getLogger(__name__)
 
 F32 = np.float32
 _BBOX = 0  # AnnotatedDatum.AnnotationType.BBOX
@@ -348,8 +345,9 @@ class AnnotatedListSource(_AnnotatedBatches, DataSource):
             found = resolve_path(name, self._base_dir)
             if found is None:
                 raise self.error(f"{self._describe(sample)}: {name} not found (looked in "
-                                 f"{self._list_path.parent} and "
-                                 f"{looked_in(name, self._base_dir)[10:]})")
+                                 f"{path}, {Path(self._base_dir) / name} and "
+                                 f"{Path.cwd() / name}; set image_data_param.root_folder "
+                                 "if the list's paths start elsewhere)")
             return found
         joined = self._root + name  # Caffe concatenates root_folder and the name
         found = resolve_path(joined, self._base_dir)

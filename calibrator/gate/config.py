@@ -261,13 +261,13 @@ def _metric(data, where: str, base: Path, default: float, relative: bool) -> Met
     kind = r.get("kind", str, "auto")
     if kind not in KINDS:
         raise CalibratorError(f"{r.at('kind')}: '{kind}' is not one of {', '.join(KINDS)}")
-    threshold = r.get("threshold", float, None)
     rel = r.get("relative", bool, None)
-    if isinstance(r.data.get("threshold"), str):  # "1%"
+    threshold = None
+    if isinstance(r.data.get("threshold"), str):  # "1%" (or "0.01")
         threshold, rel = parse_threshold(r.data["threshold"], r.at("threshold"),
                                          relative if rel is None else rel)
-    elif threshold is not None:
-        threshold, _ = parse_threshold(str(threshold), r.at("threshold"))
+    elif r.get("threshold", float, None) is not None:
+        threshold, _ = parse_threshold(str(r.data["threshold"]), r.at("threshold"))
     margin, margin_rel = None, False
     if "baseline_margin" in r.data:
         margin, margin_rel = parse_threshold(str(r.data["baseline_margin"]),

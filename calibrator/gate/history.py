@@ -95,7 +95,7 @@ def plot_history(runs: list[dict], path: str | os.PathLike) -> dict[str, dict[st
     import matplotlib.pyplot as plt
 
     data = series(runs)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(runs) + 4), 4.5))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(runs) + 4) + 4.0, 4.5))
     colors = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
     for index, (label, s) in enumerate(sorted(data.items())):
         color = colors[index % len(colors)]
@@ -114,7 +114,7 @@ def plot_history(runs: list[dict], path: str | os.PathLike) -> dict[str, dict[st
         ax.set_xticks(ticks[::step], [f"{t}\n{str(runs[t - 1].get('timestamp', ''))[:10]}"
                                       for t in ticks[::step]], fontsize=7)
     if data:
-        ax.legend(fontsize=7, loc="best")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     buffer = io.BytesIO()

@@ -1,6 +1,8 @@
 """``--junit FILE``: the gate's verdicts as JUnit XML, the format CI servers read.
 
-Layout (valid against the common junit-4 schema that Jenkins, GitLab and others accept)::
+Layout (valid against the common junit-4 schema that Jenkins, GitLab and others accept;
+testcases carry only their ``<failure>`` and each suite its ``<properties>``,
+``<system-out>`` and ``<system-err>``, as Ant's stricter JUnit.xsd also wants)::
 
     <testsuites name="calibrator gate" tests= failures= errors="0" time=>
       <testsuite name="MODEL/INT8" tests= failures= errors="0" skipped="0" time= timestamp=
@@ -8,8 +10,9 @@ Layout (valid against the common junit-4 schema that Jenkins, GitLab and others 
         <properties><property name= value=/>...</properties>
         <testcase classname="MODEL.INT8" name="METRIC" time=>
           <failure message= type="AccuracyDrop">details</failure>   (only when it failed)
-          <system-out>FP32 ..., INT8 ..., drop ...</system-out>
         </testcase>
+        <system-out>per metric: FP32 ..., INT8 ..., drop ...</system-out>
+        <system-err/>
       </testsuite>
     </testsuites>
 
@@ -77,8 +80,8 @@ def build_junit(result: GateResult) -> ET.Element:
                     failure = ET.SubElement(element, "failure", message=case.failures[0],
                                             type=_failure_type(case))
                     failure.text = "\n".join(case.failures)
-                out = ET.SubElement(element, "system-out")
-                out.text = _summary(case)
+            ET.SubElement(suite, "system-out").text = "\n".join(_summary(c) for c in cases)
+            ET.SubElement(suite, "system-err")
             total_tests += len(cases)
             total_failures += candidate.failures
             total_time += suite_time

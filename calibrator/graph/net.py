@@ -208,6 +208,19 @@ class CaffeNet(torch.nn.Module):
                 last[bottom] = node.index
         return last
 
+    def _needed(self, wanted: frozenset) -> set[int]:
+        """Indices of the nodes the ``wanted`` blobs depend on (the rest need not run)."""
+        cache = self.__dict__.setdefault("_needed_cache", {})
+        if wanted not in cache:
+            needed, pending = set(), set(wanted)
+            for node in reversed(self.nodes):
+                if pending & set(node.tops):
+                    needed.add(node.index)
+                    pending -= set(node.tops)
+                    pending |= set(node.bottoms)
+            cache[wanted] = needed
+        return cache[wanted]
+
     # -- queries -----------------------------------------------------------------------------
     def node(self, name: str) -> Node:
         for node in self.nodes:
@@ -240,6 +253,9 @@ class CaffeNet(torch.nn.Module):
         wanted = set(self.output_names if outputs is None else outputs)
         blobs = dict(feeds)
         nodes = self.nodes[start:stop]
+        if outputs is not None and hook is None and not keep_all:
+            needed = self._needed(frozenset(wanted))
+            nodes = [n for n in nodes if n.index in needed]
         for node in nodes:
             override = overrides.get(node.index) if overrides else None
             try:

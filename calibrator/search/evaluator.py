@@ -99,6 +99,7 @@ class Evaluator:
             return EvalResult(stored["metric"], per_sample, stored["seconds"], cached=True)
         started = time.time()
         outcomes = []
+        self.metric.start(self.model.net)
         with torch.no_grad():
             for _, feeds in batches(self.model, self.iterations, desc=desc, quiet=self.quiet):
                 outputs = self.model.net(feeds, overrides=overrides,

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from calibrator.quant.scales import QuantPlan, with_choice
 from calibrator.search.adjust import Adjustment, adjust_layers
 from calibrator.search.evaluator import EvalResult, Evaluator
-from calibrator.search.sensitivity import make_probe, output_blob, rank_layers
+from calibrator.search.metric import AccuracyMetric
+from calibrator.search.sensitivity import make_probe, output_blobs, rank_layers
 
 ADJUST_WORST = 5
 PRUNE_EVALS = 2
@@ -222,8 +223,10 @@ class Search:
         feeds = next(iter(batches(self.model, 1, desc="probe", quiet=True)))[1]
         count = self.settings.probe_images
         feeds = {k: v[:count] if v.dim() and v.shape[0] > count else v for k, v in feeds.items()}
+        metric = self.evaluator.metric
         return make_probe(self.model.net, self.fused, feeds,
-                          output_blob(self.evaluator.metric, self.model.net))
+                          output_blobs(metric, self.model.net),
+                          classifier=isinstance(metric, AccuracyMetric))
 
 
 def evaluation_budget(units: int) -> int:

@@ -15,6 +15,7 @@ from calibrator.errors import CalibratorError
 class BatchOutcome:
     value: float                      # the metric blob of this batch
     per_sample: np.ndarray | None     # bool per sample (Accuracy) or None
+    extra: object = None              # what combine() needs beyond the value (mAP rows)
 
 
 class Metric:
@@ -24,6 +25,9 @@ class Metric:
 
     def outputs(self) -> list[str]:
         return [self.blob]
+
+    def start(self, net) -> None:
+        """Called before batch 0 of every full evaluation."""
 
     def read(self, outputs: dict[str, torch.Tensor]) -> BatchOutcome:
         return BatchOutcome(float(outputs[self.blob].float().mean()), None)

@@ -29,20 +29,25 @@ class Probe:
     """A subset of inputs with the FP32 activations at each unit's cut and FP32 outputs."""
 
     snapshots: dict          # unit name -> blobs live just before the unit's layer runs
-    reference: torch.Tensor  # FP32 output blob
-    output: str
+    reference: dict          # output blob -> FP32 value
+    outputs: list
+    classifier: bool = True  # compare as class scores (softmax KL), else by cosine
 
 
-def output_blob(metric, net) -> str:
-    """The blob the sensitivity compares: the scores under an Accuracy, else the metric's
-    own input blobs' first (the network head), else the metric blob."""
+def output_blobs(metric, net) -> list[str]:
+    """The blobs the sensitivity compares: the scores under an Accuracy; for detection the
+    raw heads (box offsets and class confidences before NMS, so every prior counts, not
+    only the few boxes that survive); else the metric blob."""
+    heads = getattr(metric, "heads", None)
+    if heads:
+        return list(heads)
     node = getattr(metric, "node", None)
     if node is not None and node.bottoms:
-        return node.bottoms[0]
-    return metric.blob
+        return [node.bottoms[0]]
+    return [metric.blob]
 
 
-def make_probe(net, fused, feeds: dict, output: str) -> Probe:
+def make_probe(net, fused, feeds: dict, outputs: list[str], classifier: bool = True) -> Probe:
     cut_nodes = {u.layer.index: u.name for u in fused.units}
     snapshots = {}
 
@@ -51,17 +56,19 @@ def make_probe(net, fused, feeds: dict, output: str) -> Probe:
         return node.module(*[blobs[b] for b in node.bottoms])
 
     with torch.no_grad():
-        outputs = net(feeds, outputs=[output],
-                      overrides={i: snapshot_then_run for i in cut_nodes})
-    return Probe(snapshots, outputs[output].detach(), output)
+        reference = net(feeds, outputs=outputs,
+                        overrides={i: snapshot_then_run for i in cut_nodes})
+    return Probe(snapshots, {k: v.detach() for k, v in reference.items()}, list(outputs),
+                 classifier)
 
 
-def divergence(reference: torch.Tensor, quantized: torch.Tensor) -> float:
+def divergence(reference: torch.Tensor, quantized: torch.Tensor,
+               classifier: bool = True) -> float:
     """Mean per-sample KL(softmax(ref) || softmax(q)) for (N, C[, ...]) scores; 1 - cosine
     for anything else."""
     ref = reference.double()
     q = quantized.double()
-    if ref.dim() >= 2 and ref.shape[0] > 0 and ref.shape[1] > 1 and ref.dim() <= 4:
+    if 2 <= ref.dim() <= 4 and ref.shape[0] > 0 and ref.shape[1] > 1 and classifier:
         p_log = torch.log_softmax(ref, dim=1)
         q_log = torch.log_softmax(q, dim=1)
         kl = (p_log.exp() * (p_log - q_log)).sum(1)
@@ -82,8 +89,9 @@ def probe_layer(net, fused, probe: Probe, plan: QuantPlan, name: str, layer=None
     simulator = Int8Simulator(fused, single_layer_plan(plan, name, layer))
     with torch.no_grad():
         outputs = net(probe.snapshots[name], start=unit.layer.index,
-                      overrides=simulator.overrides, outputs=[probe.output])
-    return divergence(probe.reference, outputs[probe.output])
+                      overrides=simulator.overrides, outputs=probe.outputs)
+    return sum(divergence(probe.reference[b], outputs[b], probe.classifier)
+               for b in probe.outputs)
 
 
 def rank_layers(net, fused, probe: Probe, plan: QuantPlan) -> dict[str, float]:

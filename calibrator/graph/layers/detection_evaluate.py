@@ -9,13 +9,16 @@ from AnnotatedData. Top ``(1, 1, num_classes - 1 + D', 5)``: one ``[-1, label, n
 
 With ``name_size_file`` the layer keeps Caffe's running image counter (which line of the file
 the next image is): call :meth:`DetectionEvaluate.reset` (or :func:`reset_state` on a net)
-before every pass that starts again at the first image. The file is opened as given, from
+before every pass that starts again at the first image, or :func:`seek_state` before a batch
+evaluated out of order. The file is opened as given, from
 the working directory, as Caffe does (an absolute path is safest). An all-zero ground-truth
 blob (the zeros the graph runs through layers to learn their shapes; real label blobs never
 are, Caffe rejects label 0 = background) leaves the counter untouched.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -43,6 +46,9 @@ class DetectionEvaluate(Layer):
                 raise self.error(f"{what} bottom must be (1, 1, N, {width}), got {shape}")
         sizes = None
         if p.HasField("name_size_file"):
+            if not os.path.isfile(p.name_size_file):
+                raise self.error(f"name_size_file {p.name_size_file} not found (opened from "
+                                 f"the working directory {os.getcwd()}, as Caffe does)")
             sizes = read_name_size(p.name_size_file)
             if not sizes:
                 raise self.error(f"name_size_file {p.name_size_file} holds no "
@@ -57,6 +63,13 @@ class DetectionEvaluate(Layer):
     def reset(self) -> None:
         """Start again at the first line of the name size file."""
         self.count = 0
+
+    def seek(self, image: int) -> None:
+        """Make the next image the ``image``-th of the stream (its name size line, modulo the
+        file's length): for evaluating batches out of order, ``seek(batch * batch_size)``
+        before each. Caffe's counter agrees as long as every image has a detection row."""
+        sizes = self.config.sizes
+        self.count = image % len(sizes) if sizes else 0
 
     def forward(self, detections: torch.Tensor, ground_truth: torch.Tensor):
         det = detections.detach().float().cpu().numpy().reshape(-1, 7)
@@ -75,6 +88,13 @@ def reset_state(net) -> None:
             node.module.reset()
 
 
+def seek_state(net, image: int) -> None:
+    """:meth:`DetectionEvaluate.seek` on every DetectionEvaluate layer of a CaffeNet."""
+    for node in getattr(net, "nodes", []):
+        if isinstance(node.module, DetectionEvaluate):
+            node.module.seek(image)
+
+
 def evaluation_outputs(net) -> list[str]:
     """The net outputs that DetectionEvaluate layers produce (feed them to
     :func:`calibrator.detection.map.detection_map`)."""
@@ -83,4 +103,4 @@ def evaluation_outputs(net) -> list[str]:
     return [name for name in net.output_names if name in tops]
 
 
-__all__ = ["DetectionEvaluate", "evaluation_outputs", "reset_state"]
+__all__ = ["DetectionEvaluate", "evaluation_outputs", "reset_state", "seek_state"]

@@ -1,0 +1,106 @@
+"""``calibrator verify``: the quantized net on ONNX Runtime's real INT8 CPU kernels, side by
+side with the simulation for each target."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from calibrator.cli.common import add_device_options, add_image_folder_options, \
+    image_folder_options
+
+
+def add_parser(subparsers) -> None:
+    from calibrator.quant.targets import COUNTERMEASURES, TARGET_NAMES
+
+    parser = subparsers.add_parser(
+        "verify", help="run the quantized net on ONNX Runtime's INT8 kernels and compare "
+                       "with the simulation",
+        description="Export a quantized prototxt (layers carrying quantization_param) as an "
+                    "ONNX QDQ model with exactly its scales, run it with ONNX Runtime's CPU "
+                    "kernels on N TEST batches and print, side by side, the metric of the "
+                    "simulation for each target, of ORT, and their top-1 agreement.")
+    parser.add_argument("-m", "--model", required=True, metavar="PROTOTXT",
+                        help="quantized network with a TEST data layer (or --images)")
+    parser.add_argument("-w", "--weights", required=True, metavar="CAFFEMODEL",
+                        help="FP32 weights, matched to layers by name")
+    parser.add_argument("-i", "--iterations", type=int, default=10, metavar="N",
+                        help="TEST batches (default 10)")
+    parser.add_argument("--targets", default="vnni,avx2", metavar="LIST",
+                        help=f"simulation targets, comma-separated ({', '.join(TARGET_NAMES)}; "
+                             "default vnni,avx2)")
+    parser.add_argument("--export-onnx", metavar="FILE", help="also write the ONNX model")
+    parser.add_argument("--ort-command", metavar="PREFIX",
+                        help="run ONNX Runtime through this command prefix, e.g. "
+                             "'qemu-x86_64 -cpu Haswell' for an AVX2 CPU without VNNI")
+    parser.add_argument("--threads", type=int, metavar="N", help="ORT intra-op threads")
+    parser.add_argument("--layers", type=int, default=0, metavar="IMAGES",
+                        help="per-layer output differences on this many images (0: off)")
+    parser.add_argument("--speed", action="store_true",
+                        help="time ORT INT8 against the FP32 ONNX model (one batch)")
+    parser.add_argument("--residual", choices=("requant", "float"), default="requant",
+                        help="convs that absorbed an Eltwise SUM: quantize the conv output "
+                             "before the add so ORT runs a QLinearConv (requant), or keep "
+                             "the simulation's float add (float: the conv runs in FP32)")
+    parser.add_argument("--countermeasure", choices=tuple(COUNTERMEASURES), metavar="FIX",
+                        help="apply a saturation counter-measure to the layers that can "
+                             f"saturate on --fix-target ({', '.join(COUNTERMEASURES)})")
+    parser.add_argument("--fix-target", default="avx2", metavar="TARGET",
+                        help="target whose saturating layers --countermeasure changes")
+    parser.add_argument("--no-fp32", action="store_true", help="skip the FP32 run")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--quiet", action="store_true", help="no progress messages")
+    add_device_options(parser)
+    add_image_folder_options(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from calibrator.errors import CalibratorError
+    from calibrator.model import load_model, select_device
+    from calibrator.quant import targets
+    from calibrator.quant.fusion import analyze
+    from calibrator.quant.params import from_proto, has_quantization
+    from calibrator.quant.simulate import Int8Simulator
+    from calibrator.verify.onnx_export import build_onnx, export_onnx
+    from calibrator.verify.run import format_report, result_record, verify
+
+    names = [t.strip() for t in args.targets.split(",") if t.strip()]
+    for name in names:
+        try:
+            targets.get_target(name)
+        except ValueError as exc:
+            raise CalibratorError(f"--targets: {exc}") from None
+    model = load_model(args.model, args.weights, images=image_folder_options(args),
+                       device=select_device(args.gpu))
+    if not has_quantization(model.test_param):
+        raise CalibratorError(f"{args.model}: no layer carries quantization_param (quantize "
+                              "it first: calibrator -m ... -w ... -q)")
+    fused = analyze(model.net, quantize_fc=True)
+    plan = from_proto(fused)
+    say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    if args.countermeasure:
+        sim = Int8Simulator(fused, plan)
+        affected = targets.saturating_layers(sim, args.fix_target)
+        for name in affected:
+            targets.apply_countermeasure(plan.layers[name], args.countermeasure)
+        say(f"--countermeasure {args.countermeasure}: {len(affected)} of {len(plan.layers)} "
+            f"layers can saturate on {args.fix_target}")
+    export = None
+    if args.export_onnx:
+        export = export_onnx(model, fused, plan, args.export_onnx, residual=args.residual)
+        say(f"ONNX model written: {args.export_onnx}")
+    else:
+        export = build_onnx(model.net, fused, plan, residual=args.residual)
+    result = verify(model, fused, plan, iterations=args.iterations, target_names=names,
+                    ort_command=args.ort_command, layer_images=args.layers, speed=args.speed,
+                    residual=args.residual, fp32=not args.no_fp32, threads=args.threads,
+                    quiet=args.quiet, say=say, export=export)
+    print(format_report(result))
+    if args.json:
+        import json
+
+        from calibrator.fileio import atomic_write
+
+        atomic_write(args.json, json.dumps(result_record(result), indent=1).encode())
+    return 0

@@ -1,0 +1,171 @@
+"""ONNX export of a quantized net and ONNX Runtime's real kernels against the simulation.
+
+The tiny net covers the exported layer kinds: a quantized first conv (s8 input) with folded
+BatchNorm/Scale and ReLU, a depthwise conv, ReLU6, a conv that absorbs an Eltwise residual,
+AVE pooling with Caffe's ceil-mode windows, MAX pooling, an FP32 InnerProduct, Softmax and an
+Accuracy layer (left to PyTorch). On this machine ORT must reproduce the simulation for the
+target ``auto`` detects: every INT8 unit output equal up to one quantum in at most 0.5% of the
+elements (ORT requantizes in float32, the simulation in float64), and the final
+probabilities within 1e-4."""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from calibrator.quant import targets  # noqa: E402
+from calibrator.quant.simulate import Int8Simulator  # noqa: E402
+from calibrator.verify import run as verify_run  # noqa: E402
+from calibrator.verify.onnx_export import build_onnx, export_onnx  # noqa: E402
+from calibrator.verify.ort_worker import make_session  # noqa: E402
+from tests.quant_helpers import (TinyNet, bn_scale_text, conv_text, input_text,  # noqa: E402
+                                 relu_text)
+
+TEXT = (input_text((4, 8, 8, 8))
+        + conv_text("c1", "data", "a", 16, 3) + bn_scale_text("c1", "a") + relu_text("r1", "a")
+        + conv_text("c2", "a", "b", 16, 3, "group: 16")
+        + 'layer { name: "r6" type: "ReLU6" bottom: "b" top: "b" }\n'
+        + conv_text("c3", "b", "c", 8, 1)
+        + 'layer { name: "add" type: "Eltwise" bottom: "c" bottom: "data" top: "d" }\n'
+        + conv_text("c4", "d", "e", 12, 1) + relu_text("r4", "e")
+        + conv_text("c5", "e", "g", 12, 3, "group: 12")
+        + 'layer { name: "pool" type: "Pooling" bottom: "g" top: "p" '
+          'pooling_param { pool: AVE kernel_size: 3 stride: 2 pad: 1 } }\n'
+        + 'layer { name: "mp" type: "Pooling" bottom: "p" top: "m" '
+          'pooling_param { pool: MAX kernel_size: 2 stride: 2 } }\n'
+        + 'layer { name: "fc" type: "InnerProduct" bottom: "m" top: "f" '
+          'inner_product_param { num_output: 10 } }\n'
+        + 'layer { name: "prob" type: "Softmax" bottom: "f" top: "prob" }\n')
+
+DIFFERING_LIMIT = 0.005
+PROB_TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    net = TinyNet(TEXT, seed=3)
+    net.calibrate(first_conv=True, per_channel=True)
+    return net
+
+
+def _sim(tiny, target, feeds, capture_units=()):
+    sim = Int8Simulator(tiny.fused, tiny.plan)
+    targets.apply_target(sim, target)
+    last = {tiny.fused.by_name[n].last.index: n for n in capture_units}
+    captured = {}
+
+    def hook(node, tops):
+        if node.index in last:
+            captured[last[node.index]] = tops[0].double().numpy()
+
+    with torch.no_grad():
+        out = tiny.net(feeds, overrides=sim.overrides, hook=hook)
+    return out, captured
+
+
+def test_export_passes_the_checker_and_covers_the_net(tiny, tmp_path):
+    model = types.SimpleNamespace(net=tiny.net)
+    result = export_onnx(model, tiny.fused, tiny.plan, tmp_path / "tiny.onnx")
+    assert (tmp_path / "tiny.onnx").exists()
+    onnx.checker.check_model(onnx.load(str(tmp_path / "tiny.onnx")))
+    assert not result.left_out
+    assert list(result.outputs.values()) == [(tiny.net.node("prob").index, "prob")]
+    ops = [n.op_type for n in result.model.graph.node]
+    assert ops.count("QuantizeLinear") >= 4 and "Conv" in ops and "Gemm" in ops
+    inits = {i.name: i for i in result.model.graph.initializer}
+    c1 = tiny.plan.layers["c1"]
+    scale = onnx.numpy_helper.to_array(inits["c1:in:scale"])
+    assert scale == np.float32(1 / c1.scale_in)
+    w_scale = onnx.numpy_helper.to_array(inits["c1:Ws"])
+    np.testing.assert_allclose(w_scale, 1 / np.array(c1.scale_params), rtol=1e-7)
+    assert onnx.numpy_helper.to_array(inits["c1:Bq"]).dtype == np.int32
+    assert onnx.numpy_helper.to_array(inits["c1:in:zp"]) == 128  # s8 input as u8 + 128
+
+
+def test_ort_fuses_real_int8_kernels(tiny, tmp_path):
+    result = build_onnx(tiny.net, tiny.fused, tiny.plan, residual="requant")
+    path = tmp_path / "optimized.onnx"
+    make_session(result.model.SerializeToString(), optimized_path=str(path))
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("QLinearConv") >= 3
+
+
+@pytest.mark.parametrize("residual", ["float", "requant"])
+def test_ort_agrees_with_the_simulation_of_this_cpu(tiny, residual):
+    target = targets.detect_target()
+    result = build_onnx(tiny.net, tiny.fused, tiny.plan, residual=residual, unit_outputs=True)
+    session = make_session(result.model.SerializeToString())
+    names = [o.name for o in session.get_outputs()]
+    for feeds in tiny.batches:
+        values = dict(zip(names, session.run(names, {"data": feeds["data"].numpy()})))
+        out, captured = _sim(tiny, target, feeds, result.unit_outputs)
+        for unit, (q, scale_out, zp, _) in result.unit_outputs.items():
+            if residual == "requant" and unit in ("c3", "c4"):
+                continue  # c3 rounds before its add; c4 reads that
+            delta = np.abs((values[q].astype(np.float64) - zp)
+                           - np.round(captured[unit] * scale_out))
+            assert delta.max() <= 1, unit
+            assert np.mean(delta > 0) <= DIFFERING_LIMIT, unit
+        prob = values[next(iter(result.outputs))]
+        tolerance = PROB_TOLERANCE if residual == "float" else 0.05
+        np.testing.assert_allclose(prob, out["prob"].numpy(), atol=tolerance)
+
+
+def test_fp32_export_matches_the_caffe_net(tiny):
+    result = build_onnx(tiny.net, tiny.fused, None)
+    session = make_session(result.model.SerializeToString())
+    for feeds in tiny.batches:
+        prob = session.run(None, {"data": feeds["data"].numpy()})[0]
+        with torch.no_grad():
+            want = tiny.net(feeds)["prob"].numpy()
+        np.testing.assert_allclose(prob, want, atol=1e-5)
+
+
+ACCURACY_TEXT = (TEXT.replace(input_text((4, 8, 8, 8)), "")
+                 + 'layer { name: "acc" type: "Accuracy" bottom: "f" bottom: "label" '
+                   'top: "accuracy" }\n')
+
+
+class _Source:
+    def __init__(self, batches):
+        self.batches = batches
+        self.batch_size = 4
+
+    def prefetch(self, n):
+        return None
+
+    def batch(self, index):
+        return self.batches[index]
+
+
+def test_verify_runs_left_out_layers_in_pytorch():
+    text = (input_text((4, 8, 8, 8)) + input_text((4,), "label").replace('"input"', '"lab"')
+            + ACCURACY_TEXT)
+    rng = np.random.default_rng(0)
+    batches = [{"data": rng.normal(0, 1, (4, 8, 8, 8)).astype(np.float32),
+                "label": rng.integers(0, 10, 4).astype(np.float32)} for _ in range(2)]
+    tiny = TinyNet(text, seed=3, batches=batches)
+    tiny.calibrate(first_conv=True, per_channel=True)
+    param = tiny.net_param
+    model = types.SimpleNamespace(net=tiny.net, test_param=param, device=torch.device("cpu"),
+                                  source=_Source(tiny.batches), prototxt="tiny")
+    result = verify_run.verify(model, tiny.fused, tiny.plan, iterations=2,
+                               target_names=("vnni", "avx2"), quiet=True, residual="float",
+                               layer_images=2, speed=True)
+    assert [entry.split(" ")[0] for entry in result.export.left_out] == ["acc"]
+    assert set(result.metrics) == {"fp32", "sim:vnni", "sim:avx2", "ort"}
+    assert result.score_blob == "f" and result.images == 8
+    own = "sim:" + targets.detect_target()
+    if own in result.agreement:
+        assert result.agreement[own] == 1.0
+        assert result.metrics[own]["accuracy"] == result.metrics["ort"]["accuracy"]
+    assert result.speed["int8"] > 0 and result.speed["fp32"] > 0
+    assert set(result.layers) == {"vnni", "avx2"}
+    report = verify_run.format_report(result)
+    assert "ORT real kernels" in report and "accuracy" in report
