@@ -47,6 +47,10 @@ def add_parser(subparsers) -> None:
                              f"saturate on --fix-target ({', '.join(COUNTERMEASURES)})")
     parser.add_argument("--fix-target", default="avx2", metavar="TARGET",
                         help="target whose saturating layers --countermeasure changes")
+    parser.add_argument("--all-int8", action="store_true",
+                        help="targets simulate every quantized layer with INT8 kernels, also "
+                             "those ORT runs in float (FP32 outputs): what an INT8 runtime "
+                             "such as Intel Caffe computes, rather than the ONNX graph")
     parser.add_argument("--no-fp32", action="store_true", help="skip the FP32 run")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress messages")
@@ -95,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     result = verify(model, fused, plan, iterations=args.iterations, target_names=names,
                     ort_command=args.ort_command, layer_images=args.layers, speed=args.speed,
                     residual=args.residual, fp32=not args.no_fp32, threads=args.threads,
-                    quiet=args.quiet, say=say, export=export)
+                    quiet=args.quiet, say=say, export=export, as_exported=not args.all_int8)
     print(format_report(result))
     if args.json:
         import json

@@ -143,7 +143,8 @@ def build_plan(fused: FusedGraph, stats: dict, options: QuantOptions,
         # that comes from another FP32 layer is u8 only if it was never negative.
         producers, others = fused.upstream_units(unit.input)
         unsigned = all(p.output_unsigned for p in producers)
-        unsigned = unsigned and all(stats[r.key].unsigned for r in others)
+        # an FP32 tensor on the way (data, a standalone BatchNorm...): judge the input itself
+        unsigned = unsigned and (not others or stats[unit.input.key].unsigned)
         force_u8 = options.force_u8 and unit is first
         if unit is first and options.first_conv and not force_u8:
             unsigned = False  # Intel: the first conv takes s8 input

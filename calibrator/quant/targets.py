@@ -107,6 +107,8 @@ class Target:
     pair_saturation: bool = False     # VPMADDUBSW pairs saturating to int16
     s8_input: str = "shift"           # "shift" (MLAS, oneDNN GEMM) or "halve" (oneDNN conv)
     operand_bits: int | None = None   # int7: clamp operands to this width
+    #: units accumulated exactly whatever the target (e.g. those a runtime runs in float)
+    skip: frozenset = frozenset()
     #: when set, per-layer saturation counts are added here (see ``SaturationRecord``)
     record: dict | None = field(default=None, repr=False, compare=False)
 
@@ -115,6 +117,8 @@ class Target:
         return not self.pair_saturation and self.operand_bits is None
 
     def accumulate(self, kernel, q_in: torch.Tensor) -> torch.Tensor:
+        if kernel.unit.name in self.skip:
+            return kernel.exact_accumulate(q_in)
         if self.operand_bits is not None:
             return _accumulate_narrow(kernel, q_in, self.operand_bits)
         if not self.pair_saturation:

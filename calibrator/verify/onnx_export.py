@@ -68,6 +68,9 @@ class ExportResult:
     unit_outputs: dict[str, tuple] = field(default_factory=dict)
     #: unit name -> (ONNX name of its quantized output, our scale_out, zero point, is int8)
     left_out: list[str] = field(default_factory=list)   # "layer (type)" run in PyTorch
+    #: quantized units ORT cannot fuse into an INT8 kernel (no Q right after the conv): it
+    #: runs them as float convs on dequantized int8 values, so they never saturate
+    float_units: set[str] = field(default_factory=set)
     notes: list[str] = field(default_factory=list)
     path: Path | None = None
 
@@ -101,6 +104,7 @@ class _Exporter:
         self.left_out: list[str] = []
         self.notes: list[str] = []
         self.unit_outputs: dict[str, tuple] = {}
+        self.float_units: set[str] = set()
         self.inputs: list[str] = []
 
     # -- naming and emission ---------------------------------------------------------------
@@ -260,6 +264,8 @@ class _Exporter:
         y = self.conv_out[unit.name]
         lq = self.plan.layers.get(unit.name) if self.plan is not None else None
         hint = unit.name
+        if lq is not None and not self.fuses(unit, lq):
+            self.float_units.add(unit.name)
         if unit.eltwise is not None:
             residual = self.ref_name(unit.residual)
             if lq is not None and self.residual == "requant":
@@ -272,6 +278,7 @@ class _Exporter:
                     _, y, _ = self.qdq(y, mid, False, f"{hint}:mid", lq.bits)
                 else:
                     self.notes.append(f"{unit.name}: no output threshold, residual conv in FP32")
+                    self.float_units.add(unit.name)
             y = self.emit("Add", [y, residual], f"{hint}:add")[0]
         if unit.relu is not None:
             slope = unit.relu_slope
@@ -282,6 +289,14 @@ class _Exporter:
             signed_int8 = not lq.output_unsigned and self.signed_type == "int8"
             self.unit_outputs[unit.name] = (q, lq.scale_out, zp, signed_int8)
         self.names[(last.index, unit.output.name)] = y
+
+    def fuses(self, unit: FusedUnit, lq) -> bool:
+        """Whether a QuantizeLinear follows the conv (ORT's condition for an INT8 kernel): the
+        mid Q of a residual unit, or the output Q after nothing or a Relu (which ORT folds
+        into a zero-point-0 Q); a LeakyRelu or an FP32 output leaves the conv in float."""
+        if unit.eltwise is not None:
+            return self.residual == "requant"
+        return lq.output_int8 and (unit.relu is None or not unit.relu_slope)
 
     # -- plain layers (each returns the ONNX names of its tops) ------------------------
     def op_ReLU(self, node, x):
@@ -504,8 +519,9 @@ class _Exporter:
                                   self.initializers)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                                   producer_name="calibrator", ir_version=IR_VERSION)
-        return ExportResult(model, inputs, outputs, exported, dict(self.unit_outputs),
-                            list(self.left_out), list(self.notes))
+        return ExportResult(model, inputs, outputs, exported,
+                            unit_outputs=dict(self.unit_outputs), left_out=list(self.left_out),
+                            float_units=set(self.float_units), notes=list(self.notes))
 
 
 def build_onnx(net, fused: FusedGraph, plan: QuantPlan | None, *, residual: str = "requant",
