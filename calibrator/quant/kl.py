@@ -55,12 +55,14 @@ def merge_and_expand(hist: torch.Tensor, candidates: torch.Tensor, levels: int) 
     return spread * nonzero
 
 
-def clip_with_tail(hist: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-    """P for every candidate: the first ``i`` bins, the tail mass added to bin ``i - 1``."""
-    bins = hist.numel()
-    k = torch.arange(bins, device=hist.device)
+def clip_with_tail(hist: torch.Tensor, candidates: torch.Tensor,
+                   width: int | None = None) -> torch.Tensor:
+    """P for every candidate: the first ``i`` bins, the tail mass added to bin ``i - 1``
+    (rows ``width`` bins wide, enough for the largest candidate; default all bins)."""
+    width = hist.numel() if width is None else width
+    k = torch.arange(width, device=hist.device)
     i = candidates.to(torch.int64).unsqueeze(1)
-    p = hist.unsqueeze(0) * (k.unsqueeze(0) < i)
+    p = hist[:width].unsqueeze(0) * (k.unsqueeze(0) < i)
     suffix = torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0])  # sum of hist[k:]
     tail = torch.cat([suffix, suffix.new_zeros(1)])[candidates.to(torch.int64)]
     p.scatter_add_(1, i - 1, tail.unsqueeze(1))
@@ -76,21 +78,29 @@ def smooth(dist: torch.Tensor, valid: torch.Tensor, eps: float = SMOOTH_EPS) -> 
     return dist + eps * zeros - (eps * n_zero / n_nonzero) * nonzeros
 
 
-def kl_divergences(hist: torch.Tensor, levels: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """(candidates, KL per candidate) for a histogram of ``NUM_BINS`` counts."""
+def kl_divergences(hist: torch.Tensor, levels: int = 128,
+                   chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """(candidates, KL per candidate) for a histogram of ``NUM_BINS`` counts.
+
+    Candidates go in chunks whose rows are only as wide as their largest candidate: the
+    bins past ``i`` take no part in candidate ``i``, so this halves the work."""
     hist = hist.to(torch.float64)
     bins = hist.numel()
     candidates = torch.arange(levels, bins, device=hist.device)
-    valid = torch.arange(bins, device=hist.device).unsqueeze(0) < candidates.unsqueeze(1)
-    p = smooth(clip_with_tail(hist, candidates), valid)
-    q = smooth(merge_and_expand(hist, candidates, levels), valid)
-    p = p / p.sum(1, keepdim=True).clamp(min=1e-300)
-    q = q / q.sum(1, keepdim=True).clamp(min=1e-300)
-    usable = valid & (p > 0)
-    ratio = torch.where(usable & (q > 0), p / q.clamp(min=1e-300), torch.ones_like(p))
-    terms = torch.where(usable, p * torch.log(ratio), torch.zeros_like(p))
+    divergences = []
+    for part in candidates.split(chunk):
+        width = int(part[-1])
+        valid = torch.arange(width, device=hist.device).unsqueeze(0) < part.unsqueeze(1)
+        p = smooth(clip_with_tail(hist, part, width), valid)
+        q = smooth(merge_and_expand(hist[:width], part, levels), valid)
+        p = p / p.sum(1, keepdim=True).clamp(min=1e-300)
+        q = q / q.sum(1, keepdim=True).clamp(min=1e-300)
+        usable = valid & (p > 0)
+        ratio = torch.where(usable & (q > 0), p / q.clamp(min=1e-300), torch.ones_like(p))
+        divergences.append(torch.where(usable, p * torch.log(ratio),
+                                       torch.zeros_like(p)).sum(1))
     # q == 0 where p > 0 cannot happen after smoothing unless a row is all zero
-    return candidates, terms.sum(1)
+    return candidates, torch.cat(divergences)
 
 
 def kl_threshold(hist: torch.Tensor, absmax: float, levels: int = 128) -> float:
