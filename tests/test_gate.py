@@ -109,8 +109,9 @@ def tiny(tmp_path_factory):
     assert len(set(labels.tolist())) >= 4, "the FP32 net must predict varied classes"
     (tmp / "list.txt").write_text("".join(f"{n} {l}\n" for n, l in zip(names, labels)))
     quantized = tmp / "tiny_q.prototxt"
-    assert main(["-m", str(prototxt), "-w", str(caffemodel), "-q", "-s", ITERS, "--quiet",
-                 "--output", str(quantized)]) == 0
+    # DIRECT (max) ranges: KL's threshold search would take most of this module's time
+    assert main(["-m", str(prototxt), "-w", str(caffemodel), "-q", "-s", ITERS, "-a", "DIRECT",
+                 "--quiet", "--output", str(quantized)]) == 0
     text = quantized.read_text()
     assert "quantization_param" in text
     return tmp, prototxt, caffemodel, quantized
@@ -446,3 +447,38 @@ def test_yaml_config_needs_pyyaml(tiny, tmp_path, capsys):
                         f"    int8: [{quantized}]\n    iterations: {ITERS}\n"
                         f"    threshold: 0.15\n")
         assert gate("--config", path, "--quiet") == 0
+
+
+# -- a real detector: res10 SSD's mAP on the pseudo-labelled faces -------------------------
+
+@pytest.mark.slow
+def test_res10_detection_map_gate(shared, tmp_path):
+    """The deploy detector wrapped with the --det-list data and DetectionEvaluate layers,
+    FP32 and INT8 alike; the metric is the mAP over all batches."""
+    model = shared / "models/res10_ssd"
+    faces = shared / "data/faces-pseudo"
+    weights = model / "res10_300x300_ssd_iter_140000.caffemodel"
+    quantized = tmp_path / "res10_q.prototxt"
+    assert main(["-m", str(model / "deploy.prototxt"), "-w", str(weights), "-q", "-s", "1",
+                 "--images", str(faces / "images"), "--mean", "104", "177", "123",
+                 "--batch-size", "8", "--quiet", "--output", str(quantized)]) == 0
+    detection = ["--det-list", faces / "list.txt", "--labelmap", faces / "labelmap.prototxt",
+                 "--name-size", faces / "name_size.txt", "--mean", "104", "177", "123",
+                 "--size", "300", "300", "--batch-size", "8", "-i", "2", "--quiet"]
+    out = tmp_path / "r.json"
+    assert gate("-m", model / "deploy.prototxt", "-w", weights, quantized, *detection,
+                "-l", "10%", "--json", out) == 0
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["metric"] == "detection_eval" and result["kind"] == "map"
+    assert 0.5 < result["fp32"] <= 1.0 and abs(result["loss"]) <= 0.10
+    # scale_in x 10 on a middle convolution: the mAP collapses and the gate says so
+    text = quantized.read_text()
+    start = text.index('name: "layer_256_1_conv1"')
+    match = re.compile(r"scale_in: ([0-9.eE+-]+)").search(text, start)
+    broken = tmp_path / "res10_broken.prototxt"
+    broken.write_text(text[:match.start(1)] + repr(float(match.group(1)) * 10)
+                      + text[match.end(1):])
+    assert gate("-m", model / "deploy.prototxt", "-w", weights, broken, *detection,
+                "-l", "10%", "--json", out) == 1
+    (result,) = json.loads(out.read_text())["results"]
+    assert not result["passed"] and result["loss"] > 0.10

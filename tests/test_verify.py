@@ -10,6 +10,7 @@ probabilities within 1e-4."""
 
 from __future__ import annotations
 
+import shutil
 import types
 
 import numpy as np
@@ -169,3 +170,18 @@ def test_verify_runs_left_out_layers_in_pytorch():
     assert set(result.layers) == {"vnni", "avx2"}
     report = verify_run.format_report(result)
     assert "ORT real kernels" in report and "accuracy" in report
+
+
+@pytest.mark.skipif(shutil.which("qemu-x86_64") is None,
+                    reason="needs qemu-user (apt-get install qemu-user) to emulate AVX2")
+def test_avx2_simulation_matches_ort_on_an_emulated_haswell(tiny):
+    """ORT on a Haswell (AVX2, no VNNI) emulated by qemu-user: its MLAS kernels saturate the
+    int16 pair sums, and the avx2 target reproduces them bit for bit, where vnni does not."""
+    model = types.SimpleNamespace(net=tiny.net, device=torch.device("cpu"))
+    feeds = {"data": tiny.batches[0]["data"] * 2}
+    diffs = verify_run.layer_differences(
+        model, tiny.fused, tiny.plan, feeds, 4,
+        [targets.get_target("avx2"), targets.get_target("vnni")], "float",
+        "qemu-x86_64 -cpu Haswell", None)
+    assert all(d.differing == 0 for d in diffs["avx2"])
+    assert any(d.differing > 0 for d in diffs["vnni"])

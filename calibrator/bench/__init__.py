@@ -39,6 +39,7 @@ class Context:
     gpu: int | None = None
     repeat: int = 3
     quiet: bool = False
+    threads: int | None = None  # --threads: CPU threads for every library (None: defaults)
 
     def log(self, message: str) -> None:
         if not self.quiet:

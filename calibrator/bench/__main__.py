@@ -25,6 +25,9 @@ def build_parser(sections) -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true", help="no progress messages")
     parser.add_argument("--repeat", type=int, default=3, metavar="N",
                         help="timed passes per measurement (default 3; median and best kept)")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="CPU threads for torch and OpenCV alike (default: each library's "
+                             "own default; 1 gives stable figures on a busy machine)")
     parser.add_argument("--section", action="append", choices=list(sections), metavar="NAME",
                         help=f"run only this section (repeatable; default all: "
                              f"{', '.join(sections)})")
@@ -46,6 +49,7 @@ def machine_info(ctx) -> dict:
         "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
         "opencv": cv2.__version__, "opencv_threads": cv2.getNumThreads(),
         "numpy": np.__version__, "device": str(ctx.device),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
     }
     if ctx.device.type == "cuda":
         info["gpu_name"] = torch.cuda.get_device_name(ctx.device)
@@ -75,8 +79,17 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.repeat < 1:
             raise CalibratorError(f"--repeat must be at least 1, got {args.repeat}")
+        if args.threads is not None:
+            if args.threads < 1:
+                raise CalibratorError(f"--threads must be at least 1, got {args.threads}")
+            import cv2
+            import torch
+
+            torch.set_num_threads(args.threads)
+            cv2.setNumThreads(args.threads)
         ctx = Context(shared=find_shared(args.shared), device=select_device(args.gpu),
-                      gpu=args.gpu, repeat=args.repeat, quiet=args.quiet)
+                      gpu=args.gpu, repeat=args.repeat, quiet=args.quiet,
+                      threads=args.threads)
         report = {"started": datetime.datetime.now().isoformat(timespec="seconds"),
                   "machine": machine_info(ctx), "load_average_start": _load(), "sections": {}}
         for name in args.section or list(sections):

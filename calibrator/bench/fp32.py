@@ -154,6 +154,8 @@ def _cli_wall_time(ctx: Context, files) -> dict:
         command += ["--gpu", str(ctx.gpu)]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    if ctx.threads is not None:
+        env["OMP_NUM_THREADS"] = str(ctx.threads)  # torch's intra-op threads
     start = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start

@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="quantized prototxt path (default <model>_quantized.prototxt)")
     ours.add_argument("--table", metavar="FILE", help="also write an ncnn calibration table")
     ours.add_argument("--json", metavar="FILE", help="also write every scale and statistic")
+    ours.add_argument("--metric", choices=("blob", "agreement"), default="blob",
+                      help="blob: the -n blob (Accuracy / DetectionEvaluate); agreement: "
+                           "top-1 agreement of INT8 with FP32 on the class scores (-n names "
+                           "the scores blob), for data without labels")
     ours.add_argument("--relative", action="store_true", help="-l is a relative drop")
     ours.add_argument("--strategy", choices=("bisect", "intel"), default="bisect",
                       help="bisect: rank layers by sensitivity, adjust the worst, bisect the "

@@ -14,11 +14,15 @@ Evaluate an FP32 model and one or more INT8 prototxts (quantization_param, as wr
 drops by more than its threshold. Exit code 0: every check passed; 1: a check failed;
 2: bad input (one line on stderr).
 
-Metrics: -n BLOB[=LOSS[%%]] (repeat for several; default: every Accuracy and
+Metrics: -n BLOB[=LOSS[%]] (repeat for several; default: every Accuracy and
 DetectionEvaluate top, with -l). An Accuracy top or any other blob is averaged over the
 batches as `caffe test` does; a DetectionEvaluate top gives the mAP over all batches
 (11point); --agreement SCORES compares INT8 top-1 with FP32 top-1 per sample (label-free).
-LOSS is absolute (0.01 = one point) or relative to FP32 with a %% suffix or --relative.
+LOSS is absolute (0.01 = one point) or relative to FP32 with a % suffix or --relative.
+
+Deploy nets: --images DIR feeds the Input from a folder; --det-list LIST --labelmap
+PROTOTXT [--name-size FILE] scores a deploy detector (DetectionOutput) on 'IMAGE XML'
+lines (its mAP, top detection_eval), preprocessing from --mean/--norm/--size.
 
 Several models: --config FILE, a JSON file (YAML too when PyYAML is installed; it is not
 a dependency: pip install pyyaml) listing models, their INT8 prototxts, metrics and
@@ -69,10 +73,12 @@ def add_parser(subparsers) -> None:
     out.add_argument("--plot", metavar="FILE.png",
                      help="draw the --history runs (or this run alone) as a trend PNG")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or notes")
-    from calibrator.cli.common import add_device_options, add_image_folder_options
+    from calibrator.cli.common import (add_detection_list_options, add_device_options,
+                                       add_image_folder_options)
 
     add_device_options(parser)
     add_image_folder_options(parser)
+    add_detection_list_options(parser)
     parser.set_defaults(run=run)
 
 
@@ -81,9 +87,9 @@ def build_config(args):
     from pathlib import Path
 
     from calibrator.errors import CalibratorError
-    from calibrator.gate.config import (Candidate, ImagesSpec, ModelSpec, candidate_name,
-                                        parse_metric_arg, parse_threshold, read_config,
-                                        DEFAULT_ITERATIONS)
+    from calibrator.gate.config import (DEFAULT_ITERATIONS, Candidate, DetectionSpec,
+                                        GateConfig, ImagesSpec, ModelSpec, candidate_name,
+                                        parse_metric_arg, parse_threshold, read_config)
 
     if args.iterations is not None and args.iterations < 1:
         raise CalibratorError(f"-i/--iterations must be at least 1, got {args.iterations}")
@@ -91,7 +97,8 @@ def build_config(args):
         extra = [flag for flag, value in (("-m", args.model), ("-w", args.weights),
                                           ("INT8_PROTOTXT", args.int8), ("-n", args.metric),
                                           ("--agreement", args.agreement),
-                                          ("--images", args.images), ("--name", args.name))
+                                          ("--images", args.images), ("--name", args.name),
+                                          ("--det-list", args.det_list))
                  if value]
         if extra:
             raise CalibratorError(f"--config lists the models: drop {', '.join(extra)} (or "
@@ -121,11 +128,22 @@ def build_config(args):
     spec = ModelSpec(args.name or candidate_name(model), model, Path(args.weights),
                      candidates, args.iterations or DEFAULT_ITERATIONS, metrics, threshold,
                      relative)
-    if args.images:
-        spec.images = ImagesSpec(Path(args.images), tuple(args.mean), args.norm,
-                                 tuple(args.size) if args.size else None, args.batch_size)
-    from calibrator.gate.config import GateConfig
-
+    size = tuple(args.size) if args.size else None
+    if args.det_list:  # a deploy detector scored on a create_annoset-style list
+        if args.images:
+            raise CalibratorError("give --images or --det-list, not both")
+        if not args.labelmap:
+            raise CalibratorError("--det-list needs --labelmap")
+        for path, what in ((args.det_list, "--det-list"), (args.labelmap, "--labelmap"),
+                           (args.name_size, "--name-size")):
+            if path and not Path(path).is_file():
+                raise CalibratorError(f"{path}: {what} file not found")
+        spec.detection = DetectionSpec(Path(args.det_list), Path(args.labelmap),
+                                       Path(args.name_size) if args.name_size else None,
+                                       tuple(args.mean), args.norm, size, args.batch_size)
+    elif args.images:
+        spec.images = ImagesSpec(Path(args.images), tuple(args.mean), args.norm, size,
+                                 args.batch_size)
     return GateConfig([spec])
 
 

@@ -50,6 +50,8 @@ def fingerprint(feeds: dict[str, torch.Tensor]) -> str:
 class AgreementMetric(Metric):
     """Top-1 agreement of the evaluated configuration with FP32, per sample."""
 
+    class_scores = True
+
     def __init__(self, net, blob: str):
         if blob not in net.blob_shapes:
             raise CalibratorError(f"agreement: no blob '{blob}' in the TEST net")

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from calibrator.quant.scales import QuantPlan, with_choice
 from calibrator.search.adjust import Adjustment, adjust_layers
 from calibrator.search.evaluator import EvalResult, Evaluator
-from calibrator.search.metric import AccuracyMetric
 from calibrator.search.sensitivity import make_probe, output_blobs, rank_layers
 
 ADJUST_WORST = 5
@@ -226,7 +225,7 @@ class Search:
         metric = self.evaluator.metric
         return make_probe(self.model.net, self.fused, feeds,
                           output_blobs(metric, self.model.net),
-                          classifier=isinstance(metric, AccuracyMetric))
+                          classifier=metric.class_scores)
 
 
 def evaluation_budget(units: int) -> int:

@@ -22,6 +22,7 @@ class Metric:
     """Base: the blobs a forward pass must return, and how to read one batch."""
 
     blob: str
+    class_scores = False  # the sensitivity compares class scores (softmax KL), not cosine
 
     def outputs(self) -> list[str]:
         return [self.blob]
@@ -39,6 +40,8 @@ class Metric:
 
 class AccuracyMetric(Metric):
     """The top of an Accuracy layer; per-sample correctness from the layer itself."""
+
+    class_scores = True
 
     def __init__(self, net, blob: str, node):
         self.blob = blob
