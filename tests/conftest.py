@@ -1,6 +1,8 @@
 """Shared fixtures: where ../shared is, and skipping real-model tests when it is absent."""
 
 import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see cli/main.py
 from pathlib import Path
 
 import pytest

@@ -3,7 +3,13 @@ a one-line error with exit code 2 (a traceback only with --debug)."""
 
 from __future__ import annotations
 
-import argparse
+import os
+
+# Idle OpenMP threads sleep instead of spinning: on a busy machine (CI, a shared 2-core box)
+# spinning threads cost 3-5x in PyTorch's CPU kernels. Must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
 import sys
 import traceback
 
