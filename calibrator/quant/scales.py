@@ -248,12 +248,3 @@ def with_choice(choices: dict[str, UnitChoice], name: str, **changes) -> dict[st
     out = dict(choices)
     out[name] = replace(out.get(name, UnitChoice()), **changes)
     return out
-
-
-def summarize_thresholds(plan: QuantPlan) -> dict[str, tuple[float, float]]:
-    return {name: (lq.input_threshold, lq.output_threshold) for name, lq in plan.layers.items()}
-
-
-__all__ = ["QuantOptions", "UnitChoice", "LayerQuant", "QuantPlan", "build_plan",
-           "activation_scale", "weight_scales", "qmax", "eligible_units", "with_choice",
-           "np"]

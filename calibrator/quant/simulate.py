@@ -198,7 +198,3 @@ class Int8Simulator:
             if self.fused.input_of(unit.eltwise, i) == unit.residual:
                 return i
         raise AssertionError("residual not found")  # pragma: no cover
-
-
-def simulated_forward(net, simulator: Int8Simulator, feeds, **kwargs):
-    return net(feeds, overrides=simulator.overrides, **kwargs)
