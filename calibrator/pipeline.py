@@ -111,6 +111,7 @@ def run_calibration(args, options) -> int:
     plan = calibration.plan()
     if args.quantize_model:
         write_outputs(args, model, calibration, plan, paths)
+        export_onnx_if_asked(args, model, calibration, plan)
         print(f"quantized prototxt written: {paths['prototxt']} "
               f"({len(plan.layers)} INT8 layers, {time.time() - started:.1f} s)")
         return EXIT_MET
@@ -127,6 +128,7 @@ def run_calibration(args, options) -> int:
     write_outputs(args, model, calibration, plan, paths,
                   {"search": {**summary, "sensitivity": result.sensitivity,
                               "trace": [[s.action, s.metric] for s in result.trace]}})
+    export_onnx_if_asked(args, model, calibration, plan)
     if not args.quiet:
         from calibrator.report import layer_table, trace_table
 
@@ -156,6 +158,14 @@ def run_calibration(args, options) -> int:
     return EXIT_MET if result.met else EXIT_NOT_MET
 
 
+def export_onnx_if_asked(args, model, calibration, plan) -> None:
+    if getattr(args, "export_onnx", None):
+        from calibrator.verify.onnx_export import export_onnx
+
+        export_onnx(model, calibration.fused, plan, args.export_onnx)
+        print(f"ONNX model written: {args.export_onnx}")
+
+
 def fp32_loss(fp32: float, int8: float, relative: bool) -> float:
     drop = fp32 - int8
     return drop / abs(fp32) if relative and fp32 else drop
@@ -178,7 +188,7 @@ def _search(args, model, calibration, metric_blob, paths):
               "weights": str(Path(args.weights).resolve()),
               "iterations": args.iterations, "metric": metric_blob,
               "sampling_iterations": args.sampling_iterations,
-              "options": repr(calibration.options)}
+              "options": repr(calibration.options), "target": args.target}
     if args.resume and state_path.exists():
         state = SearchState.load(state_path, inputs)
         _say(args, f"resuming: {len(state.evaluations)} evaluations recalled from {state_path}")
@@ -197,6 +207,6 @@ def _search(args, model, calibration, metric_blob, paths):
                               strategy=args.strategy, max_evals=args.max_evals,
                               time_budget=args.time_budget, scale_search=bool(args.scale_search),
                               allow_fp32=bool(args.use_fp32_fallback),
-                              probe_images=args.probe_images)
+                              probe_images=args.probe_images, target=args.target)
     search = Search(model, calibration, evaluator, settings, say=lambda m: _say(args, m))
     return search.run(), evaluator

@@ -15,7 +15,7 @@ from calibrator.graph.net import CaffeNet
 from calibrator.quant import targets
 from calibrator.quant.fusion import analyze
 from calibrator.quant.scales import LayerQuant, QuantOptions, QuantPlan
-from calibrator.quant.simulate import Int8Simulator, simulated_forward
+from calibrator.quant.simulate import Int8Simulator
 from tests.netutil import parse_net
 
 CPUINFO = """processor\t: 0
@@ -47,7 +47,7 @@ def simulate(net, fused, plan, x, target):
     sim = Int8Simulator(fused, plan)
     targets.apply_target(sim, target)
     with torch.no_grad():
-        out = simulated_forward(net, sim, {"data": torch.from_numpy(x)})
+        out = net({"data": torch.from_numpy(x)}, overrides=sim.overrides)
     return out["y"].double().numpy()
 
 
@@ -144,7 +144,7 @@ def test_vnni_is_the_default_simulation():
     fused, plan = integer_plan(net)
     sim = Int8Simulator(fused, plan)
     with torch.no_grad():
-        default = simulated_forward(net, sim, {"data": torch.from_numpy(x)})["y"]
+        default = net({"data": torch.from_numpy(x)}, overrides=sim.overrides)["y"]
     np.testing.assert_array_equal(default.double().numpy(),
                                   simulate(net, fused, plan, x, "vnni"))
     np.testing.assert_array_equal(default.double().numpy(),
@@ -277,7 +277,7 @@ def test_record_counts_saturated_outputs():
     target = targets.apply_target(sim, "avx2")
     target.record = {}
     with torch.no_grad():
-        simulated_forward(net, sim, {"data": torch.from_numpy(x)})
+        net({"data": torch.from_numpy(x)}, overrides=sim.overrides)
     entry = target.record["conv"]
     assert entry.outputs == 4 * 16 and 0 < entry.changed <= entry.outputs
     assert entry.relative_error > 0

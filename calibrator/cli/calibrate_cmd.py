@@ -84,6 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
                            "top-1 agreement of INT8 with FP32 on the class scores (-n names "
                            "the scores blob), for data without labels")
     ours.add_argument("--relative", action="store_true", help="-l is a relative drop")
+    ours.add_argument("--target", default="vnni",
+                      choices=("vnni", "generic", "avx2", "avx512bw", "avx2-onednn",
+                               "avx512bw-onednn", "int7", "auto"),
+                      help="INT8 arithmetic the simulation reproduces: vnni/generic exact int32 "
+                           "(what the written prototxt targets); avx2/avx512bw u8xs8 pair sums "
+                           "saturated to int16 (ONNX Runtime's rule for s8 inputs; -onednn: "
+                           "oneDNN's); auto: this machine's CPU")
+    ours.add_argument("--export-onnx", metavar="FILE",
+                      help="also write the quantized net as an ONNX model with "
+                           "QuantizeLinear/DequantizeLinear pairs carrying these scales")
     ours.add_argument("--strategy", choices=("bisect", "intel"), default="bisect",
                       help="bisect: rank layers by sensitivity, adjust the worst, bisect the "
                            "ranking for the FP32 layers, prune; intel: Intel's legacy loop "

@@ -18,11 +18,11 @@ from calibrator.errors import CalibratorError
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 3
-SUBCOMMANDS = ("test", "gate", "make-annoset")
+SUBCOMMANDS = ("test", "gate", "verify", "make-annoset")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from calibrator.cli import annoset_cmd, gate_cmd, test_cmd
+    from calibrator.cli import annoset_cmd, gate_cmd, test_cmd, verify_cmd
 
     parser = argparse.ArgumentParser(
         prog="calibrator",
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     test_cmd.add_parser(subparsers)
     gate_cmd.add_parser(subparsers)
+    verify_cmd.add_parser(subparsers)
     annoset_cmd.add_parser(subparsers)
     return parser
 

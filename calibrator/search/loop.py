@@ -57,6 +57,7 @@ class SearchSettings:
     scale_search: bool = True
     allow_fp32: bool = True
     probe_images: int = 16
+    target: str = "vnni"     # the INT8 arithmetic full evaluations simulate
 
 
 class _Budget(Exception):
@@ -98,6 +99,10 @@ class Search:
     def evaluate(self, plan: QuantPlan, action: str) -> EvalResult:
         self._check_budget()
         simulator = self.calibration.simulator(plan)
+        if self.settings.target not in ("vnni", "generic"):
+            from calibrator.quant.targets import apply_target
+
+            apply_target(simulator, self.settings.target)
         result = self.evaluator.evaluate(plan, simulator.overrides, desc=action[:30])
         fp32_layers = len(plan.fp32_layers(self.fused))
         step = Step(len(self.trace) + 1, action, result.metric, self.loss(result.metric),
