@@ -25,15 +25,12 @@ def default_metric_blob(test_param, detection: bool) -> str:
             if layer.type == "DetectionEvaluate":
                 return layer.top[0]
         raise CalibratorError("-d 1: the TEST net has no DetectionEvaluate layer")
-    best = None
-    for layer in test_param.layer:
-        if layer.type == "Accuracy" and len(layer.top):
-            k = layer.accuracy_param.top_k
-            if best is None or k < best[0]:
-                best = (k, layer.top[0])
-    if best is None:
+    from calibrator.search.metric import primary_accuracy_layer
+
+    layer = primary_accuracy_layer(test_param.layer)
+    if layer is None:
         raise CalibratorError("the TEST net has no Accuracy layer: name the metric blob with -n")
-    return best[1]
+    return layer.top[0]
 
 
 def output_paths(args) -> dict[str, Path]:

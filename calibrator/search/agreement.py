@@ -109,14 +109,11 @@ class AgreementMetric(Metric):
 def default_scores_blob(net) -> str:
     """The blob ``--metric agreement`` compares when none is named: the scores under the
     Accuracy layer with the smallest top_k, else the net's only output with class scores."""
-    best = None
-    for node in net.nodes:
-        if node.type == "Accuracy" and node.bottoms:
-            k = node.param.accuracy_param.top_k
-            if best is None or k < best[0]:
-                best = (k, node.bottoms[0])
-    if best is not None:
-        return best[1]
+    from calibrator.search.metric import primary_accuracy_layer
+
+    layer = primary_accuracy_layer([node.param for node in net.nodes])
+    if layer is not None:
+        return layer.bottom[0]
     candidates = [name for name in net.output_names
                   if name not in net.input_shapes and len(net.blob_shapes.get(name, ())) >= 2
                   and net.blob_shapes[name][1] >= 2]

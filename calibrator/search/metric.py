@@ -64,6 +64,18 @@ class BlobMetric(Metric):
         self.blob = blob
 
 
+def primary_accuracy_layer(layers):
+    """The Accuracy layer with the smallest top_k (Intel's default metric), or None.
+
+    ``layers``: LayerParameters in prototxt order."""
+    best = None
+    for layer in layers:
+        if layer.type == "Accuracy" and len(layer.top) and len(layer.bottom):
+            if best is None or layer.accuracy_param.top_k < best.accuracy_param.top_k:
+                best = layer
+    return best
+
+
 def make_metric(net, blob: str) -> Metric:
     producers = [n for n in net.nodes if blob in n.tops]
     if not producers:

@@ -54,13 +54,10 @@ class VerifyResult:
 
 def score_blob(test_param) -> str | None:
     """The first bottom of the Accuracy layer with the smallest top_k (the class scores)."""
-    best = None
-    for layer in test_param.layer:
-        if layer.type == "Accuracy" and len(layer.bottom):
-            k = layer.accuracy_param.top_k
-            if best is None or k < best[0]:
-                best = (k, layer.bottom[0])
-    return best[1] if best else None
+    from calibrator.search.metric import primary_accuracy_layer
+
+    layer = primary_accuracy_layer(test_param.layer)
+    return layer.bottom[0] if layer is not None else None
 
 
 def _ort_outputs(model_bytes: bytes, feeds_list: list[dict], command: str | None,
