@@ -13,9 +13,10 @@ A residual stored as INT8 with scale s_r enters as q_r * scale_out / s_r, i.e. i
 times scale_out: the float form above is the same number.
 
 The accumulation is exact: products and partial sums are integers, and float32 holds every
-integer below 2^24. When a layer's worst case (qmax_in * 127 * fan-in) could pass 2^24 the input
-is split into digits (4-bit halves, or narrower digits for a fan-in above ~8800), each convolved
-exactly, and recombined in float64; past a fan-in of 2^24 / 127 it runs in float64.
+integer below 2^24. When a layer's worst case (largest input x the largest per-channel sum of
+|integer weights|) could pass 2^24 the input is split into digits (4-bit halves, or narrower),
+each convolved exactly, and recombined in float64; when even 1-bit digits could pass it, the
+layer runs in float64.
 Rounding is half-to-even (``torch.round``), as the runtime's nearbyint.
 """
 
@@ -81,13 +82,17 @@ class _UnitKernel:
         return acc
 
 
-def _digit_bits(fan_in: int, qmax_in: int, wmax: int) -> int | None:
+def _digit_bits(weight_l1: float, qmax_in: int) -> int | None:
     """Bits per input digit that keep every digit's accumulation below 2^24 (None: the whole
-    input does; 0: no digit width does, accumulate in float64)."""
-    if qmax_in * wmax * fan_in < EXACT_LIMIT:
+    input does; 0: no digit width does, accumulate in float64).
+
+    ``weight_l1`` is the largest sum of |integer weights| over one output channel: every
+    partial sum of that channel is at most (largest input) x weight_l1, a far tighter bound
+    than 127 x fan-in, so most layers need a single float32 pass."""
+    if qmax_in * weight_l1 < EXACT_LIMIT:
         return None
     for bits in (4, 3, 2, 1):
-        if (2 ** bits - 1) * wmax * fan_in < EXACT_LIMIT:
+        if (2 ** bits - 1) * weight_l1 < EXACT_LIMIT:
             return bits
     return 0
 
@@ -107,10 +112,9 @@ def build_kernel(unit: FusedUnit, lq: LayerQuant, device) -> _UnitKernel:
     denominator = lq.scale_in * scales
     dequant = torch.where(denominator > 0, 1.0 / denominator.clamp(min=1e-300),
                           torch.zeros_like(denominator))
-    fan_in = q_weight[0].numel()
+    weight_l1 = float(q_weight.abs().reshape(q_weight.shape[0], -1).sum(1).max())
     qmax_in = 2 ** lq.bits - 1 if lq.input_unsigned else 2 ** (lq.bits - 1)
-    return _UnitKernel(unit, lq, q_weight, q_bias, dequant,
-                       _digit_bits(fan_in, qmax_in, limit + 1))
+    return _UnitKernel(unit, lq, q_weight, q_bias, dequant, _digit_bits(weight_l1, qmax_in))
 
 
 class Int8Simulator:
