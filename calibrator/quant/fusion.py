@@ -131,9 +131,7 @@ class FusedGraph:
             seen.add(current.key)
             for node in self.consumers(current):
                 unit = self.unit_of_node.get(node.index)
-                if unit is not None and node is unit.layer:
-                    units.append(unit)
-                elif unit is not None:  # the residual input of an absorbed add
+                if unit is not None:  # its layer, or the residual input of its absorbed add
                     units.append(unit)
                 elif node.type in INT8_PASS_THROUGH:
                     stack.extend(BlobRef(node.index, t) for t in node.tops)
