@@ -41,7 +41,10 @@ def saturate(q: torch.Tensor, unsigned: bool, bits: int = 8) -> torch.Tensor:
 
 def quantize(x: torch.Tensor, scale: float, unsigned: bool, bits: int = 8) -> torch.Tensor:
     """Integer values (as float tensors) of x at ``scale``."""
-    return saturate(torch.round(x * scale), unsigned, bits)
+    q = (x * scale).round_()
+    if unsigned:
+        return q.clamp_(0, 2 ** bits - 1)
+    return q.clamp_(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
 
 
 @dataclass
@@ -59,7 +62,7 @@ class _UnitKernel:
     def accumulate(self, q_in: torch.Tensor) -> torch.Tensor:
         acc = (self.exact_accumulate(q_in) if self.target is None
                else self.target.accumulate(self, q_in))
-        return acc + _per_channel(self.q_bias, acc)
+        return acc.add_(_per_channel(self.q_bias, acc))  # acc is a fresh buffer
 
     def exact_accumulate(self, q_in: torch.Tensor,
                          weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -185,15 +188,17 @@ class Int8Simulator:
 
     def _finish(self, kernel: _UnitKernel, node, blobs):
         unit, lq = kernel.unit, kernel.quant
-        acc = blobs.pop(f"\0acc:{unit.name}")
-        y = acc * _per_channel(kernel.dequant, acc)
+        # the accumulator is this unit's own float64 buffer: update it in place (the same
+        # float64 operations in the same order, fewer allocations)
+        y = blobs.pop(f"\0acc:{unit.name}")
+        y.mul_(_per_channel(kernel.dequant, y))
         if unit.residual is not None:
-            y = y + self._residual(unit, blobs).double()
+            y.add_(self._residual(unit, blobs))  # float32 -> float64 is exact
         slope = unit.relu_slope
         if slope is not None:
-            y = torch.where(y > 0, y, y * slope) if slope else y.clamp(min=0)
+            y = torch.where(y > 0, y, y * slope) if slope else y.clamp_(min=0)
         if lq.output_int8:
-            y = quantize(y, lq.scale_out, lq.output_unsigned, lq.bits) / lq.scale_out
+            y = quantize(y, lq.scale_out, lq.output_unsigned, lq.bits).div_(lq.scale_out)
         return (y.float(),)
 
     def _residual_position(self, unit: FusedUnit) -> int:
