@@ -92,15 +92,16 @@ def photo_folder() -> Path:
 def shared_inputs(shared: Path, out: Path, batch_size: int, say) -> tuple[Path, Path, str]:
     """test.prototxt over the first ImageNet sample images (absolute paths, our batch)."""
     from calibrator.caffe.prototxt import read_net, write_net
-    from calibrator.fileio import resolve_relative
+    from calibrator.data.paths import resolve_path
 
     folder = shared / "models/mobilenet_v2"
     net = read_net(folder / "test.prototxt")
     for layer in net.layer:
         if layer.type == "ImageData":
             p = layer.image_data_param
-            p.source = str(resolve_relative(p.source, folder).resolve())
-            p.root_folder = str(resolve_relative(p.root_folder, folder).resolve()) + "/"
+            p.source = str((resolve_path(p.source, folder) or folder / p.source).resolve())
+            p.root_folder = str((resolve_path(p.root_folder, folder)
+                                 or folder / p.root_folder).resolve()) + "/"
             p.batch_size = batch_size
     test = write_net(out / "test.prototxt", net)
     say(f"model: {folder} (Caffe MobileNetV2, torchvision ImageNet weights)")

@@ -40,15 +40,3 @@ def read_bytes(path: str | os.PathLike, what: str) -> bytes:
         return path.read_bytes()
     except OSError as exc:
         raise CalibratorError(f"{path}: cannot read {what}: {exc.strerror}") from None
-
-
-def resolve_relative(name: str, base_dir: str | os.PathLike | None) -> Path:
-    """Caffe paths inside a prototxt: relative to the prototxt's folder first, then the
-    working directory (absolute paths unchanged)."""
-    path = Path(name)
-    if path.is_absolute() or base_dir is None:
-        return path
-    candidate = Path(base_dir) / path
-    if candidate.exists() or not path.exists():
-        return candidate
-    return path

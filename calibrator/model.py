@@ -90,13 +90,14 @@ def build_source(test_param, base_dir: Path, images: ImageFolderOptions | None):
 def _absolute_evaluation_paths(test_param, base_dir: Path) -> None:
     """DetectionEvaluate opens its name/size file itself: resolve it as the data layers
     resolve their paths (the prototxt's folder first, then the working directory)."""
-    from calibrator.fileio import resolve_relative
+    from calibrator.data.paths import resolve_path
 
     for layer in test_param.layer:
         if layer.type == "DetectionEvaluate":
             param = layer.detection_evaluate_param
-            if param.name_size_file:
-                param.name_size_file = str(resolve_relative(param.name_size_file, base_dir))
+            found = resolve_path(param.name_size_file, base_dir) if param.name_size_file else None
+            if found is not None:  # else the layer's own error names the missing file
+                param.name_size_file = str(found)
 
 
 def load_model(prototxt: str | os.PathLike, weights: str | os.PathLike | None, *,

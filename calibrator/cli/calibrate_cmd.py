@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from calibrator.cli.common import add_detection_list_options, add_device_options, \
-    add_image_folder_options
+    add_image_folder_options, add_model_options
 
 INTEL_FLAGS_HELP = "Intel calibrator.py flags (same names and defaults)"
 
@@ -23,11 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     intel = parser.add_argument_group(INTEL_FLAGS_HELP)
     intel.add_argument("-r", "--root", default="",
                        help="Caffe build folder: accepted for compatibility, not needed")
-    intel.add_argument("-m", "--model", required=True, metavar="PROTOTXT",
-                       help="network with a TEST data layer and an Accuracy (or "
-                            "DetectionEvaluate) layer")
-    intel.add_argument("-w", "--weights", required=True, metavar="CAFFEMODEL",
-                       help="FP32 weights, matched to layers by name")
+    add_model_options(intel, "network with a TEST data layer and an Accuracy (or "
+                             "DetectionEvaluate) layer")
     intel.add_argument("-i", "--iterations", type=int, default=10, metavar="N",
                        help="TEST batches per full evaluation")
     intel.add_argument("-n", "--blob_name", default="", metavar="BLOB",

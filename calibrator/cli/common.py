@@ -7,6 +7,14 @@ import argparse
 from calibrator.model import ImageFolderOptions
 
 
+def add_model_options(parser, model_help: str,
+                      weights_help: str = "FP32 weights, matched to layers by name") -> None:
+    """-m PROTOTXT and -w CAFFEMODEL, the pair every command that runs a model takes."""
+    parser.add_argument("-m", "--model", required=True, metavar="PROTOTXT", help=model_help)
+    parser.add_argument("-w", "--weights", required=True, metavar="CAFFEMODEL",
+                        help=weights_help)
+
+
 def add_device_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu", type=int, default=None, metavar="ID",
                         help="run on CUDA device ID (default: CPU)")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from calibrator.cli.common import add_detection_list_options, add_device_options, \
-    add_image_folder_options, detection_list_options, image_folder_options
+    add_image_folder_options, add_model_options, detection_list_options, image_folder_options
 
 
 def add_parser(subparsers) -> None:
@@ -15,10 +15,8 @@ def add_parser(subparsers) -> None:
         description="Run N TEST-phase batches and print the mean of every output blob over "
                     "them (name = value), as `caffe test` does. A prototxt whose layers carry "
                     "quantization_param runs as simulated INT8.")
-    parser.add_argument("-m", "--model", required=True, metavar="PROTOTXT",
-                        help="network definition with a TEST data layer (or --images)")
-    parser.add_argument("-w", "--weights", required=True, metavar="CAFFEMODEL",
-                        help="trained weights, matched to layers by name")
+    add_model_options(parser, "network definition with a TEST data layer (or --images)",
+                      "trained weights, matched to layers by name")
     parser.add_argument("-i", "--iterations", type=int, default=50, metavar="N",
                         help="number of batches (default 50, as caffe test)")
     parser.add_argument("--dump", metavar="DIR",

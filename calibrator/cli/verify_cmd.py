@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from calibrator.cli.common import add_device_options, add_image_folder_options, \
-    image_folder_options
+    add_model_options, image_folder_options
 
 
 def add_parser(subparsers) -> None:
@@ -20,10 +20,7 @@ def add_parser(subparsers) -> None:
                     "ONNX QDQ model with exactly its scales, run it with ONNX Runtime's CPU "
                     "kernels on N TEST batches and print, side by side, the metric of the "
                     "simulation for each target, of ORT, and their top-1 agreement.")
-    parser.add_argument("-m", "--model", required=True, metavar="PROTOTXT",
-                        help="quantized network with a TEST data layer (or --images)")
-    parser.add_argument("-w", "--weights", required=True, metavar="CAFFEMODEL",
-                        help="FP32 weights, matched to layers by name")
+    add_model_options(parser, "quantized network with a TEST data layer (or --images)")
     parser.add_argument("-i", "--iterations", type=int, default=10, metavar="N",
                         help="TEST batches (default 10)")
     parser.add_argument("--targets", default="vnni,avx2", metavar="LIST",
