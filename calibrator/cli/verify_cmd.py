@@ -45,9 +45,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--fix-target", default="avx2", metavar="TARGET",
                         help="target whose saturating layers --countermeasure changes")
     parser.add_argument("--all-int8", action="store_true",
-                        help="targets simulate every quantized layer with INT8 kernels, also "
-                             "those ORT runs in float (FP32 outputs): what an INT8 runtime "
-                             "such as Intel Caffe computes, rather than the ONNX graph")
+                        help="targets simulate Intel's fused INT8 kernels (every quantized "
+                             "layer INT8, residual added before the one float64 "
+                             "requantization) rather than the graph ORT runs (its float32 "
+                             "requantization, QLinearAdd, float convs)")
     parser.add_argument("--no-fp32", action="store_true", help="skip the FP32 run")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress messages")

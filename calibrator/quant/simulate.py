@@ -12,6 +12,11 @@ Per quantized unit:
 A residual stored as INT8 with scale s_r enters as q_r * scale_out / s_r, i.e. its float value
 times scale_out: the float form above is the same number.
 
+A runtime that requantizes in float32 instead (ONNX Runtime's MLAS), and that has no fused
+conv + sum (it rounds the conv output before a separate QLinearAdd), is reproduced integer
+for integer by ``requant`` (unit -> ``RuntimeRequant``, read off the runtime's graph by
+``calibrator.verify.ort_graph``).
+
 The accumulation is exact: products and partial sums are integers, and float32 holds every
 integer below 2^24. When a layer's worst case (largest input x the largest per-channel sum of
 |integer weights|) could pass 2^24 the input is split into digits (4-bit halves, or narrower),
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from calibrator.quant.folding import folded_weights
@@ -45,6 +51,70 @@ def quantize(x: torch.Tensor, scale: float, unsigned: bool, bits: int = 8) -> to
     if unsigned:
         return q.clamp_(0, 2 ** bits - 1)
     return q.clamp_(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+
+
+@dataclass(frozen=True)
+class RuntimeRequant:
+    """One unit as a float32-requantizing runtime runs it, in ONNX's convention
+    (real = (q - zero_point) * scale):
+
+    * input   q = clamp(rint(f32(x / x_scale)) + x_zero_point)
+    * output  q = clamp(rint(f32(acc) * multiplier[o]) + y_zero_point), the unit's INT8
+      output on the grid of whatever quantizes it next (its own Q, or the next unit's input
+      Q when only a Relu/Clip lies between);
+    * ``add`` = (a_scale, a_zp, b_scale, b_zp, c_scale, c_zp): that output is then added to
+      the residual, q_c = clamp(rint(f32(f32(a_scale (q_a - a_zp) + b_scale (q_b - b_zp))
+      / c_scale)) + c_zp); without it a residual is added in float32 and ``out`` = (scale,
+      zero point) quantizes the sum (None: the sum stays float).
+    ``multiplier`` None: the runtime runs the unit as a float conv (only the input rule)."""
+
+    x_scale: float
+    x_zero_point: int
+    multiplier: tuple[float, ...] | None = None
+    y_scale: float = 1.0
+    y_zero_point: int = 0
+    qmin: int = 0
+    qmax: int = 255
+    add: tuple | None = None
+    out: tuple | None = None
+
+
+def _f32(value: float) -> torch.Tensor:
+    return torch.tensor(np.float32(value), dtype=torch.float32)
+
+
+def runtime_quantize(x: torch.Tensor, rule: RuntimeRequant) -> torch.Tensor:
+    """The integers (zero point removed) a QuantizeLinear with ``rule``'s input scale gives."""
+    q = torch.round(x.float() / _f32(rule.x_scale).to(x.device)) + rule.x_zero_point
+    return q.clamp_(rule.qmin, rule.qmax).sub_(rule.x_zero_point)
+
+
+def runtime_requantize(acc: torch.Tensor, rule: RuntimeRequant, residual=None,
+                       relu_slope: float | None = None) -> torch.Tensor:
+    """The unit's output, dequantized (float32), from its accumulator (bias included)."""
+    device = acc.device
+
+    def quantize_to(x, scale, zero):
+        q = torch.round(x / _f32(scale).to(device)) + zero
+        return q.clamp_(rule.qmin, rule.qmax)
+
+    multiplier = torch.tensor(np.asarray(rule.multiplier, np.float32), device=device)
+    q = torch.round(acc.float() * _per_channel(multiplier, acc)) + rule.y_zero_point
+    q = q.clamp_(rule.qmin, rule.qmax)
+    scale, zero = rule.y_scale, rule.y_zero_point
+    if residual is not None and rule.add is not None:
+        a_scale, a_zp, b_scale, b_zp, c_scale, c_zp = rule.add
+        b = quantize_to(residual.float(), b_scale, b_zp)
+        value = _f32(a_scale).to(device) * (q - a_zp) + _f32(b_scale).to(device) * (b - b_zp)
+        q, scale, zero = quantize_to(value, c_scale, c_zp), c_scale, c_zp
+    y = (q - zero) * _f32(scale).to(device)
+    if residual is not None and rule.add is None:
+        y = y + residual.float()
+    if relu_slope is not None:  # (a runtime fuses a ReLU only into a zero-point clamp)
+        y = torch.where(y > 0, y, y * relu_slope) if relu_slope else y.clamp_(min=0)
+    if residual is not None and rule.add is None and rule.out is not None:
+        y = (quantize_to(y, *rule.out) - rule.out[1]) * _f32(rule.out[0]).to(device)
+    return y
 
 
 @dataclass
@@ -126,9 +196,11 @@ class Int8Simulator:
     The unit's layer node computes the integer accumulation; its folded/fused nodes are
     skipped; its last node applies residual, ReLU and output requantization."""
 
-    def __init__(self, fused: FusedGraph, plan: QuantPlan, device=None):
+    def __init__(self, fused: FusedGraph, plan: QuantPlan, device=None,
+                 requant: dict[str, RuntimeRequant] | None = None):
         self.fused = fused
         self.plan = plan
+        self.requant = dict(requant or {})
         device = device or fused.net.device
         self.kernels = {name: build_kernel(fused.by_name[name], lq, device)
                         for name, lq in plan.layers.items()}
@@ -165,11 +237,17 @@ class Int8Simulator:
         key = f"\0acc:{kernel.unit.name}"
         single = kernel.unit.last is kernel.unit.layer
 
+        rule = self.requant.get(kernel.unit.name)
+
         def start(node, blobs):
             x = blobs[node.bottoms[0]]
             lq = kernel.quant
-            q_in = x if lq.force_u8_input else quantize(x, lq.scale_in, lq.input_unsigned,
-                                                        lq.bits)
+            if rule is not None:
+                q_in = runtime_quantize(x, rule)
+            elif lq.force_u8_input:
+                q_in = x
+            else:
+                q_in = quantize(x, lq.scale_in, lq.input_unsigned, lq.bits)
             blobs[key] = kernel.accumulate(q_in)
             if single:
                 return self._finish(kernel, node, blobs)
@@ -188,9 +266,13 @@ class Int8Simulator:
 
     def _finish(self, kernel: _UnitKernel, node, blobs):
         unit, lq = kernel.unit, kernel.quant
+        y = blobs.pop(f"\0acc:{unit.name}")
+        rule = self.requant.get(unit.name)
+        if rule is not None and rule.multiplier is not None:
+            residual = self._residual(unit, blobs) if unit.residual is not None else None
+            return (runtime_requantize(y, rule, residual, unit.relu_slope),)
         # the accumulator is this unit's own float64 buffer: update it in place (the same
         # float64 operations in the same order, fewer allocations)
-        y = blobs.pop(f"\0acc:{unit.name}")
         y.mul_(_per_channel(kernel.dequant, y))
         if unit.residual is not None:
             y.add_(self._residual(unit, blobs))  # float32 -> float64 is exact

@@ -21,16 +21,22 @@ inputs with s8 outputs). It is also what MLAS does internally with int8 activati
 
 Differences from the simulation, all deliberate and reported by ``calibrator verify``:
 
-* A unit that absorbed an Eltwise SUM: the simulation adds the residual to the float
+* A unit that absorbed an Eltwise SUM: Intel's kernel adds the residual to the float
   accumulator and quantizes once; ORT has no fused conv + sum, so by default
   (``residual="requant"``) the conv output is quantized first (s8 grid at 127/T_out, T_out the
-  unit's output threshold) so the conv runs as QLinearConv, and the Add then runs as
-  QLinearAdd. ``residual="float"`` keeps the simulation's arithmetic (the conv then runs in
-  FP32 on dequantized weights).
-* A unit with FP32 output has no Q after it, so ORT runs it as a float Conv on dequantized
-  int8 values (no saturation is possible there).
+  unit's output threshold, recorded in ``ExportResult.mid_scales``) so the conv runs as
+  QLinearConv, and the Add then runs as QLinearAdd. ``calibrator verify`` simulates that
+  (``calibrator.verify.ort_graph``).
+  ``residual="float"`` keeps Intel's arithmetic (the conv then runs in FP32 on dequantized
+  weights).
+* Which convs ORT runs as INT8 kernels is decided by its graph optimizer (a Q must follow the
+  conv, possibly after a Relu/Clip it can drop): ``calibrator.verify.ort_graph`` asks ORT
+  rather than guessing. A unit with FP32 output followed by ReLU6 and the next
+  unit's input Q, for instance, does become a QLinearConv.
 * 7-bit plans: a Clip to the 7-bit range is inserted before each activation Q.
-* ORT requantizes in float32 (scales multiplied in float32); the simulation in float64.
+* ORT requantizes in float32 (scales multiplied in float32); Intel's rule, and so the
+  simulation by default, in float64. ``calibrator verify`` gives the simulation ORT's
+  constants (``calibrator.verify.ort_graph``) so that it runs ORT's integers.
 
 Layers without an ONNX form here (PriorBox, DetectionOutput, Accuracy, losses, ...) and
 everything downstream of them are left out: the ONNX outputs are the tensors they read, and
@@ -68,9 +74,10 @@ class ExportResult:
     unit_outputs: dict[str, tuple] = field(default_factory=dict)
     #: unit name -> (ONNX name of its quantized output, our scale_out, zero point, is int8)
     left_out: list[str] = field(default_factory=list)   # "layer (type)" run in PyTorch
-    #: quantized units ORT cannot fuse into an INT8 kernel (no Q right after the conv): it
-    #: runs them as float convs on dequantized int8 values, so they never saturate
-    float_units: set[str] = field(default_factory=set)
+    #: residual units -> scale of the s8 grid their conv output is rounded to before the Add
+    mid_scales: dict[str, float] = field(default_factory=dict)
+    #: quantized unit -> name of its Conv/Gemm node (to find it in ORT's optimized graph)
+    unit_kernels: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     path: Path | None = None
 
@@ -104,7 +111,8 @@ class _Exporter:
         self.left_out: list[str] = []
         self.notes: list[str] = []
         self.unit_outputs: dict[str, tuple] = {}
-        self.float_units: set[str] = set()
+        self.mid_scales: dict[str, float] = {}
+        self.unit_kernels: dict[str, str] = {}
         self.inputs: list[str] = []
 
     # -- naming and emission ---------------------------------------------------------------
@@ -259,13 +267,13 @@ class _Exporter:
             flat = self.emit("Flatten", [x], f"{hint}:flat", axis=1)[0]
             out = self.emit("Gemm", [flat, w, b], f"{hint}:gemm", transB=1)[0]
         self.conv_out[unit.name] = out
+        if lq is not None:
+            self.unit_kernels[unit.name] = self.nodes[-1].name
 
     def unit_finish(self, unit: FusedUnit, last) -> None:
         y = self.conv_out[unit.name]
         lq = self.plan.layers.get(unit.name) if self.plan is not None else None
         hint = unit.name
-        if lq is not None and not self.fuses(unit, lq):
-            self.float_units.add(unit.name)
         if unit.eltwise is not None:
             residual = self.ref_name(unit.residual)
             if lq is not None and self.residual == "requant":
@@ -276,9 +284,9 @@ class _Exporter:
                 if threshold > 0:
                     mid = (2 ** (lq.bits - 1) - 1) / threshold
                     _, y, _ = self.qdq(y, mid, False, f"{hint}:mid", lq.bits)
+                    self.mid_scales[unit.name] = mid
                 else:
                     self.notes.append(f"{unit.name}: no output threshold, residual conv in FP32")
-                    self.float_units.add(unit.name)
             y = self.emit("Add", [y, residual], f"{hint}:add")[0]
         if unit.relu is not None:
             slope = unit.relu_slope
@@ -289,14 +297,6 @@ class _Exporter:
             signed_int8 = not lq.output_unsigned and self.signed_type == "int8"
             self.unit_outputs[unit.name] = (q, lq.scale_out, zp, signed_int8)
         self.names[(last.index, unit.output.name)] = y
-
-    def fuses(self, unit: FusedUnit, lq) -> bool:
-        """Whether a QuantizeLinear follows the conv (ORT's condition for an INT8 kernel): the
-        mid Q of a residual unit, or the output Q after nothing or a Relu (which ORT folds
-        into a zero-point-0 Q); a LeakyRelu or an FP32 output leaves the conv in float."""
-        if unit.eltwise is not None:
-            return self.residual == "requant"
-        return lq.output_int8 and (unit.relu is None or not unit.relu_slope)
 
     # -- plain layers (each returns the ONNX names of its tops) ------------------------
     def op_ReLU(self, node, x):
@@ -521,7 +521,8 @@ class _Exporter:
                                   producer_name="calibrator", ir_version=IR_VERSION)
         return ExportResult(model, inputs, outputs, exported,
                             unit_outputs=dict(self.unit_outputs), left_out=list(self.left_out),
-                            float_units=set(self.float_units), notes=list(self.notes))
+                            mid_scales=dict(self.mid_scales),
+                            unit_kernels=dict(self.unit_kernels), notes=list(self.notes))
 
 
 def build_onnx(net, fused: FusedGraph, plan: QuantPlan | None, *, residual: str = "requant",

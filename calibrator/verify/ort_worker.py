@@ -15,11 +15,15 @@ import argparse
 import time
 
 
-def make_session(model, threads: int | None = None, optimized_path: str | None = None):
+def make_session(model, threads: int | None = None, optimized_path: str | None = None,
+                 layout: bool = True):
+    """An ORT CPU session with every graph optimization (``layout=False``: all but the
+    CPU-specific layout ones, for a portable optimized graph to inspect)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if layout
+                                        else ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads

@@ -26,6 +26,7 @@ from calibrator.evaluation import batches as test_batches
 from calibrator.quant import targets as targets_mod
 from calibrator.quant.simulate import Int8Simulator
 from calibrator.verify.onnx_export import ExportResult, build_onnx
+from calibrator.verify.ort_graph import OrtGraph, read_ort_graph
 
 
 @dataclass
@@ -49,6 +50,7 @@ class VerifyResult:
     speed: dict[str, float] = field(default_factory=dict)      # seconds per batch
     export: ExportResult | None = None
     ort_device: str = "this CPU"
+    float_units: list[str] = field(default_factory=list)  # quantized, float convs in ORT
     notes: list[str] = field(default_factory=list)
 
 
@@ -148,6 +150,17 @@ def _scores(tensor) -> np.ndarray:
     return value.reshape(value.shape[0], -1)
 
 
+def _simulator(fused, plan, target_name: str, graph: OrtGraph, as_exported: bool):
+    """A simulator of ``target_name``; with ``as_exported`` it simulates the graph ORT runs:
+    ORT's float32 requantization (and the residual convs' rounding before the add), and
+    exact accumulation in the units ORT runs in float."""
+    sim = Int8Simulator(fused, plan, requant=graph.requant if as_exported else None)
+    target = targets_mod.apply_target(sim, target_name)
+    if as_exported:
+        target.skip = frozenset(graph.float_units)
+    return sim, target
+
+
 def verify(model, fused, plan, *, iterations: int, target_names=("vnni", "avx2"),
            ort_command: str | None = None, layer_images: int = 0, speed: bool = False,
            residual: str = "requant", fp32: bool = True, threads: int | None = None,
@@ -155,13 +168,16 @@ def verify(model, fused, plan, *, iterations: int, target_names=("vnni", "avx2")
            export: ExportResult | None = None, as_exported: bool = True) -> VerifyResult:
     """Run ORT and the simulation (one per target) on ``iterations`` TEST batches.
 
-    With ``as_exported`` the targets accumulate exactly in the units ORT runs as float convs
-    (``ExportResult.float_units``), so that each target simulates the graph ORT runs."""
+    With ``as_exported`` each target simulates the graph ORT runs (see ``_simulator``);
+    without, it simulates Intel's fused kernels (every quantized unit INT8, residual added
+    before the one rounding)."""
     say = say or (lambda message: None)
     net = model.net
     if export is None:
         export = build_onnx(net, fused, plan, residual=residual)
     model_bytes = export.model.SerializeToString()
+    graph = read_ort_graph(export, model_bytes)
+    float_units = graph.float_units
     blob = score_blob(model.test_param)
     output_names = list(net.output_names)
     wanted = output_names + ([blob] if blob and blob not in output_names else [])
@@ -178,10 +194,7 @@ def verify(model, fused, plan, *, iterations: int, target_names=("vnni", "avx2")
     scores: dict[str, list[np.ndarray]] = {}
     simulators = OrderedDict()
     for name in target_names:
-        sim = Int8Simulator(fused, plan)
-        target = targets_mod.apply_target(sim, name)
-        if as_exported:
-            target.skip = frozenset(export.float_units)
+        sim, target = _simulator(fused, plan, name, graph, as_exported)
         if record_saturation and target.pair_saturation:
             target.record = {}
         simulators[f"sim:{target.name}"] = (sim, target)
@@ -217,10 +230,17 @@ def verify(model, fused, plan, *, iterations: int, target_names=("vnni", "avx2")
                           score_diff, blob, images, export=export,
                           ort_device=ort_command or "this CPU")
     result.notes.extend(export.notes)
-    if as_exported and export.float_units and any(t.pair_saturation
-                                                  for _, t in simulators.values()):
-        result.notes.append(f"{len(export.float_units)} quantized layers run in float in ORT "
-                            "(no Q right after the conv); the targets simulate them exactly")
+    result.float_units = sorted(float_units)
+    if float_units:
+        result.notes.append(f"{len(float_units)} quantized layers run as float convs in ORT "
+                            f"(no INT8 kernel: {', '.join(sorted(float_units)[:4])}"
+                            f"{', ...' if len(float_units) > 4 else ''})"
+                            + ("; the targets simulate them exactly" if as_exported else ""))
+    if as_exported:
+        result.notes.append(f"the targets simulate ORT's graph: its float32 requantization of "
+                            f"{len(graph.requant)} INT8 kernels"
+                            + (f", {len(export.mid_scales)} residual convs rounded before a "
+                               "QLinearAdd" if export.mid_scales else ""))
     for name, (_, target) in simulators.items():
         if target.record:
             result.saturation[target.name] = dict(target.record)
@@ -246,12 +266,10 @@ def layer_differences(model, fused, plan, feeds, images: int, target_list, resid
     values, _ = _ort_outputs(export.model.SerializeToString(), [onnx_feeds], ort_command,
                              threads=threads)[0]
     last_of = {fused.by_name[name].last.index: name for name in export.unit_outputs}
+    graph = read_ort_graph(export)
     out = {}
     for target in target_list:
-        sim = Int8Simulator(fused, plan)
-        own = targets_mod.apply_target(sim, target.name)
-        if as_exported:
-            own.skip = frozenset(export.float_units)
+        sim, _ = _simulator(fused, plan, target.name, graph, as_exported)
         captured = {}
 
         def hook(node, tops):
@@ -346,5 +364,6 @@ def result_record(result: VerifyResult) -> dict:
                        for t, recs in result.saturation.items()},
         "layers": {t: [vars(d) for d in diffs] for t, diffs in result.layers.items()},
         "left_out": result.export.left_out if result.export else [],
+        "float_units": result.float_units,
         "notes": result.notes,
     }
