@@ -107,6 +107,7 @@ def run_calibration(args, options) -> int:
     calibration = calibrate(model, options, args.sampling_iterations, quiet=args.quiet)
     plan = calibration.plan()
     if args.quantize_model:
+        plan = _forced_fix_plan(args, calibration, plan)
         write_outputs(args, model, calibration, plan, paths)
         export_onnx_if_asked(args, model, calibration, plan)
         print(f"quantized prototxt written: {paths['prototxt']} "
@@ -120,6 +121,7 @@ def run_calibration(args, options) -> int:
                "loss": loss, "tolerance": args.accuracy_loss,
                "relative": bool(args.relative), "met": result.met,
                "strategy": args.strategy, "fp32_layers": result.reverted,
+               "target": args.target, "saturating_layers": result.saturating,
                "full_evaluations": result.evaluations,
                "int8_layers": len(plan.layers)}
     write_outputs(args, model, calibration, plan, paths,
@@ -155,6 +157,25 @@ def run_calibration(args, options) -> int:
     return EXIT_MET if result.met else EXIT_NOT_MET
 
 
+def _forced_fix_plan(args, calibration, plan):
+    """-q with --saturation-fix w7/half/s8: that fix on every layer that can saturate on
+    --target (the search applies it the same way)."""
+    fix = getattr(args, "saturation_fix", "auto")
+    if fix in ("auto", "off"):
+        return plan
+    from calibrator.quant.targets import get_target
+    from calibrator.search.countermeasures import forced_choices
+
+    target = get_target(args.target)
+    if target.exact:
+        _say(args, f"--saturation-fix {fix}: --target {target.name} never saturates; ignored")
+        return plan
+    choices = forced_choices(calibration.fused, plan, target, fix)
+    _say(args, f"--saturation-fix {fix} on {len(choices)} layer(s) that can saturate on "
+               f"{target.name}")
+    return calibration.plan(choices)
+
+
 def export_onnx_if_asked(args, model, calibration, plan) -> None:
     if getattr(args, "export_onnx", None):
         from calibrator.verify.onnx_export import export_onnx
@@ -185,7 +206,8 @@ def _search(args, model, calibration, metric_blob, paths):
               "weights": str(Path(args.weights).resolve()),
               "iterations": args.iterations, "metric": metric_blob,
               "sampling_iterations": args.sampling_iterations,
-              "options": repr(calibration.options), "target": args.target}
+              "options": repr(calibration.options), "target": args.target,
+              "saturation_fix": args.saturation_fix}
     if args.resume and state_path.exists():
         state = SearchState.load(state_path, inputs)
         _say(args, f"resuming: {len(state.evaluations)} evaluations recalled from {state_path}")
@@ -204,6 +226,7 @@ def _search(args, model, calibration, metric_blob, paths):
                               strategy=args.strategy, max_evals=args.max_evals,
                               time_budget=args.time_budget, scale_search=bool(args.scale_search),
                               allow_fp32=bool(args.use_fp32_fallback),
-                              probe_images=args.probe_images, target=args.target)
+                              probe_images=args.probe_images, target=args.target,
+                              saturation_fix=args.saturation_fix)
     search = Search(model, calibration, evaluator, settings, say=lambda m: _say(args, m))
     return search.run(), evaluator

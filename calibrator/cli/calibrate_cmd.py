@@ -88,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
                            "(what the written prototxt targets); avx2/avx512bw u8xs8 pair sums "
                            "saturated to int16 (ONNX Runtime's rule for s8 inputs; -onednn: "
                            "oneDNN's); auto: this machine's CPU")
+    ours.add_argument("--saturation-fix", default="auto",
+                      choices=("auto", "off", "w7", "half", "s8"),
+                      help="counter-measures where --target saturates int16 pair sums "
+                           "(avx2, avx512bw): auto: the search picks per layer, on the probe "
+                           "images, among 7-bit weights (w7), halved weight scales (half) and, "
+                           "on -onednn targets, s8 input (s8); off: none; w7/half/s8: that "
+                           "fix on every layer whose weights can saturate (also with -q)")
     ours.add_argument("--export-onnx", metavar="FILE",
                       help="also write the quantized net as an ONNX model with "
                            "QuantizeLinear/DequantizeLinear pairs carrying these scales")

@@ -16,6 +16,8 @@ import torch
 from calibrator.quant import estimators
 from calibrator.quant.folding import folded_weights
 from calibrator.quant.fusion import FusedGraph, FusedUnit
+from calibrator.quant.targets import COUNTERMEASURES as SATURATION_FIXES
+from calibrator.quant.targets import WEIGHT_FACTORS
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,9 @@ class UnitChoice:
     output_threshold: float | None = None
     weight_scale_factor: float = 1.0
     weight_scales: tuple[float, ...] | None = None  # explicit per-channel scales
+    #: a counter-measure against int16 pair saturation (calibrator.quant.targets): "w7"
+    #: (7-bit weights), "half" (halved weight scales) or "s8" (signed input)
+    saturation_fix: str | None = None
 
 
 @dataclass
@@ -64,6 +69,7 @@ class LayerQuant:
     per_channel: bool = False
     input_threshold: float = 0.0
     output_threshold: float = 0.0
+    saturation_fix: str | None = None   # see UnitChoice
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -148,6 +154,12 @@ def build_plan(fused: FusedGraph, stats: dict, options: QuantOptions,
         force_u8 = options.force_u8 and unit is first
         if unit is first and options.first_conv and not force_u8:
             unsigned = False  # Intel: the first conv takes s8 input
+        fix = choice.saturation_fix
+        if fix is not None and fix not in SATURATION_FIXES:
+            raise ValueError(f"unknown saturation counter-measure '{fix}'")
+        weight_factor = choice.weight_scale_factor * WEIGHT_FACTORS.get(fix, 1.0)
+        if fix == "s8" and not force_u8:
+            unsigned = False
         t_in = choice.input_threshold
         if t_in is None:
             t_in = estimators.threshold(stats[unit.input.key], estimator, options.bits)
@@ -160,14 +172,16 @@ def build_plan(fused: FusedGraph, stats: dict, options: QuantOptions,
             scale_in=1.0 if force_u8 else activation_scale(t_in, unsigned, options.bits),
             scale_out=activation_scale(
                 t_out, unit.output_unsigned or options.unsigned_range, options.bits),
-            scale_params=([as_stored(v, 0.0) for v in choice.weight_scales]
+            scale_params=([as_stored(v * WEIGHT_FACTORS.get(fix, 1.0), 0.0)
+                           for v in choice.weight_scales]
                           if choice.weight_scales is not None
-                          else weight_scales(weight, per_channel, options.bits,
-                                             choice.weight_scale_factor)),
+                          else weight_scales(weight, per_channel, options.bits, weight_factor)),
             input_unsigned=unsigned or force_u8, output_unsigned=unit.output_unsigned,
             output_int8=True, force_u8_input=force_u8, bits=options.bits,
             estimator=estimator, per_channel=per_channel, input_threshold=t_in,
-            output_threshold=t_out)
+            output_threshold=t_out, saturation_fix=fix)
+        if fix is not None:
+            lq.notes.append(f"saturation counter-measure: {fix} ({SATURATION_FIXES[fix]})")
         layers[unit.name] = lq
     _decide_output_precision(fused, layers, options)
     _average_pooling_rule(fused, layers)

@@ -426,23 +426,14 @@ def saturating_layers(simulator, target: str | Target) -> list[str]:
             if can_saturate(kernel, target)]
 
 
-def countermeasure_changes(fix: str, current=None) -> dict:
-    """The ``UnitChoice`` field changes that apply counter-measure ``fix`` (see
-    COUNTERMEASURES) on top of the current choice (for ``scales.with_choice``).
-
-    ``w7``/``half`` scale the weight scales (``weight_scale_factor``, an existing field);
-    ``s8`` needs the ``input_signed`` field. ``saturation_fix`` records which one for the
-    per-layer table."""
+def countermeasure_changes(fix: str) -> dict:
+    """The ``UnitChoice`` change that applies counter-measure ``fix`` (see COUNTERMEASURES),
+    for ``scales.with_choice``: ``build_plan`` then scales the weights (w7, half) or makes
+    the input s8 (s8) and records the fix for the per-layer table."""
     if fix not in COUNTERMEASURES:
         raise ValueError(f"unknown counter-measure '{fix}' (choose from "
                          f"{', '.join(COUNTERMEASURES)})")
-    factor = getattr(current, "weight_scale_factor", 1.0) if current is not None else 1.0
-    changes: dict = {"saturation_fix": fix}
-    if fix in WEIGHT_FACTORS:
-        changes["weight_scale_factor"] = factor * WEIGHT_FACTORS[fix]
-    else:
-        changes["input_signed"] = True
-    return changes
+    return {"saturation_fix": fix}
 
 
 def countermeasure_helps(fix: str, target: str | Target) -> bool:
@@ -466,8 +457,7 @@ def apply_countermeasure(lq, fix: str) -> None:
     else:
         raise ValueError(f"unknown counter-measure '{fix}'")
     lq.notes.append(f"saturation counter-measure: {fix}")
-    if hasattr(lq, "saturation_fix"):
-        lq.saturation_fix = fix
+    lq.saturation_fix = fix
 
 
 def pair_bound(lq, weight_max: int = 127) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from tabulate import tabulate
 
 LAYER_HEADERS = ["layer", "type", "precision", "in", "out", "scale_in", "scale_out",
-                 "weight scales", "estimator", "sensitivity", "action"]
+                 "weight scales", "estimator", "saturation fix", "sensitivity", "action"]
 TRACE_HEADERS = ["step", "action", "metric", "loss", "evals", "seconds", "FP32 layers"]
 
 
@@ -21,7 +21,7 @@ def layer_rows(fused, plan, sensitivity: dict, actions: dict) -> list[list]:
         sens_text = f"{sens:.3g}" if sens is not None else ""
         if lq is None:
             rows.append([unit.name, unit.layer.type, "fp32", "fp32", "fp32", "", "", "", "",
-                         sens_text, actions.get(unit.name, "")])
+                         "", sens_text, actions.get(unit.name, "")])
             continue
         nonzero = [s for s in lq.scale_params if s > 0]
         weights = (f"{_fmt(min(nonzero))}..{_fmt(max(nonzero))}" if nonzero else "0")
@@ -30,7 +30,7 @@ def layer_rows(fused, plan, sensitivity: dict, actions: dict) -> list[list]:
                      "u8" if lq.input_unsigned else "s8", output, _fmt(lq.scale_in),
                      _fmt(lq.scale_out), weights, lq.estimator + (" /ch" if lq.per_channel
                                                                   else ""),
-                     sens_text, actions.get(unit.name, "")])
+                     lq.saturation_fix or "", sens_text, actions.get(unit.name, "")])
     return rows
 
 

@@ -18,8 +18,7 @@ import numpy as np
 import torch
 
 from calibrator.quant.scales import QuantPlan, UnitChoice, qmax, with_choice
-from calibrator.quant.simulate import Int8Simulator
-from calibrator.search.sensitivity import Probe, probe_layer, single_layer_plan
+from calibrator.search.sensitivity import Probe, probe_layer, simulator_for, single_layer_plan
 
 ESTIMATORS = ("KL", "MAXP", "DIRECT", "MSE", "PERCENTILE99.99")
 EASYQUANT_ALPHAS = tuple(sorted(set(np.round(np.linspace(0.5, 2.0, 31), 6).tolist()) | {1.0}))
@@ -36,12 +35,14 @@ class Adjustment:
     choice: UnitChoice
 
 
-def _unit_outputs(net, fused, probe: Probe, name: str, layer_quant=None, plan=None):
+def _unit_outputs(net, fused, probe: Probe, name: str, layer_quant=None, plan=None,
+                  target=None):
     """The fused output of one unit on the probe images, FP32 or with ``layer_quant``."""
     unit = fused.by_name[name]
     overrides = None
     if layer_quant is not None:
-        overrides = Int8Simulator(fused, single_layer_plan(plan, name, layer_quant)).overrides
+        overrides = simulator_for(fused, single_layer_plan(plan, name, layer_quant),
+                                  target).overrides
     with torch.no_grad():
         out = net(probe.snapshots[name], start=unit.layer.index, stop=unit.last.index + 1,
                   overrides=overrides, outputs=[unit.output.name])
@@ -54,7 +55,8 @@ def _per_channel_cosine(ref: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-12)
 
 
-def easyquant(net, fused, probe: Probe, plan: QuantPlan, name: str) -> UnitChoice:
+def easyquant(net, fused, probe: Probe, plan: QuantPlan, name: str,
+              target=None) -> UnitChoice:
     """Alternate per-channel weight scales and the input scale to maximise the cosine."""
     base = plan.layers[name]
     reference = _unit_outputs(net, fused, probe, name)
@@ -66,7 +68,7 @@ def easyquant(net, fused, probe: Probe, plan: QuantPlan, name: str) -> UnitChoic
         for alpha in EASYQUANT_ALPHAS:
             trial = replace(base, scale_in=scale_in, scale_params=(weights * alpha).tolist())
             cos = _per_channel_cosine(reference, _unit_outputs(net, fused, probe, name, trial,
-                                                               plan)).cpu().numpy()
+                                                               plan, target)).cpu().numpy()
             better = cos > best + 1e-12
             best = np.where(better, cos, best)
             chosen = np.where(better, weights * alpha, chosen)
@@ -75,7 +77,7 @@ def easyquant(net, fused, probe: Probe, plan: QuantPlan, name: str) -> UnitChoic
         for alpha in EASYQUANT_ALPHAS:
             trial = replace(base, scale_in=scale_in * alpha, scale_params=weights.tolist())
             cos = _per_channel_cosine(reference, _unit_outputs(net, fused, probe, name, trial,
-                                                               plan)).mean().item()
+                                                               plan, target)).mean().item()
             scores.append(cos)
         scale_in = scale_in * EASYQUANT_ALPHAS[int(np.argmax(scores))]
     threshold = qmax(base.input_unsigned, base.bits) / scale_in
@@ -84,7 +86,7 @@ def easyquant(net, fused, probe: Probe, plan: QuantPlan, name: str) -> UnitChoic
 
 def adjust_layers(net, fused, probe: Probe, plan_fn, choices: dict, worst: list[str],
                   sensitivity: dict[str, float], *, per_channel_default: bool,
-                  scale_search: bool) -> tuple[dict, list[Adjustment]]:
+                  scale_search: bool, target=None) -> tuple[dict, list[Adjustment]]:
     """Try the candidates on each of ``worst`` and keep the best one that helps."""
     kept: list[Adjustment] = []
     for name in worst:
@@ -100,16 +102,16 @@ def adjust_layers(net, fused, probe: Probe, plan_fn, choices: dict, worst: list[
             plan = plan_fn(with_choice(choices, name, **choice.__dict__))
             if name not in plan.layers:
                 continue
-            value = probe_layer(net, fused, probe, plan, name)
+            value = probe_layer(net, fused, probe, plan, name, target=target)
             if value < best_value:
                 best_action, best_choice, best_value = action, choice, value
         if scale_search:
             plan = plan_fn(with_choice(choices, name, **(best_choice or base).__dict__))
-            tuned = easyquant(net, fused, probe, plan, name)
+            tuned = easyquant(net, fused, probe, plan, name, target)
             tuned = replace(best_choice or base, input_threshold=tuned.input_threshold,
                             weight_scales=tuned.weight_scales)
             plan = plan_fn(with_choice(choices, name, **tuned.__dict__))
-            value = probe_layer(net, fused, probe, plan, name)
+            value = probe_layer(net, fused, probe, plan, name, target=target)
             if value < best_value:
                 prefix = f"{best_action} + " if best_action else ""
                 best_action, best_choice, best_value = prefix + "EasyQuant scales", tuned, value

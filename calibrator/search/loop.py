@@ -4,6 +4,11 @@ full evaluation) kept for comparison.
 
 Full-evaluation budget of ``bisect`` for N quantized layers: FP32 (1) + all-INT8 (1) +
 adjusted (1) + bisection (ceil(log2 N)) + pruning (2) = 2 + ceil(log2 N) + 3.
+
+On a target whose kernels saturate int16 pair sums (``--target avx2``...), every evaluation
+and probe runs that arithmetic, and the "adjusted" step also carries the saturation
+counter-measures chosen on the probe (``calibrator.search.countermeasures``); only if that
+combined trial fails to improve are the counter-measures tried alone (one more evaluation).
 """
 
 from __future__ import annotations
@@ -13,9 +18,12 @@ import time
 from dataclasses import dataclass, field
 
 from calibrator.quant.scales import QuantPlan, with_choice
+from calibrator.quant.targets import Target, get_target
 from calibrator.search.adjust import Adjustment, adjust_layers
+from calibrator.search.countermeasures import (choose_countermeasures, forced_choices,
+                                               rank_with_saturation)
 from calibrator.search.evaluator import EvalResult, Evaluator
-from calibrator.search.sensitivity import make_probe, output_blobs, rank_layers
+from calibrator.search.sensitivity import make_probe, output_blobs
 
 ADJUST_WORST = 5
 PRUNE_EVALS = 2
@@ -41,7 +49,8 @@ class SearchResult:
     met: bool
     trace: list[Step] = field(default_factory=list)
     sensitivity: dict[str, float] = field(default_factory=dict)
-    adjustments: list[Adjustment] = field(default_factory=list)
+    adjustments: list[Adjustment] = field(default_factory=list)  # incl. saturation fixes
+    saturating: dict[str, float] = field(default_factory=dict)   # layer -> changed fraction
     reverted: list[str] = field(default_factory=list)
     stopped_by: str | None = None     # "max-evals" / "time-budget" when a bound ended it
     evaluations: int = 0
@@ -58,6 +67,7 @@ class SearchSettings:
     allow_fp32: bool = True
     probe_images: int = 16
     target: str = "vnni"     # the INT8 arithmetic full evaluations simulate
+    saturation_fix: str = "auto"   # auto: chosen per layer; off; or w7/half/s8 everywhere
 
 
 class _Budget(Exception):
@@ -78,6 +88,13 @@ class Search:
         self.trace: list[Step] = []
         self.results: list[tuple[QuantPlan, EvalResult]] = []
         self.fp32: EvalResult | None = None
+        target = get_target(settings.target)
+        self.target: Target | None = None if target.exact else target
+        self.initial_choices: dict = {}
+        fix = settings.saturation_fix
+        if fix not in ("auto", "off") and self.target is not None:
+            self.initial_choices = forced_choices(self.fused, calibration.plan(), self.target,
+                                                  fix)
 
     # -- bookkeeping -------------------------------------------------------------------------
     def loss(self, metric: float) -> float:
@@ -99,10 +116,10 @@ class Search:
     def evaluate(self, plan: QuantPlan, action: str) -> EvalResult:
         self._check_budget()
         simulator = self.calibration.simulator(plan)
-        if self.settings.target not in ("vnni", "generic"):
+        if self.target is not None:
             from calibrator.quant.targets import apply_target
 
-            apply_target(simulator, self.settings.target)
+            apply_target(simulator, self.target)
         result = self.evaluator.evaluate(plan, simulator.overrides, desc=action[:30])
         fp32_layers = len(plan.fp32_layers(self.fused))
         step = Step(len(self.trace) + 1, action, result.metric, self.loss(result.metric),
@@ -147,7 +164,7 @@ class Search:
         return outcome
 
     def _intel(self, outcome: SearchResult) -> None:
-        choices: dict = {}
+        choices: dict = dict(self.initial_choices)
         plan = self.calibration.plan(choices)
         order = [u.name for u in self.fused.units if u.name in plan.layers]
         result = self.evaluate(plan, "all INT8")
@@ -158,36 +175,58 @@ class Search:
             result = self.evaluate(plan, f"revert {name}")
 
     def _bisect(self, outcome: SearchResult) -> None:
-        calibration, net = self.calibration, self.model.net
-        choices: dict = {}
+        calibration, net, target = self.calibration, self.model.net, self.target
+        choices: dict = dict(self.initial_choices)
         plan = calibration.plan(choices)
         current = self.evaluate(plan, "all INT8")
         if self.met(current):
             return
         probe = self._probe()
-        sensitivity = rank_layers(net, self.fused, probe, plan)
+        sensitivity, saturating = rank_with_saturation(net, self.fused, probe, plan, target)
         outcome.sensitivity = dict(sensitivity)
-        ranked = sorted(sensitivity, key=lambda n: (-sensitivity[n], n))
+        outcome.saturating = dict(saturating)
         self.say("most sensitive: " + ", ".join(f"{n} ({sensitivity[n]:.3g})"
-                                                for n in ranked[:5]))
+                                                for n in self._ranking(sensitivity)[:5]))
+        fixes: list[Adjustment] = []
+        with_fixes = choices
+        if saturating and self.settings.saturation_fix == "auto":
+            with_fixes, fixes = choose_countermeasures(net, self.fused, probe, calibration.plan,
+                                                       choices, target, sensitivity,
+                                                       saturating)
+            self.say(f"{len(saturating)} layer(s) saturate on {target.name}; counter-measures "
+                     f"kept on {len(fixes)}")
+            for fix in fixes:
+                self.say(f"  {fix.layer}: {fix.action} ({fix.before:.3g} -> {fix.after:.3g})")
+        fixed_sensitivity = dict(sensitivity)
+        for fix in fixes:
+            fixed_sensitivity[fix.layer] = fix.after
+        ranked = self._ranking(fixed_sensitivity)
         adjusted, kept = adjust_layers(
-            net, self.fused, probe, calibration.plan, choices, ranked[:ADJUST_WORST],
-            sensitivity, per_channel_default=calibration.options.per_channel,
-            scale_search=self.settings.scale_search)
-        if kept:
-            for adjustment in kept:
-                self.say(f"adjust {adjustment.layer}: {adjustment.action} "
-                         f"({adjustment.before:.3g} -> {adjustment.after:.3g})")
-            trial = self.evaluate(calibration.plan(adjusted),
-                                  f"adjust {len(kept)} layer(s)")
+            net, self.fused, probe, calibration.plan, with_fixes, ranked[:ADJUST_WORST],
+            fixed_sensitivity, per_channel_default=calibration.options.per_channel,
+            scale_search=self.settings.scale_search, target=target)
+        for adjustment in kept:
+            self.say(f"adjust {adjustment.layer}: {adjustment.action} "
+                     f"({adjustment.before:.3g} -> {adjustment.after:.3g})")
+        trials = []
+        if fixes or kept:
+            label = ", ".join(part for part in (
+                f"fix {len(fixes)} layer(s)" if fixes else "",
+                f"adjust {len(kept)} layer(s)" if kept else "") if part)
+            trials.append((adjusted, fixes + kept, label))
+        if fixes and kept:
+            trials.append((with_fixes, fixes, f"fix {len(fixes)} layer(s) only"))
+        for trial_choices, changes, label in trials:
+            trial = self.evaluate(calibration.plan(trial_choices), label)
             if trial.metric > current.metric:
-                choices, current = adjusted, trial
-                outcome.adjustments = kept
-                for adjustment in kept:
-                    sensitivity[adjustment.layer] = adjustment.after
-                ranked = sorted(sensitivity, key=lambda n: (-sensitivity[n], n))
-            if self.met(current):
-                return
+                choices, current = trial_choices, trial
+                outcome.adjustments = changes
+                for change in changes:
+                    sensitivity[change.layer] = change.after
+                break
+        ranked = self._ranking(sensitivity)
+        if self.met(current):
+            return
         if not self.settings.allow_fp32:
             return
         # bisection: the shortest prefix of the ranking whose reversion meets -l
@@ -214,6 +253,10 @@ class Search:
                 low = j
             else:
                 high = j - 1
+
+    @staticmethod
+    def _ranking(sensitivity: dict[str, float]) -> list[str]:
+        return sorted(sensitivity, key=lambda n: (-sensitivity[n], n))
 
     def _reverted(self, choices: dict, names) -> dict:
         out = dict(choices)

@@ -12,6 +12,8 @@ of the output blobs, per sample. Why this measure:
   the full evaluations of the bisection, which test prefixes of this ranking together).
 Cost: one FP32 pass over the subset keeps the activations live at each layer (references,
 no copies); each layer's probe then runs only the graph after its cut, starting from them.
+On a target whose kernels saturate (``--target avx2``) the probe runs that arithmetic, so
+saturation counts in the ranking and ``target.record`` collects what saturated.
 """
 
 from __future__ import annotations
@@ -83,10 +85,21 @@ def single_layer_plan(plan: QuantPlan, name: str, layer=None) -> QuantPlan:
     return QuantPlan({name: layer or plan.layers[name]}, plan.options, plan.choices)
 
 
-def probe_layer(net, fused, probe: Probe, plan: QuantPlan, name: str, layer=None) -> float:
+def simulator_for(fused, plan: QuantPlan, target=None) -> Int8Simulator:
+    """An Int8Simulator of ``plan`` accumulating as ``target`` (a Target; None: exact)."""
+    simulator = Int8Simulator(fused, plan)
+    if target is not None:
+        from calibrator.quant.targets import apply_target
+
+        apply_target(simulator, target)
+    return simulator
+
+
+def probe_layer(net, fused, probe: Probe, plan: QuantPlan, name: str, layer=None,
+                target=None) -> float:
     """Damage of quantizing only ``name`` (with ``layer``'s scales if given)."""
     unit = fused.by_name[name]
-    simulator = Int8Simulator(fused, single_layer_plan(plan, name, layer))
+    simulator = simulator_for(fused, single_layer_plan(plan, name, layer), target)
     with torch.no_grad():
         outputs = net(probe.snapshots[name], start=unit.layer.index,
                       overrides=simulator.overrides, outputs=probe.outputs)
@@ -94,7 +107,7 @@ def probe_layer(net, fused, probe: Probe, plan: QuantPlan, name: str, layer=None
                for b in probe.outputs)
 
 
-def rank_layers(net, fused, probe: Probe, plan: QuantPlan) -> dict[str, float]:
+def rank_layers(net, fused, probe: Probe, plan: QuantPlan, target=None) -> dict[str, float]:
     """Sensitivity of every quantized layer, in layer order."""
-    return {name: probe_layer(net, fused, probe, plan, name)
+    return {name: probe_layer(net, fused, probe, plan, name, target=target)
             for name in [u.name for u in fused.units if u.name in plan.layers]}

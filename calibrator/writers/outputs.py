@@ -111,7 +111,7 @@ def plan_record(plan: QuantPlan, fused, stats: dict | None) -> dict:
                 "scale_params": lq.scale_params, "estimator": lq.estimator,
                 "per_channel": lq.per_channel, "input_threshold": lq.input_threshold,
                 "output_threshold": lq.output_threshold, "force_u8_input": lq.force_u8_input,
-                "notes": lq.notes})
+                "saturation_fix": lq.saturation_fix, "notes": lq.notes})
         if stats is not None:
             for side, ref in (("input_stats", unit.input), ("output_stats", unit.output)):
                 if ref is not None and ref.key in stats:
