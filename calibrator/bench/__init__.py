@@ -25,7 +25,7 @@ import torch
 from calibrator.errors import CalibratorError
 
 #: Modules whose import registers sections, in the order they run.
-SECTION_MODULES = ("calibrator.bench.fp32", "calibrator.bench.int8")
+SECTION_MODULES = ("calibrator.bench.fp32", "calibrator.bench.int8", "calibrator.bench.ort")
 
 REPO = Path(__file__).resolve().parents[2]
 
