@@ -121,7 +121,8 @@ def run_calibration(args, options) -> int:
                "loss": loss, "tolerance": args.accuracy_loss,
                "relative": bool(args.relative), "met": result.met,
                "strategy": args.strategy, "fp32_layers": result.reverted,
-               "target": args.target, "saturating_layers": result.saturating,
+               "target": args.target, "runtime": args.runtime,
+               "saturating_layers": result.saturating,
                "full_evaluations": result.evaluations,
                "int8_layers": len(plan.layers)}
     write_outputs(args, model, calibration, plan, paths,
@@ -207,7 +208,7 @@ def _search(args, model, calibration, metric_blob, paths):
               "iterations": args.iterations, "metric": metric_blob,
               "sampling_iterations": args.sampling_iterations,
               "options": repr(calibration.options), "target": args.target,
-              "saturation_fix": args.saturation_fix}
+              "saturation_fix": args.saturation_fix, "runtime": args.runtime}
     if args.resume and state_path.exists():
         state = SearchState.load(state_path, inputs)
         _say(args, f"resuming: {len(state.evaluations)} evaluations recalled from {state_path}")
@@ -227,6 +228,6 @@ def _search(args, model, calibration, metric_blob, paths):
                               time_budget=args.time_budget, scale_search=bool(args.scale_search),
                               allow_fp32=bool(args.use_fp32_fallback),
                               probe_images=args.probe_images, target=args.target,
-                              saturation_fix=args.saturation_fix)
+                              saturation_fix=args.saturation_fix, runtime=args.runtime)
     search = Search(model, calibration, evaluator, settings, say=lambda m: _say(args, m))
     return search.run(), evaluator

@@ -139,3 +139,25 @@ def test_forced_fix_and_candidates(saturating):
     assert candidate_fixes(targets.get_target("avx2-onednn"), True) == ["w7", "half", "s8"]
     assert candidate_fixes(targets.get_target("avx2-onednn"), False) == ["w7", "half"]
     assert candidate_fixes(targets.get_target("vnni"), True) == []
+
+
+def test_runtime_ort_runs_every_full_evaluation_through_ort_graph(saturating, tmp_path,
+                                                                   monkeypatch):
+    """--runtime ort: each INT8 full evaluation simulates the plan's exported model as ORT
+    runs it (``ort_simulator``; its exactness is tested in test_verify.py)."""
+    pytest.importorskip("onnxruntime")
+    from calibrator.verify import ort_graph
+
+    calls = []
+    original = ort_graph.ort_simulator
+
+    def counting(net, fused, plan, target=None):
+        calls.append(target.name if target is not None else None)
+        return original(net, fused, plan, target)
+
+    monkeypatch.setattr(ort_graph, "ort_simulator", counting)
+    code, search, _ = _search(saturating, tmp_path / "ort", "--target", "avx2",
+                              "--runtime", "ort")
+    int8_evaluations = len(search["trace"]) - 1  # all but FP32
+    assert search["runtime"] == "ort" and int8_evaluations >= 1
+    assert calls == ["avx2"] * int8_evaluations

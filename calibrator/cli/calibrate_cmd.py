@@ -95,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
                            "images, among 7-bit weights (w7), halved weight scales (half) and, "
                            "on -onednn targets, s8 input (s8); off: none; w7/half/s8: that "
                            "fix on every layer whose weights can saturate (also with -q)")
+    ours.add_argument("--runtime", choices=("intel", "ort"), default="intel",
+                      help="whose graph the full evaluations simulate: intel (Intel Caffe's "
+                           "fused INT8 kernels, what the prototxt is for) or ort (the model "
+                           "--export-onnx writes, as ONNX Runtime runs it: its float32 "
+                           "requantization, residual adds as QLinearAdd, the convs it keeps "
+                           "in float; needs onnxruntime)")
     ours.add_argument("--export-onnx", metavar="FILE",
                       help="also write the quantized net as an ONNX model with "
                            "QuantizeLinear/DequantizeLinear pairs carrying these scales")

@@ -68,6 +68,7 @@ class SearchSettings:
     probe_images: int = 16
     target: str = "vnni"     # the INT8 arithmetic full evaluations simulate
     saturation_fix: str = "auto"   # auto: chosen per layer; off; or w7/half/s8 everywhere
+    runtime: str = "intel"   # whose graph full evaluations simulate: intel or ort
 
 
 class _Budget(Exception):
@@ -115,12 +116,8 @@ class Search:
 
     def evaluate(self, plan: QuantPlan, action: str) -> EvalResult:
         self._check_budget()
-        simulator = self.calibration.simulator(plan)
-        if self.target is not None:
-            from calibrator.quant.targets import apply_target
-
-            apply_target(simulator, self.target)
-        result = self.evaluator.evaluate(plan, simulator.overrides, desc=action[:30])
+        result = self.evaluator.evaluate(plan, self._simulator(plan).overrides,
+                                         desc=action[:30])
         fp32_layers = len(plan.fp32_layers(self.fused))
         step = Step(len(self.trace) + 1, action, result.metric, self.loss(result.metric),
                     self.evaluator.used, round(time.time() - self.started, 1), fp32_layers,
@@ -130,6 +127,20 @@ class Search:
         self.say(f"[{step.evaluations:2d}] {action}: {result.metric:.6g} "
                  f"(loss {step.loss:+.4f}{', recalled' if result.cached else ''})")
         return result
+
+    def _simulator(self, plan: QuantPlan):
+        """What a full evaluation runs: Intel's fused kernels, or (``--runtime ort``) the
+        exported model as ONNX Runtime runs it; both with the target's arithmetic."""
+        if self.settings.runtime == "ort":
+            from calibrator.verify.ort_graph import ort_simulator
+
+            return ort_simulator(self.model.net, self.fused, plan, self.target)
+        simulator = self.calibration.simulator(plan)
+        if self.target is not None:
+            from calibrator.quant.targets import apply_target
+
+            apply_target(simulator, self.target)
+        return simulator
 
     def best(self) -> tuple[QuantPlan, float, bool]:
         met = [(p, r) for p, r in self.results if self.met(r)]

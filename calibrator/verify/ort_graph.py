@@ -49,8 +49,8 @@ def _optimized_graph(model_bytes: bytes):
         try:
             make_session(model_bytes, optimized_path=str(path), layout=False)
         except ImportError:
-            raise CalibratorError("calibrator verify needs onnxruntime: pip install "
-                                  "onnxruntime") from None
+            raise CalibratorError("ONNX Runtime is needed to read its graph (verify, "
+                                  "--runtime ort): pip install onnxruntime") from None
         return onnx.load(str(path)).graph
 
 
@@ -134,4 +134,22 @@ def read_ort_graph(export: ExportResult, model_bytes: bytes | None = None) -> Or
     return out
 
 
-__all__ = ["OrtGraph", "read_ort_graph", "FLOAT_KERNELS"]
+def ort_simulator(net, fused, plan, target=None):
+    """An Int8Simulator of ``plan`` that runs what ONNX Runtime runs for its exported model:
+    ORT's requantization, and exact accumulation in the units it leaves as float convs
+    (``target``: a Target for the INT8 kernels' arithmetic; None: exact)."""
+    from dataclasses import replace
+
+    from calibrator.quant.simulate import Int8Simulator
+    from calibrator.quant.targets import apply_target
+    from calibrator.verify.onnx_export import build_onnx
+
+    graph = read_ort_graph(build_onnx(net, fused, plan))
+    simulator = Int8Simulator(fused, plan, requant=graph.requant)
+    if target is not None and not target.exact:
+        apply_target(simulator, replace(target, skip=frozenset(graph.float_units),
+                                        record=None))
+    return simulator
+
+
+__all__ = ["OrtGraph", "read_ort_graph", "ort_simulator", "FLOAT_KERNELS"]
