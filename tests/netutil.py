@@ -99,3 +99,23 @@ def deployable(net_param, input_shapes: dict[str, tuple], drop_types=()) -> caff
             continue
         out.layer.add().CopyFrom(src)
     return out
+
+
+def tinted_image_net(folder, rng, count: int, size: int, net_template: str, name: str):
+    """``count`` size x size PNGs in ``folder/img``, each a distinct random tint plus noise
+    (so a tiny classifier's FP32 predictions vary), an ImageData list ``folder/list.txt``
+    labelled 0, and ``net_template`` (with {source} and {root}) written as
+    ``folder/<name>.prototxt``. Returns (prototxt path, image names)."""
+    import cv2
+
+    (folder / "img").mkdir()
+    names = []
+    for i in range(count):
+        color = rng.integers(0, 256, 3)
+        image = np.clip(color + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+        names.append(f"{i:03d}.png")
+        cv2.imwrite(str(folder / "img" / names[-1]), image)
+    (folder / "list.txt").write_text("".join(f"{n} 0\n" for n in names))
+    prototxt = folder / f"{name}.prototxt"
+    prototxt.write_text(net_template.format(source=folder / "list.txt", root=folder / "img"))
+    return prototxt, names

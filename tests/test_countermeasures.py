@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import math
 
-import cv2
 import numpy as np
 import pytest
 import torch
 
 from calibrator.caffe.caffemodel import write_caffemodel
 from calibrator.cli.main import main
+from tests.netutil import tinted_image_net
 from calibrator.quant import targets
 from calibrator.quant.calibrate import calibrate
 from calibrator.quant.scales import QuantOptions, UnitChoice
@@ -37,16 +37,7 @@ def saturating(tmp_path_factory):
     assert "kernel_size: 1 }} }}\nlayer {{ name: \"relu2\"" in NET
     tmp = tmp_path_factory.mktemp("saturating")
     rng = np.random.default_rng(7)
-    (tmp / "img").mkdir()
-    names = []
-    for i in range(test_search.IMAGES):
-        color = rng.integers(0, 256, 3)
-        image = np.clip(color + rng.normal(0, 40, (12, 12, 3)), 0, 255).astype(np.uint8)
-        names.append(f"{i:03d}.png")
-        cv2.imwrite(str(tmp / "img" / names[-1]), image)
-    (tmp / "list.txt").write_text("".join(f"{n} 0\n" for n in names))
-    prototxt = tmp / "net.prototxt"
-    prototxt.write_text(NET.format(source=tmp / "list.txt", root=tmp / "img"))
+    prototxt, names = tinted_image_net(tmp, rng, test_search.IMAGES, 12, NET, "net")
 
     def conv(o, c, k):
         return [rng.normal(0, math.sqrt(2.0 / (c * k * k)), (o, c, k, k)).astype(np.float32),

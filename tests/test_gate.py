@@ -11,12 +11,12 @@ import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 
 from calibrator.caffe.caffemodel import write_caffemodel
 from calibrator.cli.main import main
+from tests.netutil import tinted_image_net
 from calibrator.errors import CalibratorError
 
 NET = """
@@ -84,16 +84,7 @@ def tiny(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("gate")
     rng = np.random.default_rng(11)
-    (tmp / "img").mkdir()
-    names = []
-    for i in range(IMAGES):
-        color = rng.integers(0, 256, 3)
-        image = np.clip(color + rng.normal(0, 40, (10, 10, 3)), 0, 255).astype(np.uint8)
-        names.append(f"{i:03d}.png")
-        cv2.imwrite(str(tmp / "img" / names[-1]), image)
-    (tmp / "list.txt").write_text("".join(f"{n} 0\n" for n in names))
-    prototxt = tmp / "tiny.prototxt"
-    prototxt.write_text(NET.format(source=tmp / "list.txt", root=tmp / "img"))
+    prototxt, names = tinted_image_net(tmp, rng, IMAGES, 10, NET, "tiny")
     caffemodel = tmp / "tiny.caffemodel"
     weights = _weights(rng)
     write_caffemodel(caffemodel, weights)

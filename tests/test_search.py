@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 
 from calibrator.caffe.caffemodel import write_caffemodel
 from calibrator.cli.main import main
+from tests.netutil import tinted_image_net
 
 NET = """
 name: "tiny"
@@ -85,17 +84,7 @@ def _labels_from_fp32(tmp, prototxt, caffemodel, names, weights, rng):
 def tiny(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tiny")
     rng = np.random.default_rng(7)
-    (tmp / "img").mkdir()
-    names = []
-    for i in range(IMAGES):
-        color = rng.integers(0, 256, 3)  # a distinct tint per image: FP32 predictions vary
-        image = np.clip(color + rng.normal(0, 40, (12, 12, 3)), 0, 255).astype(np.uint8)
-        name = f"{i:03d}.png"
-        cv2.imwrite(str(tmp / "img" / name), image)
-        names.append(name)
-    (tmp / "list.txt").write_text("".join(f"{n} 0\n" for n in names))
-    prototxt = tmp / "tiny.prototxt"
-    prototxt.write_text(NET.format(source=tmp / "list.txt", root=tmp / "img"))
+    prototxt, names = tinted_image_net(tmp, rng, IMAGES, 12, NET, "tiny")
     caffemodel = tmp / "tiny.caffemodel"
     weights = _weights(rng)
     write_caffemodel(caffemodel, weights)
