@@ -97,17 +97,25 @@ def test_fixed_layer_no_longer_saturates(saturating):
     model = load_model(prototxt, caffemodel)
     calibration = calibrate(model, QuantOptions(), 2, quiet=True)
     feeds = model.source.batch(0)
-    for fix, changed in ((None, True), ("w7", False), ("half", False)):
+    cases = ((None, "avx2", True), ("w7", "avx2", False), ("half", "avx2", False),
+             (None, "avx2-onednn", True), ("s8", "avx2-onednn", False))
+    for fix, target_name, changed in cases:
         choices = {} if fix is None else {"conv2": UnitChoice(saturation_fix=fix)}
         plan = calibration.plan(choices)
         sim = calibration.simulator(plan)
-        target = targets.apply_target(sim, "avx2")
+        target = targets.apply_target(sim, target_name)
         target.record = {}
         with torch.no_grad():
             model.net(feeds, overrides=sim.overrides, outputs=["fc"])
         record = target.record.get("conv2")
         assert (record is not None and record.changed > 0) == changed, fix
-        if fix is not None:
+        lq = plan.layers["conv2"]
+        if fix == "s8":  # the u8 input becomes s8: 127/T instead of 255/T, weights kept
+            base = calibration.plan().layers["conv2"]
+            assert base.input_unsigned and not lq.input_unsigned
+            assert lq.scale_in == pytest.approx(base.scale_in * 127 / 255, rel=1e-6)
+            assert lq.scale_params == base.scale_params
+        elif fix is not None:
             limit = 63 if fix == "w7" else 64
             q = np.round(np.array(plan.layers["conv2"].scale_params)
                          * np.abs(model.net.node("conv2").module.weight_bias()[0]
