@@ -171,6 +171,25 @@ def test_ort_simulator_runs_what_ort_runs(tiny):
     assert worst_intel > 1e-3
 
 
+def test_written_prototxt_exports_the_same_model(tiny):
+    """The plan read back from the written quantization_param exports byte-identical ONNX
+    initializers (so `calibrator verify` on the prototxt checks what the search measured)."""
+    from calibrator.graph.net import CaffeNet
+    from calibrator.quant.fusion import analyze
+    from calibrator.quant.params import annotate, from_proto
+
+    written = CaffeNet(annotate(tiny.net_param, tiny.plan), tiny.weights).eval()
+    fused = analyze(written, quantize_fc=True)
+    again = build_onnx(written, fused, from_proto(fused))
+    first = build_onnx(tiny.net, tiny.fused, tiny.plan)
+    assert first.mid_scales and again.mid_scales == first.mid_scales
+
+    def initializers(result):
+        return {i.name: i.SerializeToString() for i in result.model.graph.initializer}
+
+    assert initializers(again) == initializers(first)
+
+
 def test_fp32_export_matches_the_caffe_net(tiny):
     result = build_onnx(tiny.net, tiny.fused, None)
     session = make_session(result.model.SerializeToString())

@@ -24,7 +24,8 @@ Differences from the simulation, all deliberate and reported by ``calibrator ver
 * A unit that absorbed an Eltwise SUM: Intel's kernel adds the residual to the float
   accumulator and quantizes once; ORT has no fused conv + sum, so by default
   (``residual="requant"``) the conv output is quantized first (s8 grid at 127/T_out, T_out the
-  unit's output threshold, recorded in ``ExportResult.mid_scales``) so the conv runs as
+  unit's output threshold as scale_out stores it, recorded in ``ExportResult.mid_scales``;
+  a unit with FP32 output keeps a float conv and add) so the conv runs as
   QLinearConv, and the Add then runs as QLinearAdd. ``calibrator verify`` simulates that
   (``calibrator.verify.ort_graph``).
   ``residual="float"`` keeps Intel's arithmetic (the conv then runs in FP32 on dequantized
@@ -277,16 +278,15 @@ class _Exporter:
         if unit.eltwise is not None:
             residual = self.ref_name(unit.residual)
             if lq is not None and self.residual == "requant":
-                threshold = lq.output_threshold
-                if lq.output_int8 and threshold <= 0:
+                if lq.output_int8:
+                    # the output threshold as the prototxt stores it (scale_out), so that a
+                    # plan read back from the prototxt exports the very same model
                     full = 2 ** lq.bits - 1 if lq.output_unsigned else 2 ** (lq.bits - 1) - 1
-                    threshold = full / lq.scale_out
-                if threshold > 0:
-                    mid = (2 ** (lq.bits - 1) - 1) / threshold
+                    mid = (2 ** (lq.bits - 1) - 1) * lq.scale_out / full
                     _, y, _ = self.qdq(y, mid, False, f"{hint}:mid", lq.bits)
                     self.mid_scales[unit.name] = mid
                 else:
-                    self.notes.append(f"{unit.name}: no output threshold, residual conv in FP32")
+                    self.notes.append(f"{unit.name}: FP32 output, residual conv in FP32")
             y = self.emit("Add", [y, residual], f"{hint}:add")[0]
         if unit.relu is not None:
             slope = unit.relu_slope
