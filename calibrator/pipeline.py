@@ -104,6 +104,7 @@ def run_calibration(args, options) -> int:
             raise CalibratorError(f"-n {metric}: no such blob in the TEST net")
     _say(args, f"calibrating {len(model.test_param.layer)} layers on {args.sampling_iterations}"
                f" batches of {model.batch_size} ({options.estimator})")
+    _warn_unused_fix(args)
     calibration = calibrate(model, options, args.sampling_iterations, quiet=args.quiet)
     plan = calibration.plan()
     if args.quantize_model:
@@ -158,6 +159,18 @@ def run_calibration(args, options) -> int:
     return EXIT_MET if result.met else EXIT_NOT_MET
 
 
+def _warn_unused_fix(args) -> None:
+    fix = getattr(args, "saturation_fix", "auto")
+    if fix in ("auto", "off"):
+        return
+    from calibrator.quant.targets import get_target
+
+    target = get_target(args.target)
+    if target.exact:
+        print(f"warning: --saturation-fix {fix} ignored: --target {target.name} never "
+              "saturates", file=sys.stderr, flush=True)
+
+
 def _forced_fix_plan(args, calibration, plan):
     """-q with --saturation-fix w7/half/s8: that fix on every layer that can saturate on
     --target (the search applies it the same way)."""
@@ -169,7 +182,6 @@ def _forced_fix_plan(args, calibration, plan):
 
     target = get_target(args.target)
     if target.exact:
-        _say(args, f"--saturation-fix {fix}: --target {target.name} never saturates; ignored")
         return plan
     choices = forced_choices(calibration.fused, plan, target, fix)
     _say(args, f"--saturation-fix {fix} on {len(choices)} layer(s) that can saturate on "

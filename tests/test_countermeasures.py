@@ -160,3 +160,30 @@ def test_runtime_ort_runs_every_full_evaluation_through_ort_graph(saturating, tm
     int8_evaluations = len(search["trace"]) - 1  # all but FP32
     assert search["runtime"] == "ort" and int8_evaluations >= 1
     assert calls == ["avx2"] * int8_evaluations
+
+
+def test_quantize_only_with_a_forced_fix(saturating, tmp_path, capsys):
+    """-q --saturation-fix w7: 7-bit weights on every layer whose weight pairs can saturate
+    on --target, none elsewhere; the written scales are the 8-bit ones x 63/127."""
+    _, prototxt, caffemodel = saturating
+
+    def quantize(out, *extra):
+        out.mkdir()
+        assert main(["-m", str(prototxt), "-w", str(caffemodel), "-s", "4", "-q", "--quiet",
+                     "--output", str(out / "q.prototxt"), "--json", str(out / "q.json"),
+                     *extra]) == 0
+        return {layer["name"]: layer for layer in json.loads((out / "q.json").read_text())
+                ["layers"]}
+
+    plain = quantize(tmp_path / "plain", "--target", "avx2")
+    fixed = quantize(tmp_path / "w7", "--target", "avx2", "--saturation-fix", "w7")
+    ignored = quantize(tmp_path / "vnni", "--target", "vnni", "--saturation-fix", "w7")
+    assert "never saturates" in capsys.readouterr().err
+    assert fixed["conv2"]["saturation_fix"] == "w7"
+    np.testing.assert_allclose(fixed["conv2"]["scale_params"],
+                               np.array(plain["conv2"]["scale_params"]) * 63 / 127, rtol=1e-6)
+    for name, layer in fixed.items():
+        if layer.get("saturation_fix") is None and "scale_params" in layer:
+            assert layer["scale_params"] == plain[name]["scale_params"]
+    assert all(layer.get("saturation_fix") is None for layer in ignored.values())
+    assert all(layer.get("saturation_fix") is None for layer in plain.values())
