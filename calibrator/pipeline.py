@@ -104,11 +104,11 @@ def run_calibration(args, options) -> int:
             raise CalibratorError(f"-n {metric}: no such blob in the TEST net")
     _say(args, f"calibrating {len(model.test_param.layer)} layers on {args.sampling_iterations}"
                f" batches of {model.batch_size} ({options.estimator})")
-    _warn_unused_fix(args)
+    forced = _forced_fix(args)
     calibration = calibrate(model, options, args.sampling_iterations, quiet=args.quiet)
     plan = calibration.plan()
     if args.quantize_model:
-        plan = _forced_fix_plan(args, calibration, plan)
+        plan = _forced_fix_plan(args, calibration, plan, forced)
         write_outputs(args, model, calibration, plan, paths)
         export_onnx_if_asked(args, model, calibration, plan)
         print(f"quantized prototxt written: {paths['prototxt']} "
@@ -159,30 +159,30 @@ def run_calibration(args, options) -> int:
     return EXIT_MET if result.met else EXIT_NOT_MET
 
 
-def _warn_unused_fix(args) -> None:
+def _forced_fix(args):
+    """(fix, Target) for --saturation-fix w7/half/s8 on a target that saturates; None for
+    auto/off, or (with a warning) for a target that never saturates."""
     fix = getattr(args, "saturation_fix", "auto")
     if fix in ("auto", "off"):
-        return
+        return None
     from calibrator.quant.targets import get_target
 
     target = get_target(args.target)
     if target.exact:
         print(f"warning: --saturation-fix {fix} ignored: --target {target.name} never "
               "saturates", file=sys.stderr, flush=True)
+        return None
+    return fix, target
 
 
-def _forced_fix_plan(args, calibration, plan):
-    """-q with --saturation-fix w7/half/s8: that fix on every layer that can saturate on
-    --target (the search applies it the same way)."""
-    fix = getattr(args, "saturation_fix", "auto")
-    if fix in ("auto", "off"):
+def _forced_fix_plan(args, calibration, plan, forced):
+    """-q with a forced fix: that fix on every layer that can saturate on the target (the
+    search applies it the same way)."""
+    if forced is None:
         return plan
-    from calibrator.quant.targets import get_target
     from calibrator.search.countermeasures import forced_choices
 
-    target = get_target(args.target)
-    if target.exact:
-        return plan
+    fix, target = forced
     choices = forced_choices(calibration.fused, plan, target, fix)
     _say(args, f"--saturation-fix {fix} on {len(choices)} layer(s) that can saturate on "
                f"{target.name}")

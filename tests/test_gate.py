@@ -16,8 +16,8 @@ import pytest
 
 from calibrator.caffe.caffemodel import write_caffemodel
 from calibrator.cli.main import main
-from tests.netutil import tinted_image_net
 from calibrator.errors import CalibratorError
+from tests.netutil import tinted_image_net
 
 NET = """
 name: "gate_tiny"

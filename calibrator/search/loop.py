@@ -23,7 +23,7 @@ from calibrator.search.adjust import Adjustment, adjust_layers
 from calibrator.search.countermeasures import (choose_countermeasures, forced_choices,
                                                rank_with_saturation)
 from calibrator.search.evaluator import EvalResult, Evaluator
-from calibrator.search.sensitivity import make_probe, output_blobs
+from calibrator.search.sensitivity import make_probe, output_blobs, simulator_for
 
 ADJUST_WORST = 5
 PRUNE_EVALS = 2
@@ -135,12 +135,7 @@ class Search:
             from calibrator.verify.ort_graph import ort_simulator
 
             return ort_simulator(self.model.net, self.fused, plan, self.target)
-        simulator = self.calibration.simulator(plan)
-        if self.target is not None:
-            from calibrator.quant.targets import apply_target
-
-            apply_target(simulator, self.target)
-        return simulator
+        return simulator_for(self.fused, plan, self.target)
 
     def best(self) -> tuple[QuantPlan, float, bool]:
         met = [(p, r) for p, r in self.results if self.met(r)]

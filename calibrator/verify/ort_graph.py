@@ -54,21 +54,18 @@ def _optimized_graph(model_bytes: bytes):
         return onnx.load(str(path)).graph
 
 
-def _exported_q(export: ExportResult, unit: str, which: str):
-    """(scale, zero point) of the exported QuantizeLinear ``<unit>:<which>``, or None."""
-    from onnx import numpy_helper
-
-    wanted = {f"{unit}:{which}:scale", f"{unit}:{which}:zp"}
-    values = {init.name: numpy_helper.to_array(init) for init in export.model.graph.initializer
-              if init.name in wanted}
-    if len(values) != 2:
+def _exported_q(exported: dict, unit: str, which: str):
+    """(scale, zero point) of the exported QuantizeLinear ``<unit>:<which>``, or None
+    (``exported``: the export's initializers by name)."""
+    scale, zp = exported.get(f"{unit}:{which}:scale"), exported.get(f"{unit}:{which}:zp")
+    if scale is None or zp is None:
         return None
-    return float(np.float32(values[f"{unit}:{which}:scale"])), values[f"{unit}:{which}:zp"]
+    return float(np.float32(scale)), zp
 
 
-def _input_rule(export: ExportResult, unit: str) -> RuntimeRequant | None:
+def _input_rule(exported: dict, unit: str) -> RuntimeRequant | None:
     """Only the input QuantizeLinear of a unit ORT runs as a float conv."""
-    q = _exported_q(export, unit, "in")
+    q = _exported_q(exported, unit, "in")
     if q is None:
         return None
     info = np.iinfo(q[1].dtype)
@@ -82,6 +79,8 @@ def read_ort_graph(export: ExportResult, model_bytes: bytes | None = None) -> Or
 
     graph = _optimized_graph(model_bytes or export.model.SerializeToString())
     values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    exported = {init.name: numpy_helper.to_array(init)
+                for init in export.model.graph.initializer if init.dims == []}
     by_kernel = {kernel: unit for unit, kernel in export.unit_kernels.items()}
     out = OrtGraph()
 
@@ -99,7 +98,7 @@ def read_ort_graph(export: ExportResult, model_bytes: bytes | None = None) -> Or
             continue
         if node.op_type in FLOAT_KERNELS:
             out.float_units.add(unit)
-            rule = _input_rule(export, unit)
+            rule = _input_rule(exported, unit)
             if rule is not None:
                 out.requant[unit] = rule
             continue
@@ -124,7 +123,7 @@ def read_ort_graph(export: ExportResult, model_bytes: bytes | None = None) -> Or
                             for i, v in enumerate(constants))
         sum_q = None
         if add is None:  # a float Add (residual not quantized), then the unit's output Q
-            sum_q = _exported_q(export, unit, "out")
+            sum_q = _exported_q(exported, unit, "out")
             sum_q = None if sum_q is None else (sum_q[0], int(sum_q[1]))
         out.requant[unit] = RuntimeRequant(
             x_scale=float(np.float32(x_scale)), x_zero_point=int(x_zp),
@@ -134,22 +133,30 @@ def read_ort_graph(export: ExportResult, model_bytes: bytes | None = None) -> Or
     return out
 
 
-def ort_simulator(net, fused, plan, target=None):
-    """An Int8Simulator of ``plan`` that runs what ONNX Runtime runs for its exported model:
-    ORT's requantization, and exact accumulation in the units it leaves as float convs
-    (``target``: a Target for the INT8 kernels' arithmetic; None: exact)."""
+def graph_simulator(fused, plan, graph: OrtGraph, target=None):
+    """(Int8Simulator, its Target or None) running what ORT runs: ``graph``'s
+    requantization, and exact accumulation in the units ORT leaves as float convs; the INT8
+    kernels accumulate as ``target`` (a name or Target; None: exact)."""
     from dataclasses import replace
 
     from calibrator.quant.simulate import Int8Simulator
-    from calibrator.quant.targets import apply_target
+    from calibrator.quant.targets import apply_target, get_target
+
+    simulator = Int8Simulator(fused, plan, requant=graph.requant)
+    if target is None:
+        return simulator, None
+    own = replace(get_target(target), skip=frozenset(graph.float_units), record=None)
+    return simulator, apply_target(simulator, own)
+
+
+def ort_simulator(net, fused, plan, target=None):
+    """An Int8Simulator of ``plan`` that runs what ONNX Runtime runs for its exported model
+    (what ``--runtime ort`` evaluates)."""
     from calibrator.verify.onnx_export import build_onnx
 
-    graph = read_ort_graph(build_onnx(net, fused, plan))
-    simulator = Int8Simulator(fused, plan, requant=graph.requant)
-    if target is not None and not target.exact:
-        apply_target(simulator, replace(target, skip=frozenset(graph.float_units),
-                                        record=None))
-    return simulator
+    return graph_simulator(fused, plan, read_ort_graph(build_onnx(net, fused, plan)),
+                           target)[0]
 
 
-__all__ = ["OrtGraph", "read_ort_graph", "ort_simulator", "FLOAT_KERNELS"]
+__all__ = ["OrtGraph", "read_ort_graph", "graph_simulator", "ort_simulator",
+           "FLOAT_KERNELS"]

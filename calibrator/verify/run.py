@@ -26,7 +26,7 @@ from calibrator.evaluation import batches as test_batches
 from calibrator.quant import targets as targets_mod
 from calibrator.quant.simulate import Int8Simulator
 from calibrator.verify.onnx_export import ExportResult, build_onnx
-from calibrator.verify.ort_graph import OrtGraph, read_ort_graph
+from calibrator.verify.ort_graph import OrtGraph, graph_simulator, read_ort_graph
 
 
 @dataclass
@@ -151,14 +151,12 @@ def _scores(tensor) -> np.ndarray:
 
 
 def _simulator(fused, plan, target_name: str, graph: OrtGraph, as_exported: bool):
-    """A simulator of ``target_name``; with ``as_exported`` it simulates the graph ORT runs:
-    ORT's float32 requantization (and the residual convs' rounding before the add), and
-    exact accumulation in the units ORT runs in float."""
-    sim = Int8Simulator(fused, plan, requant=graph.requant if as_exported else None)
-    target = targets_mod.apply_target(sim, target_name)
+    """(simulator, Target) of ``target_name``: of the graph ORT runs (``as_exported``,
+    see ``ort_graph.graph_simulator``), else of Intel's fused kernels."""
     if as_exported:
-        target.skip = frozenset(graph.float_units)
-    return sim, target
+        return graph_simulator(fused, plan, graph, target_name)
+    sim = Int8Simulator(fused, plan)
+    return sim, targets_mod.apply_target(sim, target_name)
 
 
 def verify(model, fused, plan, *, iterations: int, target_names=("vnni", "avx2"),
