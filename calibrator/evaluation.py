@@ -1,33 +1,19 @@
-"""The ``caffe test`` equivalent: run N TEST batches and average every output blob."""
+"""The ``caffe test`` equivalent: run N TEST batches and report every output blob over them
+(the mean, as ``caffe test`` prints it; the mAP for a DetectionEvaluate top), through the
+metrics package (:mod:`calibrator.metrics`)."""
 
 from __future__ import annotations
 
+import io
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
-import torch
 
-from calibrator.errors import CalibratorError
 from calibrator.fileio import atomic_write
-from calibrator.progress import progress_bar
-
-
-def batches(model, iterations: int, *, desc: str = "batches", quiet: bool = False
-            ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-    """(index, feeds on the model's device) for TEST batches 0..iterations-1."""
-    if iterations < 1:
-        raise CalibratorError(f"-i/--iterations must be at least 1, got {iterations}")
-    if model.source is None:
-        raise CalibratorError(f"{model.prototxt}: nothing feeds the net (no data layer; "
-                              "give --images for a deploy net)")
-    model.source.prefetch(iterations)  # a bad image fails here, before any output is written
-    for index in progress_bar(range(iterations), desc=desc, quiet=quiet):
-        feeds = model.source.batch(index)
-        yield index, {k: v.to(model.device, non_blocking=True) for k, v in feeds.items()}
+from calibrator.metrics import make_metric, measure
 
 
 @dataclass
@@ -52,52 +38,26 @@ def _file_stem(blob: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", blob)
 
 
-def run_test(model, iterations: int, *, dump_dir: str | Path | None = None,
-             hook: Callable | None = None, overrides: dict | None = None,
-             quiet: bool = False) -> TestResult:
-    """Average each net output over ``iterations`` batches (Caffe's ``caffe test``)."""
-    from calibrator.detection.map import DetectionAccumulator
-    from calibrator.graph.layers.detection_evaluate import evaluation_outputs, reset_state
+def run_test(model, iterations: int, *, net=None, dump_dir: str | Path | None = None,
+             overrides: dict | None = None, quiet: bool = False,
+             ap_version: str | None = None) -> TestResult:
+    """Every output of ``net`` (default the model's) over ``iterations`` batches."""
+    net = model.net if net is None else net
+    metrics = [make_metric(net, name, ap_version=ap_version) for name in net.output_names]
 
-    sums: OrderedDict[str, np.ndarray] = OrderedDict()
-    net = model.net
-    detections = {name: DetectionAccumulator() for name in evaluation_outputs(net)}
-    reset_state(net)
-    with torch.no_grad():
-        for index, feeds in batches(model, iterations, desc="test", quiet=quiet):
-            outputs = net(feeds, hook=hook, overrides=overrides)
-            for name in net.output_names:
-                value = outputs[name].detach().float().cpu().numpy()
-                if dump_dir is not None:
-                    path = Path(dump_dir) / f"{_file_stem(name)}_{index}.npy"
-                    _save_npy(path, value)
-                if name in detections:  # mAP over all iterations, as caffe test -detection
-                    detections[name].add(value)
-                    continue
-                if name in sums and sums[name] is not None and sums[name].shape != value.shape:
-                    sums[name] = None  # varying shape (e.g. detections): no mean
-                elif name not in sums:
-                    sums[name] = value.astype(np.float64)
-                elif sums[name] is not None:
-                    sums[name] += value
-    scores = OrderedDict((k, v / iterations) for k, v in sums.items() if v is not None)
-    for name, accumulator in detections.items():
-        scores[name] = np.array(accumulator.mean_ap(_ap_version(net, name)))
+    def dump(index, outputs):
+        for name in net.output_names:
+            value = outputs[name].detach().float().cpu().numpy()
+            buffer = io.BytesIO()
+            np.save(buffer, value)
+            atomic_write(Path(dump_dir) / f"{_file_stem(name)}_{index}.npy", buffer.getvalue())
+
+    outcomes = measure(model, metrics, iterations, net=net, overrides=overrides,
+                       reference=overrides is None, desc="test", quiet=quiet,
+                       on_batch=dump if dump_dir is not None else None)
+    scores = OrderedDict()
+    for metric, batches in zip(metrics, outcomes):
+        value = metric.summary(batches)
+        if value is not None:  # a blob whose shape varies (e.g. detections) has no mean
+            scores[metric.blob] = value
     return TestResult(scores, iterations)
-
-
-def _ap_version(net, blob: str) -> str:
-    for node in net.nodes:
-        if node.type == "DetectionEvaluate" and blob in node.tops:
-            param = node.param.detection_evaluate_param
-            if "ap_version" in param.DESCRIPTOR.fields_by_name and param.HasField("ap_version"):
-                return param.ap_version
-    return "11point"
-
-
-def _save_npy(path: Path, value: np.ndarray) -> None:
-    import io
-
-    buffer = io.BytesIO()
-    np.save(buffer, value)
-    atomic_write(path, buffer.getvalue())

@@ -1,4 +1,8 @@
-"""Load a Caffe model for one phase: prototxt + caffemodel + data source -> runnable graph."""
+"""Load a Caffe model for one phase: prototxt + caffemodel + data source -> runnable graph.
+
+One loader for every command: the main command, ``test``, ``gate`` and ``verify`` load the
+FP32 model with :func:`load_model`; a quantized prototxt of the same net runs on that model's
+weights and batches through :func:`load_quantized`."""
 
 from __future__ import annotations
 
@@ -9,32 +13,20 @@ from typing import Sequence
 
 import torch
 
+from calibrator import data
 from calibrator.caffe import caffe_pb2
 from calibrator.caffe.caffemodel import read_caffemodel
 from calibrator.caffe.netstate import filter_net
 from calibrator.caffe.prototxt import read_net
+from calibrator.caffe.types import DATA_LAYER_TYPES
+from calibrator.data.options import DetectionListOptions, ImageFolderOptions
+from calibrator.data.paths import resolve_path
+from calibrator.detection.deploy import add_detection_evaluation
 from calibrator.errors import CalibratorError
 from calibrator.graph.net import CaffeNet
-
-
-@dataclass
-class ImageFolderOptions:
-    """Preprocessing for a deploy net fed from a folder of images (no data layer)."""
-
-    folder: str
-    mean: Sequence[float] = (0.0, 0.0, 0.0)
-    norm: float = 1.0
-    size: Sequence[int] | None = None  # (H, W)
-    batch_size: int | None = None
-
-
-@dataclass
-class DetectionListOptions:
-    """A deploy detector evaluated on a create_annoset-style list (``--det-list``)."""
-
-    list_path: str
-    labelmap: str
-    name_size: str | None = None
+from calibrator.quant.fusion import FusedGraph, analyze
+from calibrator.quant.params import from_proto, has_quantization
+from calibrator.quant.scales import QuantPlan
 
 
 @dataclass
@@ -66,8 +58,6 @@ def select_device(gpu: int | None) -> torch.device:
 
 def build_source(test_param, base_dir: Path, images: ImageFolderOptions | None):
     """The data source that feeds the net's data layer (or the image folder of a deploy net)."""
-    from calibrator import data
-
     data_layers = [l for l in test_param.layer if data.is_data_layer(l.type)]
     inputs = [l for l in test_param.layer if l.type == "Input"]
     if images is not None:
@@ -90,8 +80,6 @@ def build_source(test_param, base_dir: Path, images: ImageFolderOptions | None):
 def _absolute_evaluation_paths(test_param, base_dir: Path) -> None:
     """DetectionEvaluate opens its name/size file itself: resolve it as the data layers
     resolve their paths (the prototxt's folder first, then the working directory)."""
-    from calibrator.data.paths import resolve_path
-
     for layer in test_param.layer:
         if layer.type == "DetectionEvaluate":
             param = layer.detection_evaluate_param
@@ -107,15 +95,8 @@ def load_model(prototxt: str | os.PathLike, weights: str | os.PathLike | None, *
                detection_list: DetectionListOptions | None = None) -> Model:
     prototxt = Path(prototxt)
     net_param = read_net(prototxt)  # written back with scales: the user's own net
-    evaluated = net_param
+    evaluated = with_detection_list(net_param, detection_list)
     if detection_list is not None:
-        from calibrator.detection.deploy import add_detection_evaluation
-
-        preprocessing = images or ImageFolderOptions("")
-        evaluated = add_detection_evaluation(
-            net_param, detection_list.list_path, detection_list.labelmap,
-            detection_list.name_size, preprocessing.mean, preprocessing.norm,
-            preprocessing.size, batch_size=preprocessing.batch_size)
         images = None
     test_param = filter_net(evaluated, caffe_pb2.TEST, stages)
     _absolute_evaluation_paths(test_param, prototxt.parent)
@@ -130,3 +111,59 @@ def load_model(prototxt: str | os.PathLike, weights: str | os.PathLike | None, *
     net.to(device).eval()
     return Model(prototxt, Path(weights) if weights else None, net_param, test_param,
                  weight_blobs, net, source, device)
+
+
+def with_detection_list(net_param, options: DetectionListOptions | None):
+    """The net a deploy detector is evaluated as on a ``--det-list`` (unchanged without)."""
+    if options is None:
+        return net_param
+    return add_detection_evaluation(net_param, options.list_path, options.labelmap,
+                                    options.name_size, options.mean, options.norm,
+                                    options.size, batch_size=options.batch_size)
+
+
+@dataclass
+class QuantizedNet:
+    """A quantized prototxt's TEST net on an FP32 model's weights, and its plan."""
+
+    prototxt: Path
+    net: CaffeNet
+    fused: FusedGraph
+    plan: QuantPlan
+
+
+def quantized_plan(net: CaffeNet) -> tuple[FusedGraph, QuantPlan] | None:
+    """The fused view and the plan a net's ``quantization_param`` describe (None if none)."""
+    if not has_quantization(net.net_param):
+        return None
+    fused = analyze(net, quantize_fc=True)
+    return fused, from_proto(fused)
+
+
+def _signature(test_param) -> list[tuple]:
+    return [(l.name, l.type, tuple(l.bottom), tuple(l.top)) for l in test_param.layer
+            if l.type not in DATA_LAYER_TYPES and l.type != "Input"]
+
+
+def load_quantized(fp32: Model, prototxt: str | os.PathLike,
+                   detection_list: DetectionListOptions | None = None) -> QuantizedNet:
+    """The INT8 prototxt ``prototxt`` of ``fp32``'s net, run on ``fp32``'s weights and
+    batches (its layers must be the same, with quantization_param on the INT8 ones)."""
+    prototxt = Path(prototxt)
+    net_param = read_net(prototxt)
+    if not has_quantization(net_param):
+        raise CalibratorError(f"{prototxt}: no layer carries quantization_param (not an "
+                              "INT8 prototxt)")
+    test_param = filter_net(with_detection_list(net_param, detection_list), caffe_pb2.TEST)
+    ours, theirs = _signature(test_param), _signature(fp32.test_param)
+    if ours != theirs:
+        where = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b),
+                     min(len(ours), len(theirs)))
+        what = (f"layer {where}: {ours[where][:2]} vs FP32 {theirs[where][:2]}"
+                if where < min(len(ours), len(theirs))
+                else f"{len(ours)} layers vs {len(theirs)} in the FP32 net")
+        raise CalibratorError(f"{prototxt}: not the INT8 form of {fp32.prototxt} ({what})")
+    net = CaffeNet(test_param, fp32.weights, fp32.source.top_shapes(), source=str(prototxt))
+    net.to(fp32.device).eval()
+    fused, plan = quantized_plan(net)
+    return QuantizedNet(prototxt, net, fused, plan)

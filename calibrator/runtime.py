@@ -1,11 +1,10 @@
-"""Process-wide settings that make CPU inference fast and results reproducible."""
+"""Process-wide settings for the command-line process (the CLI calls them; a library caller
+decides for itself)."""
 
 from __future__ import annotations
 
 import ctypes
 import sys
-
-import torch
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -25,9 +24,3 @@ def tune_allocator() -> None:
         libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1)
     except (OSError, AttributeError):  # not glibc: nothing to tune
         pass
-
-
-def exact_arithmetic() -> None:
-    """No TF32 on CUDA: the INT8 simulation's integer accumulations must stay exact."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False

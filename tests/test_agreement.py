@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from calibrator.errors import CalibratorError
-from calibrator.search.agreement import (AgreementMetric, default_scores_blob, fingerprint,
-                                         make_agreement_metric, top1)
+from calibrator.metrics import make_metric
+from calibrator.metrics.agreement import (AgreementMetric, default_scores_blob, fingerprint,
+                                          top1)
 from calibrator.search.evaluator import Evaluator, SearchState
 from tests.quant_helpers import TinyNet, input_text
 
@@ -81,7 +82,7 @@ def test_top1_and_fingerprint():
 
 
 def test_fp32_agrees_with_itself_and_flips_are_counted(tiny):
-    metric = make_agreement_metric(tiny.net, "fc")
+    metric = make_metric(tiny.net, "fc", "agreement")
     assert metric.outputs() == ["fc", "data"]
     feeds = tiny.batches[0]
     with torch.no_grad():
@@ -113,7 +114,7 @@ def test_reference_is_computed_on_demand_without_an_fp32_pass(tiny):
 def test_through_the_evaluator_with_a_recalled_fp32_evaluation(tiny, tmp_path):
     model = _Model(tiny)
     state = SearchState(None, {})
-    metric = make_agreement_metric(tiny.net)  # the net's only scores output: fc
+    metric = make_metric(tiny.net, None, "agreement")  # the net's only scores output: fc
     assert metric.blob == "fc"
     evaluator = Evaluator(model, metric, 2, state, quiet=True)
     fp32 = evaluator.evaluate(None, None)
@@ -126,7 +127,7 @@ def test_through_the_evaluator_with_a_recalled_fp32_evaluation(tiny, tmp_path):
     assert flipped.metric == pytest.approx(6 / 8)
     assert flipped.per_sample.tolist() == [True, True, False, True] * 2
 
-    fresh = Evaluator(model, make_agreement_metric(tiny.net), 2,
+    fresh = Evaluator(model, make_metric(tiny.net, None, "agreement"), 2,
                       SearchState(None, {}, dict(state.evaluations)), quiet=True)
     assert fresh.evaluate(None, None).cached
     fresh.state.evaluations.pop(next(k for k in fresh.state.evaluations if k != "fp32"))
@@ -135,7 +136,7 @@ def test_through_the_evaluator_with_a_recalled_fp32_evaluation(tiny, tmp_path):
 
 
 def test_combine_weights_batches_by_their_samples(tiny):
-    from calibrator.search.metric import BatchOutcome
+    from calibrator.metrics import BatchOutcome
 
     metric = AgreementMetric(tiny.net, "fc")
     batches = [BatchOutcome(1.0, np.array([True] * 3)), BatchOutcome(0.0, np.array([False]))]

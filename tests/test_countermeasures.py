@@ -22,6 +22,7 @@ from tests.netutil import tinted_image_net
 from calibrator.quant import targets
 from calibrator.quant.calibrate import calibrate
 from calibrator.quant.scales import QuantOptions, UnitChoice
+from calibrator.quant.simulate import Int8Simulator
 from calibrator.search.countermeasures import candidate_fixes, forced_choices
 from tests import test_search
 
@@ -102,12 +103,11 @@ def test_fixed_layer_no_longer_saturates(saturating):
     for fix, target_name, changed in cases:
         choices = {} if fix is None else {"conv2": UnitChoice(saturation_fix=fix)}
         plan = calibration.plan(choices)
-        sim = calibration.simulator(plan)
-        target = targets.apply_target(sim, target_name)
-        target.record = {}
+        records = {}
+        sim = Int8Simulator(calibration.fused, plan, target=target_name, saturation=records)
         with torch.no_grad():
             model.net(feeds, overrides=sim.overrides, outputs=["fc"])
-        record = target.record.get("conv2")
+        record = records.get("conv2")
         assert (record is not None and record.changed > 0) == changed, fix
         lq = plan.layers["conv2"]
         if fix == "s8":  # the u8 input becomes s8: 127/T instead of 255/T, weights kept
@@ -145,16 +145,16 @@ def test_runtime_ort_runs_every_full_evaluation_through_ort_graph(saturating, tm
     """--runtime ort: each INT8 full evaluation simulates the plan's exported model as ORT
     runs it (``ort_simulator``; its exactness is tested in test_verify.py)."""
     pytest.importorskip("onnxruntime")
-    from calibrator.verify import ort_graph
+    from calibrator.backends import OrtBackend
 
     calls = []
-    original = ort_graph.ort_simulator
+    original = OrtBackend.simulator
 
-    def counting(net, fused, plan, target=None):
-        calls.append(target.name if target is not None else None)
-        return original(net, fused, plan, target)
+    def counting(self, fused, plan, **options):
+        calls.append(self.target.name)
+        return original(self, fused, plan, **options)
 
-    monkeypatch.setattr(ort_graph, "ort_simulator", counting)
+    monkeypatch.setattr(OrtBackend, "simulator", counting)
     code, search, _ = _search(saturating, tmp_path / "ort", "--target", "avx2",
                               "--runtime", "ort")
     int8_evaluations = len(search["trace"]) - 1  # all but FP32

@@ -111,9 +111,6 @@ def test_converted_model_matches_the_pytorch_reference(convert, pth, converted):
     from calibrator.caffe.caffemodel import read_caffemodel
     from calibrator.caffe.prototxt import read_net
     from calibrator.graph.net import CaffeNet
-    from calibrator.runtime import exact_arithmetic
-
-    exact_arithmetic()
     deploy, caffemodel = converted
     reference = ReferenceMobileNetV2(convert.STAGES).eval()
     state = torch.load(pth, map_location="cpu", weights_only=True)

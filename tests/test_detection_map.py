@@ -278,7 +278,7 @@ def opencv_voc_map(shared):
 
 
 def _our_map(prototxt, weights, iterations):
-    from calibrator.evaluation import batches
+    from calibrator.data import batches
     from calibrator.graph.layers.detection_evaluate import evaluation_outputs, reset_state
     from calibrator.model import load_model
 

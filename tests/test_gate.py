@@ -54,9 +54,6 @@ def gate(*argv) -> int:
     if "gate" in cli.SUBCOMMANDS:
         return cli.main(["gate", *map(str, argv)])
     from calibrator.cli import gate_cmd
-    from calibrator.runtime import exact_arithmetic
-
-    exact_arithmetic()
     parser = argparse.ArgumentParser(prog="calibrator")
     gate_cmd.add_parser(parser.add_subparsers(dest="command"))
     try:

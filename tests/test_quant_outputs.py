@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
+from calibrator.backends import make_backend
 from calibrator.caffe import caffe_pb2
 from calibrator.caffe.caffemodel import write_caffemodel
 from calibrator.caffe.prototxt import read_net
@@ -157,7 +158,8 @@ def test_calibrator_test_on_the_written_prototxt_matches_the_in_memory_simulatio
     calibration = calibrate(model_, QuantOptions(estimator="MSE"), 2, quiet=True)
     plan = calibration.plan()
     assert sorted(plan.layers) == QUANTIZED
-    in_memory = run_test(model_, 2, overrides=calibration.simulator(plan).overrides,
+    in_memory = run_test(model_, 2, overrides=make_backend().simulator(calibration.fused,
+                                                                      plan).overrides,
                          quiet=True, dump_dir=tmp_path / "memory").lines()
     fp32 = run_test(model_, 2, quiet=True).lines()
     assert any(line.startswith("accuracy = ") for line in from_file)

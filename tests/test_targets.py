@@ -14,9 +14,10 @@ import torch
 from calibrator.graph.net import CaffeNet
 from calibrator.quant import targets
 from calibrator.quant.fusion import analyze
-from calibrator.quant.scales import LayerQuant, QuantOptions, QuantPlan
+from calibrator.quant.scales import LayerQuant, QuantOptions, QuantPlan, UnitChoice, build_plan
 from calibrator.quant.simulate import Int8Simulator
 from tests.netutil import parse_net
+from tests.quant_helpers import TinyNet, input_text
 
 CPUINFO = """processor\t: 0
 vendor_id\t: AuthenticAMD
@@ -44,8 +45,7 @@ def integer_plan(net, unsigned=True, bits=8, kind="conv"):
 
 
 def simulate(net, fused, plan, x, target):
-    sim = Int8Simulator(fused, plan)
-    targets.apply_target(sim, target)
+    sim = Int8Simulator(fused, plan, target=target)
     with torch.no_grad():
         out = net({"data": torch.from_numpy(x)}, overrides=sim.overrides)
     return out["y"].double().numpy()
@@ -273,20 +273,23 @@ def test_record_counts_saturated_outputs():
     net = conv_net(shape, "convolution_param { num_output: 4 kernel_size: 1 "
                           "bias_term: false }", weight)
     fused, plan = integer_plan(net)
-    sim = Int8Simulator(fused, plan)
-    target = targets.apply_target(sim, "avx2")
-    target.record = {}
+    record = {}
+    sim = Int8Simulator(fused, plan, target="avx2", saturation=record)
     with torch.no_grad():
         net({"data": torch.from_numpy(x)}, overrides=sim.overrides)
-    entry = target.record["conv"]
+    entry = record["conv"]
     assert entry.outputs == 4 * 16 and 0 < entry.changed <= entry.outputs
     assert entry.relative_error > 0
 
 
 def test_countermeasure_changes_and_effect():
-    assert targets.countermeasure_changes("w7") == {"saturation_fix": "w7"}
-    with pytest.raises(ValueError):
-        targets.countermeasure_changes("w6")
+    tiny = TinyNet(input_text((1, 3, 4, 4)) + """
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+  convolution_param { num_output: 2 kernel_size: 1 } }""")
+    tiny.calibrate(first_conv=True)
+    with pytest.raises(ValueError):  # an unknown counter-measure is refused
+        build_plan(tiny.fused, tiny.stats, QuantOptions(first_conv=True),
+                   {"conv": UnitChoice(saturation_fix="w6")})
     assert targets.countermeasure_helps("w7", "avx2")
     assert not targets.countermeasure_helps("s8", "avx2")
     assert targets.countermeasure_helps("s8", "avx2-onednn")

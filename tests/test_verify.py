@@ -24,9 +24,9 @@ ort = pytest.importorskip("onnxruntime")
 from calibrator.quant import targets  # noqa: E402
 from calibrator.quant.simulate import Int8Simulator  # noqa: E402
 from calibrator.verify import run as verify_run  # noqa: E402
-from calibrator.verify.onnx_export import build_onnx, export_onnx  # noqa: E402
-from calibrator.verify.ort_graph import read_ort_graph  # noqa: E402
-from calibrator.verify.ort_worker import make_session  # noqa: E402
+from calibrator.export.qdq import build_onnx, export_onnx  # noqa: E402
+from calibrator.backends.ort import read_ort_graph  # noqa: E402
+from calibrator.ort_worker import make_session  # noqa: E402
 from tests.quant_helpers import (TinyNet, bn_scale_text, conv_text, input_text,  # noqa: E402
                                  relu_text)
 
@@ -60,8 +60,7 @@ def tiny():
 
 
 def _sim(tiny, target, feeds, capture_units=(), requant=None):
-    sim = Int8Simulator(tiny.fused, tiny.plan, requant=requant)
-    targets.apply_target(sim, target)
+    sim = Int8Simulator(tiny.fused, tiny.plan, requant=requant, target=target)
     last = {tiny.fused.by_name[n].last.index: n for n in capture_units}
     captured = {}
 
@@ -152,14 +151,13 @@ def test_ort_agrees_with_the_simulation_of_this_cpu(tiny, residual):
 def test_ort_simulator_runs_what_ort_runs(tiny):
     """ort_simulator (what ``--runtime ort`` evaluates) gives ORT's probabilities; Intel's
     fused kernels (one rounding after the residual add, float64) do not."""
-    from calibrator.verify.ort_graph import ort_simulator
+    from calibrator.backends import make_backend
 
     target = targets.get_target(targets.detect_target())
     result = build_onnx(tiny.net, tiny.fused, tiny.plan)
     session = make_session(result.model.SerializeToString())
-    ours = ort_simulator(tiny.net, tiny.fused, tiny.plan, target)
-    intel = Int8Simulator(tiny.fused, tiny.plan)
-    targets.apply_target(intel, target)
+    ours = make_backend("ort", target).simulator(tiny.fused, tiny.plan)
+    intel = make_backend("intel", target).simulator(tiny.fused, tiny.plan)
     worst_intel = 0.0
     for feeds in tiny.batches:
         prob = session.run(None, {"data": feeds["data"].numpy()})[0]

@@ -66,10 +66,9 @@ def _load() -> list[float] | None:
 def main(argv: list[str] | None = None) -> int:
     from calibrator.bench import Context, find_shared, load_sections
     from calibrator.fileio import atomic_write
-    from calibrator.runtime import exact_arithmetic, tune_allocator
+    from calibrator.runtime import tune_allocator
 
     tune_allocator()  # as the CLI does: the same process-wide settings as calibrator test
-    exact_arithmetic()
     sections = load_sections()
     args = build_parser(sections).parse_args(argv)
     try:

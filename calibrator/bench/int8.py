@@ -4,13 +4,22 @@ full evaluations and peak memory, on the shared MobileNetV2."""
 
 from __future__ import annotations
 
+import json
 import resource
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
+from calibrator.backends import make_backend
 from calibrator.bench import Context, SectionResult, Table, section
 from calibrator.bench.fp32 import BATCHES, IMAGES_PER_BATCH, _files
+from calibrator.cli.main import main
+from calibrator.model import load_model
+from calibrator.quant.calibrate import calibrate
+from calibrator.quant.estimators import threshold
+from calibrator.quant.scales import QuantOptions
 
 
 def _peak_rss_mb() -> float:
@@ -19,11 +28,6 @@ def _peak_rss_mb() -> float:
 
 @section("int8", "INT8 calibration and simulation, shared MobileNetV2")
 def int8(ctx: Context) -> SectionResult:
-    from calibrator.model import load_model
-    from calibrator.quant.calibrate import calibrate
-    from calibrator.quant.estimators import threshold
-    from calibrator.quant.scales import QuantOptions
-
     files = _files(ctx)
     model = load_model(files["test"], files["weights"], device=ctx.device)
     model.source.prefetch(BATCHES)
@@ -39,7 +43,7 @@ def int8(ctx: Context) -> SectionResult:
         threshold(stats, "KL")
     kl_ms = (time.perf_counter() - started) * 1000 / max(len(tensors), 1)
     plan = calibration.plan()
-    overrides = calibration.simulator(plan).overrides
+    overrides = make_backend().simulator(calibration.fused, plan).overrides
     feeds = [{k: v.to(ctx.device) for k, v in model.source.batch(i).items()}
              for i in range(BATCHES)]
     times = {"fp32": 0.0, "int8": 0.0}
@@ -71,12 +75,6 @@ def int8(ctx: Context) -> SectionResult:
 
 @section("search", "Accuracy search, shared MobileNetV2, -i 10 -l 0.01")
 def search(ctx: Context) -> SectionResult:
-    import json
-    import tempfile
-    from pathlib import Path
-
-    from calibrator.cli.main import main
-
     files = _files(ctx)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)

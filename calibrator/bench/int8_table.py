@@ -13,14 +13,15 @@ import time
 
 from tabulate import tabulate
 
+from calibrator.backends import make_backend
+from calibrator.evaluation import run_test
+from calibrator.model import load_model, select_device
+from calibrator.quant.calibrate import Calibration, calibrate
+from calibrator.quant.scales import QuantOptions
+from calibrator.runtime import tune_allocator
+
 
 def main(argv=None) -> int:
-    from calibrator.evaluation import run_test
-    from calibrator.model import load_model, select_device
-    from calibrator.quant.calibrate import Calibration, calibrate
-    from calibrator.quant.scales import QuantOptions
-    from calibrator.runtime import exact_arithmetic, tune_allocator
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-m", "--model", required=True)
     parser.add_argument("-w", "--weights", required=True)
@@ -31,7 +32,6 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="write the rows here too")
     args = parser.parse_args(argv)
     tune_allocator()
-    exact_arithmetic()
     model = load_model(args.model, args.weights, device=select_device(args.gpu))
     started = time.time()
     base = calibrate(model, QuantOptions(), args.sampling_iterations, quiet=True)
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
                 t0 = time.time()
                 plan = calibration.plan()
                 plan_seconds = time.time() - t0
-                overrides = calibration.simulator(plan).overrides
+                overrides = make_backend().simulator(calibration.fused, plan).overrides
                 int8 = run_test(model, args.iterations, overrides=overrides,
                                 quiet=True).scores[args.blob].item()
                 rows.append({"first_conv": "INT8 (-1st)" if first else "FP32",

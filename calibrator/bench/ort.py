@@ -8,8 +8,14 @@ import time
 
 import numpy as np
 
+from calibrator.backends.ort import read_ort_graph
 from calibrator.bench import Context, SectionResult, Table, section
 from calibrator.bench.fp32 import BATCHES, IMAGES_PER_BATCH, _files
+from calibrator.export.qdq import build_onnx
+from calibrator.model import load_model
+from calibrator.ort_worker import make_session
+from calibrator.quant.calibrate import calibrate
+from calibrator.quant.scales import QuantOptions
 
 #: Statistics batches for the plan (the speed does not depend on the scales' quality).
 PLAN_BATCHES = 2
@@ -18,17 +24,10 @@ PLAN_BATCHES = 2
 @section("ort", "ONNX Runtime INT8 (exported QDQ model) vs FP32, shared MobileNetV2")
 def ort_speed(ctx: Context) -> SectionResult:
     try:
-        import onnxruntime  # noqa: F401
+        import onnxruntime  # noqa: F401  (optional: the section is skipped without it)
     except ImportError:
         return SectionResult([], {"skipped": "onnxruntime is not installed"},
                              ["skipped: onnxruntime is not installed"])
-    from calibrator.model import load_model
-    from calibrator.quant.calibrate import calibrate
-    from calibrator.quant.scales import QuantOptions
-    from calibrator.verify.onnx_export import build_onnx
-    from calibrator.verify.ort_graph import read_ort_graph
-    from calibrator.verify.ort_worker import make_session
-
     files = _files(ctx)
     model = load_model(files["test"], files["weights"])
     ctx.log(f"plan from {PLAN_BATCHES} statistics batches, ONNX export")

@@ -1,14 +1,27 @@
 """The main command: calibrate INT8 scales, search for accuracy, write the outputs.
 
 It keeps Intel Caffe's ``calibrator.py`` flags (short and long names, defaults) so existing
-scripts keep working; our additions use long options only."""
+scripts keep working; our additions use long options only. This module only turns the
+options into a :class:`~calibrator.config.RunConfig`; the choices and help of the
+estimators, metrics, targets, runtimes and outputs come from their registries."""
 
 from __future__ import annotations
 
 import argparse
 
-from calibrator.cli.common import add_detection_list_options, add_device_options, \
-    add_image_folder_options, add_model_options
+from calibrator import pipeline
+from calibrator.cli.common import (add_ap_version_option, add_backend_options,
+                                   add_detection_list_options, add_device_options,
+                                   add_image_folder_options, add_model_options,
+                                   detection_list_options, image_folder_options)
+from calibrator.config import RunConfig
+from calibrator.errors import CalibratorError
+from calibrator.metrics import describe_metrics, metric_kinds
+from calibrator.quant.estimators import describe_estimators, parse_estimator
+from calibrator.quant.scales import QuantOptions
+from calibrator.quant.targets import COUNTERMEASURES
+from calibrator.search import SearchSettings
+from calibrator.writers import writers
 
 INTEL_FLAGS_HELP = "Intel calibrator.py flags (same names and defaults)"
 
@@ -39,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     intel.add_argument("-s", "--sampling_iterations", type=int, default=10, metavar="N",
                        help="batches used for the calibration statistics")
     intel.add_argument("-a", "--calibration_algos", default="KL", metavar="ALGO",
-                       help="range estimator: KL, DIRECT, MAXP, MA, MSE or PERCENTILE<p>")
+                       help="range estimator: " + describe_estimators())
     intel.add_argument("-q", "--quantize_model", action="store_true",
                        help="only quantize: write the quantized prototxt, no accuracy search")
     intel.add_argument("-p", "--performance_model", action="store_true",
@@ -72,38 +85,22 @@ def build_parser() -> argparse.ArgumentParser:
     ours = parser.add_argument_group("calibrator options")
     ours.add_argument("--bits", type=int, choices=(7, 8), default=8,
                       help="activation/weight bits (7: ARM-style +-63 values)")
-    ours.add_argument("--output", metavar="PROTOTXT",
-                      help="quantized prototxt path (default <model>_quantized.prototxt)")
-    ours.add_argument("--table", metavar="FILE", help="also write an ncnn calibration table")
-    ours.add_argument("--json", metavar="FILE", help="also write every scale and statistic")
-    ours.add_argument("--metric", choices=("blob", "agreement"), default="blob",
-                      help="blob: the -n blob (Accuracy / DetectionEvaluate); agreement: "
-                           "top-1 agreement of INT8 with FP32 on the class scores (-n names "
-                           "the scores blob), for data without labels")
+    for writer in writers():
+        if writer.option:
+            ours.add_argument(writer.option, dest=f"output_{writer.name}",
+                              metavar=writer.metavar, help=writer.help)
+    ours.add_argument("--metric", choices=metric_kinds(), default="blob",
+                      help="what -n measures: " + describe_metrics())
+    add_ap_version_option(ours)
     ours.add_argument("--relative", action="store_true", help="-l is a relative drop")
-    ours.add_argument("--target", default="vnni",
-                      choices=("vnni", "generic", "avx2", "avx512bw", "avx2-onednn",
-                               "avx512bw-onednn", "int7", "auto"),
-                      help="INT8 arithmetic the simulation reproduces: vnni/generic exact int32 "
-                           "(what the written prototxt targets); avx2/avx512bw u8xs8 pair sums "
-                           "saturated to int16 (ONNX Runtime's rule for s8 inputs; -onednn: "
-                           "oneDNN's); auto: this machine's CPU")
+    add_backend_options(ours)
     ours.add_argument("--saturation-fix", default="auto",
-                      choices=("auto", "off", "w7", "half", "s8"),
+                      choices=("auto", "off") + tuple(COUNTERMEASURES),
                       help="counter-measures where --target saturates int16 pair sums "
                            "(avx2, avx512bw): auto: the search picks per layer, on the probe "
                            "images, among 7-bit weights (w7), halved weight scales (half) and, "
                            "on -onednn targets, s8 input (s8); off: none; w7/half/s8: that "
                            "fix on every layer whose weights can saturate (also with -q)")
-    ours.add_argument("--runtime", choices=("intel", "ort"), default="intel",
-                      help="whose graph the full evaluations simulate: intel (Intel Caffe's "
-                           "fused INT8 kernels, what the prototxt is for) or ort (the model "
-                           "--export-onnx writes, as ONNX Runtime runs it: its float32 "
-                           "requantization, residual adds as QLinearAdd, the convs it keeps "
-                           "in float; needs onnxruntime)")
-    ours.add_argument("--export-onnx", metavar="FILE",
-                      help="also write the quantized net as an ONNX model with "
-                           "QuantizeLinear/DequantizeLinear pairs carrying these scales")
     ours.add_argument("--strategy", choices=("bisect", "intel"), default="bisect",
                       help="bisect: rank layers by sensitivity, adjust the worst, bisect the "
                            "ranking for the FP32 layers, prune; intel: Intel's legacy loop "
@@ -128,11 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def options_from_args(args):
-    from calibrator.errors import CalibratorError
-    from calibrator.quant.estimators import parse_estimator
-    from calibrator.quant.scales import QuantOptions
-
+def quant_options(args) -> QuantOptions:
     if args.conv_algo:
         raise CalibratorError("-wi/--conv_algo (Winograd) is not supported: INT8 Winograd "
                               "kernels are not simulated; run without -wi")
@@ -152,7 +145,28 @@ def options_from_args(args):
                         force_u8=args.first_conv_force_u8, bits=args.bits)
 
 
-def run(args) -> int:
-    from calibrator.pipeline import run_calibration
+def run_config(args) -> RunConfig:
+    """The RunConfig these options describe."""
+    outputs = {writer.name: getattr(args, f"output_{writer.name}")
+               for writer in writers()
+               if writer.option and getattr(args, f"output_{writer.name}", None)}
+    settings = SearchSettings(tolerance=args.accuracy_loss, relative=args.relative,
+                              strategy=args.strategy, max_evals=args.max_evals,
+                              time_budget=args.time_budget, scale_search=bool(args.scale_search),
+                              allow_fp32=bool(args.use_fp32_fallback),
+                              probe_images=args.probe_images,
+                              saturation_fix=args.saturation_fix)
+    return RunConfig(model=args.model, weights=args.weights, quant=quant_options(args),
+                     iterations=args.iterations, sampling_iterations=args.sampling_iterations,
+                     blob=args.blob_name, metric=args.metric, ap_version=args.ap_version,
+                     detection=bool(args.detection), quantize_only=args.quantize_model,
+                     performance_only=args.performance_model, outputs=outputs,
+                     report=args.report, runtime=args.runtime or "intel",
+                     target=args.target or "vnni", search=settings, resume=args.resume,
+                     images=image_folder_options(args),
+                     detection_list=detection_list_options(args), gpu=args.gpu,
+                     quiet=args.quiet)
 
-    return run_calibration(args, options_from_args(args))
+
+def run(args) -> int:
+    return pipeline.run(run_config(args))

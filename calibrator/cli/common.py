@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from calibrator.model import ImageFolderOptions
+from calibrator.backends import describe_runtimes, runtime_names
+from calibrator.data.options import DetectionListOptions, ImageFolderOptions
+from calibrator.detection.map import AP_VERSIONS
+from calibrator.errors import CalibratorError
+from calibrator.quant.targets import target_names
 
 
 def add_model_options(parser, model_help: str,
@@ -18,6 +22,26 @@ def add_model_options(parser, model_help: str,
 def add_device_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu", type=int, default=None, metavar="ID",
                         help="run on CUDA device ID (default: CPU)")
+
+
+def add_backend_options(parser, default_note: str = "") -> None:
+    """--runtime and --target: the backend that runs INT8 (calibrator.backends)."""
+    parser.add_argument("--runtime", choices=runtime_names(), default=None,
+                        help="whose INT8 graph to simulate: " + describe_runtimes()
+                             + f" (default: intel{default_note})")
+    parser.add_argument("--target", choices=target_names(), default=None, metavar="TARGET",
+                        help="the INT8 arithmetic the simulation reproduces: "
+                             f"{', '.join(target_names())}; vnni/generic exact int32 (what "
+                             "the written prototxt targets); avx2/avx512bw u8xs8 pair sums "
+                             "saturated to int16 (ONNX Runtime's rule for s8 inputs; -onednn: "
+                             "oneDNN's); int7 7-bit operands; auto: this machine's CPU "
+                             f"(default: vnni{default_note})")
+
+
+def add_ap_version_option(parser) -> None:
+    parser.add_argument("--ap-version", choices=AP_VERSIONS, default=None,
+                        help="how mAP averages precision, as caffe test -ap_version "
+                             "(default 11point)")
 
 
 def add_image_folder_options(parser: argparse.ArgumentParser) -> None:
@@ -48,22 +72,20 @@ def add_detection_list_options(parser: argparse.ArgumentParser) -> None:
                        help="'NAME HEIGHT WIDTH' lines: compare boxes in original pixels")
 
 
-def detection_list_options(args):
-    from calibrator.errors import CalibratorError
-    from calibrator.model import DetectionListOptions
-
+def detection_list_options(args) -> DetectionListOptions | None:
     if not getattr(args, "det_list", None):
         return None
     if not args.labelmap:
         raise CalibratorError("--det-list needs --labelmap")
-    return DetectionListOptions(args.det_list, args.labelmap, args.name_size)
+    if getattr(args, "images", None):
+        raise CalibratorError("give --images or --det-list, not both")
+    return DetectionListOptions(args.det_list, args.labelmap, args.name_size,
+                                tuple(args.mean), args.norm,
+                                tuple(args.size) if args.size else None, args.batch_size)
 
 
 def image_folder_options(args) -> ImageFolderOptions | None:
-    if getattr(args, "det_list", None):  # preprocessing for the detection list
-        return ImageFolderOptions("", tuple(args.mean), args.norm,
-                                  tuple(args.size) if args.size else None, args.batch_size)
-    if not getattr(args, "images", None):
+    if not getattr(args, "images", None) or getattr(args, "det_list", None):
         return None
     return ImageFolderOptions(args.images, tuple(args.mean), args.norm,
                               tuple(args.size) if args.size else None, args.batch_size)

@@ -4,7 +4,25 @@ batches, thresholds per metric, optional baseline; JSON, JUnit XML, history and 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
+
+from tabulate import tabulate
+
+from calibrator.cli.common import (add_ap_version_option, add_backend_options,
+                                   add_detection_list_options, add_device_options,
+                                   add_image_folder_options, detection_list_options,
+                                   image_folder_options)
+from calibrator.errors import CalibratorError
+from calibrator.fileio import atomic_write
+from calibrator.gate.config import (DEFAULT_ITERATIONS, Candidate, GateConfig, ModelSpec,
+                                    candidate_name, parse_metric_arg, parse_threshold,
+                                    read_config)
+from calibrator.gate.history import append_history, plot_history, read_history
+from calibrator.gate.junit import write_junit
+from calibrator.gate.run import run_gate
+from calibrator.model import select_device
 
 EXIT_PASS, EXIT_FAIL = 0, 1
 
@@ -17,8 +35,11 @@ drops by more than its threshold. Exit code 0: every check passed; 1: a check fa
 Metrics: -n BLOB[=LOSS[%]] (repeat for several; default: every Accuracy and
 DetectionEvaluate top, with -l). An Accuracy top or any other blob is averaged over the
 batches as `caffe test` does; a DetectionEvaluate top gives the mAP over all batches
-(11point); --agreement SCORES compares INT8 top-1 with FP32 top-1 per sample (label-free).
+(--ap-version, default 11point); --agreement SCORES compares INT8 top-1 with FP32 top-1 per sample (label-free).
 LOSS is absolute (0.01 = one point) or relative to FP32 with a % suffix or --relative.
+
+Each INT8 prototxt runs as the runtime and target it was made for (`calibrator` records them
+in the file when they are not intel/vnni), unless --runtime/--target say otherwise.
 
 Deploy nets: --images DIR feeds the Input from a folder; --det-list LIST --labelmap
 PROTOTXT [--name-size FILE] scores a deploy detector (DetectionOutput) on 'IMAGE XML'
@@ -73,9 +94,8 @@ def add_parser(subparsers) -> None:
     out.add_argument("--plot", metavar="FILE.png",
                      help="draw the --history runs (or this run alone) as a trend PNG")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or notes")
-    from calibrator.cli.common import (add_detection_list_options, add_device_options,
-                                       add_image_folder_options)
-
+    add_backend_options(parser, ", or what each INT8 prototxt records")
+    add_ap_version_option(parser)
     add_device_options(parser)
     add_image_folder_options(parser)
     add_detection_list_options(parser)
@@ -84,13 +104,6 @@ def add_parser(subparsers) -> None:
 
 def build_config(args):
     """The GateConfig the arguments describe (command line form or --config)."""
-    from pathlib import Path
-
-    from calibrator.errors import CalibratorError
-    from calibrator.gate.config import (DEFAULT_ITERATIONS, Candidate, DetectionSpec,
-                                        GateConfig, ImagesSpec, ModelSpec, candidate_name,
-                                        parse_metric_arg, parse_threshold, read_config)
-
     if args.iterations is not None and args.iterations < 1:
         raise CalibratorError(f"-i/--iterations must be at least 1, got {args.iterations}")
     if args.config:
@@ -128,28 +141,17 @@ def build_config(args):
     spec = ModelSpec(args.name or candidate_name(model), model, Path(args.weights),
                      candidates, args.iterations or DEFAULT_ITERATIONS, metrics, threshold,
                      relative)
-    size = tuple(args.size) if args.size else None
-    if args.det_list:  # a deploy detector scored on a create_annoset-style list
-        if args.images:
-            raise CalibratorError("give --images or --det-list, not both")
-        if not args.labelmap:
-            raise CalibratorError("--det-list needs --labelmap")
+    spec.detection = detection_list_options(args)  # a deploy detector on a list
+    if spec.detection is not None:
         for path, what in ((args.det_list, "--det-list"), (args.labelmap, "--labelmap"),
                            (args.name_size, "--name-size")):
             if path and not Path(path).is_file():
                 raise CalibratorError(f"{path}: {what} file not found")
-        spec.detection = DetectionSpec(Path(args.det_list), Path(args.labelmap),
-                                       Path(args.name_size) if args.name_size else None,
-                                       tuple(args.mean), args.norm, size, args.batch_size)
-    elif args.images:
-        spec.images = ImagesSpec(Path(args.images), tuple(args.mean), args.norm, size,
-                                 args.batch_size)
+    spec.images = image_folder_options(args)
     return GateConfig([spec])
 
 
 def print_results(result) -> None:
-    from tabulate import tabulate
-
     rows = []
     for case in result.cases:
         threshold = f"{case.threshold * 100:g}%" if case.relative else f"{case.threshold:g}"
@@ -163,24 +165,15 @@ def print_results(result) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from calibrator.gate.config import parse_threshold
-    from calibrator.gate.history import append_history, plot_history, read_history
-    from calibrator.gate.junit import write_junit
-    from calibrator.gate.run import run_gate
-    from calibrator.model import select_device
-
     config = build_config(args)
     margin = parse_threshold(args.baseline_margin, "--baseline-margin")
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr,
                                                                  flush=True))
     result = run_gate(config, device=select_device(args.gpu), baseline=args.baseline,
-                      baseline_margin=margin, quiet=args.quiet, say=say)
+                      baseline_margin=margin, quiet=args.quiet, runtime=args.runtime,
+                      target=args.target, ap_version=args.ap_version, say=say)
     print_results(result)
     if args.json:
-        import json
-
-        from calibrator.fileio import atomic_write
-
         atomic_write(args.json, json.dumps(result.to_json(), indent=1) + "\n")
     if args.junit:
         write_junit(args.junit, result)

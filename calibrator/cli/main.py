@@ -3,18 +3,14 @@ a one-line error with exit code 2 (a traceback only with --debug)."""
 
 from __future__ import annotations
 
-import os
-
-# Idle OpenMP threads sleep instead of spinning: on a busy machine (CI, a shared 2-core box)
-# spinning threads cost 3-5x in PyTorch's CPU kernels. Must be set before torch loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import argparse  # noqa: E402
+import argparse
 import sys
 import traceback
 
 from calibrator import __version__
+from calibrator.cli import annoset_cmd, calibrate_cmd, gate_cmd, test_cmd, verify_cmd
 from calibrator.errors import CalibratorError
+from calibrator.runtime import tune_allocator
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 3
@@ -22,8 +18,6 @@ SUBCOMMANDS = ("test", "gate", "verify", "make-annoset")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from calibrator.cli import annoset_cmd, gate_cmd, test_cmd, verify_cmd
-
     parser = argparse.ArgumentParser(
         prog="calibrator",
         description="Accuracy-driven INT8 post-training calibration for Caffe models. "
@@ -46,14 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line
     parser = build_parser()
     if argv and argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help", "--version"):
-        from calibrator.cli import calibrate_cmd
-
         parser = calibrate_cmd.build_parser()
         parser.set_defaults(run=calibrate_cmd.run)
-    from calibrator.runtime import exact_arithmetic, tune_allocator
-
     tune_allocator()
-    exact_arithmetic()
     try:
         args = parser.parse_args(argv)
         if getattr(args, "run", None) is None:

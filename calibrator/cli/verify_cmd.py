@@ -4,15 +4,22 @@ side with the simulation for each target."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
-from calibrator.cli.common import add_device_options, add_image_folder_options, \
-    add_model_options, image_folder_options
+from calibrator.cli.common import (add_device_options, add_image_folder_options,
+                                   add_model_options, image_folder_options)
+from calibrator.errors import CalibratorError
+from calibrator.export.qdq import build_onnx, export_onnx
+from calibrator.fileio import atomic_write
+from calibrator.model import load_model, quantized_plan, select_device
+from calibrator.quant import targets
+from calibrator.quant.simulate import Int8Simulator
+from calibrator.quant.targets import COUNTERMEASURES, target_names
+from calibrator.verify.run import format_report, result_record, verify
 
 
 def add_parser(subparsers) -> None:
-    from calibrator.quant.targets import COUNTERMEASURES, TARGET_NAMES
-
     parser = subparsers.add_parser(
         "verify", help="run the quantized net on ONNX Runtime's INT8 kernels and compare "
                        "with the simulation",
@@ -24,7 +31,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("-i", "--iterations", type=int, default=10, metavar="N",
                         help="TEST batches (default 10)")
     parser.add_argument("--targets", default="vnni,avx2", metavar="LIST",
-                        help=f"simulation targets, comma-separated ({', '.join(TARGET_NAMES)}; "
+                        help=f"simulation targets, comma-separated ({', '.join(target_names())}; "
                              "default vnni,avx2)")
     parser.add_argument("--export-onnx", metavar="FILE", help="also write the ONNX model")
     parser.add_argument("--ort-command", metavar="PREFIX",
@@ -58,15 +65,6 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from calibrator.errors import CalibratorError
-    from calibrator.model import load_model, select_device
-    from calibrator.quant import targets
-    from calibrator.quant.fusion import analyze
-    from calibrator.quant.params import from_proto, has_quantization
-    from calibrator.quant.simulate import Int8Simulator
-    from calibrator.verify.onnx_export import build_onnx, export_onnx
-    from calibrator.verify.run import format_report, result_record, verify
-
     names = [t.strip() for t in args.targets.split(",") if t.strip()]
     for name in names:
         try:
@@ -75,11 +73,11 @@ def run(args: argparse.Namespace) -> int:
             raise CalibratorError(f"--targets: {exc}") from None
     model = load_model(args.model, args.weights, images=image_folder_options(args),
                        device=select_device(args.gpu))
-    if not has_quantization(model.test_param):
+    quantized = quantized_plan(model.net)
+    if quantized is None:
         raise CalibratorError(f"{args.model}: no layer carries quantization_param (quantize "
                               "it first: calibrator -m ... -w ... -q)")
-    fused = analyze(model.net, quantize_fc=True)
-    plan = from_proto(fused)
+    fused, plan = quantized
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     if args.countermeasure:
         sim = Int8Simulator(fused, plan)
@@ -100,9 +98,5 @@ def run(args: argparse.Namespace) -> int:
                     quiet=args.quiet, say=say, export=export, as_exported=not args.all_int8)
     print(format_report(result))
     if args.json:
-        import json
-
-        from calibrator.fileio import atomic_write
-
         atomic_write(args.json, json.dumps(result_record(result), indent=1).encode())
     return 0

@@ -16,15 +16,9 @@ from typing import Callable
 import numpy as np
 import torch
 
+from calibrator.caffe.types import DATA_LAYER_TYPES
 from calibrator.data.transform import SampleError, Transform
 from calibrator.errors import CalibratorError, LayerError
-
-# Every Caffe layer type that produces data from outside the net (Input excluded: deploy
-# nets get their images from an image folder instead).
-DATA_LAYER_TYPES = frozenset({
-    "Data", "ImageData", "AnnotatedData", "HDF5Data", "MemoryData", "WindowData",
-    "DummyData", "VideoData",
-})
 
 _BUILDERS: dict[str, Callable] = {}
 

@@ -24,12 +24,16 @@ replaced by environment variables)::
       ]
     }
 
+Runtime and arithmetic: each INT8 prototxt runs as the backend it records (``calibrator``
+writes a ``# calibrator: runtime R target T`` line when not the default) unless the
+command line gives ``--runtime``/``--target``.
+
 ``images`` feeds a deploy net's Input from a folder (as ``--images``); ``detection`` turns a
 deploy SSD net (FP32 and INT8 alike) into a TEST net with an AnnotatedData layer reading the
 ``IMAGE XML`` list and a DetectionEvaluate layer whose mAP (top ``detection_eval``) is the
 default metric. Metric kinds: ``mean`` (the blob's mean over the batches, as ``caffe test``
 prints it: Accuracy tops, losses, any scalar), ``map`` (a DetectionEvaluate top: the mAP over
-all batches, ``ap_version`` 11point unless given), ``agreement`` (a scores blob: share of
+all batches, ``ap_version`` 11point unless given, as ``caffe test``), ``agreement`` (a scores blob: share of
 samples whose INT8 top-1 equals FP32's). The kind follows the layer producing the blob
 unless given. ``threshold`` is the tolerated drop (FP32 - INT8; INT8 - FP32 with
 ``"lower_is_better": true``), relative to |FP32| with ``relative``.
@@ -43,10 +47,12 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from calibrator.data.options import DetectionListOptions, ImageFolderOptions
+from calibrator.data.paths import resolve_path
+from calibrator.detection.map import AP_VERSIONS
 from calibrator.errors import CalibratorError
 
 KINDS = ("auto", "mean", "map", "agreement")
-AP_VERSIONS = ("11point", "MaxIntegral", "Integral")  # calibrator.detection.map's
 DEFAULT_ITERATIONS = 10
 DEFAULT_THRESHOLD = 0.01
 _MODEL_KEYS = {"name", "model", "weights", "int8", "iterations", "metrics", "images",
@@ -63,7 +69,7 @@ class MetricSpec:
     relative: bool = False
     kind: str = "auto"
     lower_is_better: bool = False
-    ap_version: str = "11point"
+    ap_version: str | None = None             # None: the run's --ap-version, else 11point
     baseline_margin: float | None = None      # None: the run's --baseline-margin
     baseline_relative: bool = False
 
@@ -80,26 +86,6 @@ class Candidate:
 
 
 @dataclass
-class ImagesSpec:
-    folder: Path
-    mean: tuple = (0.0, 0.0, 0.0)
-    norm: float = 1.0
-    size: tuple | None = None
-    batch_size: int | None = None
-
-
-@dataclass
-class DetectionSpec:
-    list: Path
-    labelmap: Path
-    name_size: Path | None = None
-    mean: tuple = (0.0, 0.0, 0.0)
-    norm: float = 1.0
-    size: tuple | None = None
-    batch_size: int | None = None
-
-
-@dataclass
 class ModelSpec:
     name: str
     model: Path
@@ -109,8 +95,8 @@ class ModelSpec:
     metrics: list[MetricSpec] = field(default_factory=list)  # empty: the net's defaults
     default_threshold: float = DEFAULT_THRESHOLD
     default_relative: bool = False
-    images: ImagesSpec | None = None
-    detection: DetectionSpec | None = None
+    images: ImageFolderOptions | None = None
+    detection: DetectionListOptions | None = None
     baseline_margin: tuple[float, bool] | None = None  # for metrics that set none
 
 
@@ -232,7 +218,7 @@ class _Reader:
         value = self.get(key, str, required=required)
         if value is None:
             return None
-        return resolve_path(value, self.base, self.at(key), must_exist, what)
+        return config_path(value, self.base, self.at(key), must_exist, what)
 
     def numbers(self, key, count, kind=float, default=None):
         value = self.get(key, list, default=None)
@@ -244,14 +230,17 @@ class _Reader:
         return tuple(kind(v) for v in value)
 
 
-def resolve_path(value: str, base: Path, where: str, must_exist: bool = True,
-                 what: str = "file") -> Path:
-    path = Path(expand(value, where))
-    if not path.is_absolute():
-        path = base / path
-    if must_exist and not path.exists():
-        raise CalibratorError(f"{where}: {what} not found: {path}")
-    return path
+def config_path(value: str, base: Path, where: str, must_exist: bool = True,
+                what: str = "file") -> Path:
+    """A path in the config: ``${NAME}`` expanded, then resolved as prototxt paths are
+    (the config's folder first, then the working directory)."""
+    text = expand(value, where)
+    found = resolve_path(text, base)
+    if found is None:
+        if must_exist:
+            raise CalibratorError(f"{where}: {what} not found: {base / text}")
+        return base / text
+    return found
 
 
 def _metric(data, where: str, base: Path, default: float, relative: bool) -> MetricSpec:
@@ -272,8 +261,8 @@ def _metric(data, where: str, base: Path, default: float, relative: bool) -> Met
     if "baseline_margin" in r.data:
         margin, margin_rel = parse_threshold(str(r.data["baseline_margin"]),
                                              r.at("baseline_margin"))
-    ap_version = r.get("ap_version", str, "11point")
-    if ap_version not in AP_VERSIONS:
+    ap_version = r.get("ap_version", str, None)
+    if ap_version is not None and ap_version not in AP_VERSIONS:
         raise CalibratorError(f"{r.at('ap_version')}: '{ap_version}' is not one of "
                               f"{', '.join(AP_VERSIONS)}")
     return MetricSpec(r.get("blob", str, required=True),
@@ -282,18 +271,18 @@ def _metric(data, where: str, base: Path, default: float, relative: bool) -> Met
                       r.get("lower_is_better", bool, False), ap_version, margin, margin_rel)
 
 
-def _images(data, where: str, base: Path) -> ImagesSpec:
+def _images(data, where: str, base: Path) -> ImageFolderOptions:
     r = _Reader(data, where, base, {"folder", "mean", "norm", "size", "batch_size"})
-    return ImagesSpec(r.path("folder", what="image folder"), r.numbers("mean", 3,
+    return ImageFolderOptions(r.path("folder", what="image folder"), r.numbers("mean", 3,
                                                                        default=(0., 0., 0.)),
                       r.get("norm", float, 1.0), r.numbers("size", 2, int),
                       r.get("batch_size", int))
 
 
-def _detection(data, where: str, base: Path) -> DetectionSpec:
+def _detection(data, where: str, base: Path) -> DetectionListOptions:
     r = _Reader(data, where, base, {"list", "labelmap", "name_size", "mean", "norm", "size",
                                     "batch_size"})
-    return DetectionSpec(r.path("list", what="image/XML list"),
+    return DetectionListOptions(r.path("list", what="image/XML list"),
                          r.path("labelmap", what="label map"),
                          r.path("name_size", required=False, what="name/size file"),
                          r.numbers("mean", 3, default=(0., 0., 0.)), r.get("norm", float, 1.0),
@@ -302,7 +291,7 @@ def _detection(data, where: str, base: Path) -> DetectionSpec:
 
 def _int8(item, where: str, base: Path) -> Candidate:
     if isinstance(item, str):
-        path = resolve_path(item, base, where, what="INT8 prototxt")
+        path = config_path(item, base, where, what="INT8 prototxt")
         return Candidate(candidate_name(path), path)
     r = _Reader(item, where, base, {"name", "prototxt"})
     path = r.path("prototxt", what="INT8 prototxt")

@@ -37,16 +37,9 @@ def register(*type_names: str) -> Callable[[type["Layer"]], type["Layer"]]:
 
 
 def layer_class(type_name: str) -> type["Layer"] | None:
-    """The implementation of a Caffe layer type, or None if there is none."""
-    from calibrator.graph import layers  # noqa: F401  (importing registers every layer)
-
+    """The implementation of a Caffe layer type, or None if there is none (the package
+    ``calibrator.graph`` imports every layer module, which registers them)."""
     return _REGISTRY.get(type_name)
-
-
-def registered_types() -> list[str]:
-    from calibrator.graph import layers  # noqa: F401
-
-    return sorted(_REGISTRY)
 
 
 class Layer(torch.nn.Module):

@@ -13,12 +13,9 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+from calibrator.caffe.types import EXTERNAL_TYPES, SHAPED_TYPES
 from calibrator.errors import CalibratorError, LayerError
 from calibrator.graph.layer import Layer, Shape, layer_class
-
-#: Layer types whose tops are fed from outside the graph (data sources or the caller).
-DATA_LAYER_TYPES = frozenset({"Data", "ImageData", "AnnotatedData", "Input", "HDF5Data",
-                              "MemoryData", "WindowData", "VideoData", "DummyInput"})
 
 Hook = Callable[["Node", tuple], "tuple | None"]
 
@@ -95,12 +92,13 @@ class CaffeNet(torch.nn.Module):
         used_weights = set()
 
         for param in net_param.layer:
-            if param.type in DATA_LAYER_TYPES:
+            if param.type in EXTERNAL_TYPES:
                 self.data_layers.append(param)
                 for i, top in enumerate(param.top):
                     shape = input_shapes.get(top)
-                    if shape is None and param.type == "Input":
-                        declared = param.input_param.shape
+                    if shape is None and param.type in SHAPED_TYPES:
+                        declared = (param.input_param.shape if param.type == "Input"
+                                    else param.dummy_data_param.shape)
                         if len(declared):
                             dims = declared[min(i, len(declared) - 1)].dim
                             shape = tuple(int(d) for d in dims)

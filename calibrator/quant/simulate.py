@@ -23,11 +23,16 @@ integer below 2^24. When a layer's worst case (largest input x the largest per-c
 each convolved exactly, and recombined in float64; when even 1-bit digits could pass it, the
 layer runs in float64.
 Rounding is half-to-even (``torch.round``), as the runtime's nearbyint.
+
+Exactness is the simulator's own business: every accumulation runs inside
+:func:`exact_arithmetic`, which turns CUDA's TF32 off for its duration (TF32 convolutions
+round the 8-bit operands' products; the caller's settings are restored afterwards).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -35,14 +40,24 @@ import torch
 from calibrator.quant.folding import folded_weights
 from calibrator.quant.fusion import FusedGraph, FusedUnit
 from calibrator.quant.scales import LayerQuant, QuantPlan
+from calibrator.quant.targets import Target, get_target
 
 EXACT_LIMIT = 2 ** 24
 
 
-def saturate(q: torch.Tensor, unsigned: bool, bits: int = 8) -> torch.Tensor:
-    if unsigned:
-        return q.clamp(0, 2 ** bits - 1)
-    return q.clamp(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+@contextlib.contextmanager
+def exact_arithmetic():
+    """No TF32 on CUDA while the block runs (restored afterwards): float32 convolutions of
+    integers below 2^24 are then exact, which the integer simulation relies on."""
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    cudnn = torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+        torch.backends.cudnn.allow_tf32 = cudnn
 
 
 def quantize(x: torch.Tensor, scale: float, unsigned: bool, bits: int = 8) -> torch.Tensor:
@@ -118,8 +133,9 @@ def runtime_requantize(acc: torch.Tensor, rule: RuntimeRequant, residual=None,
 
 
 @dataclass
-class _UnitKernel:
-    """Precomputed integer weights and requantization factors of one unit."""
+class UnitKernel:
+    """Precomputed integer weights and requantization factors of one unit, and how it
+    accumulates (``target``; targets keep derived weights in ``cache``)."""
 
     unit: FusedUnit
     quant: LayerQuant
@@ -127,11 +143,13 @@ class _UnitKernel:
     q_bias: torch.Tensor          # float64, integer-valued
     dequant: torch.Tensor         # 1 / (scale_in * scale_params[o]), float64 (0 for a 0 scale)
     split: int | None             # bits per input digit (0: float64), None: one pass
-    target: object = None         # calibrator.quant.targets.Target; None: exact int32
+    target: Target | None = None  # None: exact int32
+    cache: dict = field(default_factory=dict, repr=False)
 
-    def accumulate(self, q_in: torch.Tensor) -> torch.Tensor:
-        acc = (self.exact_accumulate(q_in) if self.target is None
-               else self.target.accumulate(self, q_in))
+    def accumulate(self, q_in: torch.Tensor, record: dict | None = None) -> torch.Tensor:
+        with exact_arithmetic():
+            acc = (self.exact_accumulate(q_in) if self.target is None
+                   else self.target.accumulate(self, q_in, record))
         return acc.add_(_per_channel(self.q_bias, acc))  # acc is a fresh buffer
 
     def exact_accumulate(self, q_in: torch.Tensor,
@@ -174,7 +192,8 @@ def _per_channel(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.reshape((1, -1) + (1,) * (like.dim() - 2))
 
 
-def build_kernel(unit: FusedUnit, lq: LayerQuant, device) -> _UnitKernel:
+def build_kernel(unit: FusedUnit, lq: LayerQuant, device,
+                 target: Target | None = None) -> UnitKernel:
     weight, bias = folded_weights(unit)
     scales = torch.tensor(lq.scale_params, dtype=torch.float64, device=device)
     limit = 2 ** (lq.bits - 1) - 1
@@ -187,22 +206,35 @@ def build_kernel(unit: FusedUnit, lq: LayerQuant, device) -> _UnitKernel:
                           torch.zeros_like(denominator))
     weight_l1 = float(q_weight.abs().reshape(q_weight.shape[0], -1).sum(1).max())
     qmax_in = 2 ** lq.bits - 1 if lq.input_unsigned else 2 ** (lq.bits - 1)
-    return _UnitKernel(unit, lq, q_weight, q_bias, dequant, _digit_bits(weight_l1, qmax_in))
+    return UnitKernel(unit, lq, q_weight, q_bias, dequant, _digit_bits(weight_l1, qmax_in),
+                      target)
 
 
 class Int8Simulator:
     """Overrides for ``CaffeNet.forward`` that run each quantized unit as INT8 would.
 
     The unit's layer node computes the integer accumulation; its folded/fused nodes are
-    skipped; its last node applies residual, ReLU and output requantization."""
+    skipped; its last node applies residual, ReLU and output requantization.
+
+    ``target`` (a Target or its name; None: exact int32) is how the INT8 kernels
+    accumulate; units in ``exact_units`` accumulate exactly whatever the target (those a
+    runtime runs as float convolutions). Given a dict ``saturation``, the per-layer
+    saturation of the target's kernels is collected there (layer -> SaturationRecord)."""
 
     def __init__(self, fused: FusedGraph, plan: QuantPlan, device=None,
-                 requant: dict[str, RuntimeRequant] | None = None):
+                 requant: dict[str, RuntimeRequant] | None = None,
+                 target: Target | str | None = None, exact_units=(),
+                 saturation: dict | None = None):
         self.fused = fused
         self.plan = plan
         self.requant = dict(requant or {})
+        self.target = None if target is None else get_target(target)
+        self.saturation = saturation
         device = device or fused.net.device
-        self.kernels = {name: build_kernel(fused.by_name[name], lq, device)
+        exact_units = frozenset(exact_units)
+        kernel_target = None if self.target is None or self.target.exact else self.target
+        self.kernels = {name: build_kernel(fused.by_name[name], lq, device,
+                                           None if name in exact_units else kernel_target)
                         for name, lq in plan.layers.items()}
         self.overrides = {}
         for name, kernel in self.kernels.items():
@@ -219,7 +251,7 @@ class Int8Simulator:
     def _skip(node, blobs):
         return None
 
-    def _make_stash(self, kernel: _UnitKernel):
+    def _make_stash(self, kernel: UnitKernel):
         """Keep the residual before the add's node frees it (a fused ReLU follows)."""
         def stash(node, blobs):
             blobs[f"\0res:{kernel.unit.name}"] = self._residual(kernel.unit, blobs)
@@ -233,7 +265,7 @@ class Int8Simulator:
             return stashed
         return blobs[unit.eltwise.bottoms[self._residual_position(unit)]]
 
-    def _make_start(self, kernel: _UnitKernel):
+    def _make_start(self, kernel: UnitKernel):
         key = f"\0acc:{kernel.unit.name}"
         single = kernel.unit.last is kernel.unit.layer
 
@@ -248,14 +280,14 @@ class Int8Simulator:
                 q_in = x
             else:
                 q_in = quantize(x, lq.scale_in, lq.input_unsigned, lq.bits)
-            blobs[key] = kernel.accumulate(q_in)
+            blobs[key] = kernel.accumulate(q_in, self.saturation)
             if single:
                 return self._finish(kernel, node, blobs)
             return None
 
         return start
 
-    def _make_finish(self, kernel: _UnitKernel, single: bool):
+    def _make_finish(self, kernel: UnitKernel, single: bool):
         if single:
             return self._make_start(kernel)
 
@@ -264,7 +296,7 @@ class Int8Simulator:
 
         return finish
 
-    def _finish(self, kernel: _UnitKernel, node, blobs):
+    def _finish(self, kernel: UnitKernel, node, blobs):
         unit, lq = kernel.unit, kernel.quant
         y = blobs.pop(f"\0acc:{unit.name}")
         rule = self.requant.get(unit.name)

@@ -1,9 +1,10 @@
 """Statistics of the fused tensors, gathered for every tracked tensor at once.
 
-Two passes over the ``-s`` calibration batches, whatever the number of layers: the first
-finds each tensor's exact min/max/|max| (the histogram range), the second fills an int64
-histogram of |x| in 2048 bins over [0, absmax], exact zeros skipped. Only running
-aggregates stay in memory (on the model's device), never the activations themselves."""
+At most two passes over the ``-s`` calibration batches, whatever the number of layers: the
+first finds each tensor's exact min/max/|max| (the histogram range); the second, only when
+an estimator needs it (``needs``), fills an int64 histogram of |x| in 2048 bins over
+[0, absmax], exact zeros skipped. Only running aggregates stay in memory (on the model's
+device), never the activations themselves."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from calibrator.quant.estimators import TensorStats
+from calibrator.quant.estimators import HISTOGRAM, TensorStats
 from calibrator.quant.fusion import BlobRef, FusedGraph
 from calibrator.quant.kl import NUM_BINS, abs_histogram
 
@@ -69,20 +70,24 @@ class _Collector:
 
 
 def collect(net, fused: FusedGraph, make_batches: Callable[[], Iterable[dict]], *,
-            refs=None) -> dict[str, TensorStats]:
+            refs=None, needs=frozenset({HISTOGRAM})) -> dict[str, TensorStats]:
     """TensorStats for each tracked blob version, keyed by ``BlobRef.key``.
 
     ``make_batches()`` yields the calibration feeds (blob name -> tensor on the net's
-    device); it is called twice, once per pass."""
+    device); it is called once per pass. ``needs``: the statistics to gather beyond the
+    first pass's (see :mod:`calibrator.quant.estimators`)."""
     refs = tracked_refs(fused) if refs is None else refs
     collector = _Collector(refs, net.device)
     last = max([r.producer for r in refs] + [0])
+    passes = (False, True) if HISTOGRAM in needs else (False,)
     with torch.no_grad():
-        for second in (False, True):
+        for second in passes:
             collector.second_pass = second
             for feeds in make_batches():
                 collector.feeds(feeds)
                 net(feeds, hook=collector.hook, stop=last + 1, outputs=())
+    if HISTOGRAM not in needs:
+        return collector.stats
     for key, stats in collector.stats.items():
         hist = collector.hists.get(key)
         stats.hist = (hist.cpu().numpy() if hist is not None

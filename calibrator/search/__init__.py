@@ -1,9 +1,16 @@
 """The accuracy-driven search: meet -l with the fewest FP32 layers and full evaluations.
 
-Pieces, each with one job (the loop in ``loop.py`` only sequences them):
-  ``metric``      what a full evaluation measures (Accuracy blob, mAP), per sample too
-  ``evaluator``   runs full evaluations, counts and caches them (resumable state)
-  ``sensitivity`` the cheap, label-free ranking of quantized layers
-  ``adjust``      cheaper fixes before reverting (estimators, per-channel, EasyQuant)
-  ``loop``        the strategies: ``bisect`` (default) and ``intel`` (legacy)
+Pieces, each with one job (the loop in ``loop.py`` only sequences them; what a full
+evaluation measures is a :mod:`calibrator.metrics` Metric, what it runs the backend's
+simulator):
+  ``evaluator``        runs full evaluations, counts and caches them (resumable state)
+  ``sensitivity``      the cheap, label-free ranking of quantized layers
+  ``adjust``           cheaper fixes before reverting (estimators, per-channel, EasyQuant)
+  ``countermeasures``  per-layer fixes for targets that saturate int16 pair sums
+  ``loop``             the strategies: ``bisect`` (default) and ``intel`` (legacy)
 """
+
+from calibrator.search.evaluator import Evaluator, SearchState
+from calibrator.search.loop import Search, SearchResult, SearchSettings
+
+__all__ = ["Evaluator", "Search", "SearchResult", "SearchSettings", "SearchState"]

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from calibrator.quant.scales import QuantPlan, UnitChoice, qmax, with_choice
-from calibrator.search.sensitivity import Probe, probe_layer, simulator_for, single_layer_plan
+from calibrator.search.sensitivity import Probe, probe_layer, single_layer_plan
 
 ESTIMATORS = ("KL", "MAXP", "DIRECT", "MSE", "PERCENTILE99.99")
 EASYQUANT_ALPHAS = tuple(sorted(set(np.round(np.linspace(0.5, 2.0, 31), 6).tolist()) | {1.0}))
@@ -36,13 +36,13 @@ class Adjustment:
 
 
 def _unit_outputs(net, fused, probe: Probe, name: str, layer_quant=None, plan=None,
-                  target=None):
+                  backend=None):
     """The fused output of one unit on the probe images, FP32 or with ``layer_quant``."""
     unit = fused.by_name[name]
     overrides = None
     if layer_quant is not None:
-        overrides = simulator_for(fused, single_layer_plan(plan, name, layer_quant),
-                                  target).overrides
+        overrides = backend.layer_simulator(
+            fused, single_layer_plan(plan, name, layer_quant)).overrides
     with torch.no_grad():
         out = net(probe.snapshots[name], start=unit.layer.index, stop=unit.last.index + 1,
                   overrides=overrides, outputs=[unit.output.name])
@@ -56,7 +56,7 @@ def _per_channel_cosine(ref: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def easyquant(net, fused, probe: Probe, plan: QuantPlan, name: str,
-              target=None) -> UnitChoice:
+              backend) -> UnitChoice:
     """Alternate per-channel weight scales and the input scale to maximise the cosine."""
     base = plan.layers[name]
     reference = _unit_outputs(net, fused, probe, name)
@@ -68,7 +68,7 @@ def easyquant(net, fused, probe: Probe, plan: QuantPlan, name: str,
         for alpha in EASYQUANT_ALPHAS:
             trial = replace(base, scale_in=scale_in, scale_params=(weights * alpha).tolist())
             cos = _per_channel_cosine(reference, _unit_outputs(net, fused, probe, name, trial,
-                                                               plan, target)).cpu().numpy()
+                                                               plan, backend)).cpu().numpy()
             better = cos > best + 1e-12
             best = np.where(better, cos, best)
             chosen = np.where(better, weights * alpha, chosen)
@@ -77,7 +77,7 @@ def easyquant(net, fused, probe: Probe, plan: QuantPlan, name: str,
         for alpha in EASYQUANT_ALPHAS:
             trial = replace(base, scale_in=scale_in * alpha, scale_params=weights.tolist())
             cos = _per_channel_cosine(reference, _unit_outputs(net, fused, probe, name, trial,
-                                                               plan, target)).mean().item()
+                                                               plan, backend)).mean().item()
             scores.append(cos)
         scale_in = scale_in * EASYQUANT_ALPHAS[int(np.argmax(scores))]
     threshold = qmax(base.input_unsigned, base.bits) / scale_in
@@ -85,8 +85,8 @@ def easyquant(net, fused, probe: Probe, plan: QuantPlan, name: str,
 
 
 def adjust_layers(net, fused, probe: Probe, plan_fn, choices: dict, worst: list[str],
-                  sensitivity: dict[str, float], *, per_channel_default: bool,
-                  scale_search: bool, target=None) -> tuple[dict, list[Adjustment]]:
+                  sensitivity: dict[str, float], backend, *, per_channel_default: bool,
+                  scale_search: bool) -> tuple[dict, list[Adjustment]]:
     """Try the candidates on each of ``worst`` and keep the best one that helps."""
     kept: list[Adjustment] = []
     for name in worst:
@@ -102,16 +102,16 @@ def adjust_layers(net, fused, probe: Probe, plan_fn, choices: dict, worst: list[
             plan = plan_fn(with_choice(choices, name, **choice.__dict__))
             if name not in plan.layers:
                 continue
-            value = probe_layer(net, fused, probe, plan, name, target=target)
+            value = probe_layer(net, fused, probe, plan, name, backend)
             if value < best_value:
                 best_action, best_choice, best_value = action, choice, value
         if scale_search:
             plan = plan_fn(with_choice(choices, name, **(best_choice or base).__dict__))
-            tuned = easyquant(net, fused, probe, plan, name, target)
+            tuned = easyquant(net, fused, probe, plan, name, backend)
             tuned = replace(best_choice or base, input_threshold=tuned.input_threshold,
                             weight_scales=tuned.weight_scales)
             plan = plan_fn(with_choice(choices, name, **tuned.__dict__))
-            value = probe_layer(net, fused, probe, plan, name, target=target)
+            value = probe_layer(net, fused, probe, plan, name, backend)
             if value < best_value:
                 prefix = f"{best_action} + " if best_action else ""
                 best_action, best_choice, best_value = prefix + "EasyQuant scales", tuned, value

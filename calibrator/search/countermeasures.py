@@ -15,35 +15,31 @@ from __future__ import annotations
 from dataclasses import replace
 
 from calibrator.quant.scales import UnitChoice, with_choice
-from calibrator.quant.targets import COUNTERMEASURES, Target, countermeasure_helps
+from calibrator.quant.simulate import Int8Simulator
+from calibrator.quant.targets import COUNTERMEASURES, Target, saturating_layers
 from calibrator.search.adjust import Adjustment
 from calibrator.search.sensitivity import Probe, probe_layer, rank_layers
 
 
 def candidate_fixes(target: Target, input_unsigned: bool) -> list[str]:
     """The counter-measures that remove saturation on ``target`` for such a layer."""
-    fixes = [fix for fix in COUNTERMEASURES if countermeasure_helps(fix, target)]
-    return [fix for fix in fixes if fix != "s8" or input_unsigned]
+    return [fix for fix in target.countermeasures if fix != "s8" or input_unsigned]
 
 
-def rank_with_saturation(net, fused, probe: Probe, plan, target: Target | None
+def rank_with_saturation(net, fused, probe: Probe, plan, backend
                          ) -> tuple[dict[str, float], dict[str, float]]:
-    """The sensitivity ranking under ``target`` and, from the same probe runs, the layers
+    """The sensitivity ranking under ``backend`` and, from the same probe runs, the layers
     that saturated with the fraction of their accumulator outputs that changed."""
-    if target is None or not target.pair_saturation:
-        return rank_layers(net, fused, probe, plan, target), {}
-    target.record = {}
-    try:
-        sensitivity = rank_layers(net, fused, probe, plan, target)
-        records = dict(target.record)
-    finally:
-        target.record = None
+    if not backend.target.pair_saturation:
+        return rank_layers(net, fused, probe, plan, backend), {}
+    records: dict = {}
+    sensitivity = rank_layers(net, fused, probe, plan, backend, saturation=records)
     return sensitivity, {name: entry.changed_fraction for name, entry in records.items()
                          if entry.changed}
 
 
-def choose_countermeasures(net, fused, probe: Probe, plan_fn, choices: dict,
-                           target: Target, sensitivity: dict[str, float],
+def choose_countermeasures(net, fused, probe: Probe, plan_fn, choices: dict, backend,
+                           sensitivity: dict[str, float],
                            saturating: dict[str, float]) -> tuple[dict, list[Adjustment]]:
     """Pick a fix for each layer of ``saturating`` (from ``rank_with_saturation``) where one
     helps: (new choices, the fixes kept, worst-saturating layer first)."""
@@ -52,14 +48,14 @@ def choose_countermeasures(net, fused, probe: Probe, plan_fn, choices: dict,
     for name in sorted(saturating, key=lambda n: (-saturating[n], n)):
         current = sensitivity.get(name)
         if current is None:
-            current = probe_layer(net, fused, probe, plan, name, target=target)
+            current = probe_layer(net, fused, probe, plan, name, backend)
         base = choices.get(name, UnitChoice())
         best_fix, best_value = None, current
-        for fix in candidate_fixes(target, plan.layers[name].input_unsigned):
+        for fix in candidate_fixes(backend.target, plan.layers[name].input_unsigned):
             trial = plan_fn(with_choice(choices, name, saturation_fix=fix))
             if name not in trial.layers:
                 continue
-            value = probe_layer(net, fused, probe, trial, name, target=target)
+            value = probe_layer(net, fused, probe, trial, name, backend)
             if value < best_value:
                 best_fix, best_value = fix, value
         if best_fix is not None:
@@ -73,9 +69,6 @@ def choose_countermeasures(net, fused, probe: Probe, plan_fn, choices: dict,
 def forced_choices(fused, plan, target: Target, fix: str, choices: dict | None = None) -> dict:
     """``fix`` on every layer of ``plan`` that can saturate on ``target`` for some input in
     its range (a static check of the weight pairs: ``--saturation-fix w7|half|s8``)."""
-    from calibrator.quant.simulate import Int8Simulator
-    from calibrator.quant.targets import saturating_layers
-
     if fix not in COUNTERMEASURES:
         raise ValueError(f"unknown counter-measure '{fix}'")
     choices = dict(choices or {})

@@ -14,12 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from calibrator.errors import CalibratorError
-from calibrator.evaluation import batches
 from calibrator.fileio import atomic_write
-from calibrator.search.metric import Metric
+from calibrator.metrics import Metric, measure
 
 STATE_VERSION = 1
 
@@ -98,13 +96,8 @@ class Evaluator:
                           if stored.get("per_sample") is not None else None)
             return EvalResult(stored["metric"], per_sample, stored["seconds"], cached=True)
         started = time.time()
-        outcomes = []
-        self.metric.start(self.model.net)
-        with torch.no_grad():
-            for _, feeds in batches(self.model, self.iterations, desc=desc, quiet=self.quiet):
-                outputs = self.model.net(feeds, overrides=overrides,
-                                         outputs=self.metric.outputs())
-                outcomes.append(self.metric.read(outputs))
+        outcomes = measure(self.model, [self.metric], self.iterations, overrides=overrides,
+                           reference=plan is None, desc=desc, quiet=self.quiet)[0]
         value = self.metric.combine(outcomes)
         per_sample = None
         if outcomes and all(o.per_sample is not None for o in outcomes):

@@ -5,25 +5,27 @@ full evaluation) kept for comparison.
 Full-evaluation budget of ``bisect`` for N quantized layers: FP32 (1) + all-INT8 (1) +
 adjusted (1) + bisection (ceil(log2 N)) + pruning (2) = 2 + ceil(log2 N) + 3.
 
-On a target whose kernels saturate int16 pair sums (``--target avx2``...), every evaluation
-and probe runs that arithmetic, and the "adjusted" step also carries the saturation
+The search talks only to the backend it is given (:mod:`calibrator.backends`): full
+evaluations run ``backend.simulator``, the probes ``backend.layer_simulator``. On a target
+whose kernels saturate int16 pair sums (``--target avx2``...), every evaluation and probe
+runs that arithmetic, and the "adjusted" step also carries the saturation
 counter-measures chosen on the probe (``calibrator.search.countermeasures``); only if that
 combined trial fails to improve are the counter-measures tried alone (one more evaluation).
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 
+from calibrator.data.feed import batches
+from calibrator.metrics import loss
 from calibrator.quant.scales import QuantPlan, with_choice
-from calibrator.quant.targets import Target, get_target
 from calibrator.search.adjust import Adjustment, adjust_layers
 from calibrator.search.countermeasures import (choose_countermeasures, forced_choices,
                                                rank_with_saturation)
 from calibrator.search.evaluator import EvalResult, Evaluator
-from calibrator.search.sensitivity import make_probe, output_blobs, simulator_for
+from calibrator.search.sensitivity import make_probe, output_blobs
 
 ADJUST_WORST = 5
 PRUNE_EVALS = 2
@@ -66,9 +68,7 @@ class SearchSettings:
     scale_search: bool = True
     allow_fp32: bool = True
     probe_images: int = 16
-    target: str = "vnni"     # the INT8 arithmetic full evaluations simulate
     saturation_fix: str = "auto"   # auto: chosen per layer; off; or w7/half/s8 everywhere
-    runtime: str = "intel"   # whose graph full evaluations simulate: intel or ort
 
 
 class _Budget(Exception):
@@ -78,7 +78,7 @@ class _Budget(Exception):
 
 class Search:
     def __init__(self, model, calibration, evaluator: Evaluator, settings: SearchSettings,
-                 say=lambda message: None):
+                 backend, say=lambda message: None):
         self.model = model
         self.calibration = calibration
         self.fused = calibration.fused
@@ -89,20 +89,16 @@ class Search:
         self.trace: list[Step] = []
         self.results: list[tuple[QuantPlan, EvalResult]] = []
         self.fp32: EvalResult | None = None
-        target = get_target(settings.target)
-        self.target: Target | None = None if target.exact else target
+        self.backend = backend
         self.initial_choices: dict = {}
         fix = settings.saturation_fix
-        if fix not in ("auto", "off") and self.target is not None:
-            self.initial_choices = forced_choices(self.fused, calibration.plan(), self.target,
-                                                  fix)
+        if fix not in ("auto", "off") and not backend.target.exact:
+            self.initial_choices = forced_choices(self.fused, calibration.plan(),
+                                                  backend.target, fix)
 
     # -- bookkeeping -------------------------------------------------------------------------
     def loss(self, metric: float) -> float:
-        drop = self.fp32.metric - metric
-        if self.settings.relative:
-            return drop / abs(self.fp32.metric) if self.fp32.metric else drop
-        return drop
+        return loss(self.fp32.metric, metric, self.settings.relative)
 
     def met(self, result: EvalResult) -> bool:
         return self.loss(result.metric) <= self.settings.tolerance + 1e-12
@@ -116,7 +112,7 @@ class Search:
 
     def evaluate(self, plan: QuantPlan, action: str) -> EvalResult:
         self._check_budget()
-        result = self.evaluator.evaluate(plan, self._simulator(plan).overrides,
+        result = self.evaluator.evaluate(plan, self.backend.simulator(self.fused, plan).overrides,
                                          desc=action[:30])
         fp32_layers = len(plan.fp32_layers(self.fused))
         step = Step(len(self.trace) + 1, action, result.metric, self.loss(result.metric),
@@ -127,15 +123,6 @@ class Search:
         self.say(f"[{step.evaluations:2d}] {action}: {result.metric:.6g} "
                  f"(loss {step.loss:+.4f}{', recalled' if result.cached else ''})")
         return result
-
-    def _simulator(self, plan: QuantPlan):
-        """What a full evaluation runs: Intel's fused kernels, or (``--runtime ort``) the
-        exported model as ONNX Runtime runs it; both with the target's arithmetic."""
-        if self.settings.runtime == "ort":
-            from calibrator.verify.ort_graph import ort_simulator
-
-            return ort_simulator(self.model.net, self.fused, plan, self.target)
-        return simulator_for(self.fused, plan, self.target)
 
     def best(self) -> tuple[QuantPlan, float, bool]:
         met = [(p, r) for p, r in self.results if self.met(r)]
@@ -181,14 +168,14 @@ class Search:
             result = self.evaluate(plan, f"revert {name}")
 
     def _bisect(self, outcome: SearchResult) -> None:
-        calibration, net, target = self.calibration, self.model.net, self.target
+        calibration, net, backend = self.calibration, self.model.net, self.backend
         choices: dict = dict(self.initial_choices)
         plan = calibration.plan(choices)
         current = self.evaluate(plan, "all INT8")
         if self.met(current):
             return
         probe = self._probe()
-        sensitivity, saturating = rank_with_saturation(net, self.fused, probe, plan, target)
+        sensitivity, saturating = rank_with_saturation(net, self.fused, probe, plan, backend)
         outcome.sensitivity = dict(sensitivity)
         outcome.saturating = dict(saturating)
         self.say("most sensitive: " + ", ".join(f"{n} ({sensitivity[n]:.3g})"
@@ -197,10 +184,10 @@ class Search:
         with_fixes = choices
         if saturating and self.settings.saturation_fix == "auto":
             with_fixes, fixes = choose_countermeasures(net, self.fused, probe, calibration.plan,
-                                                       choices, target, sensitivity,
+                                                       choices, backend, sensitivity,
                                                        saturating)
-            self.say(f"{len(saturating)} layer(s) saturate on {target.name}; counter-measures "
-                     f"kept on {len(fixes)}")
+            self.say(f"{len(saturating)} layer(s) saturate on {backend.target.name}; "
+                     f"counter-measures kept on {len(fixes)}")
             for fix in fixes:
                 self.say(f"  {fix.layer}: {fix.action} ({fix.before:.3g} -> {fix.after:.3g})")
         fixed_sensitivity = dict(sensitivity)
@@ -209,8 +196,8 @@ class Search:
         ranked = self._ranking(fixed_sensitivity)
         adjusted, kept = adjust_layers(
             net, self.fused, probe, calibration.plan, with_fixes, ranked[:ADJUST_WORST],
-            fixed_sensitivity, per_channel_default=calibration.options.per_channel,
-            scale_search=self.settings.scale_search, target=target)
+            fixed_sensitivity, backend, per_channel_default=calibration.options.per_channel,
+            scale_search=self.settings.scale_search)
         for adjustment in kept:
             self.say(f"adjust {adjustment.layer}: {adjustment.action} "
                      f"({adjustment.before:.3g} -> {adjustment.after:.3g})")
@@ -271,8 +258,6 @@ class Search:
         return out
 
     def _probe(self):
-        from calibrator.evaluation import batches
-
         feeds = next(iter(batches(self.model, 1, desc="probe", quiet=True)))[1]
         count = self.settings.probe_images
         feeds = {k: v[:count] if v.dim() and v.shape[0] > count else v for k, v in feeds.items()}
@@ -281,6 +266,3 @@ class Search:
                           output_blobs(metric, self.model.net),
                           classifier=metric.class_scores)
 
-
-def evaluation_budget(units: int) -> int:
-    return 2 + math.ceil(math.log2(max(units, 1))) + 3 if units > 1 else 5

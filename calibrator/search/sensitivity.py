@@ -12,8 +12,9 @@ of the output blobs, per sample. Why this measure:
   the full evaluations of the bisection, which test prefixes of this ranking together).
 Cost: one FP32 pass over the subset keeps the activations live at each layer (references,
 no copies); each layer's probe then runs only the graph after its cut, starting from them.
-On a target whose kernels saturate (``--target avx2``) the probe runs that arithmetic, so
-saturation counts in the ranking and ``target.record`` collects what saturated.
+The probes run the backend's per-layer simulation: on a target whose kernels saturate
+(``--target avx2``) that arithmetic, so saturation counts in the ranking, and a
+``saturation`` dict collects what saturated.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from dataclasses import dataclass
 import torch
 
 from calibrator.quant.scales import QuantPlan
-from calibrator.quant.simulate import Int8Simulator
 
 
 @dataclass
@@ -85,21 +85,13 @@ def single_layer_plan(plan: QuantPlan, name: str, layer=None) -> QuantPlan:
     return QuantPlan({name: layer or plan.layers[name]}, plan.options, plan.choices)
 
 
-def simulator_for(fused, plan: QuantPlan, target=None) -> Int8Simulator:
-    """An Int8Simulator of ``plan`` accumulating as ``target`` (a Target; None: exact)."""
-    simulator = Int8Simulator(fused, plan)
-    if target is not None:
-        from calibrator.quant.targets import apply_target
-
-        apply_target(simulator, target)
-    return simulator
-
-
-def probe_layer(net, fused, probe: Probe, plan: QuantPlan, name: str, layer=None,
-                target=None) -> float:
-    """Damage of quantizing only ``name`` (with ``layer``'s scales if given)."""
+def probe_layer(net, fused, probe: Probe, plan: QuantPlan, name: str, backend, layer=None,
+                saturation: dict | None = None) -> float:
+    """Damage of quantizing only ``name`` (with ``layer``'s scales if given), as
+    ``backend``'s per-layer simulation computes it."""
     unit = fused.by_name[name]
-    simulator = simulator_for(fused, single_layer_plan(plan, name, layer), target)
+    simulator = backend.layer_simulator(fused, single_layer_plan(plan, name, layer),
+                                        saturation=saturation)
     with torch.no_grad():
         outputs = net(probe.snapshots[name], start=unit.layer.index,
                       overrides=simulator.overrides, outputs=probe.outputs)
@@ -107,7 +99,8 @@ def probe_layer(net, fused, probe: Probe, plan: QuantPlan, name: str, layer=None
                for b in probe.outputs)
 
 
-def rank_layers(net, fused, probe: Probe, plan: QuantPlan, target=None) -> dict[str, float]:
+def rank_layers(net, fused, probe: Probe, plan: QuantPlan, backend,
+                saturation: dict | None = None) -> dict[str, float]:
     """Sensitivity of every quantized layer, in layer order."""
-    return {name: probe_layer(net, fused, probe, plan, name, target=target)
+    return {name: probe_layer(net, fused, probe, plan, name, backend, saturation=saturation)
             for name in [u.name for u in fused.units if u.name in plan.layers]}

@@ -20,13 +20,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tabulate import tabulate
 
+from calibrator import ort_worker
+from calibrator.backends import IntelBackend
+from calibrator.backends.ort import OrtGraph, graph_simulator, read_ort_graph
+from calibrator.data.feed import batches
 from calibrator.errors import CalibratorError
-from calibrator.evaluation import batches as test_batches
-from calibrator.quant import targets as targets_mod
-from calibrator.quant.simulate import Int8Simulator
-from calibrator.verify.onnx_export import ExportResult, build_onnx
-from calibrator.verify.ort_graph import OrtGraph, graph_simulator, read_ort_graph
+from calibrator.export.qdq import ExportResult, build_onnx
+from calibrator.metrics import primary_accuracy_layer
+from calibrator.quant.targets import get_target
 
 
 @dataclass
@@ -56,8 +59,6 @@ class VerifyResult:
 
 def score_blob(test_param) -> str | None:
     """The first bottom of the Accuracy layer with the smallest top_k (the class scores)."""
-    from calibrator.search.metric import primary_accuracy_layer
-
     layer = primary_accuracy_layer(test_param.layer)
     return layer.bottom[0] if layer is not None else None
 
@@ -65,21 +66,20 @@ def score_blob(test_param) -> str | None:
 def _ort_outputs(model_bytes: bytes, feeds_list: list[dict], command: str | None,
                  repeat: int = 1, threads: int | None = None):
     """[(outputs, seconds)] per batch: in this process, or through ``command`` (a prefix
-    such as ``qemu-x86_64 -cpu Haswell``) running calibrator.verify.ort_worker."""
+    such as ``qemu-x86_64 -cpu Haswell``) running calibrator.ort_worker."""
     if not command:
         try:
-            from calibrator.verify.ort_worker import make_session, run_batches
-            session = make_session(model_bytes, threads)
+            session = ort_worker.make_session(model_bytes, threads)
         except ImportError:
             raise CalibratorError("calibrator verify needs onnxruntime: pip install "
                                   "onnxruntime") from None
-        return run_batches(session, feeds_list, repeat)
+        return ort_worker.run_batches(session, feeds_list, repeat)
     with tempfile.TemporaryDirectory(prefix="calibrator-ort-") as tmp:
         model_path = Path(tmp) / "model.onnx"
         model_path.write_bytes(model_bytes)
         arrays = {f"{i}/{k}": v for i, feeds in enumerate(feeds_list) for k, v in feeds.items()}
         np.savez(Path(tmp) / "in.npz", **arrays)
-        argv = shlex.split(command) + [sys.executable, "-m", "calibrator.verify.ort_worker",
+        argv = shlex.split(command) + [sys.executable, "-m", "calibrator.ort_worker",
                                        str(model_path), str(Path(tmp) / "in.npz"),
                                        str(Path(tmp) / "out.npz"), "--repeat", str(repeat)]
         if threads:
@@ -150,13 +150,14 @@ def _scores(tensor) -> np.ndarray:
     return value.reshape(value.shape[0], -1)
 
 
-def _simulator(fused, plan, target_name: str, graph: OrtGraph, as_exported: bool):
+def _simulator(fused, plan, target_name: str, graph: OrtGraph, as_exported: bool,
+               saturation: dict | None = None):
     """(simulator, Target) of ``target_name``: of the graph ORT runs (``as_exported``,
-    see ``ort_graph.graph_simulator``), else of Intel's fused kernels."""
+    see ``calibrator.backends.ort.graph_simulator``), else of Intel's fused kernels."""
+    target = get_target(target_name)
     if as_exported:
-        return graph_simulator(fused, plan, graph, target_name)
-    sim = Int8Simulator(fused, plan)
-    return sim, targets_mod.apply_target(sim, target_name)
+        return graph_simulator(fused, plan, graph, target, saturation), target
+    return IntelBackend(target).simulator(fused, plan, saturation=saturation), target
 
 
 def verify(model, fused, plan, *, iterations: int, target_names=("vnni", "avx2"),
@@ -180,7 +181,7 @@ def verify(model, fused, plan, *, iterations: int, target_names=("vnni", "avx2")
     output_names = list(net.output_names)
     wanted = output_names + ([blob] if blob and blob not in output_names else [])
     feeds_cpu = []
-    for _, feeds in test_batches(model, iterations, desc="data", quiet=quiet):
+    for _, feeds in batches(model, iterations, desc="data", quiet=quiet):
         feeds_cpu.append({k: v.detach().cpu() for k, v in feeds.items()})
     onnx_feeds = [{name: f[name].numpy().astype(np.float32) for name in export.inputs}
                   for f in feeds_cpu]
@@ -191,11 +192,14 @@ def verify(model, fused, plan, *, iterations: int, target_names=("vnni", "avx2")
     runs: OrderedDict[str, _Means] = OrderedDict()
     scores: dict[str, list[np.ndarray]] = {}
     simulators = OrderedDict()
+    saturation = {}
     for name in target_names:
-        sim, target = _simulator(fused, plan, name, graph, as_exported)
-        if record_saturation and target.pair_saturation:
-            target.record = {}
+        target = get_target(name)
+        records = {} if record_saturation and target.pair_saturation else None
+        sim, target = _simulator(fused, plan, name, graph, as_exported, records)
         simulators[f"sim:{target.name}"] = (sim, target)
+        if records is not None:
+            saturation[target.name] = records
     run_names = (["fp32"] if fp32 else []) + list(simulators) + ["ort"]
     for name in run_names:
         runs[name] = _Means()
@@ -239,9 +243,7 @@ def verify(model, fused, plan, *, iterations: int, target_names=("vnni", "avx2")
                             f"{len(graph.requant)} INT8 kernels"
                             + (f", {len(export.mid_scales)} residual convs rounded before a "
                                "QLinearAdd" if export.mid_scales else ""))
-    for name, (_, target) in simulators.items():
-        if target.record:
-            result.saturation[target.name] = dict(target.record)
+    result.saturation = {name: records for name, records in saturation.items() if records}
     if layer_images:
         result.layers = layer_differences(model, fused, plan, feeds_cpu[0], layer_images,
                                           [t for _, t in simulators.values()], residual,
@@ -344,12 +346,7 @@ def format_report(result: VerifyResult) -> str:
 
 
 def _table(header, rows) -> str:
-    try:
-        from tabulate import tabulate
-
-        return tabulate(rows, headers=header, tablefmt="github")
-    except ImportError:  # pragma: no cover
-        return "\n".join(" | ".join(str(c) for c in r) for r in [header] + rows)
+    return tabulate(rows, headers=header, tablefmt="github")
 
 
 def result_record(result: VerifyResult) -> dict:

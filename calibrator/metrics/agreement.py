@@ -1,4 +1,4 @@
-"""``--metric agreement``: a label-free metric, the share of samples whose INT8 top-1 equals
+"""``agreement``: a label-free metric, the share of samples whose INT8 top-1 equals
 the FP32 model's own top-1 on the same input.
 
 The FP32 prediction of each batch is kept under a fingerprint of the batch's input blobs
@@ -11,9 +11,6 @@ Scores blob: ``(N, C)`` or ``(N, C, 1, ...)`` class scores (logits or probabilit
 along axis 1. A blob with spatial positions (``(N, C, H, W)``, e.g. segmentation) is scored
 per position: a sample's value is the share of its positions that agree, and it counts as
 agreeing (``per_sample``) only when all of them do.
-
-Wiring (the main command): ``--metric agreement`` -> ``make_agreement_metric(model.net,
-args.blob_name or None)`` instead of ``make_metric``; no Accuracy layer or labels needed.
 """
 
 from __future__ import annotations
@@ -24,7 +21,8 @@ import numpy as np
 import torch
 
 from calibrator.errors import CalibratorError
-from calibrator.search.metric import BatchOutcome, Metric
+from calibrator.metrics.accuracy import primary_accuracy_layer
+from calibrator.metrics.base import BatchOutcome, Metric
 
 
 def top1(scores: torch.Tensor) -> np.ndarray:
@@ -50,9 +48,12 @@ def fingerprint(feeds: dict[str, torch.Tensor]) -> str:
 class AgreementMetric(Metric):
     """Top-1 agreement of the evaluated configuration with FP32, per sample."""
 
+    description = ("label-free: share of samples whose top-1 equals FP32's on the class "
+                   "scores (-n names the scores blob; default: the Accuracy layer's)")
     class_scores = True
 
-    def __init__(self, net, blob: str):
+    def __init__(self, net, blob: str | None = None):
+        blob = blob or default_scores_blob(net)
         if blob not in net.blob_shapes:
             raise CalibratorError(f"agreement: no blob '{blob}' in the TEST net")
         shape = net.blob_shapes[blob]
@@ -68,8 +69,8 @@ class AgreementMetric(Metric):
         return [self.blob, *self.inputs]
 
     def remember(self, outputs: dict[str, torch.Tensor]) -> None:
-        """Take these outputs as the FP32 reference of their batch (for a caller that knows
-        it just ran FP32; saves the extra forward pass)."""
+        """Take these outputs as the FP32 reference of their batch (an FP32 pass calls it;
+        saves the extra forward pass)."""
         self.reference[fingerprint(self._feeds(outputs))] = top1(outputs[self.blob])
 
     def fp32_top1(self, feeds: dict[str, torch.Tensor]) -> np.ndarray:
@@ -109,8 +110,6 @@ class AgreementMetric(Metric):
 def default_scores_blob(net) -> str:
     """The blob ``--metric agreement`` compares when none is named: the scores under the
     Accuracy layer with the smallest top_k, else the net's only output with class scores."""
-    from calibrator.search.metric import primary_accuracy_layer
-
     layer = primary_accuracy_layer([node.param for node in net.nodes])
     if layer is not None:
         return layer.bottom[0]
@@ -121,7 +120,3 @@ def default_scores_blob(net) -> str:
         return candidates[0]
     raise CalibratorError("agreement: cannot tell which blob holds the class scores "
                           f"(outputs: {', '.join(net.output_names)}); name it with -n")
-
-
-def make_agreement_metric(net, blob: str | None = None) -> AgreementMetric:
-    return AgreementMetric(net, blob or default_scores_blob(net))

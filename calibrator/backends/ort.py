@@ -1,4 +1,6 @@
-"""What ONNX Runtime makes of an exported QDQ model: which quantized units run as INT8
+"""``--runtime ort``: the ``--export-onnx`` model as ONNX Runtime runs it.
+
+What ONNX Runtime makes of an exported QDQ model: which quantized units run as INT8
 kernels, and the exact float32 requantization of each, read off ORT's own optimized graph.
 
 ORT's graph optimizer fuses ``DQ -> Conv -> Q`` into QLinearConv (dropping a Relu/Clip before
@@ -25,9 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
+from calibrator.backends.base import Backend
 from calibrator.errors import CalibratorError
-from calibrator.quant.simulate import RuntimeRequant
-from calibrator.verify.onnx_export import ExportResult
+from calibrator.export.qdq import ExportResult, build_onnx, load_onnx
+from calibrator.ort_worker import make_session
+from calibrator.quant.simulate import Int8Simulator, RuntimeRequant
 
 FLOAT_KERNELS = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul")
 
@@ -40,10 +44,6 @@ class OrtGraph:
 
 
 def _optimized_graph(model_bytes: bytes):
-    import onnx
-
-    from calibrator.verify.ort_worker import make_session
-
     with tempfile.TemporaryDirectory(prefix="calibrator-ort-") as tmp:
         path = Path(tmp) / "optimized.onnx"
         try:
@@ -51,7 +51,7 @@ def _optimized_graph(model_bytes: bytes):
         except ImportError:
             raise CalibratorError("ONNX Runtime is needed to read its graph (verify, "
                                   "--runtime ort): pip install onnxruntime") from None
-        return onnx.load(str(path)).graph
+        return load_onnx(path).graph
 
 
 def _exported_q(exported: dict, unit: str, which: str):
@@ -75,7 +75,7 @@ def _input_rule(exported: dict, unit: str) -> RuntimeRequant | None:
 
 def read_ort_graph(export: ExportResult, model_bytes: bytes | None = None) -> OrtGraph:
     """The units ORT runs in float and the requantization constants of the others."""
-    from onnx import numpy_helper
+    from onnx import numpy_helper  # optional dependency (the verify/ort extras)
 
     graph = _optimized_graph(model_bytes or export.model.SerializeToString())
     values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
@@ -133,30 +133,27 @@ def read_ort_graph(export: ExportResult, model_bytes: bytes | None = None) -> Or
     return out
 
 
-def graph_simulator(fused, plan, graph: OrtGraph, target=None):
-    """(Int8Simulator, its Target or None) running what ORT runs: ``graph``'s
-    requantization, and exact accumulation in the units ORT leaves as float convs; the INT8
-    kernels accumulate as ``target`` (a name or Target; None: exact)."""
-    from dataclasses import replace
-
-    from calibrator.quant.simulate import Int8Simulator
-    from calibrator.quant.targets import apply_target, get_target
-
-    simulator = Int8Simulator(fused, plan, requant=graph.requant)
-    if target is None:
-        return simulator, None
-    own = replace(get_target(target), skip=frozenset(graph.float_units), record=None)
-    return simulator, apply_target(simulator, own)
+def graph_simulator(fused, plan, graph: OrtGraph, target=None,
+                    saturation: dict | None = None) -> Int8Simulator:
+    """An Int8Simulator running what ORT runs: ``graph``'s requantization, and exact
+    accumulation in the units ORT leaves as float convs; the INT8 kernels accumulate as
+    ``target`` (a name or Target; None: exact)."""
+    return Int8Simulator(fused, plan, requant=graph.requant, target=target,
+                         exact_units=graph.float_units, saturation=saturation)
 
 
-def ort_simulator(net, fused, plan, target=None):
-    """An Int8Simulator of ``plan`` that runs what ONNX Runtime runs for its exported model
-    (what ``--runtime ort`` evaluates)."""
-    from calibrator.verify.onnx_export import build_onnx
+class OrtBackend(Backend):
+    """The exported QDQ model as ONNX Runtime's CPU kernels run it, integer for integer
+    (its optimized graph read once per plan)."""
 
-    return graph_simulator(fused, plan, read_ort_graph(build_onnx(net, fused, plan)),
-                           target)[0]
+    name = "ort"
+    description = ("the --export-onnx model as ONNX Runtime runs it: float32 "
+                   "requantization, residual adds as QLinearAdd, the convs it keeps in float "
+                   "(needs onnxruntime)")
+
+    def simulator(self, fused, plan, *, saturation: dict | None = None) -> Int8Simulator:
+        graph = read_ort_graph(build_onnx(fused.net, fused, plan))
+        return graph_simulator(fused, plan, graph, self.target, saturation)
 
 
-__all__ = ["OrtGraph", "read_ort_graph", "graph_simulator", "ort_simulator",
-           "FLOAT_KERNELS"]
+__all__ = ["OrtGraph", "OrtBackend", "read_ort_graph", "graph_simulator", "FLOAT_KERNELS"]

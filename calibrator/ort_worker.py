@@ -1,6 +1,6 @@
 """Run an ONNX model with ONNX Runtime's CPU kernels on saved inputs; numpy + onnxruntime only.
 
-    python -m calibrator.verify.ort_worker MODEL.onnx INPUTS.npz OUTPUTS.npz [--threads N]
+    python -m calibrator.ort_worker MODEL.onnx INPUTS.npz OUTPUTS.npz [--threads N]
         [--repeat R]
 
 INPUTS.npz holds ``<batch>/<input name>`` arrays; OUTPUTS.npz gets ``<batch>/<output name>``
@@ -50,7 +50,7 @@ def run_batches(session, batches, repeat: int = 1):
 def main(argv=None) -> int:
     import numpy as np
 
-    parser = argparse.ArgumentParser(prog="calibrator.verify.ort_worker")
+    parser = argparse.ArgumentParser(prog="calibrator.ort_worker")
     parser.add_argument("model")
     parser.add_argument("inputs")
     parser.add_argument("outputs")

@@ -27,21 +27,21 @@ Differences from the simulation, all deliberate and reported by ``calibrator ver
   unit's output threshold as scale_out stores it, recorded in ``ExportResult.mid_scales``;
   a unit with FP32 output keeps a float conv and add) so the conv runs as
   QLinearConv, and the Add then runs as QLinearAdd. ``calibrator verify`` simulates that
-  (``calibrator.verify.ort_graph``).
+  (``calibrator.backends.ort``).
   ``residual="float"`` keeps Intel's arithmetic (the conv then runs in FP32 on dequantized
   weights).
 * Which convs ORT runs as INT8 kernels is decided by its graph optimizer (a Q must follow the
-  conv, possibly after a Relu/Clip it can drop): ``calibrator.verify.ort_graph`` asks ORT
+  conv, possibly after a Relu/Clip it can drop): ``calibrator.backends.ort`` asks ORT
   rather than guessing. A unit with FP32 output followed by ReLU6 and the next
   unit's input Q, for instance, does become a QLinearConv.
 * 7-bit plans: a Clip to the 7-bit range is inserted before each activation Q.
 * ORT requantizes in float32 (scales multiplied in float32); Intel's rule, and so the
   simulation by default, in float64. ``calibrator verify`` gives the simulation ORT's
-  constants (``calibrator.verify.ort_graph``) so that it runs ORT's integers.
+  constants (``calibrator.backends.ort``) so that it runs ORT's integers.
 
 Layers without an ONNX form here (PriorBox, DetectionOutput, Accuracy, losses, ...) and
 everything downstream of them are left out: the ONNX outputs are the tensors they read, and
-``calibrator.verify.run`` runs the rest in PyTorch.
+``calibrator.verify`` runs the rest in PyTorch.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from calibrator.errors import CalibratorError
+from calibrator.fileio import atomic_write
 from calibrator.quant.folding import folded_weights
 from calibrator.quant.fusion import FusedGraph, FusedUnit
 from calibrator.quant.scales import QuantPlan
@@ -84,12 +85,19 @@ class ExportResult:
 
 
 def _onnx():
+    """The optional ``onnx`` package (imported here, not at the top: it is an extra)."""
     try:
         import onnx
         from onnx import helper, numpy_helper
     except ImportError:  # pragma: no cover - depends on the environment
         raise CalibratorError("ONNX export needs the 'onnx' package: pip install onnx") from None
     return onnx, helper, numpy_helper
+
+
+def load_onnx(path):
+    """An ONNX model from a file (needs the optional ``onnx`` package)."""
+    onnx, _, _ = _onnx()
+    return onnx.load(str(path))
 
 
 class _Exporter:
@@ -549,9 +557,6 @@ def export_onnx(model, fused: FusedGraph, plan: QuantPlan | None, path, **option
     result = build_onnx(model.net, fused, plan, **options)
     onnx.checker.check_model(result.model)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    from calibrator.fileio import atomic_write
-
     atomic_write(path, result.model.SerializeToString())
     result.path = path
     return result
