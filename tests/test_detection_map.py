@@ -4,6 +4,7 @@ detections."""
 
 from __future__ import annotations
 
+import json
 import math
 import xml.etree.ElementTree as ET
 
@@ -371,3 +372,33 @@ def test_add_detection_evaluation_wires_a_test_net(shared, tmp_path):
     del deploy.layer[-1]  # no DetectionOutput left
     with pytest.raises(CalibratorError, match="DetectionOutput"):
         add_detection_evaluation(deploy, folder / "list.txt", folder / "labelmap.prototxt")
+
+
+@pytest.mark.slow
+def test_gate_map_follows_ap_version(shared, tmp_path, list_source_map):
+    """The gate scores mAP as --ap-version says (caffe test's -ap_version; 11point by
+    default), for FP32 and INT8 alike: its FP32 value is the mAP of that version."""
+    from calibrator.cli.main import main
+
+    folder, _ = _faces(shared)
+    model = shared / "models/res10_ssd"
+    weights = model / "res10_300x300_ssd_iter_140000.caffemodel"
+    quantized = tmp_path / "res10_q.prototxt"
+    assert main(["-m", str(model / "deploy.prototxt"), "-w", str(weights), "-q", "-s", "1",
+                 "--images", str(folder / "images"), "--mean", "104", "177", "123",
+                 "--batch-size", "8", "--quiet", "--output", str(quantized)]) == 0
+    values = {}
+    for version in (None, "MaxIntegral"):
+        out = tmp_path / f"{version}.json"
+        argv = ["gate", "-m", str(model / "deploy.prototxt"), "-w", str(weights),
+                str(quantized), "--det-list", str(folder / "list.txt"), "--labelmap",
+                str(folder / "labelmap.prototxt"), "--name-size",
+                str(folder / "name_size.txt"), "--mean", "104", "177", "123", "--size",
+                "300", "300", "--batch-size", "71", "-i", "1", "-l", "1", "--quiet",
+                "--json", str(out)] + (["--ap-version", version] if version else [])
+        assert main(argv) == 0
+        (result,) = json.loads(out.read_text())["results"]
+        values[version] = result["fp32"]
+    assert values[None] == pytest.approx(list_source_map["11point"], abs=1e-6)
+    assert values["MaxIntegral"] == pytest.approx(list_source_map["MaxIntegral"], abs=1e-6)
+    assert abs(values["MaxIntegral"] - values[None]) > 1e-3

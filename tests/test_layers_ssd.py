@@ -12,7 +12,7 @@ from google.protobuf import text_format
 
 from calibrator.caffe import caffe_pb2
 from calibrator.errors import LayerError
-from calibrator.graph import boxes as bx
+from calibrator.detection import boxes as bx
 from calibrator.graph.layer import layer_class
 from tests.opencv_ref import opencv_forward
 

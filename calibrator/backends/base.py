@@ -10,7 +10,7 @@ way (see :class:`~calibrator.quant.simulate.Int8Simulator`)."""
 from __future__ import annotations
 
 from calibrator.quant.simulate import Int8Simulator
-from calibrator.quant.targets import DEFAULT_TARGET, Target, get_target
+from calibrator.quant.targets import Target, get_target
 
 
 class Backend:
@@ -36,10 +36,6 @@ class Backend:
     def record(self) -> dict:
         """What a quantized file records it was made for (see ``recorded_backend``)."""
         return {"runtime": self.name, "target": self.target.name}
-
-    @property
-    def is_default(self) -> bool:
-        return self.name == "intel" and self.target.name == DEFAULT_TARGET
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(target={self.target.name!r})"

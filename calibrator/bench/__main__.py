@@ -10,7 +10,16 @@ import os
 import platform
 import sys
 
+import cv2
+import numpy as np
+import torch
+from tabulate import tabulate
+
+from calibrator.bench import Context, find_shared, load_sections
 from calibrator.errors import CalibratorError
+from calibrator.fileio import atomic_write
+from calibrator.model import select_device
+from calibrator.runtime import tune_allocator
 
 
 def build_parser(sections) -> argparse.ArgumentParser:
@@ -37,10 +46,6 @@ def build_parser(sections) -> argparse.ArgumentParser:
 
 
 def machine_info(ctx) -> dict:
-    import cv2
-    import numpy as np
-    import torch
-
     info = {
         "platform": platform.platform(), "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
@@ -64,26 +69,16 @@ def _load() -> list[float] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from calibrator.bench import Context, find_shared, load_sections
-    from calibrator.fileio import atomic_write
-    from calibrator.runtime import tune_allocator
-
     tune_allocator()  # as the CLI does: the same process-wide settings as calibrator test
     sections = load_sections()
     args = build_parser(sections).parse_args(argv)
     try:
-        from tabulate import tabulate
-
-        from calibrator.model import select_device
 
         if args.repeat < 1:
             raise CalibratorError(f"--repeat must be at least 1, got {args.repeat}")
         if args.threads is not None:
             if args.threads < 1:
                 raise CalibratorError(f"--threads must be at least 1, got {args.threads}")
-            import cv2
-            import torch
-
             torch.set_num_threads(args.threads)
             cv2.setNumThreads(args.threads)
         ctx = Context(shared=find_shared(args.shared), device=select_device(args.gpu),

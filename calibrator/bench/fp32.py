@@ -21,11 +21,13 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
 from calibrator.bench import REPO, Context, SectionResult, Table, section, timed
 from calibrator.errors import CalibratorError
+from calibrator.model import load_model
 
 MODEL_DIR = "models/mobilenet_v2"
 BATCHES = 10
@@ -48,8 +50,6 @@ def _files(ctx: Context) -> dict[str, Path]:
 
 def _opencv_net(files, ctx: Context, fusion: bool):
     """OpenCV dnn on deploy.prototxt; CUDA when --gpu and OpenCV was built with it."""
-    import cv2
-
     net = cv2.dnn.readNetFromCaffe(str(files["deploy"]), str(files["weights"]))
     backend, target, where = cv2.dnn.DNN_BACKEND_OPENCV, cv2.dnn.DNN_TARGET_CPU, "cpu"
     if ctx.device.type == "cuda" and _opencv_cuda_devices() > 0:
@@ -61,8 +61,6 @@ def _opencv_net(files, ctx: Context, fusion: bool):
 
 
 def _opencv_cuda_devices() -> int:
-    import cv2
-
     try:
         return int(cv2.cuda.getCudaEnabledDeviceCount())
     except (AttributeError, cv2.error):
@@ -110,8 +108,6 @@ def _profile_ours(ctx: Context, net, feeds, outputs) -> dict[str, float]:
 
 
 def _profile_opencv(net, data: np.ndarray) -> dict[str, float]:
-    import cv2
-
     _run_opencv(net, data)
     _, ticks = net.getPerfProfile()
     names = net.getLayerNames()
@@ -171,9 +167,6 @@ def _cli_wall_time(ctx: Context, files) -> dict:
 @section("fp32", f"FP32 evaluation, shared MobileNetV2, {BATCHES} batches of "
                  f"{IMAGES_PER_BATCH} (forward passes only)")
 def fp32(ctx: Context) -> SectionResult:
-    import cv2
-
-    from calibrator.model import load_model
 
     files = _files(ctx)
     ctx.log("loading test.prototxt + caffemodel")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from calibrator.detection.annoset import write_annoset
+
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -36,8 +38,6 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from calibrator.detection.annoset import write_annoset
-
     summary = write_annoset(args.list, args.out, args.labelmap, root=args.root,
                             resize=tuple(args.resize) if args.resize else (0, 0),
                             encode_type=args.encode_type, is_color=not args.gray,

@@ -48,10 +48,13 @@ import numpy as np
 import torch
 from google.protobuf.message import DecodeError
 
-from calibrator.data.lmdb_data import LmdbDataSource, _LMDB
+from calibrator.caffe import caffe_pb2
+from calibrator.data.lmdb_data import _LMDB, LmdbDataSource
 from calibrator.data.paths import looked_in, resolve_path
 from calibrator.data.sources import DataSource, register
-from calibrator.data.transform import Transform, warn_legacy_fields, _has
+from calibrator.data.transform import Transform, _has, warn_legacy_fields
+from calibrator.detection.annoset import load_label_map, make_annotated_datum, read_annoset_list
+from calibrator.detection.matching import caffe_box_size, project_boxes
 from calibrator.errors import CalibratorError, LayerError
 
 F32 = np.float32
@@ -75,8 +78,6 @@ def _warp_update(box: np.ndarray, old_h: int, old_w: int, new_h: int, new_w: int
 
 def _meets_emit(crop: np.ndarray, box: np.ndarray, emit_type: int, emit_overlap: float) -> bool:
     """``MeetEmitConstraint`` of a box with the crop window."""
-    from calibrator.detection.matching import caffe_box_size
-
     if emit_type == _CENTER:
         cx = (box[0] + box[2]) / F32(2)
         cy = (box[1] + box[3]) / F32(2)
@@ -116,8 +117,6 @@ class AnnotationTransform:
     def __call__(self, anno_datum, height: int, width: int) -> np.ndarray:
         """Rows ``[group_label, instance_id, xmin, ymin, xmax, ymax, difficult]`` (float32)
         of an AnnotatedDatum whose image is ``height x width`` before any resize."""
-        from calibrator.detection.matching import project_boxes
-
         crop = self.crop_window(height, width)
         rows = []
         for group in anno_datum.annotation_group:
@@ -271,8 +270,6 @@ class AnnotatedLmdbSource(_AnnotatedBatches, LmdbDataSource):
                    boxes=boxes, cache=cache, layer=(layer.name, layer.type))
 
     def _read(self, sample: int):
-        from calibrator.caffe import caffe_pb2
-
         with self._env.begin() as txn:
             raw = txn.get(self._keys[sample])
         anno_datum = caffe_pb2.AnnotatedDatum()
@@ -309,8 +306,6 @@ class AnnotatedListSource(_AnnotatedBatches, DataSource):
     @classmethod
     def from_list(cls, layer, list_path: Path, base_dir: Path, transform: Transform,
                   boxes: AnnotationTransform, *, cache: bool = True) -> "AnnotatedListSource":
-        from calibrator.detection.annoset import load_label_map, read_annoset_list
-
         def fail(message):
             return LayerError(layer.name, layer.type, message)
 
@@ -357,8 +352,6 @@ class AnnotatedListSource(_AnnotatedBatches, DataSource):
         return found
 
     def _decode(self, sample: int, raw) -> np.ndarray:
-        from calibrator.detection.annoset import make_annotated_datum
-
         image, xml, _ = self._entries[sample]
         try:
             anno_datum = make_annotated_datum(self._path(sample, image), self._path(sample, xml),

@@ -7,9 +7,11 @@ import logging
 from pathlib import Path
 
 import cv2
+import lmdb
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from calibrator.caffe import caffe_pb2
 from calibrator.data.paths import looked_in, resolve_path
 from calibrator.data.sources import DataSource, register
 from calibrator.data.transform import Transform, warn_legacy_fields
@@ -24,8 +26,6 @@ _LMDB = 1  # DataParameter.DB.LMDB (LEVELDB = 0 is the default)
 class LmdbDataSource(DataSource):
     def __init__(self, path: Path, *, tops, batch_size: int, transform: Transform,
                  cache: bool = True, layer=None):
-        import lmdb
-
         super().__init__(tops, batch_size, transform, cache=cache, layer=layer)
         self._path = path
         try:
@@ -77,8 +77,6 @@ class LmdbDataSource(DataSource):
 
     def _read(self, sample: int):
         """Fetch and parse the Datum in the calling thread (one reader, no LMDB locking)."""
-        from calibrator.caffe import caffe_pb2
-
         with self._env.begin() as txn:
             raw = txn.get(self._keys[sample])
         datum = caffe_pb2.Datum()

@@ -7,13 +7,12 @@ from pathlib import Path
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from calibrator.caffe import caffe_pb2
 from calibrator.errors import CalibratorError
 
 
 def load_mean_file(path: Path) -> np.ndarray:
     """The mean image as float32 CxHxW; a file that is not a 1xCxHxW BlobProto is an error."""
-    from calibrator.caffe import caffe_pb2
-
     try:
         raw = Path(path).read_bytes()
     except OSError as exc:

@@ -31,9 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
+import lmdb
 import numpy as np
 
 from calibrator.caffe import caffe_pb2
+from calibrator.caffe.prototxt import read_label_map
 from calibrator.errors import CalibratorError
 
 log = logging.getLogger(__name__)
@@ -46,8 +48,6 @@ F32 = np.float32
 def load_label_map(path: str | os.PathLike) -> dict[str, int]:
     """Caffe-SSD ``MapNameToLabel`` (strict): item name -> label; a name given twice is an
     error."""
-    from calibrator.caffe.prototxt import read_label_map
-
     label_map = read_label_map(path)
     names: dict[str, int] = {}
     for item in label_map.item:
@@ -230,8 +230,6 @@ def write_annoset(list_path: str | os.PathLike, out_path: str | os.PathLike,
     list; paths in the list are relative to ``root`` (default: the list's folder). Written
     to a temporary folder beside ``out_path`` and renamed into place when complete; an
     existing ``out_path`` is replaced only with ``force``."""
-    import lmdb
-
     list_path, out_path = Path(list_path), Path(out_path)
     if out_path.exists() and not force:
         raise CalibratorError(f"{out_path} already exists (use --force to replace it)")

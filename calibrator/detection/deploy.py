@@ -20,6 +20,7 @@ from typing import Sequence
 
 from calibrator.caffe import caffe_pb2
 from calibrator.caffe.netstate import filter_net
+from calibrator.detection.annoset import num_classes_of
 from calibrator.errors import CalibratorError
 
 _WARP = caffe_pb2.ResizeParameter.WARP
@@ -48,8 +49,6 @@ def add_detection_evaluation(net_param, list_path: str | os.PathLike,
     then ``(pixel - mean) * norm``. ``batch_size`` defaults to the Input's batch dimension.
     ``num_classes`` of the evaluation is the label map's largest label + 1. The outputs are
     the DetectionEvaluate top ``detection_eval`` (and any other output the net had)."""
-    from calibrator.detection.annoset import num_classes_of
-
     test = filter_net(net_param)
     inputs = [i for i, l in enumerate(test.layer) if l.type == "Input"]
     if len(inputs) != 1 or len(test.layer[inputs[0]].top) != 1:

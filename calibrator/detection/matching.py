@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from calibrator.errors import CalibratorError
-from calibrator.graph import boxes as bx
+from calibrator.detection import boxes as bx
 
 F32 = np.float32
 
@@ -157,7 +157,7 @@ def iou(det: np.ndarray, gt: np.ndarray, det_sizes: np.ndarray | None = None,
         gt_sizes: np.ndarray | None = None) -> np.ndarray:
     """``JaccardOverlap`` of every detection with every ground-truth box: ``(n, m)`` float32.
 
-    Without sizes: normalised boxes (no +1; :func:`calibrator.graph.boxes.iou_matrix`). With
+    Without sizes: normalised boxes (no +1; :func:`calibrator.detection.boxes.iou_matrix`). With
     the sizes ``output_boxes`` returns: pixel boxes, intersection with +1 as Caffe computes
     it (boxes that do not intersect get the intersection of a 1x1 box)."""
     det = np.asarray(det, F32).reshape(-1, 4)

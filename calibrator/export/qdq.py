@@ -147,8 +147,6 @@ class _Exporter:
                                                 domain=domain or None, **attrs))
         return names
 
-    def version_name(self, node, top) -> str:
-        return f"{top}@{node.index}"
 
     def read(self, node, bottom_index: int) -> str:
         ref = self.fused.input_of(node, bottom_index)

@@ -162,7 +162,7 @@ def load_config_data(path: Path):
         raise CalibratorError(f"{path}: cannot read the gate config ({exc})") from None
     if path.suffix.lower() in (".yaml", ".yml"):
         try:
-            import yaml
+            import yaml  # optional (the yaml extra): only YAML configs need it
         except ImportError:
             raise CalibratorError(f"{path}: YAML configs need PyYAML (pip install pyyaml); "
                                   "or write the config as JSON") from None

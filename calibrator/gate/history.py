@@ -89,7 +89,7 @@ def series(runs: list[dict]) -> dict[str, dict[str, list]]:
 
 def plot_history(runs: list[dict], path: str | os.PathLike) -> dict[str, dict[str, list]]:
     """Draw the trend PNG; returns the plotted series (see :func:`series`)."""
-    import matplotlib
+    import matplotlib  # heavy, and only for --plot: imported when a plot is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -24,6 +24,7 @@ split evenly between its testcases.
 
 from __future__ import annotations
 
+import socket
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -46,8 +47,6 @@ def _failure_type(case) -> str:
 
 
 def build_junit(result: GateResult) -> ET.Element:
-    import socket
-
     hostname = socket.gethostname() or "localhost"
     timestamp = result.timestamp[:19]  # xs:dateTime without the zone, as junit-4 wants
     root = ET.Element("testsuites", name="calibrator gate")

@@ -34,10 +34,6 @@ class Node:
     bottom_shapes: list[Shape] = field(default_factory=list)
     top_shapes: list[Shape] = field(default_factory=list)
 
-    @property
-    def in_place(self) -> bool:
-        return bool(self.bottoms) and bool(self.tops) and self.bottoms[0] == self.tops[0]
-
 
 def fit_blob(array: np.ndarray, expected: Shape) -> np.ndarray | None:
     """``array`` reshaped to ``expected`` if Caffe would accept it, else None.
@@ -57,7 +53,7 @@ def fit_blob(array: np.ndarray, expected: Shape) -> np.ndarray | None:
 def _run_symbolic(node: Node):
     """The node's tops as fake tensors (shapes only), or None if it needs real values."""
     try:
-        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch._subclasses.fake_tensor import FakeTensorMode  # private torch API
     except ImportError:  # pragma: no cover - older torch
         return None
     try:

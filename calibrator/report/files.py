@@ -23,7 +23,7 @@ def _png(figure) -> bytes:
 
 
 def _plots(folder: Path, fused, plan, stats, result) -> list[str]:
-    import matplotlib
+    import matplotlib  # heavy, and only for --report: imported when plots are drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

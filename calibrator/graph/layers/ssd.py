@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from calibrator.graph import boxes as bx
+from calibrator.detection import boxes as bx
 from calibrator.graph.layer import Layer, as_parameter, register
 
 FLT_MAX = float(np.finfo(np.float32).max)

@@ -55,10 +55,6 @@ def target_names() -> tuple[str, ...]:
     return tuple(_REGISTRY) + ("auto",)
 
 
-def describe_targets() -> str:
-    return "; ".join(f"{name}: {factory().description}" for name, factory in _REGISTRY.items())
-
-
 register_target("vnni", lambda: Target(
     "vnni", "exact int32 accumulation (AVX512-VNNI / AVX-VNNI VPDPBUSD; Intel Caffe's "
             "assumption)"))
@@ -135,6 +131,6 @@ def can_saturate(kernel, target: str | Target, input_max: float | None = None) -
 
 __all__ = ["Target", "PairSaturating", "OneDnnPairs", "NarrowOperands", "SaturationRecord",
            "COUNTERMEASURES", "WEIGHT_FACTORS", "DEFAULT_TARGET", "register_target",
-           "target_names", "describe_targets", "get_target", "cpu_flags", "detect_target",
+           "target_names", "get_target", "cpu_flags", "detect_target",
            "countermeasure_helps", "saturating_layers", "can_saturate",
            "apply_countermeasure", "pair_layout"]
