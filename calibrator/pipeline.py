@@ -53,6 +53,12 @@ class Pipeline:
         return paths
 
     def write(self, paths: dict[str, Path], context: OutputContext) -> None:
+        excluded = context.plan.excluded
+        if excluded and context.backend is not None and context.backend.name == "intel":
+            print(f"warning: {len(excluded)} layer(s) stay FP32 in the prototxt, because of "
+                  f"Intel Caffe's fused-sum rules: "
+                  + "; ".join(f"{name} ({why})" for name, why in excluded.items()),
+                  file=sys.stderr, flush=True)
         for name, path in paths.items():
             get_writer(name).write(path, context)
             if name not in ("prototxt", "table", "json"):

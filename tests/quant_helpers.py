@@ -147,29 +147,55 @@ def quantize_input(x, scale, unsigned, bits=8):
 
 
 def quantize_weights(w, scales, bits=8):
+    """Intel's weight reorder (simple_q10n.hpp): float32 product with the float32 scale,
+    round half to even, saturate to s8."""
     limit = 2 ** (bits - 1) - 1
-    w = np.asarray(w, np.float64)
-    scales = np.asarray(scales, np.float64).reshape((-1,) + (1,) * (w.ndim - 1))
+    w = np.asarray(w, np.float32)
+    scales = np.asarray(scales, np.float32).reshape((-1,) + (1,) * (w.ndim - 1))
     return np.clip(np.rint(w * scales), -limit - 1, limit).astype(np.int64)
 
 
 def quantize_bias(b, scale_in, scales):
-    return np.rint(np.asarray(b, np.float64) * scale_in * np.asarray(scales, np.float64)
-                   ).astype(np.int64)
+    """Intel's bias reorder (mkldnn_convolution_layer.cpp :537-554): scale
+    f32(scale_in * scale_params[o]) (1 for a zero weight scale), float32 product, rint,
+    saturated to s32."""
+    scales = np.asarray(scales, np.float32)
+    product = np.float32(scale_in) * scales
+    product = np.where(scales == 0, np.float32(1), product).astype(np.float32)
+    q = np.rint((np.asarray(b, np.float32) * product).astype(np.float64))
+    return np.clip(q, -2 ** 31, 2 ** 31 - 1).astype(np.int64)
 
 
-def requantize(acc, scale_in, scales, scale_out, unsigned, slope=None, residual=None,
-               bits=8):
-    """INT8 output integers: acc * s_out / (s_in * sp) (+ residual * s_out), ReLU, rint,
-    saturate; float64 throughout."""
-    sp = np.asarray(scales, np.float64).reshape(1, -1, 1, 1)
-    y = acc.astype(np.float64) * scale_out / (scale_in * sp)
-    if residual is not None:
-        y = y + residual
+def intel_output(acc, q_bias, scale_in, scales, scale_out, dtype, slope=None, q_res=None,
+                 res_scale=None, bits=8):
+    """Intel's conv/inner-product epilogue (jit_avx512_core_x8s8s32x_conv_kernel.cpp
+    store_output), written from the kernel: y = (f32(acc) + f32(bias)) * f32(m[o]) with
+    m = s_out / f32(s_in * s_w) in float32; a fused sum adds f32(s_out / s_res) * f32(q_res)
+    with one rounding (vfmadd231ps); ReLU (y * slope below 0); u8: max(0); then round half
+    to even and saturate. ``dtype`` "u8"/"s8" gives the integers, None the float32 y."""
+    scales = np.asarray(scales, np.float32).reshape(1, -1, 1, 1)
+    product = np.float32(scale_in) * scales
+    m = np.where(scales == 0, np.float32(scale_out),
+                 np.float32(scale_out) / np.where(scales == 0, np.float32(1), product))
+    y = np.asarray(acc).astype(np.float32) + np.asarray(q_bias).astype(np.float32).reshape(
+        1, -1, 1, 1)
+    y = (y * m.astype(np.float32)).astype(np.float32)
+    if q_res is not None:
+        sum_scale = np.float32(np.float32(scale_out) / np.float32(res_scale))
+        y = (y.astype(np.float64) + np.float64(sum_scale) * np.asarray(q_res, np.float64)
+             ).astype(np.float32)
     if slope is not None:
-        y = np.where(y > 0, y, y * slope)
-    lo, hi = (0, 2 ** bits - 1) if unsigned else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+        y = np.where(y > 0, y, y * np.float32(slope)).astype(np.float32)
+    if dtype is None:
+        return y
+    lo, hi = (0, 2 ** bits - 1) if dtype == "u8" else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
     return np.clip(np.rint(y), lo, hi).astype(np.int64)
+
+
+def dequantized(q, scale_out) -> np.ndarray:
+    """What the next layer reads from INT8 memory: f32(q) * f32(1 / scale)."""
+    return (np.asarray(q, np.float32) * (np.float32(1) / np.float32(scale_out))).astype(
+        np.float32)
 
 
 def as_integers(values, scale_out) -> np.ndarray:

@@ -1,8 +1,9 @@
-"""The INT8 simulation against an integer reference written here in numpy int64: quantize the
-input (float32 product, round half to even, saturate), quantize weights and bias, convolve
-by explicit im2col in int64, requantize in float64, ReLU, round, saturate. The simulated INT8
-output times scale_out must give exactly the reference integers; an FP32 output must be
-exactly float32(acc / (scale_in * scale_params))."""
+"""The INT8 simulation against an integer reference written here from Intel Caffe's and
+MKL-DNN's sources (tests/quant_helpers.py): quantize the input (float32 product, round half to
+even, saturate), quantize weights and bias as Intel's reorders do, convolve by explicit
+im2col in int64, then the kernel's float32 epilogue ((acc + bias) * multiplier, fused sum,
+ReLU, round, saturate). The simulated INT8 output times scale_out must give exactly the
+reference integers; an FP32 output must be exactly the epilogue's float32 value."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import torch
 import calibrator.quant.simulate as simulate
 from calibrator.quant.fusion import analyze
 from calibrator.quant.scales import LayerQuant, QuantOptions, QuantPlan
-from tests.quant_helpers import (TinyNet, as_integers, conv_int64, input_text, quantize_bias,
-                                 quantize_input, quantize_weights, relu_text, requantize)
+from tests.quant_helpers import (TinyNet, as_integers, conv_int64, dequantized, input_text,
+                                 intel_output, quantize_bias, quantize_input, quantize_weights,
+                                 relu_text)
 
 
 class Case:
@@ -112,11 +114,10 @@ def test_single_conv_is_bit_exact(case, seed, device):
     q_in = quantize_input(x, s_in, case.in_u8)
     q_w = quantize_weights(w, sp)
     acc = conv_int64(q_in, q_w, case.stride, case.pad, case.dilation, case.group)
-    if b is not None:
-        acc = acc + quantize_bias(b, s_in, sp)[None, :, None, None]
+    q_b = quantize_bias(b, s_in, sp) if b is not None else np.zeros(o, np.int64)
     assert acc.shape == out.shape
     if case.int8_out:
-        ref = requantize(acc, s_in, sp, s_out, out_u8, case.slope)
+        ref = intel_output(acc, q_b, s_in, sp, s_out, "u8" if out_u8 else "s8", case.slope)
         got = as_integers(out, s_out)
         assert np.array_equal(got, ref)
         lo, hi = (0, 255) if out_u8 else (-128, 127)
@@ -124,11 +125,9 @@ def test_single_conv_is_bit_exact(case, seed, device):
         if case.clip_out < 1:
             assert (ref == hi).any() or (ref == lo).any()  # saturation was checked too
     else:
-        y = acc / (s_in * sp.reshape(1, -1, 1, 1))
-        if case.slope is not None:
-            y = np.where(y > 0, y, y * case.slope)
+        y = intel_output(acc, q_b, s_in, sp, 1.0, None, case.slope)
         assert out.dtype == np.float32
-        assert np.array_equal(out, y.astype(np.float32))
+        assert np.array_equal(out, y)
     # sanity: the INT8 result is near the FP32 one where the output does not saturate
     if case.clip_in == 1.0:
         inside = np.abs(fp32) < 0.75 * case.clip_out * np.abs(fp32).max()
@@ -154,9 +153,10 @@ def test_ties_round_half_to_even():
     out = run_simulation(net, QuantPlan({"conv": lq}, QuantOptions(), {}))["y"].numpy()
     q_in = quantize_input(x, s_in, False)
     acc = conv_int64(q_in, quantize_weights(weights["conv"][0], sp), pad=(1, 1))
-    acc = acc + quantize_bias(weights["conv"][1], s_in, sp)[None, :, None, None]
-    ref = requantize(acc, s_in, sp, s_out, False)
+    q_b = quantize_bias(weights["conv"][1], s_in, sp)
+    ref = intel_output(acc, q_b, s_in, sp, s_out, "s8")
     # ties really occur, and half-away-from-zero would give other integers
+    acc = acc + q_b[None, :, None, None]
     exact = acc * s_out / (s_in * sp.reshape(1, -1, 1, 1))
     assert (np.abs(exact - np.floor(exact)) == 0.5).sum() > 10
     assert (np.abs(x * 2 - np.floor(x * 2)) == 0.5).sum() > 10
@@ -169,7 +169,9 @@ def big_accumulation_net(channels: int, seed: int = 0):
     """1x1 conv, u8 input at 252..255, weights 124..127 (s_in = sp = 1, so the floats are
     the integers): the accumulation reaches 255 * 127 * channels. The bias cancels most of it
     so that the exact sum is visible in the FP32 output (an error of 1 shows). 1024 channels
-    need two 4-bit digits, 9216 narrower ones, 140000 more than any digit allows."""
+    need two 4-bit digits, 9216 narrower ones, 140000 more than any digit allows. The
+    epilogue then converts the exact accumulator to float32, as Intel's kernel does (the
+    140000-channel sum exceeds int32, which the real kernel could not hold)."""
     rng = np.random.default_rng(seed)
     x = (255 - rng.integers(0, 4, (2, channels, 2, 2))).astype(np.float32)
     w = (127 - rng.integers(0, 4, (3, channels, 1, 1))).astype(np.float32)
@@ -179,7 +181,7 @@ def big_accumulation_net(channels: int, seed: int = 0):
             + f'layer {{ name: "conv" type: "Convolution" bottom: "data" top: "y" '
               f'convolution_param {{ num_output: 3 kernel_size: 1 }} }}\n')
     net = TinyNet(text, weights={"conv": [w, bias]}, batches=[{"data": x}])
-    ref = acc + bias.astype(np.int64)[None, :, None, None]
+    ref = intel_output(acc, quantize_bias(bias, 1.0, np.ones(3)), 1.0, np.ones(3), 1.0, None)
     return net, acc, ref
 
 
@@ -187,23 +189,24 @@ def big_accumulation_net(channels: int, seed: int = 0):
 @pytest.mark.parametrize("device", DEVICES)
 def test_accumulation_beyond_2_24_is_exact(channels, device, monkeypatch):
     net, acc, ref = big_accumulation_net(channels)
-    assert acc.max() > 2 ** 24 and np.abs(ref).max() < 2 ** 20
+    assert acc.max() > 2 ** 24
     lq = LayerQuant("conv", 1.0, 1.0, [1.0] * 3, input_unsigned=True, output_unsigned=False,
                     output_int8=False)
     plan = QuantPlan({"conv": lq}, QuantOptions(), {})
     out = run_simulation(net, plan, device=device)["y"].numpy()
-    assert np.array_equal(out.astype(np.int64), ref)
-    # INT8 output of the same sum (s_out 1/64): the rounding sees the exact integer too
+    assert np.array_equal(out, ref)
+    # INT8 output of the same sum (s_out 1/64): the rounding sees the same float32 value
     lq8 = LayerQuant("conv", 1.0, 1 / 64, [1.0] * 3, input_unsigned=True,
                      output_unsigned=False, output_int8=True)
     out8 = run_simulation(net, QuantPlan({"conv": lq8}, QuantOptions(), {}),
                           device=device)["y"].numpy()
+    bias = quantize_bias(net.weights["conv"][1], 1.0, np.ones(3))
     assert np.array_equal(as_integers(out8, 1 / 64),
-                          np.clip(np.rint(ref / 64), -128, 127).astype(np.int64))
+                          intel_output(acc, bias, 1.0, np.ones(3), 1 / 64, "s8"))
     # the test has teeth: one float32 convolution (no split) is not exact here
     monkeypatch.setattr(simulate, "EXACT_LIMIT", 2 ** 62)
     unsplit = run_simulation(net, plan, device=device)["y"].numpy()
-    assert not np.array_equal(unsplit.astype(np.int64), ref)
+    assert not np.array_equal(unsplit, ref)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -234,19 +237,20 @@ def test_fused_residual_net_is_bit_exact(device):
         sp = np.array(lq.scale_params)
         q_in = quantize_input(x_float, lq.scale_in, unsigned_in)
         acc = conv_int64(q_in, quantize_weights(w, sp), pad=(pad, pad))
-        return q_in, acc + quantize_bias(bias, lq.scale_in, sp)[None, :, None, None], sp
+        return q_in, acc, quantize_bias(bias, lq.scale_in, sp), sp
 
     x = net.batches[0]["data"].numpy()
-    _, acc_a, sp_a = layer("conv_a", a, x, False, 1)
-    q_a = requantize(acc_a, a.scale_in, sp_a, a.scale_out, True, 0.0)
-    a_float = (q_a / a.scale_out).astype(np.float32)       # what conv_a hands on
-    q_in_b, acc_b, sp_b = layer("conv_b", b, a_float, True, 1)
+    _, acc_a, bias_a, sp_a = layer("conv_a", a, x, False, 1)
+    q_a = intel_output(acc_a, bias_a, a.scale_in, sp_a, a.scale_out, "u8", 0.0)
+    a_float = dequantized(q_a, a.scale_out)       # what conv_a hands on
+    q_in_b, acc_b, bias_b, sp_b = layer("conv_b", b, a_float, True, 1)
     assert b.scale_in == a.scale_out and np.array_equal(q_in_b, q_a)  # no double rounding
-    residual = a_float.astype(np.float64) * b.scale_out     # residual float value * s_out
-    q_b = requantize(acc_b, b.scale_in, sp_b, b.scale_out, True, 0.0, residual=residual)
-    b_float = (q_b / b.scale_out).astype(np.float32)
-    _, acc_c, sp_c = layer("conv_c", c, b_float, True, 0)
-    ref_c = np.maximum(acc_c / (c.scale_in * sp_c.reshape(1, -1, 1, 1)), 0).astype(np.float32)
+    # the sum writes its residual's type (u8) and adds f32(s_out / s_a) * q_a
+    q_b = intel_output(acc_b, bias_b, b.scale_in, sp_b, b.scale_out, "u8", 0.0, q_res=q_a,
+                       res_scale=a.scale_out)
+    b_float = dequantized(q_b, b.scale_out)
+    _, acc_c, bias_c, sp_c = layer("conv_c", c, b_float, True, 0)
+    ref_c = intel_output(acc_c, bias_c, c.scale_in, sp_c, 1.0, None, 0.0)
 
     assert np.array_equal(as_integers(captured["relu_a"], a.scale_out), q_a)
     assert np.array_equal(as_integers(captured["relu_s"], b.scale_out), q_b)

@@ -86,11 +86,15 @@ def test_projection_shortcut_the_later_conv_absorbs_the_add():
     assert units["branch2b"].eltwise.name == "add" and units["branch2b"].relu.name == "relu_s"
     assert units["branch2b"].residual.key == f"{net.node_index('branch1_scale')}:p"
     assert units["branch1"].eltwise is None and units["branch1"].relu is None
-    # branch1 has no ReLU: the residual is s8; branch2b ends with the absorbed ReLU: u8
+    # branch1 has no ReLU: the residual is s8. Intel's fused sum writes its residual's type,
+    # so branch2b's output is s8 although the absorbed ReLU makes it non-negative: its scale
+    # is 127/T (255/T would clip at T/2), and conv_next still reads it as u8
     assert not plan.layers["branch1"].output_unsigned
     assert plan.layers["branch1"].scale_out == pytest.approx(
         127 / absmax_of(net, "branch1_scale"), rel=REL)
-    assert plan.layers["branch2b"].output_unsigned
+    assert not plan.layers["branch2b"].output_unsigned
+    assert plan.layers["branch2b"].scale_out == pytest.approx(
+        127 / absmax_of(net, "relu_s"), rel=REL)
     assert plan.layers["conv_next"].input_unsigned
     fp32 = net.net(net.batches[0])["n"]
     assert relative_error(simulate(net, plan)["n"], fp32) < 0.05

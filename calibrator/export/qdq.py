@@ -4,7 +4,8 @@ Each quantized unit (``calibrator.quant.fusion``) becomes
 
     x -> QuantizeLinear(1/scale_in) -> DequantizeLinear          activation, uint8
     W' -> int8 initializer -> DequantizeLinear(1/scale_params, axis 0)   folded weights
-    b' -> int32 initializer round(b' * scale_in * scale_params) -> DequantizeLinear
+    b' -> int32 initializer rne(b' * f32(scale_in * scale_params)) -> DequantizeLinear
+    (weights and bias rounded as Intel's reorders do: ``quant.simulate.intel_constants``)
     Conv (or Flatten + Gemm) [-> Q/DQ -> Add residual] [-> Relu / LeakyRelu]
     -> QuantizeLinear(1/scale_out) -> DequantizeLinear             INT8 outputs only
 
@@ -57,6 +58,7 @@ from calibrator.fileio import atomic_write
 from calibrator.quant.folding import folded_weights
 from calibrator.quant.fusion import FusedGraph, FusedUnit
 from calibrator.quant.scales import QuantPlan
+from calibrator.quant.simulate import intel_constants
 
 OPSET = 13
 IR_VERSION = 8  # onnxruntime refuses IR versions newer than it knows; 8 goes with opset 13
@@ -240,10 +242,9 @@ class _Exporter:
             _, x, _ = self.qdq(x, scale_in, lq.input_unsigned or lq.force_u8_input,
                                f"{hint}:in", lq.bits)
             scales = torch.tensor(lq.scale_params, dtype=torch.float64)
-            limit = 2 ** (lq.bits - 1) - 1
-            shape = (-1,) + (1,) * (weight.dim() - 1)
-            q_w = torch.round(weight * scales.reshape(shape)).clamp(-limit - 1, limit)
-            q_b = torch.round(bias * scale_in * scales)
+            # the integers Intel's reorders give (the simulation uses the same ones)
+            q_w, q_b, _ = intel_constants(weight, bias, lq, "cpu")
+            q_w, q_b = q_w.double(), q_b.double()
             zero = scales <= 0
             q_w[zero] = 0
             q_b[zero] = 0  # the simulation's dequant is 0 for a zero scale: output 0

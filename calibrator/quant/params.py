@@ -27,13 +27,13 @@ def to_proto(lq: LayerQuant) -> caffe_pb2.QuantizationParameter:
 
 
 def annotate(net_param, plan: QuantPlan) -> caffe_pb2.NetParameter:
-    """A copy of the whole net (every phase) with quantization_param on quantized layers
-    and none elsewhere."""
+    """A copy of the whole net (every phase) with quantization_param on the quantized layers
+    Intel Caffe should run in INT8 (not on ``plan.excluded``) and none elsewhere."""
     out = caffe_pb2.NetParameter()
     out.CopyFrom(net_param)
     for layer in out.layer:
         layer.ClearField("quantization_param")
-        if layer.name in plan.layers:
+        if layer.name in plan.layers and layer.name not in plan.excluded:
             layer.quantization_param.CopyFrom(to_proto(plan.layers[layer.name]))
     return out
 

@@ -109,11 +109,13 @@ def weight_scales(weight: torch.Tensor, per_channel: bool, bits: int = 8,
 
 @dataclass
 class QuantPlan:
-    """The quantized layers of one configuration, in layer order."""
+    """The quantized layers of one configuration, in layer order; ``excluded``: eligible
+    units a runtime rule keeps FP32, and why."""
 
     layers: dict[str, LayerQuant]
     options: QuantOptions
     choices: dict[str, UnitChoice]
+    excluded: dict[str, str] = field(default_factory=dict)
 
     def fp32_layers(self, fused: FusedGraph) -> list[str]:
         return [u.name for u in fused.units if u.name not in self.layers]
@@ -135,7 +137,63 @@ def first_conv(fused: FusedGraph) -> FusedUnit | None:
 
 def build_plan(fused: FusedGraph, stats: dict, options: QuantOptions,
                choices: dict[str, UnitChoice] | None = None) -> QuantPlan:
+    """The plan: every eligible unit the choices leave INT8, with Intel's scale rules.
+
+    A conv that absorbed an Eltwise SUM writes its residual's data type in Intel's kernels,
+    and runs entirely in FP32 when the residual is FP32 (``mkldnn_convolution_layer.cpp``
+    :287-310): units Intel would run in FP32 anyway, or would clip, are listed in
+    ``plan.excluded`` with the reason: the prototxt written for Intel leaves them FP32 and
+    Intel's backend simulates them so; ONNX Runtime adds the residual in float and keeps
+    them INT8 (its backend and the ONNX export use every layer of the plan)."""
     choices = dict(choices or {})
+    layers = _build_layers(fused, stats, options, choices)
+    excluded = _fp32_residual_units(fused, layers)
+    _residual_data_types(fused, layers, options, excluded)
+    for name, why in excluded.items():
+        layers[name].notes.append(f"FP32 in Intel Caffe: {why}")
+    return QuantPlan(layers, options, choices, excluded)
+
+
+def _fp32_residual_units(fused: FusedGraph, layers: dict) -> dict[str, str]:
+    """Quantized units with a fused sum whose residual is not INT8 of one data type."""
+    found = {}
+    for unit in fused.units:
+        if unit.name not in layers or unit.residual is None:
+            continue
+        producers, others = fused.upstream_units(unit.residual)
+        quant = [layers.get(p.name) for p in producers]
+        if others or not producers or any(lq is None or not lq.output_int8 for lq in quant):
+            found[unit.name] = "its residual is FP32: Intel runs the fused conv + sum in FP32"
+        elif len({layers[p.name].output_unsigned for p in producers}) > 1:
+            found[unit.name] = "its residual mixes u8 and s8 data: Intel makes it FP32"
+        elif layers[producers[0].name].output_unsigned and unit.relu_slope is None:
+            found[unit.name] = ("its residual is u8 and no ReLU follows the sum: Intel would "
+                                "write u8 and clip every negative sum to 0")
+    return found
+
+
+def _residual_data_types(fused: FusedGraph, layers: dict, options: QuantOptions,
+                         excluded: dict) -> None:
+    """A fused sum writes its residual's data type: with an s8 residual the output is s8
+    even after a ReLU, so it is scaled by 127/T (Intel's own calibrator keeps 255/T and so
+    clips at T/2)."""
+    for unit in fused.units:
+        lq = layers.get(unit.name)
+        if lq is None or unit.residual is None or not lq.output_int8 or unit.name in excluded:
+            continue
+        producers, _ = fused.upstream_units(unit.residual)
+        unsigned = layers[producers[0].name].output_unsigned
+        if unsigned == lq.output_unsigned:
+            continue
+        lq.output_unsigned = unsigned
+        lq.scale_out = activation_scale(lq.output_threshold, unsigned or options.unsigned_range,
+                                        options.bits)
+        lq.notes.append(f"output {'u8' if unsigned else 's8'}: the fused sum writes its "
+                        "residual's data type")
+
+
+def _build_layers(fused: FusedGraph, stats: dict, options: QuantOptions,
+                  choices: dict[str, UnitChoice]) -> dict:
     units = [u for u in eligible_units(fused, options)
              if not choices.get(u.name, UnitChoice()).fp32]
     first = first_conv(fused)
@@ -185,7 +243,7 @@ def build_plan(fused: FusedGraph, stats: dict, options: QuantOptions,
         layers[unit.name] = lq
     _decide_output_precision(fused, layers, options)
     _average_pooling_rule(fused, layers)
-    return QuantPlan(layers, options, choices)
+    return layers
 
 
 def _decide_output_precision(fused: FusedGraph, layers: dict[str, LayerQuant],

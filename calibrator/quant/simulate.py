@@ -1,28 +1,48 @@
-"""Simulated INT8 inference: what Intel Caffe's MKL-DNN INT8 convolution computes, as
-fake-quant on the fused graph.
+"""Simulated INT8 inference: what Intel Caffe's MKL-DNN INT8 kernels compute, integer for
+integer, on the fused graph.
 
-Per quantized unit:
-  q_in  = saturate(round(x * scale_in))             u8 [0, 255] or s8 [-128, 127]
+Per quantized unit (Intel Caffe 1.1.6, ``src/caffe/layers/mkldnn_convolution_layer.cpp``
+``InitConvolutionFwd`` and MKL-DNN v0.18 ``jit_avx512_core_x8s8s32x_conv_kernel.cpp``
+``store_output``; the inner product is the same, ``gemm_x8s8s32x_inner_product.cpp``):
+
+  q_in  = sat(rne(f32(x) * f32(scale_in)))            u8 [0, 255] or s8 [-128, 127]
           (used as-is with force_u8_input: the data layer already produces u8 values)
-  q_w   = saturate(round(W' * scale_params[o]))      s8, W' the folded weights
-  q_b   = round(b' * scale_in * scale_params[o])     s32
-  acc   = conv(q_in, q_w) + q_b                      exact int32 accumulation
-  y     = acc / (scale_in * scale_params[o])  (+ residual)  -> fused ReLU
-  out   = saturate(round(y * scale_out)) / scale_out     INT8 output, or y for FP32 output
-A residual stored as INT8 with scale s_r enters as q_r * scale_out / s_r, i.e. its float value
-times scale_out: the float form above is the same number.
+  q_w   = sat_s8(rne(f32(W') * f32(scale_params[o])))  W' the folded weights
+  q_b   = sat_s32(rne(f32(b') * f32(scale_in * scale_params[o])))
+  acc   = conv(q_in, q_w)                              exact int32 accumulation
+  m[o]  = f32(scale_out / f32(scale_in * scale_params[o]))   (scale_out for a zero scale)
+  y     = (f32(acc) + f32(q_b)) * m[o]                 float32, in this order
+  y     = fma(f32(scale_out / scale_residual), f32(q_residual), y)   fused Eltwise SUM
+  y     = ReLU(y) (slope s: y < 0 -> y * s); u8 output: max(y, 0)
+  q_out = sat(rne(y))                                   INT8 output; FP32 output keeps y
+and the next layer reads ``f32(q_out) * f32(1 / scale_out)``. Rounding is half-to-even
+(``torch.round``, as ``vcvtps2dq {rn-sae}`` and ``nearbyintf``).
 
-A runtime that requantizes in float32 instead (ONNX Runtime's MLAS), and that has no fused
+Intel's kernel rules that differ from ideal fake-quant (``IntelFormats`` tracks the data type
+and scale of every tensor between the INT8 layers, as Intel's MKL-DNN memory descriptors do):
+
+* a conv with a fused Eltwise SUM writes its residual's data type (u8 or s8, whatever its
+  own ReLU), at its own scale_out (``mkldnn_convolution_layer.cpp`` :287-310); with an FP32
+  residual Intel runs the whole conv in FP32 and ignores its quantization_param;
+* Concat of INT8 inputs of one data type requantizes each input to the smallest input scale,
+  ``q' = sat(rne(q * f32(s_min / s_i)))`` (an input whose scale is exactly 1.0 counts as
+  unscaled and is only relabelled); mixed u8/s8 inputs make it FP32
+  (``mkldnn_concat_layer.cpp`` ``InitConcatFwd`` :140-289);
+* AVE pooling of INT8 values rounds the mean back to the INT8 grid,
+  ``sat(rne(f32(sum) * f32(1 / n)))`` (``jit_uni_i8i8_pooling.cpp``);
+* an InnerProduct with a fused ReLU of any slope writes u8 (``mkldnn_inner_product_layer.cpp``
+  :190-192).
+
+A runtime that requantizes in float32 its own way (ONNX Runtime's MLAS), and that has no fused
 conv + sum (it rounds the conv output before a separate QLinearAdd), is reproduced integer
 for integer by ``requant`` (unit -> ``RuntimeRequant``, read off the runtime's graph by
-``calibrator.verify.ort_graph``).
+``calibrator.backends.ort``).
 
 The accumulation is exact: products and partial sums are integers, and float32 holds every
 integer below 2^24. When a layer's worst case (largest input x the largest per-channel sum of
 |integer weights|) could pass 2^24 the input is split into digits (4-bit halves, or narrower),
 each convolved exactly, and recombined in float64; when even 1-bit digits could pass it, the
-layer runs in float64.
-Rounding is half-to-even (``torch.round``), as the runtime's nearbyint.
+layer runs in float64. Everything after the accumulation is float32, as in the kernels.
 
 Exactness is the simulator's own business: every accumulation runs inside
 :func:`exact_arithmetic`, which turns CUDA's TF32 off for its duration (TF32 convolutions
@@ -37,6 +57,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from calibrator.graph.layers.pooling import caffe_ave_pool_parts
 from calibrator.quant.folding import folded_weights
 from calibrator.quant.fusion import FusedGraph, FusedUnit
 from calibrator.quant.scales import LayerQuant, QuantPlan
@@ -132,25 +153,33 @@ def runtime_requantize(acc: torch.Tensor, rule: RuntimeRequant, residual=None,
     return y
 
 
+def _per_channel(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.reshape((1, -1) + (1,) * (like.dim() - 2))
+
+
 @dataclass
 class UnitKernel:
-    """Precomputed integer weights and requantization factors of one unit, and how it
+    """Precomputed integer weights and requantization constants of one unit, and how it
     accumulates (``target``; targets keep derived weights in ``cache``)."""
 
     unit: FusedUnit
     quant: LayerQuant
-    q_weight: torch.Tensor
-    q_bias: torch.Tensor          # float64, integer-valued
-    dequant: torch.Tensor         # 1 / (scale_in * scale_params[o]), float64 (0 for a 0 scale)
+    q_weight: torch.Tensor        # float32, integer-valued
+    q_bias: torch.Tensor          # float32, integer-valued (Intel's s32 bias)
+    multiplier: torch.Tensor      # float32 m[o] (see the module docstring)
     split: int | None             # bits per input digit (0: float64), None: one pass
     target: Target | None = None  # None: exact int32
     cache: dict = field(default_factory=dict, repr=False)
 
     def accumulate(self, q_in: torch.Tensor, record: dict | None = None) -> torch.Tensor:
+        """The integer accumulator without bias: float32 when exact in one pass (the common
+        case), else float64 (digits, or a target's correction), integer-valued either way."""
         with exact_arithmetic():
-            acc = (self.exact_accumulate(q_in) if self.target is None
-                   else self.target.accumulate(self, q_in, record))
-        return acc.add_(_per_channel(self.q_bias, acc))  # acc is a fresh buffer
+            if self.target is None and self.split is None:
+                return self.unit.layer.module.run_with(q_in, self.q_weight, None)
+            if self.target is None:
+                return self.exact_accumulate(q_in)
+            return self.target.accumulate(self, q_in, record)
 
     def exact_accumulate(self, q_in: torch.Tensor,
                          weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -172,6 +201,15 @@ class UnitKernel:
                 rest = high
         return acc
 
+    def runtime_bias(self) -> torch.Tensor:
+        """The int32 bias of the ONNX export (``calibrator.export.qdq``): Intel's, with 0 for a
+        zero weight scale."""
+        if "runtime_bias" not in self.cache:
+            zero = torch.tensor(self.quant.scale_params, device=self.q_bias.device) <= 0
+            self.cache["runtime_bias"] = torch.where(zero, torch.zeros_like(self.q_bias),
+                                                     self.q_bias).double()
+        return self.cache["runtime_bias"]
+
 
 def _digit_bits(weight_l1: float, qmax_in: int) -> int | None:
     """Bits per input digit that keep every digit's accumulation below 2^24 (None: the whole
@@ -188,33 +226,132 @@ def _digit_bits(weight_l1: float, qmax_in: int) -> int | None:
     return 0
 
 
-def _per_channel(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return values.reshape((1, -1) + (1,) * (like.dim() - 2))
+def intel_constants(weight: torch.Tensor, bias: torch.Tensor, lq: LayerQuant, device):
+    """(q_weight, q_bias, multiplier) as Intel Caffe computes them, float32 arithmetic:
+    weight reorder ``sat_s8(rne(w * s_w))``, bias reorder ``rne(b * f32(s_in * s_w))`` (scale
+    1 for a zero weight scale), output scales ``s_out / f32(s_in * s_w)`` (``s_out`` for a
+    zero weight scale); ``mkldnn_convolution_layer.cpp`` :347-370 and :537-554."""
+    scales = torch.tensor(np.asarray(lq.scale_params, np.float32), device=device)
+    s_in = _f32(lq.scale_in).to(device)
+    s_out = _f32(lq.scale_out).to(device)
+    limit = 2 ** (lq.bits - 1) - 1
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    q_weight = torch.round(weight.float().to(device) * scales.reshape(shape)).clamp_(
+        -limit - 1, limit)
+    product = s_in * scales                                  # f32(s_in * s_w)
+    zero = scales == 0
+    bias_scale = torch.where(zero, torch.ones_like(product), product)
+    q_bias = torch.round(bias.float().to(device) * bias_scale).clamp_(-2.0 ** 31,
+                                                                      2.0 ** 31 - 1)
+    multiplier = torch.where(zero, s_out.expand_as(product),
+                             s_out / torch.where(zero, torch.ones_like(product), product))
+    return q_weight, q_bias, multiplier
 
 
 def build_kernel(unit: FusedUnit, lq: LayerQuant, device,
                  target: Target | None = None) -> UnitKernel:
     weight, bias = folded_weights(unit)
-    scales = torch.tensor(lq.scale_params, dtype=torch.float64, device=device)
-    limit = 2 ** (lq.bits - 1) - 1
-    shape = (-1,) + (1,) * (weight.dim() - 1)
-    q_weight = torch.round(weight.double().to(device) * scales.reshape(shape)).clamp(
-        -limit - 1, limit).float()
-    q_bias = torch.round(bias.double().to(device) * lq.scale_in * scales)
-    denominator = lq.scale_in * scales
-    dequant = torch.where(denominator > 0, 1.0 / denominator.clamp(min=1e-300),
-                          torch.zeros_like(denominator))
+    q_weight, q_bias, multiplier = intel_constants(weight, bias, lq, device)
     weight_l1 = float(q_weight.abs().reshape(q_weight.shape[0], -1).sum(1).max())
     qmax_in = 2 ** lq.bits - 1 if lq.input_unsigned else 2 ** (lq.bits - 1)
-    return UnitKernel(unit, lq, q_weight, q_bias, dequant, _digit_bits(weight_l1, qmax_in),
-                      target)
+    return UnitKernel(unit, lq, q_weight, q_bias, multiplier,
+                      _digit_bits(weight_l1, qmax_in), target)
+
+
+# -- data types between the INT8 layers -----------------------------------------------------
+
+@dataclass(frozen=True)
+class Format:
+    """How Intel's runtime holds a tensor: ``f32``, or ``u8``/``s8`` at ``scale``."""
+
+    dtype: str = "f32"
+    scale: float = 1.0
+
+    @property
+    def int8(self) -> bool:
+        return self.dtype != "f32"
+
+    def bounds(self, bits: int = 8) -> tuple[int, int]:
+        return (0, 2 ** bits - 1) if self.dtype == "u8" else (-(2 ** (bits - 1)),
+                                                               2 ** (bits - 1) - 1)
+
+
+F32 = Format()
+
+
+def _unit_format(unit: FusedUnit, lq: LayerQuant, residual: Format | None) -> Format | None:
+    """The unit's output format; None when Intel runs it in FP32 (an FP32 residual)."""
+    if unit.residual is not None:
+        if residual is None or not residual.int8:
+            return None          # Intel: need_quantize_ = false, the whole conv in FP32
+        return Format(residual.dtype, lq.scale_out)  # top_dt = the residual's dtype
+    if not lq.output_int8:
+        return F32
+    if unit.kind == "fc":
+        return Format("u8" if unit.relu_slope is not None else "s8", lq.scale_out)
+    return Format("u8" if lq.output_unsigned else "s8", lq.scale_out)
+
+
+def _concat_format(inputs: list[Format]) -> Format:
+    """Intel's Concat: one INT8 data type in, the smallest scale out (1.0 = unset)."""
+    if not inputs or any(not f.int8 for f in inputs) or len({f.dtype for f in inputs}) > 1:
+        return F32
+    scales = [f.scale for f in inputs if f.scale != 1.0]
+    return Format(inputs[0].dtype, min(scales) if scales else 1.0)
+
+
+PASS_THROUGH_SAME = ("ReLU", "Split", "Pooling")
+
+
+def intel_formats(fused: FusedGraph, plan: QuantPlan) -> tuple[dict, set]:
+    """(formats, fp32_units): the Format of every blob version (``BlobRef.key``) Intel's
+    runtime holds between the layers for ``plan``, and the planned units it runs in FP32."""
+    net = fused.net
+    formats: dict[str, Format] = {}
+    fp32_units: set[str] = set(plan.excluded)
+
+    def of(node, i=0) -> Format:
+        return formats.get(fused.input_of(node, i).key, F32)
+
+    for node in net.nodes:
+        unit = fused.unit_of_node.get(node.index)
+        if unit is not None:
+            if node is not unit.last:
+                continue
+            lq = plan.layers.get(unit.name)
+            out = F32
+            if lq is not None and unit.name not in fp32_units:
+                residual = formats.get(unit.residual.key, F32) if unit.residual else None
+                out = _unit_format(unit, lq, residual)
+                if out is None:
+                    fp32_units.add(unit.name)
+                    out = F32
+            formats[unit.output.key] = out
+            continue
+        if node.type in PASS_THROUGH_SAME and node.bottoms:
+            out = of(node)
+            if node.type == "ReLU" and out.int8 and node.param.relu_param.negative_slope:
+                out = F32    # a leaky ReLU on INT8 data: not simulated as INT8
+        elif node.type == "Concat":
+            out = _concat_format([of(node, i) for i in range(len(node.bottoms))])
+        else:
+            out = F32
+        for top in node.tops:
+            formats[f"{node.index}:{top}"] = out
+    return formats, fp32_units
+
+
+def _to_float(q: torch.Tensor, scale: float) -> torch.Tensor:
+    """What Caffe reads from INT8 memory: f32(q) * f32(1 / scale)."""
+    return q.mul_(_f32(np.float32(1.0) / np.float32(scale)).to(q.device))
 
 
 class Int8Simulator:
     """Overrides for ``CaffeNet.forward`` that run each quantized unit as INT8 would.
 
     The unit's layer node computes the integer accumulation; its folded/fused nodes are
-    skipped; its last node applies residual, ReLU and output requantization.
+    skipped; its last node applies residual, ReLU and output requantization. Concat and AVE
+    pooling nodes between INT8 layers run Intel's integer rules.
 
     ``target`` (a Target or its name; None: exact int32) is how the INT8 kernels
     accumulate; units in ``exact_units`` accumulate exactly whatever the target (those a
@@ -233,9 +370,11 @@ class Int8Simulator:
         device = device or fused.net.device
         exact_units = frozenset(exact_units)
         kernel_target = None if self.target is None or self.target.exact else self.target
+        self.formats, self.fp32_units = ({}, set()) if self.requant else intel_formats(fused,
+                                                                                      plan)
         self.kernels = {name: build_kernel(fused.by_name[name], lq, device,
                                            None if name in exact_units else kernel_target)
-                        for name, lq in plan.layers.items()}
+                        for name, lq in plan.layers.items() if name not in self.fp32_units}
         self.overrides = {}
         for name, kernel in self.kernels.items():
             unit = kernel.unit
@@ -246,11 +385,63 @@ class Int8Simulator:
             self.overrides[unit.layer.index] = self._make_start(kernel)
             self.overrides[unit.last.index] = self._make_finish(kernel, unit.layer.index
                                                                 == unit.last.index)
+        for node in fused.net.nodes:
+            if node.index in self.overrides or node.index in fused.unit_of_node:
+                continue
+            if node.type == "Concat":
+                inputs = [self.formats.get(fused.input_of(node, i).key, F32)
+                          for i in range(len(node.bottoms))]
+                out = self.formats.get(f"{node.index}:{node.tops[0]}", F32)
+                if out.int8 and any(f.scale != out.scale for f in inputs):
+                    self.overrides[node.index] = self._make_concat(inputs, out)
+            elif node.type == "Pooling" and node.module.method == node.module.AVE:
+                form = self.formats.get(f"{node.index}:{node.tops[0]}", F32)
+                if form.int8:
+                    self.overrides[node.index] = self._make_ave_pool(form)
 
     @staticmethod
     def _skip(node, blobs):
         return None
 
+    # -- pass-through layers on INT8 data ----------------------------------------------------
+    @staticmethod
+    def _make_concat(inputs: list[Format], out: Format):
+        """``mkldnn_concat_layer.cpp``: each input reordered to the smallest scale."""
+        def concat(node, blobs):
+            parts = []
+            for name, form in zip(node.bottoms, inputs):
+                x = blobs[name]
+                if form.scale != out.scale:
+                    q = torch.round(x * _f32(form.scale).to(x.device))   # the stored integers
+                    if form.scale != 1.0:   # 1.0 = unscaled: relabelled, not reordered
+                        factor = _f32(np.float32(out.scale) / np.float32(form.scale))
+                        low, high = form.bounds()
+                        q = torch.round(q * factor.to(x.device)).clamp_(low, high)
+                    x = _to_float(q, out.scale)
+                parts.append(x)
+            return node.module(*parts)
+
+        return concat
+
+    @staticmethod
+    def _make_ave_pool(form: Format):
+        """``jit_uni_i8i8_pooling.cpp``: the window sum of the integers times f32(1/n),
+        rounded half to even and saturated, same data type and scale."""
+        def ave_pool(node, blobs):
+            x = blobs[node.bottoms[0]]
+            module = node.module
+            q = torch.round(x * _f32(form.scale).to(x.device))
+            kernel = module.kernel or tuple(q.shape[2:])
+            window_sum, divisor = caffe_ave_pool_parts(q, kernel, module.pad, module.stride,
+                                                       module._pooled(q.shape[2:]))
+            inverse = torch.ones_like(divisor) / divisor                 # f32(1/n)
+            low, high = form.bounds()
+            out = torch.round(window_sum * inverse).clamp_(low, high)
+            return (_to_float(out, form.scale),)
+
+        return ave_pool
+
+    # -- the units ---------------------------------------------------------------------------
     def _make_stash(self, kernel: UnitKernel):
         """Keep the residual before the add's node frees it (a fused ReLU follows)."""
         def stash(node, blobs):
@@ -298,22 +489,52 @@ class Int8Simulator:
 
     def _finish(self, kernel: UnitKernel, node, blobs):
         unit, lq = kernel.unit, kernel.quant
-        y = blobs.pop(f"\0acc:{unit.name}")
+        acc = blobs.pop(f"\0acc:{unit.name}")
         rule = self.requant.get(unit.name)
-        if rule is not None and rule.multiplier is not None:
-            residual = self._residual(unit, blobs) if unit.residual is not None else None
-            return (runtime_requantize(y, rule, residual, unit.relu_slope),)
-        # the accumulator is this unit's own float64 buffer: update it in place (the same
-        # float64 operations in the same order, fewer allocations)
-        y.mul_(_per_channel(kernel.dequant, y))
+        if rule is not None:
+            return (self._runtime_finish(kernel, rule, acc, blobs),)
+        # Intel's epilogue, float32, in the kernel's order (acc is this unit's own buffer)
+        y = acc if acc.dtype == torch.float32 else acc.float()
+        y.add_(_per_channel(kernel.q_bias, y)).mul_(_per_channel(kernel.multiplier, y))
+        form = self.formats.get(unit.output.key, F32)
         if unit.residual is not None:
-            y.add_(self._residual(unit, blobs))  # float32 -> float64 is exact
+            residual = self._residual(unit, blobs)
+            res_form = self.formats.get(unit.residual.key, F32)
+            # fma(f32(s_out / s_res), f32(q_res), y): exact product and sum in float64, one
+            # rounding to float32 (vfmadd231ps)
+            q_res = torch.round(residual * _f32(res_form.scale).to(residual.device))
+            sum_scale = float(np.float32(np.float32(lq.scale_out) / np.float32(res_form.scale)))
+            y = y.double().add_(q_res.double(), alpha=sum_scale).float()
+        slope = unit.relu_slope
+        if slope is not None:
+            y = torch.where(y > 0, y, y * _f32(slope).to(y.device)) if slope else y.clamp_(min=0)
+        if not form.int8:
+            return (y,)
+        low, high = form.bounds(lq.bits)
+        return (_to_float(y.round_().clamp_(low, high), form.scale),)
+
+    def _runtime_finish(self, kernel: UnitKernel, rule: RuntimeRequant, acc, blobs):
+        """A unit as ``rule``'s runtime runs it: an INT8 kernel requantizing its way, or
+        (no multiplier) a float conv on the quantized input and weights, dequantized in
+        float64, whose output the next Q rounds."""
+        unit, lq = kernel.unit, kernel.quant
+        residual = self._residual(unit, blobs) if unit.residual is not None else None
+        acc = acc.double().add_(_per_channel(kernel.runtime_bias(), acc))
+        if rule.multiplier is not None:
+            return runtime_requantize(acc, rule, residual, unit.relu_slope)
+        scales = torch.tensor(lq.scale_params, dtype=torch.float64, device=acc.device)
+        denominator = lq.scale_in * scales
+        dequant = torch.where(denominator > 0, 1.0 / denominator.clamp(min=1e-300),
+                              torch.zeros_like(denominator))
+        y = acc.mul_(_per_channel(dequant, acc))
+        if residual is not None:
+            y.add_(residual)
         slope = unit.relu_slope
         if slope is not None:
             y = torch.where(y > 0, y, y * slope) if slope else y.clamp_(min=0)
         if lq.output_int8:
             y = quantize(y, lq.scale_out, lq.output_unsigned, lq.bits).div_(lq.scale_out)
-        return (y.float(),)
+        return y.float()
 
     def _residual_position(self, unit: FusedUnit) -> int:
         bottoms = unit.eltwise.bottoms

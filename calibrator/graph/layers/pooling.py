@@ -55,8 +55,8 @@ def caffe_max_pool(x, kernel, pad, stride, pooled, with_mask: bool = False):
     return top, mask.to(x.dtype)
 
 
-def caffe_ave_pool(x, kernel, pad, stride, pooled):
-    """Sum of each window's real pixels divided by the window clipped to the padded bounds."""
+def caffe_ave_pool_parts(x, kernel, pad, stride, pooled):
+    """(sum of each window's real pixels, the window's size clipped to the padded bounds)."""
     padded = _pad_to_windows(x, kernel, pad, stride, pooled, 0.0)
     window_sum = F.avg_pool2d(padded, kernel, stride, divisor_override=1)
     height, width = x.shape[-2:]
@@ -65,7 +65,13 @@ def caffe_ave_pool(x, kernel, pad, stride, pooled):
         start = torch.arange(n, device=x.device) * s - p
         end = torch.clamp(start + k, max=length + p)
         divisors.append((end - start).to(x.dtype))
-    return window_sum / (divisors[0][:, None] * divisors[1][None, :])
+    return window_sum, divisors[0][:, None] * divisors[1][None, :]
+
+
+def caffe_ave_pool(x, kernel, pad, stride, pooled):
+    """Sum of each window's real pixels divided by the window clipped to the padded bounds."""
+    window_sum, divisor = caffe_ave_pool_parts(x, kernel, pad, stride, pooled)
+    return window_sum / divisor
 
 
 @register("Pooling")
