@@ -40,8 +40,11 @@ def _file_stem(blob: str) -> str:
 
 def run_test(model, iterations: int, *, net=None, dump_dir: str | Path | None = None,
              overrides: dict | None = None, quiet: bool = False,
-             ap_version: str | None = None) -> TestResult:
-    """Every output of ``net`` (default the model's) over ``iterations`` batches."""
+             ap_version: str | None = None, fp32: bool | None = None) -> TestResult:
+    """Every output of ``net`` (default the model's) over ``iterations`` batches, run with
+    ``overrides`` (``fp32``: they compute FP32, the reference of metrics relative to it;
+    default: when there are none)."""
+    fp32 = overrides is None if fp32 is None else fp32
     net = model.net if net is None else net
     metrics = [make_metric(net, name, ap_version=ap_version) for name in net.output_names]
 
@@ -53,7 +56,7 @@ def run_test(model, iterations: int, *, net=None, dump_dir: str | Path | None = 
             atomic_write(Path(dump_dir) / f"{_file_stem(name)}_{index}.npy", buffer.getvalue())
 
     outcomes = measure(model, metrics, iterations, net=net, overrides=overrides,
-                       reference=overrides is None, desc="test", quiet=quiet,
+                       reference=fp32, desc="test", quiet=quiet,
                        on_batch=dump if dump_dir is not None else None)
     scores = OrderedDict()
     for metric, batches in zip(metrics, outcomes):

@@ -12,6 +12,8 @@ from calibrator.cli.common import (add_ap_version_option, add_backend_options,
                                    detection_list_options, image_folder_options)
 from calibrator.evaluation import run_test
 from calibrator.model import load_model, quantized_plan, select_device
+from calibrator.quant.fusion import analyze
+from calibrator.quant.simulate import FoldedFP32
 
 
 def add_parser(subparsers) -> None:
@@ -41,13 +43,14 @@ def run(args: argparse.Namespace) -> int:
                        detection_list=detection_list_options(args),
                        device=select_device(args.gpu))
     backend = backend_for(args.model, args.runtime, args.target)
-    overrides = None
     quantized = quantized_plan(model.net)
     if quantized is not None:  # an INT8 prototxt: simulate what it describes
         fused, plan = quantized
         overrides = backend.simulator(fused, plan).overrides
+    else:  # FP32, each fused unit one convolution (as the runtimes fold it)
+        overrides = FoldedFP32(analyze(model.net, quantize_fc=True)).overrides
     result = run_test(model, args.iterations, dump_dir=args.dump, overrides=overrides,
-                      quiet=args.quiet, ap_version=args.ap_version)
+                      quiet=args.quiet, ap_version=args.ap_version, fp32=quantized is None)
     for line in result.lines():
         print(line)
     return 0

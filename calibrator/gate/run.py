@@ -20,6 +20,8 @@ from calibrator.errors import CalibratorError
 from calibrator.gate.config import GateConfig, MetricSpec, ModelSpec
 from calibrator.metrics import kind_of, loss, make_metric, measure
 from calibrator.model import load_model, load_quantized
+from calibrator.quant.fusion import analyze
+from calibrator.quant.simulate import FoldedFP32
 
 RESULTS_VERSION = 1
 _EPS = 1e-6  # metric values are float32 sums: a drop equal to the threshold passes
@@ -234,8 +236,9 @@ def run_gate(config: GateConfig, *, device=None, baseline: str | Path | None = N
         readers = [make_metric(fp32.net, m.blob, "blob" if kind == "mean" else kind,
                                ap_version=m.ap_version or ap_version) for m, kind in kinds]
         say(f"{spec.name}: FP32, {spec.iterations} batches of {fp32.batch_size}")
-        fp32_values, fp32_seconds = _measure(fp32, readers, spec.iterations, quiet=quiet,
-                                             desc=f"{spec.name} FP32")
+        fp32_values, fp32_seconds = _measure(
+            fp32, readers, spec.iterations, quiet=quiet, desc=f"{spec.name} FP32",
+            overrides=FoldedFP32(analyze(fp32.net, quantize_fc=True)).overrides)
         candidates = []
         for candidate in spec.candidates:
             quantized = load_quantized(fp32, candidate.prototxt, spec.detection)
@@ -259,9 +262,10 @@ def run_gate(config: GateConfig, *, device=None, baseline: str | Path | None = N
 
 def _measure(model, readers, iterations: int, *, net=None, overrides=None, quiet: bool,
              desc: str) -> tuple[dict[str, float], float]:
-    """Every metric over ``iterations`` batches in one pass; (blob -> value, seconds)."""
+    """Every metric over ``iterations`` batches in one pass; (blob -> value, seconds). The
+    pass on the model's own net is FP32 (the reference of relative metrics)."""
     started = time.time()
     outcomes = measure(model, readers, iterations, net=net, overrides=overrides,
-                       reference=overrides is None, desc=desc, quiet=quiet)
+                       reference=net is None, desc=desc, quiet=quiet)
     return ({metric.blob: metric.combine(batches) for metric, batches in zip(readers, outcomes)},
             time.time() - started)

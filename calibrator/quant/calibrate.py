@@ -8,6 +8,7 @@ from calibrator.data.feed import batches
 from calibrator.quant.estimators import HISTOGRAM, statistics_needed
 from calibrator.quant.fusion import FusedGraph, analyze
 from calibrator.quant.scales import QuantOptions, QuantPlan, UnitChoice, build_plan
+from calibrator.quant.simulate import FoldedFP32
 from calibrator.quant.statistics import collect
 
 
@@ -37,5 +38,6 @@ def calibrate(model, options: QuantOptions, sampling_iterations: int, *,
         return (feeds for _, feeds in batches(model, sampling_iterations, desc=desc,
                                               quiet=quiet))
 
-    stats = collect(model.net, fused, make_batches, needs=needs)
+    stats = collect(model.net, fused, make_batches, needs=needs,
+                    overrides=FoldedFP32(fused).overrides)
     return Calibration(fused, stats, options)

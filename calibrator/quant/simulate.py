@@ -346,8 +346,91 @@ def _to_float(q: torch.Tensor, scale: float) -> torch.Tensor:
     return q.mul_(_f32(np.float32(1.0) / np.float32(scale)).to(q.device))
 
 
-class Int8Simulator:
-    """Overrides for ``CaffeNet.forward`` that run each quantized unit as INT8 would.
+class FoldedFP32:
+    """Overrides for ``CaffeNet.forward`` that run every fused unit in FP32 as the runtimes
+    do: BatchNorm/Scale folded into the convolution's weights and bias (one convolution),
+    the absorbed residual add and ReLU applied to its output (Intel Caffe's ``CompileNet``,
+    OpenCV's fusion). Equal to the layer-by-layer graph up to float32 rounding.
+
+    The unit's layer node computes (``_start``, its value kept under an internal key), its
+    folded/fused nodes are skipped, its last node finishes (``_finish``); subclasses install
+    other starts and finishes per unit (:class:`Int8Simulator`)."""
+
+    def __init__(self, fused: FusedGraph, units=None):
+        self.fused = fused
+        self.overrides: dict = {}
+        self._weights: dict[str, tuple] = {}
+        for unit in fused.units if units is None else units:
+            self._install(unit, self._fp32_start, self._fp32_finish)
+
+    def _install(self, unit: FusedUnit, start, finish) -> None:
+        """``start(unit, x) -> value`` at the layer node, ``finish(unit, value, blobs) ->
+        output`` at the last node."""
+        key = f"\0acc:{unit.name}"
+        single = unit.last is unit.layer
+        for node in unit.nodes:
+            self.overrides[node.index] = self._skip
+        if unit.eltwise is not None and unit.eltwise is not unit.last:
+            self.overrides[unit.eltwise.index] = self._make_stash(unit)
+
+        def on_layer(node, blobs):
+            value = start(unit, blobs[node.bottoms[0]])
+            if single:
+                return (finish(unit, value, blobs),)
+            blobs[key] = value
+            return None
+
+        def on_last(node, blobs):
+            return (finish(unit, blobs.pop(key), blobs),)
+
+        self.overrides[unit.layer.index] = on_layer
+        if not single:
+            self.overrides[unit.last.index] = on_last
+
+    @staticmethod
+    def _skip(node, blobs):
+        return None
+
+    def _make_stash(self, unit: FusedUnit):
+        """Keep the residual before the add's node frees it (a fused ReLU follows)."""
+        def stash(node, blobs):
+            blobs[f"\0res:{unit.name}"] = self._residual(unit, blobs)
+            return None
+
+        return stash
+
+    def _residual(self, unit: FusedUnit, blobs) -> torch.Tensor:
+        stashed = blobs.pop(f"\0res:{unit.name}", None)
+        if stashed is not None:
+            return stashed
+        return blobs[unit.eltwise.bottoms[self._residual_position(unit)]]
+
+    def _residual_position(self, unit: FusedUnit) -> int:
+        bottoms = unit.eltwise.bottoms
+        for i, name in enumerate(bottoms):
+            if self.fused.input_of(unit.eltwise, i) == unit.residual:
+                return i
+        raise AssertionError("residual not found")  # pragma: no cover
+
+    def _fp32_start(self, unit: FusedUnit, x: torch.Tensor) -> torch.Tensor:
+        if unit.name not in self._weights:
+            weight, bias = folded_weights(unit)
+            self._weights[unit.name] = (weight.to(x.device), bias.to(x.device))
+        weight, bias = self._weights[unit.name]
+        return unit.layer.module.run_with(x, weight, bias)
+
+    def _fp32_finish(self, unit: FusedUnit, y: torch.Tensor, blobs) -> torch.Tensor:
+        if unit.residual is not None:
+            y = y.add_(self._residual(unit, blobs))
+        slope = unit.relu_slope
+        if slope is not None:
+            y = torch.where(y > 0, y, y * slope) if slope else y.clamp_(min=0)
+        return y
+
+
+class Int8Simulator(FoldedFP32):
+    """Overrides for ``CaffeNet.forward`` that run each quantized unit as INT8 would, and the
+    other fused units folded in FP32.
 
     The unit's layer node computes the integer accumulation; its folded/fused nodes are
     skipped; its last node applies residual, ReLU and output requantization. Concat and AVE
@@ -362,7 +445,6 @@ class Int8Simulator:
                  requant: dict[str, RuntimeRequant] | None = None,
                  target: Target | str | None = None, exact_units=(),
                  saturation: dict | None = None):
-        self.fused = fused
         self.plan = plan
         self.requant = dict(requant or {})
         self.target = None if target is None else get_target(target)
@@ -375,16 +457,10 @@ class Int8Simulator:
         self.kernels = {name: build_kernel(fused.by_name[name], lq, device,
                                            None if name in exact_units else kernel_target)
                         for name, lq in plan.layers.items() if name not in self.fp32_units}
-        self.overrides = {}
-        for name, kernel in self.kernels.items():
-            unit = kernel.unit
-            for node in unit.nodes:
-                self.overrides[node.index] = self._skip
-            if unit.eltwise is not None and unit.eltwise is not unit.last:
-                self.overrides[unit.eltwise.index] = self._make_stash(kernel)
-            self.overrides[unit.layer.index] = self._make_start(kernel)
-            self.overrides[unit.last.index] = self._make_finish(kernel, unit.layer.index
-                                                                == unit.last.index)
+        super().__init__(fused, [u for u in fused.units if u.name not in self.kernels])
+        for kernel in self.kernels.values():
+            self._install(kernel.unit, self._make_int8_start(kernel),
+                          self._make_int8_finish(kernel))
         for node in fused.net.nodes:
             if node.index in self.overrides or node.index in fused.unit_of_node:
                 continue
@@ -398,10 +474,6 @@ class Int8Simulator:
                 form = self.formats.get(f"{node.index}:{node.tops[0]}", F32)
                 if form.int8:
                     self.overrides[node.index] = self._make_ave_pool(form)
-
-    @staticmethod
-    def _skip(node, blobs):
-        return None
 
     # -- pass-through layers on INT8 data ----------------------------------------------------
     @staticmethod
@@ -442,58 +514,34 @@ class Int8Simulator:
         return ave_pool
 
     # -- the units ---------------------------------------------------------------------------
-    def _make_stash(self, kernel: UnitKernel):
-        """Keep the residual before the add's node frees it (a fused ReLU follows)."""
-        def stash(node, blobs):
-            blobs[f"\0res:{kernel.unit.name}"] = self._residual(kernel.unit, blobs)
-            return None
-
-        return stash
-
-    def _residual(self, unit: FusedUnit, blobs) -> torch.Tensor:
-        stashed = blobs.pop(f"\0res:{unit.name}", None)
-        if stashed is not None:
-            return stashed
-        return blobs[unit.eltwise.bottoms[self._residual_position(unit)]]
-
-    def _make_start(self, kernel: UnitKernel):
-        key = f"\0acc:{kernel.unit.name}"
-        single = kernel.unit.last is kernel.unit.layer
-
+    def _make_int8_start(self, kernel: UnitKernel):
         rule = self.requant.get(kernel.unit.name)
+        lq = kernel.quant
 
-        def start(node, blobs):
-            x = blobs[node.bottoms[0]]
-            lq = kernel.quant
+        def start(unit, x):
             if rule is not None:
                 q_in = runtime_quantize(x, rule)
             elif lq.force_u8_input:
                 q_in = x
             else:
                 q_in = quantize(x, lq.scale_in, lq.input_unsigned, lq.bits)
-            blobs[key] = kernel.accumulate(q_in, self.saturation)
-            if single:
-                return self._finish(kernel, node, blobs)
-            return None
+            return kernel.accumulate(q_in, self.saturation)
 
         return start
 
-    def _make_finish(self, kernel: UnitKernel, single: bool):
-        if single:
-            return self._make_start(kernel)
+    def _make_int8_finish(self, kernel: UnitKernel):
+        rule = self.requant.get(kernel.unit.name)
 
-        def finish(node, blobs):
-            return self._finish(kernel, node, blobs)
+        def finish(unit, acc, blobs):
+            if rule is not None:
+                return self._runtime_finish(kernel, rule, acc, blobs)
+            return self._intel_finish(kernel, acc, blobs)
 
         return finish
 
-    def _finish(self, kernel: UnitKernel, node, blobs):
+    def _intel_finish(self, kernel: UnitKernel, acc, blobs):
+        """Intel's epilogue, float32, in the kernel's order (acc is this unit's buffer)."""
         unit, lq = kernel.unit, kernel.quant
-        acc = blobs.pop(f"\0acc:{unit.name}")
-        rule = self.requant.get(unit.name)
-        if rule is not None:
-            return (self._runtime_finish(kernel, rule, acc, blobs),)
-        # Intel's epilogue, float32, in the kernel's order (acc is this unit's own buffer)
         y = acc if acc.dtype == torch.float32 else acc.float()
         y.add_(_per_channel(kernel.q_bias, y)).mul_(_per_channel(kernel.multiplier, y))
         form = self.formats.get(unit.output.key, F32)
@@ -509,9 +557,9 @@ class Int8Simulator:
         if slope is not None:
             y = torch.where(y > 0, y, y * _f32(slope).to(y.device)) if slope else y.clamp_(min=0)
         if not form.int8:
-            return (y,)
+            return y
         low, high = form.bounds(lq.bits)
-        return (_to_float(y.round_().clamp_(low, high), form.scale),)
+        return _to_float(y.round_().clamp_(low, high), form.scale)
 
     def _runtime_finish(self, kernel: UnitKernel, rule: RuntimeRequant, acc, blobs):
         """A unit as ``rule``'s runtime runs it: an INT8 kernel requantizing its way, or
@@ -536,9 +584,3 @@ class Int8Simulator:
             y = quantize(y, lq.scale_out, lq.output_unsigned, lq.bits).div_(lq.scale_out)
         return y.float()
 
-    def _residual_position(self, unit: FusedUnit) -> int:
-        bottoms = unit.eltwise.bottoms
-        for i, name in enumerate(bottoms):
-            if self.fused.input_of(unit.eltwise, i) == unit.residual:
-                return i
-        raise AssertionError("residual not found")  # pragma: no cover

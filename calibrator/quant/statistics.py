@@ -70,12 +70,13 @@ class _Collector:
 
 
 def collect(net, fused: FusedGraph, make_batches: Callable[[], Iterable[dict]], *,
-            refs=None, needs=frozenset({HISTOGRAM})) -> dict[str, TensorStats]:
+            refs=None, needs=frozenset({HISTOGRAM}), overrides=None) -> dict[str, TensorStats]:
     """TensorStats for each tracked blob version, keyed by ``BlobRef.key``.
 
     ``make_batches()`` yields the calibration feeds (blob name -> tensor on the net's
     device); it is called once per pass. ``needs``: the statistics to gather beyond the
-    first pass's (see :mod:`calibrator.quant.estimators`)."""
+    first pass's (see :mod:`calibrator.quant.estimators`). ``overrides``: how the net runs
+    (e.g. :class:`~calibrator.quant.simulate.FoldedFP32`, each unit one convolution)."""
     refs = tracked_refs(fused) if refs is None else refs
     collector = _Collector(refs, net.device)
     last = max([r.producer for r in refs] + [0])
@@ -85,7 +86,7 @@ def collect(net, fused: FusedGraph, make_batches: Callable[[], Iterable[dict]], 
             collector.second_pass = second
             for feeds in make_batches():
                 collector.feeds(feeds)
-                net(feeds, hook=collector.hook, stop=last + 1, outputs=())
+                net(feeds, hook=collector.hook, stop=last + 1, outputs=(), overrides=overrides)
     if HISTOGRAM not in needs:
         return collector.stats
     for key, stats in collector.stats.items():

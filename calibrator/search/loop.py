@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from calibrator.data.feed import batches
 from calibrator.metrics import loss
 from calibrator.quant.scales import QuantPlan, with_choice
+from calibrator.quant.simulate import FoldedFP32
 from calibrator.search.adjust import Adjustment, adjust_layers
 from calibrator.search.countermeasures import (choose_countermeasures, forced_choices,
                                                rank_with_saturation)
@@ -135,7 +136,8 @@ class Search:
 
     # -- the strategies ----------------------------------------------------------------------
     def run(self) -> SearchResult:
-        self.fp32 = self.evaluator.evaluate(None, None, desc="FP32")
+        self.fp32 = self.evaluator.evaluate(None, FoldedFP32(self.fused).overrides,
+                                            desc="FP32")
         self.say(f"[{self.evaluator.used:2d}] FP32: {self.fp32.metric:.6g}")
         self.trace.append(Step(0, "FP32", self.fp32.metric, 0.0, self.evaluator.used,
                                round(time.time() - self.started, 1),
