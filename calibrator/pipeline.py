@@ -91,7 +91,8 @@ class Pipeline:
                  f"({options.estimator})")
         forced = self.forced_fix(backend)
         calibration = calibrate(model, options, config.sampling_iterations, quiet=config.quiet,
-                                estimators=() if config.quantize_only else ADJUST_ESTIMATORS)
+                                estimators=() if config.quantize_only else ADJUST_ESTIMATORS,
+                                metric=metric, iterations=config.iterations)
         if config.quantize_only:
             plan = calibration.plan()
             if forced is not None:

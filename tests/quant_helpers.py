@@ -60,7 +60,7 @@ class TinyNet:
     def calibrate(self, quantize_fc=False, **options):
         options = QuantOptions(quantize_fc=quantize_fc, **options)
         self.fused = analyze(self.net, quantize_fc=quantize_fc)
-        self.stats = collect(self.net, self.fused, lambda: iter(self.batches))
+        self.stats = collect(self.net, self.fused, iter(self.batches))
         self.plan = build_plan(self.fused, self.stats, options)
         return self.plan
 

@@ -332,3 +332,63 @@ def test_build_plan_uses_the_named_estimator():
     # conv2 reads conv1's FP32 output (signed): 127 / max|x|
     expected = 127 / net.absmax_after("conv1")
     assert plan.layers["conv2"].scale_in == pytest.approx(expected, rel=1e-6)
+
+
+# -- one pass: the growing histogram against the two-pass method ---------------------------
+
+def _two_pass_stats(batches) -> TensorStats:
+    """The two-pass method, written here: max|x| over every batch first, then the
+    2048-bin histogram of |x| over [0, max|x|]."""
+    absmax = max(float(b.abs().max()) for b in batches)
+    hist = sum(abs_histogram(b, absmax) for b in batches)
+    return TensorStats(absmax=absmax, zeros=sum(int((b == 0).sum()) for b in batches),
+                       count=sum(b.numel() for b in batches), hist=hist.numpy())
+
+
+def _one_pass_stats(batches) -> TensorStats:
+    from calibrator.quant.histogram import GrowingHistogram
+
+    grow = GrowingHistogram()
+    for b in batches:
+        grow.add(b, float(b.abs().max()))
+    absmax = max(float(b.abs().max()) for b in batches)
+    return TensorStats(absmax=absmax, zeros=sum(int((b == 0).sum()) for b in batches),
+                       count=sum(b.numel() for b in batches), hist=grow.rebin(absmax))
+
+
+def _batches(kind: str, seed: int):
+    rng = np.random.default_rng(seed)
+    if kind == "gaussian":
+        parts = [rng.normal(0, 1, 200_000) for _ in range(4)]
+    elif kind == "laplacian":
+        parts = [rng.laplace(0, 1, 200_000) for _ in range(4)]
+    elif kind == "relu":
+        parts = [np.maximum(rng.normal(0.2, 1, 200_000), 0) for _ in range(4)]
+    elif kind == "growing":      # each batch's maximum far above the previous ones
+        parts = [rng.normal(0, s, 100_000) for s in (0.1, 0.5, 3.0, 7.0)]
+    else:                        # a few outliers arrive late
+        parts = [rng.normal(0, 1, 200_000) for _ in range(3)] + [
+            np.concatenate([rng.normal(0, 1, 200_000), [40.0, -55.0]])]
+    return [torch.from_numpy(p.astype(np.float32)) for p in parts]
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "laplacian", "relu", "growing", "outliers"])
+@pytest.mark.parametrize("estimator", ["KL", "MAXP", "MSE", "PERCENTILE99.9"])
+def test_one_pass_thresholds_within_one_bin_of_the_two_pass_method(kind, estimator):
+    batches = _batches(kind, seed=len(kind))
+    two, one = _two_pass_stats(batches), _one_pass_stats(batches)
+    assert one.absmax == two.absmax
+    assert one.hist.sum() == pytest.approx(two.hist.sum())
+    bin_width = two.absmax / NUM_BINS
+    assert abs(threshold(one, estimator) - threshold(two, estimator)) <= bin_width * (1 + 1e-6)
+
+
+def test_growing_histogram_doubles_its_range_exactly():
+    from calibrator.quant.histogram import GrowingHistogram
+
+    grow = GrowingHistogram(bins=8)
+    grow.add(torch.tensor([0.5, 0.9, 1.0]), 1.0)          # bins of 0.125 over [0, 1]
+    assert grow.counts.tolist() == [0, 0, 0, 0, 1, 0, 0, 2]
+    grow.add(torch.tensor([3.0, 0.1]), 3.0)               # [0, 4]: bins of 0.5, merged pairs
+    assert grow.range == 4.0
+    assert grow.counts.tolist() == [1, 3, 0, 0, 0, 0, 1, 0]

@@ -119,19 +119,22 @@ def loss(fp32: float, value: float, relative: bool = False,
 def measure(model, metrics: list[Metric], iterations: int, *, net=None, overrides=None,
             reference: bool = False, desc: str = "evaluate", quiet: bool = False,
             stop: Callable[[list[list[BatchOutcome]]], bool] | None = None,
-            on_batch: Callable[[int, dict], None] | None = None) -> list[list[BatchOutcome]]:
+            on_batch: Callable[[int, dict], None] | None = None, first: int = 0,
+            start: bool = True) -> list[list[BatchOutcome]]:
     """Every metric over the first ``iterations`` TEST batches of ``model``'s source, in one
     pass of ``net`` (default ``model.net``) under ``overrides``; per metric, the outcome of
     each batch read. ``reference``: this is the FP32 pass (metrics relative to FP32 keep
     it). ``on_batch(index, outputs)`` sees each batch's outputs; ``stop(outcomes)``, asked
-    after each batch, ends the pass early."""
+    after each batch, ends the pass early. ``first``: skip the batches before it (an
+    earlier pass read them; ``start=False`` then keeps the metrics' state)."""
     net = model.net if net is None else net
     wanted = sorted({blob for metric in metrics for blob in metric.outputs()})
-    for metric in metrics:
-        metric.start(net)
+    if start:
+        for metric in metrics:
+            metric.start(net)
     outcomes: list[list[BatchOutcome]] = [[] for _ in metrics]
     with torch.no_grad():
-        for index, feeds in batches(model, iterations, desc=desc, quiet=quiet):
+        for index, feeds in batches(model, iterations, desc=desc, quiet=quiet, first=first):
             outputs = net(feeds, outputs=wanted, overrides=overrides)
             if on_batch is not None:
                 on_batch(index, outputs)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 from calibrator.data.feed import batches
+from calibrator.metrics import BatchOutcome, Metric, measure
 from calibrator.quant.estimators import HISTOGRAM, statistics_needed
 from calibrator.quant.fusion import FusedGraph, analyze
 from calibrator.quant.scales import QuantOptions, QuantPlan, UnitChoice, build_plan
@@ -17,27 +19,50 @@ class Calibration:
     fused: FusedGraph
     stats: dict
     options: QuantOptions
+    #: the FP32 outcomes of a metric measured in the same pass (see ``calibrate``)
+    fp32: list[BatchOutcome] | None = field(default=None, repr=False)
+    fp32_seconds: float = 0.0
 
     def plan(self, choices: dict[str, UnitChoice] | None = None) -> QuantPlan:
         return build_plan(self.fused, self.stats, self.options, choices)
 
 
 def calibrate(model, options: QuantOptions, sampling_iterations: int, *,
-              quiet: bool = False, estimators=None) -> Calibration:
+              quiet: bool = False, estimators=None, metric: Metric | None = None,
+              iterations: int = 0) -> Calibration:
     """Statistics of ``model``'s fused tensors over ``sampling_iterations`` batches, for
     ``options.estimator`` and any other ``estimators`` a later step will use (default:
-    every statistic, so that any estimator can be tried)."""
+    every statistic, so that any estimator can be tried).
+
+    With a ``metric``, the statistics pass also measures it on the FP32 net over its
+    batches, and the first ``iterations`` batches of that measurement (continued past the
+    statistics batches if needed) are kept in ``calibration.fp32``: the search's FP32
+    evaluation reads the same batches, so it costs no pass of its own."""
     fused = analyze(model.net, quantize_fc=options.quantize_fc)
     needs = (frozenset({HISTOGRAM}) if estimators is None
              else statistics_needed([options.estimator, *estimators]))
-    passes = iter(("statistics 1/2", "statistics 2/2") if HISTOGRAM in needs
-                  else ("statistics",))
+    overrides = FoldedFP32(fused).overrides
+    if metric is None:
+        feeds = (feeds for _, feeds in batches(model, sampling_iterations, desc="statistics",
+                                               quiet=quiet))
+        return Calibration(fused, collect(model.net, fused, feeds, needs=needs,
+                                          overrides=overrides), options)
+    started = time.time()
+    shared = min(sampling_iterations, iterations)
+    metric.start(model.net)
+    outcomes = []
 
-    def make_batches():
-        desc = next(passes, "statistics")
-        return (feeds for _, feeds in batches(model, sampling_iterations, desc=desc,
-                                              quiet=quiet))
+    def read(outputs):
+        if len(outcomes) < shared:
+            metric.remember(outputs)
+            outcomes.append(metric.read(outputs))
 
-    stats = collect(model.net, fused, make_batches, needs=needs,
-                    overrides=FoldedFP32(fused).overrides)
-    return Calibration(fused, stats, options)
+    feeds = (feeds for _, feeds in batches(model, sampling_iterations,
+                                           desc="statistics + FP32", quiet=quiet))
+    stats = collect(model.net, fused, feeds, needs=needs, overrides=overrides,
+                    outputs=metric.outputs(), on_batch=read)
+    if iterations > shared:  # the FP32 evaluation reads more batches than the statistics
+        rest = measure(model, [metric], iterations, overrides=overrides, reference=True,
+                       desc="FP32", quiet=quiet, first=shared, start=False)[0]
+        outcomes.extend(rest)
+    return Calibration(fused, stats, options, outcomes, time.time() - started)

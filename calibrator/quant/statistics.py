@@ -1,20 +1,20 @@
-"""Statistics of the fused tensors, gathered for every tracked tensor at once.
-
-At most two passes over the ``-s`` calibration batches, whatever the number of layers: the
-first finds each tensor's exact min/max/|max| (the histogram range); the second, only when
-an estimator needs it (``needs``), fills an int64 histogram of |x| in 2048 bins over
-[0, absmax], exact zeros skipped. Only running aggregates stay in memory (on the model's
-device), never the activations themselves."""
+"""Statistics of the fused tensors, gathered for every tracked tensor at once, in one pass
+over the ``-s`` calibration batches whatever the number of layers: each tensor's exact
+min/max/|max|, zeros, per-batch max|x| and, when an estimator needs it (``needs``), a
+histogram of |x| whose range grows as larger values arrive
+(:class:`~calibrator.quant.histogram.GrowingHistogram`), re-binned at the end to 2048 bins
+over [0, max|x|]. Only running aggregates stay in memory (on the model's device), never the
+activations themselves."""
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 
 from calibrator.quant.estimators import HISTOGRAM, TensorStats
 from calibrator.quant.fusion import BlobRef, FusedGraph
-from calibrator.quant.kl import NUM_BINS, abs_histogram
+from calibrator.quant.histogram import GrowingHistogram
 
 
 def tracked_refs(fused: FusedGraph) -> list[BlobRef]:
@@ -28,36 +28,27 @@ def tracked_refs(fused: FusedGraph) -> list[BlobRef]:
 
 
 class _Collector:
-    def __init__(self, refs: Iterable[BlobRef], device):
+    def __init__(self, refs: Iterable[BlobRef], histograms: bool):
         self.by_producer: dict[int, list[BlobRef]] = {}
         for ref in refs:
             self.by_producer.setdefault(ref.producer, []).append(ref)
         self.stats = {ref.key: TensorStats() for refs in self.by_producer.values()
                       for ref in refs}
-        self.hists = {}
-        self.device = device
-        self.second_pass = False
+        self.hists = ({key: GrowingHistogram() for key in self.stats} if histograms else {})
 
     def observe(self, ref: BlobRef, x: torch.Tensor) -> None:
         stats = self.stats[ref.key]
         x = x.detach()
-        if not self.second_pass:
-            lo, hi = (float(v) for v in torch.aminmax(x))
-            absmax = max(abs(lo), abs(hi))
-            stats.minimum = min(stats.minimum, lo)
-            stats.maximum = max(stats.maximum, hi)
-            stats.absmax = max(stats.absmax, absmax)
-            stats.batch_absmax.append(absmax)
-            stats.count += x.numel()
-            stats.zeros += int((x == 0).sum())
-            return
-        if stats.absmax <= 0:
-            return
-        counts = abs_histogram(x, stats.absmax)
+        lo, hi = (float(v) for v in torch.aminmax(x))
+        absmax = max(abs(lo), abs(hi))
+        stats.minimum = min(stats.minimum, lo)
+        stats.maximum = max(stats.maximum, hi)
+        stats.absmax = max(stats.absmax, absmax)
+        stats.batch_absmax.append(absmax)
+        stats.count += x.numel()
+        stats.zeros += int((x == 0).sum())
         if ref.key in self.hists:
-            self.hists[ref.key] += counts
-        else:
-            self.hists[ref.key] = counts
+            self.hists[ref.key].add(x, absmax)
 
     def feeds(self, feeds: dict) -> None:
         for ref in self.by_producer.get(-1, []):
@@ -68,29 +59,31 @@ class _Collector:
             self.observe(ref, tops[node.tops.index(ref.name)])
         return None
 
+    def finish(self) -> dict[str, TensorStats]:
+        for key, hist in self.hists.items():
+            stats = self.stats[key]
+            stats.hist = hist.rebin(stats.absmax)
+        return self.stats
 
-def collect(net, fused: FusedGraph, make_batches: Callable[[], Iterable[dict]], *,
-            refs=None, needs=frozenset({HISTOGRAM}), overrides=None) -> dict[str, TensorStats]:
-    """TensorStats for each tracked blob version, keyed by ``BlobRef.key``.
 
-    ``make_batches()`` yields the calibration feeds (blob name -> tensor on the net's
-    device); it is called once per pass. ``needs``: the statistics to gather beyond the
-    first pass's (see :mod:`calibrator.quant.estimators`). ``overrides``: how the net runs
-    (e.g. :class:`~calibrator.quant.simulate.FoldedFP32`, each unit one convolution)."""
+def collect(net, fused: FusedGraph, batches: Iterable[dict], *, refs=None,
+            needs=frozenset({HISTOGRAM}), overrides=None, outputs=None,
+            on_batch=None) -> dict[str, TensorStats]:
+    """TensorStats for each tracked blob version, keyed by ``BlobRef.key``, from one pass
+    over ``batches`` (the calibration feeds: blob name -> tensor on the net's device).
+    ``needs``: the statistics beyond the basic ones (see :mod:`calibrator.quant.estimators`).
+    ``overrides``: how the net runs (e.g. :class:`~calibrator.quant.simulate.FoldedFP32`,
+    each unit one convolution). With ``outputs``, the whole net runs and
+    ``on_batch(outputs)`` sees them (another measurement sharing the pass); otherwise the
+    pass stops after the last tracked tensor."""
     refs = tracked_refs(fused) if refs is None else refs
-    collector = _Collector(refs, net.device)
-    last = max([r.producer for r in refs] + [0])
-    passes = (False, True) if HISTOGRAM in needs else (False,)
+    collector = _Collector(refs, HISTOGRAM in needs)
+    stop = None if outputs is not None else max([r.producer for r in refs] + [0]) + 1
     with torch.no_grad():
-        for second in passes:
-            collector.second_pass = second
-            for feeds in make_batches():
-                collector.feeds(feeds)
-                net(feeds, hook=collector.hook, stop=last + 1, outputs=(), overrides=overrides)
-    if HISTOGRAM not in needs:
-        return collector.stats
-    for key, stats in collector.stats.items():
-        hist = collector.hists.get(key)
-        stats.hist = (hist.cpu().numpy() if hist is not None
-                      else torch.zeros(NUM_BINS, dtype=torch.int64).numpy())
-    return collector.stats
+        for feeds in batches:
+            collector.feeds(feeds)
+            result = net(feeds, hook=collector.hook, stop=stop,
+                         outputs=() if outputs is None else outputs, overrides=overrides)
+            if on_batch is not None:
+                on_batch(result)
+    return collector.finish()

@@ -87,7 +87,11 @@ class Evaluator:
         self.used = 0          # full evaluations the search asked for (run or recalled)
         self.ran = 0           # of which actually run in this process
 
-    def evaluate(self, plan, overrides, *, desc: str = "evaluate") -> EvalResult:
+    def evaluate(self, plan, overrides, *, desc: str = "evaluate",
+                 measured: tuple[list, float] | None = None) -> EvalResult:
+        """The metric of ``plan`` (None: FP32) run with ``overrides``, recalled from the state
+        when it was run before; ``measured`` = (outcomes, seconds) of a pass that already
+        read these batches (the statistics pass measures FP32 on the way)."""
         key = plan_fingerprint(plan)
         self.used += 1
         stored = self.state.evaluations.get(key)
@@ -96,13 +100,16 @@ class Evaluator:
                           if stored.get("per_sample") is not None else None)
             return EvalResult(stored["metric"], per_sample, stored["seconds"], cached=True)
         started = time.time()
-        outcomes = measure(self.model, [self.metric], self.iterations, overrides=overrides,
-                           reference=plan is None, desc=desc, quiet=self.quiet)[0]
+        if measured is not None:
+            outcomes, seconds = measured
+        else:
+            outcomes = measure(self.model, [self.metric], self.iterations, overrides=overrides,
+                               reference=plan is None, desc=desc, quiet=self.quiet)[0]
+            seconds = time.time() - started
         value = self.metric.combine(outcomes)
         per_sample = None
         if outcomes and all(o.per_sample is not None for o in outcomes):
             per_sample = np.concatenate([o.per_sample for o in outcomes])
-        seconds = time.time() - started
         self.ran += 1
         self.state.evaluations[key] = {
             "metric": value, "seconds": seconds,

@@ -136,8 +136,10 @@ class Search:
 
     # -- the strategies ----------------------------------------------------------------------
     def run(self) -> SearchResult:
+        measured = (None if self.calibration.fp32 is None
+                    else (self.calibration.fp32, self.calibration.fp32_seconds))
         self.fp32 = self.evaluator.evaluate(None, FoldedFP32(self.fused).overrides,
-                                            desc="FP32")
+                                            desc="FP32", measured=measured)
         self.say(f"[{self.evaluator.used:2d}] FP32: {self.fp32.metric:.6g}")
         self.trace.append(Step(0, "FP32", self.fp32.metric, 0.0, self.evaluator.used,
                                round(time.time() - self.started, 1),
