@@ -230,7 +230,7 @@ class _Exporter:
         node = unit.layer
         x = self.ref_name(unit.input)
         lq = self.plan.layers.get(unit.name) if self.plan is not None else None
-        weight, bias = folded_weights(unit)
+        weight, bias = folded_weights(unit, lq.bias_shift if lq is not None else None)
         weight = weight.detach().double().cpu()
         bias = bias.detach().double().cpu()
         hint = unit.name

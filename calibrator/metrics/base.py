@@ -22,7 +22,9 @@ class BatchOutcome:
 
 
 class Metric:
-    """Base: the mean of a blob over the batches (what ``caffe test`` prints)."""
+    """Base: the mean of a blob over the batches (what ``caffe test`` prints). A metric whose
+    batches carry ``per_sample`` outcomes is the share of good samples, so its value over
+    the whole set can be bounded before the last batch (``bounds``)."""
 
     #: registry name (``--metric``); set by ``register_metric``
     kind = ""
@@ -46,6 +48,20 @@ class Metric:
     def combine(self, batches: list[BatchOutcome]) -> float:
         """Caffe's ``caffe test`` value: the mean of the per-batch values."""
         return float(np.mean([b.value for b in batches])) if batches else float("nan")
+
+    def bounds(self, batches: list[BatchOutcome], total: int) -> tuple[float, float] | None:
+        """(lowest, highest) value ``combine`` can still give over ``total`` batches when
+        ``batches`` are the first ones read: the rest all wrong, or all right (computed by
+        ``combine`` itself, which is monotone in them, so the bounds are exact). None when
+        the metric has no per-sample outcomes: an early stop of an evaluation whose verdict
+        is decided relies on it."""
+        if not batches or any(b.per_sample is None for b in batches):
+            return None
+        size = len(batches[-1].per_sample)
+        rest = max(total - len(batches), 0)
+        worst = [BatchOutcome(0.0, np.zeros(size, bool))] * rest
+        best = [BatchOutcome(1.0, np.ones(size, bool))] * rest
+        return self.combine(list(batches) + worst), self.combine(list(batches) + best)
 
     def summary(self, batches: list[BatchOutcome]) -> np.ndarray:
         """What ``calibrator test`` prints for this blob (the value, as an array)."""

@@ -9,8 +9,9 @@ import torch
 from calibrator.quant.fusion import FusedUnit
 
 
-def folded_weights(unit: FusedUnit) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight, bias) of the unit's layer with its BatchNorm/Scale folded in (float32)."""
+def folded_weights(unit: FusedUnit, bias_shift=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of the unit's layer with its BatchNorm/Scale folded in (float32);
+    ``bias_shift`` (per output channel, bias correction) is added to the folded bias."""
     weight, bias = unit.layer.module.weight_bias()
     weight = weight.detach().float()
     bias = (torch.zeros(weight.shape[0], device=weight.device) if bias is None
@@ -21,4 +22,6 @@ def folded_weights(unit: FusedUnit) -> tuple[torch.Tensor, torch.Tensor]:
         offset = offset.to(weight.device).float()
         weight = weight * multiplier.reshape((-1,) + (1,) * (weight.dim() - 1))
         bias = bias * multiplier + offset
+    if bias_shift is not None:
+        bias = bias + torch.as_tensor(bias_shift, dtype=torch.float32, device=bias.device)
     return weight, bias

@@ -50,6 +50,8 @@ class UnitChoice:
     #: a counter-measure against int16 pair saturation (calibrator.quant.targets): "w7"
     #: (7-bit weights), "half" (halved weight scales) or "s8" (signed input)
     saturation_fix: str | None = None
+    #: per output channel, added to the (folded) bias of the INT8 layer (bias correction)
+    bias_shift: tuple[float, ...] | None = None
 
 
 @dataclass
@@ -70,6 +72,7 @@ class LayerQuant:
     input_threshold: float = 0.0
     output_threshold: float = 0.0
     saturation_fix: str | None = None   # see UnitChoice
+    bias_shift: list[float] | None = None   # see UnitChoice
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -237,7 +240,8 @@ def _build_layers(fused: FusedGraph, stats: dict, options: QuantOptions,
             input_unsigned=unsigned or force_u8, output_unsigned=unit.output_unsigned,
             output_int8=True, force_u8_input=force_u8, bits=options.bits,
             estimator=estimator, per_channel=per_channel, input_threshold=t_in,
-            output_threshold=t_out, saturation_fix=fix)
+            output_threshold=t_out, saturation_fix=fix,
+            bias_shift=list(choice.bias_shift) if choice.bias_shift is not None else None)
         if fix is not None:
             lq.notes.append(f"saturation counter-measure: {fix} ({SATURATION_FIXES[fix]})")
         layers[unit.name] = lq

@@ -250,7 +250,7 @@ def intel_constants(weight: torch.Tensor, bias: torch.Tensor, lq: LayerQuant, de
 
 def build_kernel(unit: FusedUnit, lq: LayerQuant, device,
                  target: Target | None = None) -> UnitKernel:
-    weight, bias = folded_weights(unit)
+    weight, bias = folded_weights(unit, lq.bias_shift)
     q_weight, q_bias, multiplier = intel_constants(weight, bias, lq, device)
     weight_l1 = float(q_weight.abs().reshape(q_weight.shape[0], -1).sum(1).max())
     qmax_in = 2 ** lq.bits - 1 if lq.input_unsigned else 2 ** (lq.bits - 1)

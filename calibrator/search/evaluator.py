@@ -3,7 +3,13 @@
 Every result is stored under a fingerprint of the exact scales it ran with, and the store is
 saved beside the output after each evaluation. ``--resume`` reloads it: the search is
 deterministic, so a resumed run replays the same decisions and finds each evaluation it
-already paid for in the store instead of running it again."""
+already paid for in the store instead of running it again.
+
+An evaluation asked only for a verdict (``decide``) stops as soon as the batches left cannot
+change it: a metric with per-sample outcomes (accuracy, agreement) bounds its final value
+exactly (``Metric.bounds``), so the verdict is the complete evaluation's. Such a *partial*
+result carries the decisive bound as its metric; ``complete`` reads the remaining batches
+when the exact value is wanted (the configuration the search writes)."""
 
 from __future__ import annotations
 
@@ -12,12 +18,13 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from calibrator.errors import CalibratorError
 from calibrator.fileio import atomic_write
-from calibrator.metrics import Metric, measure
+from calibrator.metrics import BatchOutcome, Metric, measure
 
 STATE_VERSION = 1
 
@@ -30,17 +37,21 @@ def plan_fingerprint(plan) -> str:
     for name in sorted(plan.layers):
         lq = plan.layers[name]
         items.append([name, lq.scale_in, lq.scale_out, lq.scale_params, lq.input_unsigned,
-                      lq.output_unsigned, lq.output_int8, lq.force_u8_input, lq.bits])
+                      lq.output_unsigned, lq.output_int8, lq.force_u8_input, lq.bits,
+                      lq.bias_shift, name in plan.excluded])
     text = json.dumps(items, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
 @dataclass
 class EvalResult:
-    metric: float
+    metric: float                     # the value; for a partial result the decisive bound
     per_sample: np.ndarray | None
     seconds: float
     cached: bool = False
+    batches: int = 0                  # batches read
+    partial: bool = False             # stopped early: the verdict is known, not the value
+    outcomes: list = field(default_factory=list, repr=False)
 
 
 @dataclass
@@ -88,31 +99,96 @@ class Evaluator:
         self.ran = 0           # of which actually run in this process
 
     def evaluate(self, plan, overrides, *, desc: str = "evaluate",
-                 measured: tuple[list, float] | None = None) -> EvalResult:
+                 measured: tuple[list, float] | None = None,
+                 decide: Callable[[float, float], bool | None] | None = None) -> EvalResult:
         """The metric of ``plan`` (None: FP32) run with ``overrides``, recalled from the state
         when it was run before; ``measured`` = (outcomes, seconds) of a pass that already
-        read these batches (the statistics pass measures FP32 on the way)."""
+        read these batches (the statistics pass measures FP32 on the way). ``decide(low,
+        high)`` -> True/False once the bounds settle the verdict, None while they do not:
+        the evaluation stops there."""
         key = plan_fingerprint(plan)
         self.used += 1
         stored = self.state.evaluations.get(key)
         if stored is not None:
-            per_sample = (np.array(stored["per_sample"], dtype=bool)
-                          if stored.get("per_sample") is not None else None)
-            return EvalResult(stored["metric"], per_sample, stored["seconds"], cached=True)
+            return self._recall(stored)
         started = time.time()
         if measured is not None:
             outcomes, seconds = measured
+            partial = False
         else:
-            outcomes = measure(self.model, [self.metric], self.iterations, overrides=overrides,
-                               reference=plan is None, desc=desc, quiet=self.quiet)[0]
+            outcomes, partial = self._measure(overrides, desc, plan is None, decide)
             seconds = time.time() - started
-        value = self.metric.combine(outcomes)
+        self.ran += 1
+        return self._store(key, outcomes, seconds, partial)
+
+    def complete(self, plan, overrides, result: EvalResult, *,
+                 desc: str = "complete") -> EvalResult:
+        """``result`` (of ``plan``) with its remaining batches read: the exact value."""
+        if not result.partial:
+            return result
+        started = time.time()
+        rest = measure(self.model, [self.metric], self.iterations, overrides=overrides,
+                       desc=desc, quiet=self.quiet, first=result.batches, start=False,
+                       reference=plan is None)[0] if len(result.outcomes) == result.batches \
+            else None
+        if rest is None:  # recalled from a state file without the per-batch outcomes
+            outcomes, _ = self._measure(overrides, desc, plan is None, None)
+        else:
+            outcomes = list(result.outcomes) + rest
+        return self._store(plan_fingerprint(plan), outcomes,
+                           result.seconds + time.time() - started, False)
+
+    def _measure(self, overrides, desc: str, fp32: bool, decide) -> tuple[list, bool]:
+        verdict = {}
+
+        def stop(outcomes):
+            if decide is None:
+                return False
+            bounds = self.metric.bounds(outcomes[0], self.iterations)
+            if bounds is None or len(outcomes[0]) >= self.iterations:
+                return False
+            decided = decide(*bounds)
+            if decided is None:
+                return False
+            verdict["bound"] = bounds[0] if decided else bounds[1]
+            return True
+
+        outcomes = measure(self.model, [self.metric], self.iterations, overrides=overrides,
+                           reference=fp32, desc=desc, quiet=self.quiet, stop=stop)[0]
+        if "bound" in verdict:
+            outcomes = _Partial(outcomes, verdict["bound"])
+        return outcomes, "bound" in verdict
+
+    def _store(self, key: str, outcomes, seconds: float, partial: bool) -> EvalResult:
+        value = outcomes.bound if partial else self.metric.combine(outcomes)
         per_sample = None
         if outcomes and all(o.per_sample is not None for o in outcomes):
             per_sample = np.concatenate([o.per_sample for o in outcomes])
-        self.ran += 1
         self.state.evaluations[key] = {
-            "metric": value, "seconds": seconds,
+            "metric": value, "seconds": seconds, "batches": len(outcomes),
+            "partial": partial,
+            "batch_values": [o.value for o in outcomes] if per_sample is not None else None,
             "per_sample": per_sample.astype(int).tolist() if per_sample is not None else None}
         self.state.save()
-        return EvalResult(value, per_sample, seconds)
+        return EvalResult(value, per_sample, seconds, batches=len(outcomes), partial=partial,
+                          outcomes=list(outcomes))
+
+    def _recall(self, stored: dict) -> EvalResult:
+        per_sample = (np.array(stored["per_sample"], dtype=bool)
+                      if stored.get("per_sample") is not None else None)
+        outcomes = []
+        values = stored.get("batch_values")
+        if per_sample is not None and values:
+            for value, part in zip(values, np.array_split(per_sample, len(values))):
+                outcomes.append(BatchOutcome(value, part))
+        return EvalResult(stored["metric"], per_sample, stored["seconds"], cached=True,
+                          batches=stored.get("batches", self.iterations),
+                          partial=stored.get("partial", False), outcomes=outcomes)
+
+
+class _Partial(list):
+    """The outcomes of an evaluation stopped early, and the bound that decided it."""
+
+    def __init__(self, outcomes, bound: float):
+        super().__init__(outcomes)
+        self.bound = bound

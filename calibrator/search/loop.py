@@ -16,10 +16,11 @@ combined trial fails to improve are the counter-measures tried alone (one more e
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from calibrator.data.feed import batches
 from calibrator.metrics import loss
+from calibrator.quant.layerwise import LayerwiseSettings, calibration_subset, layerwise
 from calibrator.quant.scales import QuantPlan, with_choice
 from calibrator.quant.simulate import FoldedFP32
 from calibrator.search.adjust import Adjustment, adjust_layers
@@ -42,6 +43,8 @@ class Step:
     seconds: float
     fp32_layers: int
     met: bool
+    batches: int = 0          # batches read (fewer than -i: stopped once decided)
+    partial: bool = False
 
 
 @dataclass
@@ -57,6 +60,8 @@ class SearchResult:
     reverted: list[str] = field(default_factory=list)
     stopped_by: str | None = None     # "max-evals" / "time-budget" when a bound ended it
     evaluations: int = 0
+    layerwise: dict = field(default_factory=dict)   # unit -> LayerReport of the adjustment
+    whole_net: bool = False           # the whole-net adjustment was kept
 
 
 @dataclass
@@ -70,6 +75,11 @@ class SearchSettings:
     allow_fp32: bool = True
     probe_images: int = 16
     saturation_fix: str = "auto"   # auto: chosen per layer; off; or w7/half/s8 everywhere
+    #: the whole-net adjustments tried before any revert: EasyQuant (``scale_search``) and
+    #: bias correction (only when the corrected weights are written: ``bias_correction``)
+    bias_correction: bool = False
+    layerwise: LayerwiseSettings = field(default_factory=LayerwiseSettings)
+    early_stop: bool = True        # stop a full evaluation once its verdict is decided
 
 
 class _Budget(Exception):
@@ -111,28 +121,56 @@ class Search:
         if s.time_budget is not None and time.time() - self.started >= s.time_budget:
             raise _Budget("time-budget")
 
-    def evaluate(self, plan: QuantPlan, action: str) -> EvalResult:
+    def _decide(self, both: bool):
+        """The verdict once the bounds settle it (None: not yet); ``both``: a certain
+        failure stops the evaluation too (when only the verdict matters)."""
+        if not self.settings.early_stop:
+            return None
+
+        def decide(low: float, high: float):
+            if self.loss(low) <= self.settings.tolerance + 1e-12:
+                return True
+            if both and self.loss(high) > self.settings.tolerance + 1e-12:
+                return False
+            return None
+
+        return decide
+
+    def evaluate(self, plan: QuantPlan, action: str, verdict_only: bool = True) -> EvalResult:
+        """A full evaluation of ``plan``; it stops once met is certain, and, with
+        ``verdict_only``, once not met is certain too."""
         self._check_budget()
         result = self.evaluator.evaluate(plan, self.backend.simulator(self.fused, plan).overrides,
-                                         desc=action[:30])
+                                         desc=action[:30], decide=self._decide(verdict_only))
         fp32_layers = len(plan.fp32_layers(self.fused))
         step = Step(len(self.trace) + 1, action, result.metric, self.loss(result.metric),
                     self.evaluator.used, round(time.time() - self.started, 1), fp32_layers,
-                    self.met(result))
+                    self.met(result), result.batches, result.partial)
         self.trace.append(step)
         self.results.append((plan, result))
+        stopped = (f", stopped after {result.batches} of {self.evaluator.iterations} batches"
+                   if result.partial else "")
         self.say(f"[{step.evaluations:2d}] {action}: {result.metric:.6g} "
-                 f"(loss {step.loss:+.4f}{', recalled' if result.cached else ''})")
+                 f"(loss {step.loss:+.4f}{', recalled' if result.cached else ''}{stopped})")
         return result
 
     def best(self) -> tuple[QuantPlan, float, bool]:
-        met = [(p, r) for p, r in self.results if self.met(r)]
-        if met:
-            plan, result = min(met, key=lambda pr: (len(pr[0].fp32_layers(self.fused)),
-                                                    -pr[1].metric))
-            return plan, result.metric, True
-        plan, result = max(self.results, key=lambda pr: pr[1].metric)
-        return plan, result.metric, False
+        """The configuration to write: met with the fewest FP32 layers, else the highest
+        metric; its evaluation completed if it stopped early (the exact value is reported)."""
+        while True:
+            met = [(i, p, r) for i, (p, r) in enumerate(self.results) if self.met(r)]
+            if met:
+                index, plan, result = min(met, key=lambda ipr: (
+                    len(ipr[1].fp32_layers(self.fused)), -ipr[2].metric))
+            else:
+                index, (plan, result) = max(enumerate(self.results),
+                                            key=lambda ipr: ipr[1][1].metric)
+            if not result.partial:
+                return plan, result.metric, bool(met)
+            done = self.evaluator.complete(plan, self.backend.simulator(self.fused,
+                                                                        plan).overrides, result)
+            self.results[index] = (plan, done)
+            self.say(f"     completed: {done.metric:.6g} (loss {self.loss(done.metric):+.4f})")
 
     # -- the strategies ----------------------------------------------------------------------
     def run(self) -> SearchResult:
@@ -171,56 +209,89 @@ class Search:
             plan = self.calibration.plan(choices)
             result = self.evaluate(plan, f"revert {name}")
 
+    def _whole_net(self, choices: dict, outcome: SearchResult) -> dict:
+        """Per-channel weights, EasyQuant and bias correction on every unit at once."""
+        settings, options = self.settings, self.calibration.options
+        adjusted = dict(choices)
+        if not options.per_channel:
+            for unit in self.fused.units:
+                adjusted = with_choice(adjusted, unit.name, per_channel=True)
+        if settings.scale_search or settings.bias_correction:
+            layerwise_settings = replace(settings.layerwise, easyquant=settings.scale_search,
+                                         bias_correction=settings.bias_correction)
+            feeds = calibration_subset(self.model, layerwise_settings.images)
+            adjusted, reports = layerwise(self.model.net, self.fused, self.calibration.stats,
+                                          options, adjusted, feeds, layerwise_settings)
+            outcome.layerwise = reports
+        return adjusted
+
     def _bisect(self, outcome: SearchResult) -> None:
         calibration, net, backend = self.calibration, self.model.net, self.backend
         choices: dict = dict(self.initial_choices)
         plan = calibration.plan(choices)
-        current = self.evaluate(plan, "all INT8")
+        current = self.evaluate(plan, "all INT8", verdict_only=False)
         if self.met(current):
             return
         probe = self._probe()
-        sensitivity, saturating = rank_with_saturation(net, self.fused, probe, plan, backend)
-        outcome.sensitivity = dict(sensitivity)
-        outcome.saturating = dict(saturating)
-        self.say("most sensitive: " + ", ".join(f"{n} ({sensitivity[n]:.3g})"
-                                                for n in self._ranking(sensitivity)[:5]))
+        # 1. whole-net adjustments (and, where the target saturates, the counter-measures
+        #    chosen on the probe), confirmed by one full evaluation
         fixes: list[Adjustment] = []
         with_fixes = choices
-        if saturating and self.settings.saturation_fix == "auto":
-            with_fixes, fixes = choose_countermeasures(net, self.fused, probe, calibration.plan,
-                                                       choices, backend, sensitivity,
-                                                       saturating)
-            self.say(f"{len(saturating)} layer(s) saturate on {backend.target.name}; "
-                     f"counter-measures kept on {len(fixes)}")
-            for fix in fixes:
-                self.say(f"  {fix.layer}: {fix.action} ({fix.before:.3g} -> {fix.after:.3g})")
-        fixed_sensitivity = dict(sensitivity)
-        for fix in fixes:
-            fixed_sensitivity[fix.layer] = fix.after
-        ranked = self._ranking(fixed_sensitivity)
+        if backend.target.pair_saturation and self.settings.saturation_fix == "auto":
+            sensitivity, saturating = rank_with_saturation(net, self.fused, probe, plan,
+                                                           backend)
+            outcome.saturating = dict(saturating)
+            if saturating:
+                with_fixes, fixes = choose_countermeasures(
+                    net, self.fused, probe, calibration.plan, choices, backend, sensitivity,
+                    saturating)
+                self.say(f"{len(saturating)} layer(s) saturate on {backend.target.name}; "
+                         f"counter-measures kept on {len(fixes)}")
+                for fix in fixes:
+                    self.say(f"  {fix.layer}: {fix.action} ({fix.before:.3g} -> "
+                             f"{fix.after:.3g})")
+        adjusted = self._whole_net(with_fixes, outcome)
+        trials = []
+        if adjusted != with_fixes:
+            parts = [f"fix {len(fixes)} layer(s)"] if fixes else []
+            parts += ["per-channel"] if not calibration.options.per_channel else []
+            parts += ["EasyQuant"] if self.settings.scale_search else []
+            parts += ["bias correction"] if self.settings.bias_correction else []
+            trials.append((adjusted, True, " + ".join(parts)))
+        if fixes:
+            trials.append((with_fixes, False, f"fix {len(fixes)} layer(s) only"))
+        for trial_choices, whole, label in trials:
+            trial = self.evaluate(calibration.plan(trial_choices), label, verdict_only=False)
+            if trial.metric > current.metric:
+                choices, current = trial_choices, trial
+                outcome.adjustments = list(fixes)
+                outcome.whole_net = whole
+                break
+        if self.met(current):
+            return
+        # 2. the ranking of the adjusted plan; cheaper fixes on its worst layers
+        plan = calibration.plan(choices)
+        sensitivity, saturating = rank_with_saturation(net, self.fused, probe, plan, backend)
+        outcome.sensitivity = dict(sensitivity)
+        outcome.saturating = outcome.saturating or dict(saturating)
+        ranked = self._ranking(sensitivity)
+        self.say("most sensitive: " + ", ".join(f"{n} ({sensitivity[n]:.3g})"
+                                                for n in ranked[:5]))
         adjusted, kept = adjust_layers(
-            net, self.fused, probe, calibration.plan, with_fixes, ranked[:ADJUST_WORST],
-            fixed_sensitivity, backend, per_channel_default=calibration.options.per_channel,
-            scale_search=self.settings.scale_search)
+            net, self.fused, probe, calibration.plan, choices, ranked[:ADJUST_WORST],
+            sensitivity, backend,
+            per_channel_default=calibration.options.per_channel or outcome.whole_net)
         for adjustment in kept:
             self.say(f"adjust {adjustment.layer}: {adjustment.action} "
                      f"({adjustment.before:.3g} -> {adjustment.after:.3g})")
-        trials = []
-        if fixes or kept:
-            label = ", ".join(part for part in (
-                f"fix {len(fixes)} layer(s)" if fixes else "",
-                f"adjust {len(kept)} layer(s)" if kept else "") if part)
-            trials.append((adjusted, fixes + kept, label))
-        if fixes and kept:
-            trials.append((with_fixes, fixes, f"fix {len(fixes)} layer(s) only"))
-        for trial_choices, changes, label in trials:
-            trial = self.evaluate(calibration.plan(trial_choices), label)
+        if kept:
+            trial = self.evaluate(calibration.plan(adjusted), f"adjust {len(kept)} layer(s)",
+                                  verdict_only=False)
             if trial.metric > current.metric:
-                choices, current = trial_choices, trial
-                outcome.adjustments = changes
-                for change in changes:
+                choices, current = adjusted, trial
+                outcome.adjustments = outcome.adjustments + kept
+                for change in kept:
                     sensitivity[change.layer] = change.after
-                break
         ranked = self._ranking(sensitivity)
         if self.met(current):
             return
