@@ -31,6 +31,7 @@ class RunConfig:
     target: str = "vnni"              # --target (calibrator.quant.targets)
     search: SearchSettings = field(default_factory=lambda: SearchSettings(tolerance=0.01))
     resume: bool = False
+    easyquant: bool = False           # -q: EasyQuant on every quantized layer
     images: ImageFolderOptions | None = None
     detection_list: DetectionListOptions | None = None
     gpu: int | None = None

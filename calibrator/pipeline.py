@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from calibrator.backends import make_backend
@@ -18,8 +19,9 @@ from calibrator.errors import CalibratorError
 from calibrator.metrics import default_metric_blob, loss, make_metric
 from calibrator.model import load_model, select_device
 from calibrator.quant.calibrate import calibrate
+from calibrator.quant.layerwise import calibration_subset, layerwise
 from calibrator.quant.fusion import analyze
-from calibrator.report import layer_table, trace_table, write_report
+from calibrator.report import layer_table, trace_table, unit_cosines, write_report
 from calibrator.search import Evaluator, Search, SearchState
 from calibrator.search.adjust import ESTIMATORS as ADJUST_ESTIMATORS
 from calibrator.search.countermeasures import forced_choices
@@ -61,7 +63,10 @@ class Pipeline:
                   file=sys.stderr, flush=True)
         for name, path in paths.items():
             get_writer(name).write(path, context)
-            if name not in ("prototxt", "table", "json"):
+            if name == "weights":
+                print(f"corrected weights written: {path} (use it with -w for test, gate and "
+                      "verify)")
+            elif name not in ("prototxt", "table", "json"):
                 print(f"{name} output written: {path}")
 
     def metric(self, model):
@@ -94,18 +99,36 @@ class Pipeline:
                                 estimators=() if config.quantize_only else ADJUST_ESTIMATORS,
                                 metric=metric, iterations=config.iterations)
         if config.quantize_only:
-            plan = calibration.plan()
+            choices = {}
             if forced is not None:
-                choices = forced_choices(calibration.fused, plan, backend.target, forced)
+                choices = forced_choices(calibration.fused, calibration.plan(), backend.target,
+                                         forced)
                 self.say(f"--saturation-fix {forced} on {len(choices)} layer(s) that can "
                          f"saturate on {backend.target.name}")
-                plan = calibration.plan(choices)
+            record = {}
+            if config.easyquant or "weights" in paths:
+                choices, reports = self.layerwise(model, calibration, choices,
+                                                  easyquant=config.easyquant,
+                                                  bias_correction="weights" in paths)
+                record["layerwise"] = {name: vars(r) for name, r in reports.items()}
+            plan = calibration.plan(choices)
             self.write(paths, OutputContext(model, calibration.fused, plan, calibration.stats,
-                                            backend))
+                                            backend, record))
             print(f"quantized prototxt written: {paths['prototxt']} "
                   f"({len(plan.layers)} INT8 layers, {time.time() - self.started:.1f} s)")
             return EXIT_MET
         return self.search(model, backend, calibration, metric, paths)
+
+    def layerwise(self, model, calibration, choices: dict, *, easyquant: bool,
+                  bias_correction: bool):
+        settings = replace(self.config.search.layerwise, easyquant=easyquant,
+                           bias_correction=bias_correction)
+        what = " and ".join(part for part, on in (("EasyQuant", easyquant),
+                                                   ("bias correction", bias_correction)) if on)
+        self.say(f"{what} on {settings.images} calibration images")
+        feeds = calibration_subset(model, settings.images)
+        return layerwise(model.net, calibration.fused, calibration.stats, calibration.options,
+                         choices, feeds, settings)
 
     def forced_fix(self, backend) -> str | None:
         """--saturation-fix w7/half/s8 on a target that saturates; None for auto/off, or
@@ -138,20 +161,30 @@ class Pipeline:
                    "full_evaluations": result.evaluations,
                    "int8_layers": len(plan.layers)}
         record = {"search": {**summary, "sensitivity": result.sensitivity,
-                             "trace": [[s.action, s.metric] for s in result.trace]}}
+                             "trace": [[s.action, s.metric] for s in result.trace],
+                             "stopped_early": {s.action: s.batches for s in result.trace
+                                               if s.partial}}}
+        if result.layerwise:
+            record["layerwise"] = {name: vars(r) for name, r in result.layerwise.items()}
+        if "weights" in paths:
+            record["weights_out"] = str(paths["weights"])
         self.write(paths, OutputContext(model, calibration.fused, plan, calibration.stats,
                                         backend, record))
         if not config.quiet:
-            print(layer_table(calibration.fused, plan, result.sensitivity, actions))
+            print(layer_table(calibration.fused, plan, result.sensitivity, actions,
+                              result.layerwise))
             print()
             print(trace_table(result.trace))
             print()
         if config.report is not None:
+            feeds = calibration_subset(model, config.search.probe_images)
+            cosines = unit_cosines(model.net, calibration.fused,
+                                   backend.simulator(calibration.fused, plan).overrides, feeds)
             write_report(config.report, fused=calibration.fused, plan=plan,
                          stats=calibration.stats, result=result,
                          summary={**summary,
                                   "wall_seconds": round(time.time() - self.started, 1)},
-                         actions=actions)
+                         actions=actions, cosines=cosines)
         if result.stopped_by is None:
             state.discard()  # finished: nothing to resume
         else:

@@ -18,6 +18,7 @@ from calibrator.config import RunConfig
 from calibrator.errors import CalibratorError
 from calibrator.metrics import describe_metrics, metric_kinds
 from calibrator.quant.estimators import describe_estimators, parse_estimator
+from calibrator.quant.layerwise import LayerwiseSettings
 from calibrator.quant.scales import QuantOptions
 from calibrator.quant.targets import COUNTERMEASURES
 from calibrator.search import SearchSettings
@@ -88,7 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
     for writer in writers():
         if writer.option:
             ours.add_argument(writer.option, dest=f"output_{writer.name}",
-                              metavar=writer.metavar, help=writer.help)
+                              metavar=writer.metavar, help=writer.help,
+                              **({"nargs": "?", "const": ""} if writer.optional_value else {}))
+    ours.add_argument("--easyquant", action="store_true",
+                      help="with -q: EasyQuant (Wu et al. 2020) on every quantized layer, in "
+                           "network order with the quantized network upstream (the search "
+                           "always tries it unless -ss 0)")
+    ours.add_argument("--easyquant-images", type=int, default=50, metavar="N",
+                      help="calibration images of EasyQuant and bias correction")
+    ours.add_argument("--easyquant-steps", type=int, default=100, metavar="N",
+                      help="candidates per scale over [0.5, 2] x S")
     ours.add_argument("--metric", choices=metric_kinds(), default="blob",
                       help="what -n measures: " + describe_metrics())
     add_ap_version_option(ours)
@@ -149,13 +159,19 @@ def run_config(args) -> RunConfig:
     """The RunConfig these options describe."""
     outputs = {writer.name: getattr(args, f"output_{writer.name}")
                for writer in writers()
-               if writer.option and getattr(args, f"output_{writer.name}", None)}
+               if writer.option and getattr(args, f"output_{writer.name}", None) is not None}
+    for writer in writers():  # an option given without its path: the writer's default
+        if outputs.get(writer.name) == "":
+            outputs[writer.name] = writer.default_path(args)
     settings = SearchSettings(tolerance=args.accuracy_loss, relative=args.relative,
                               strategy=args.strategy, max_evals=args.max_evals,
                               time_budget=args.time_budget, scale_search=bool(args.scale_search),
                               allow_fp32=bool(args.use_fp32_fallback),
                               probe_images=args.probe_images,
-                              saturation_fix=args.saturation_fix)
+                              saturation_fix=args.saturation_fix,
+                              bias_correction="weights" in outputs,
+                              layerwise=LayerwiseSettings(images=args.easyquant_images,
+                                                          steps=args.easyquant_steps))
     return RunConfig(model=args.model, weights=args.weights, quant=quant_options(args),
                      iterations=args.iterations, sampling_iterations=args.sampling_iterations,
                      blob=args.blob_name, metric=args.metric, ap_version=args.ap_version,
@@ -163,7 +179,7 @@ def run_config(args) -> RunConfig:
                      performance_only=args.performance_model, outputs=outputs,
                      report=args.report, runtime=args.runtime or "intel",
                      target=args.target or "vnni", search=settings, resume=args.resume,
-                     images=image_folder_options(args),
+                     easyquant=args.easyquant, images=image_folder_options(args),
                      detection_list=detection_list_options(args), gpu=args.gpu,
                      quiet=args.quiet)
 

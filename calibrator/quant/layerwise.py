@@ -39,6 +39,9 @@ from calibrator.quant.targets import WEIGHT_FACTORS
 
 #: elements per temporary tensor of the candidate evaluation (float32: 64 MiB)
 CHUNK_ELEMENTS = 1 << 24
+#: cosines closer than this are a tie (candidates with the same integers give the same
+#: cosine up to the summation order): the first candidate keeps it
+TIE = 1e-12
 
 
 @dataclass(frozen=True)
@@ -189,7 +192,7 @@ def search_weight_scales(layer: _Unit, s_in: float, s_w: torch.Tensor,
         y = layer.outputs(torch.tensor([s_in], dtype=torch.float32), candidates)
         cos = _cosine(y, layer.reference[None], 1)                            # (k, O)
         for k in range(len(part)):
-            better = cos[k] > best
+            better = cos[k] > best + TIE
             best = torch.where(better, cos[k], best)
             chosen = torch.where(better, candidates[k], chosen)
     return chosen
@@ -206,7 +209,7 @@ def search_input_scale(layer: _Unit, s_in: float, s_w: torch.Tensor,
         y = layer.outputs(candidates, s_w[None])
         cos = _cosine(y.reshape(len(part), -1), layer.reference.reshape(1, -1), 1)
         for k in range(len(part)):
-            if float(cos[k]) > best:
+            if float(cos[k]) > best + TIE:
                 best, chosen = float(cos[k]), float(candidates[k])
     return chosen
 

@@ -22,7 +22,7 @@ def _png(figure) -> bytes:
     return buffer.getvalue()
 
 
-def _plots(folder: Path, fused, plan, stats, result) -> list[str]:
+def _plots(folder: Path, fused, plan, stats, result, cosines: dict) -> list[str]:
     import matplotlib  # heavy, and only for --report: imported when plots are drawn
 
     matplotlib.use("Agg")
@@ -64,6 +64,20 @@ def _plots(folder: Path, fused, plan, stats, result) -> list[str]:
         atomic_write(folder / "histograms.png", _png(fig))
         plt.close(fig)
         written.append("histograms.png")
+    if cosines:
+        names = [u.name for u in fused.units if u.name in cosines]
+        fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.18), 4))
+        ax.plot(range(len(names)), [cosines[n] for n in names], "o-", markersize=3)
+        for i, name in enumerate(names):
+            if name not in plan.layers or name in plan.excluded:
+                ax.plot(i, cosines[name], "o", color="tab:red", markersize=4)
+        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
+        ax.set_ylabel("cosine of the INT8 output with FP32")
+        ax.set_title("Per-layer cosine of the final plan (red: FP32 layers)")
+        fig.tight_layout()
+        atomic_write(folder / "cosine.png", _png(fig))
+        plt.close(fig)
+        written.append("cosine.png")
     points = [(s.fp32_layers, s.metric) for s in result.trace if s.step > 0]
     if points:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -81,14 +95,15 @@ def _plots(folder: Path, fused, plan, stats, result) -> list[str]:
 
 
 def write_report(folder: str | Path, *, fused, plan, stats, result, summary: dict,
-                 actions: dict) -> list[str]:
+                 actions: dict, cosines: dict | None = None) -> list[str]:
+    """``cosines``: unit -> cosine of its output in the final plan with FP32 (plotted)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    plots = _plots(folder, fused, plan, stats, result)
+    plots = _plots(folder, fused, plan, stats, result, cosines or {})
     lines = ["# Calibration report", ""]
     lines += [f"- {key}: {value}" for key, value in summary.items()]
     lines += ["", "## Layers", "", layer_table(fused, plan, result.sensitivity, actions,
-                                                fmt="github"),
+                                                result.layerwise, fmt="github"),
               "", "## Search trace", "", trace_table(result.trace, fmt="github"), ""]
     lines += [f"![{p}]({p})" for p in plots]
     atomic_write(folder / "report.md", "\n".join(lines) + "\n")
@@ -97,6 +112,8 @@ def write_report(folder: str | Path, *, fused, plan, stats, result, summary: dic
               "sensitivity": result.sensitivity,
               "adjustments": [{"layer": a.layer, "action": a.action, "before": a.before,
                                "after": a.after} for a in result.adjustments],
-              "fp32_layers": result.reverted}
+              "fp32_layers": result.reverted,
+              "cosine": cosines or {},
+              "layerwise": {name: vars(r) for name, r in result.layerwise.items()}}
     atomic_write(folder / "report.json", json.dumps(record, indent=2) + "\n")
     return ["report.md", "report.json"] + plots

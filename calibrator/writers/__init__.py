@@ -4,6 +4,8 @@
 ``table`` (:mod:`~calibrator.writers.table`)         ncnn calibration table (``--table``)
 ``json`` (:mod:`~calibrator.writers.json_record`)    the JSON record (``--json``)
 ``onnx`` (:mod:`~calibrator.writers.onnx`)           ONNX QDQ model (``--export-onnx``)
+``weights`` (:mod:`~calibrator.writers.weights`)     the bias-corrected caffemodel
+                                                     (``--weights-out``)
 ``performance`` (:mod:`~calibrator.writers.performance`)  ``-p``'s speed-only prototxt
 
 Adding an output is one module with a :class:`~calibrator.writers.base.Writer` subclass and
@@ -19,6 +21,7 @@ from calibrator.writers.performance import PerformanceWriter
 from calibrator.writers.prototxt import (PrototxtWriter, quantized_prototxt_path,
                                          write_quantized_prototxt)
 from calibrator.writers.table import TableWriter, write_table
+from calibrator.writers.weights import WeightsWriter
 
 _WRITERS: dict[str, Writer] = {}
 
@@ -30,7 +33,7 @@ def register_writer(writer: Writer) -> Writer:
     return writer
 
 
-for _writer in (PrototxtWriter(), TableWriter(), JsonWriter(), OnnxWriter(),
+for _writer in (PrototxtWriter(), TableWriter(), JsonWriter(), OnnxWriter(), WeightsWriter(),
                 PerformanceWriter()):
     register_writer(_writer)
 

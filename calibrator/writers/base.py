@@ -28,6 +28,11 @@ class Writer:
     option: str | None = None     # e.g. "--table"; None: no command-line option
     metavar = "FILE"
     help = ""
+    #: the option may be given without a path: ``default_path(config)`` is used
+    optional_value = False
+
+    def default_path(self, config) -> Path | None:
+        return None
 
     def write(self, path: Path, context: OutputContext) -> Path:
         raise NotImplementedError

@@ -10,6 +10,7 @@ from calibrator.caffe.prototxt import net_to_text
 from calibrator.fileio import atomic_write
 from calibrator.quant.params import annotate
 from calibrator.writers.base import OutputContext, Writer
+from calibrator.writers.weights import with_bias_terms
 
 #: Path fields of data and evaluation layers that Caffe resolves relative to where it runs.
 PATH_FIELDS = (("image_data_param", "source"), ("image_data_param", "root_folder"),
@@ -68,6 +69,7 @@ class PrototxtWriter(Writer):
 
     def write(self, path: Path, context: OutputContext) -> Path:
         header = record_line(context.backend) if context.backend is not None else None
-        return write_quantized_prototxt(path, context.model.net_param, context.plan,
+        net_param = with_bias_terms(context.model.net_param, context.fused, context.plan)
+        return write_quantized_prototxt(path, net_param, context.plan,
                                         source_dir=Path(context.model.prototxt).parent,
                                         header=header)

@@ -1,0 +1,234 @@
+"""EasyQuant and bias correction (calibrator.quant.layerwise), the corrected caffemodel, and
+full evaluations stopped once their verdict is decided."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from calibrator.caffe.caffemodel import read_caffemodel, write_caffemodel
+from calibrator.cli.main import main
+from calibrator.metrics import AccuracyMetric
+from calibrator.model import load_model
+from calibrator.quant.layerwise import LayerwiseSettings, factors, layerwise
+from calibrator.quant.scales import QuantOptions, UnitChoice, build_plan, qmax
+from calibrator.search.evaluator import Evaluator, SearchState
+from tests.netutil import deployable, parse_net, random_weights
+from tests.quant_helpers import TinyNet, bn_scale_text, conv_text, input_text, relu_text
+from tests.test_search import tiny  # noqa: F401  (fixture)
+
+ONE_CONV = (input_text((6, 4, 7, 7))
+            + conv_text("conv", "data", "y", 5, 3, "pad: 1") + relu_text("relu", "y"))
+
+
+def _one_conv(seed=5):
+    net = TinyNet(ONE_CONV, seed=seed, nonnegative_input=True)
+    net.calibrate(first_conv=True, per_channel=True)
+    return net
+
+
+def _brute_force(net, s_in: float, s_w: np.ndarray, grid: np.ndarray, unsigned: bool):
+    """Every candidate run as a whole convolution (no sampling, no stacking): each channel's
+    best weight factor at ``s_in``, then the best input factor."""
+    low, high = (0, 255) if unsigned else (-128, 127)
+    x = net.batches[0]["data"]
+    w, b = (torch.from_numpy(a) for a in net.weights["conv"])
+    ref = F.relu(F.conv2d(x, w, b, padding=1)).double()
+
+    def run(si, sw):
+        q_in = torch.round(x * si).clamp(low, high)
+        q_w = torch.round(w * torch.tensor(sw, dtype=torch.float32)[:, None, None, None]
+                          ).clamp(-128, 127)
+        scale = torch.tensor(np.float32(si) * sw.astype(np.float32))
+        q_b = torch.round(b * scale)
+        acc = F.conv2d(q_in, q_w, padding=1)
+        return F.relu((acc + q_b[None, :, None, None]) / scale[None, :, None, None]).double()
+
+    def channel_cos(y):
+        a, r = y.transpose(0, 1).reshape(y.shape[1], -1), ref.transpose(0, 1).reshape(
+            y.shape[1], -1)
+        return ((a * r).sum(1) / torch.sqrt((a * a).sum(1) * (r * r).sum(1))).numpy()
+
+    best = np.full(len(s_w), -np.inf)
+    chosen = s_w.copy()
+    for f in grid:
+        cos = channel_cos(run(s_in, s_w * f))
+        better = cos > best + 1e-12
+        best, chosen = np.where(better, cos, best), np.where(better, s_w * f, chosen)
+    best_score, best_factor = -np.inf, None
+    for f in grid:
+        y = run(s_in * f, chosen)
+        score = float((y * ref).sum() / torch.sqrt((y * y).sum() * (ref * ref).sum()))
+        if score > best_score + 1e-12:
+            best_score, best_factor = score, f
+    return s_in * best_factor, chosen
+
+
+def test_easyquant_finds_the_brute_force_optimum_of_the_grid():
+    net = _one_conv()
+    options = QuantOptions(first_conv=True, per_channel=True)
+    settings = LayerwiseSettings(steps=41, rounds=1, bias_correction=False,
+                                 positions=10 ** 6)       # every output position
+    lq = net.plan.layers["conv"]
+    choices, reports = layerwise(net.net, net.fused, net.stats, options, {},
+                                 net.batches[0], settings)
+    grid = factors(settings).numpy().astype(np.float64)
+    s_in, s_w = _brute_force(net, np.float32(lq.scale_in),
+                             np.array(lq.scale_params, np.float32), grid.astype(np.float32),
+                             lq.input_unsigned)
+    choice = choices["conv"]
+    assert np.allclose(choice.weight_scales, s_w, rtol=1e-6)
+    assert qmax(lq.input_unsigned) / choice.input_threshold == pytest.approx(s_in, rel=1e-5)
+    report = reports["conv"]
+    assert report.cosine_after >= report.cosine_before
+    assert any(abs(a / b - 1) > 1e-6 for a, b in zip(choice.weight_scales, lq.scale_params))
+
+
+@pytest.mark.parametrize("bits", [8, 7])
+def test_easyquant_never_lowers_the_cosine_and_runs_at_7_bits(bits):
+    net = TinyNet(input_text((4, 3, 9, 9)) + conv_text("c1", "data", "a", 8, 3, "pad: 1")
+                  + relu_text("r1", "a") + conv_text("c2", "a", "b", 6, 3)
+                  + relu_text("r2", "b") + conv_text("c3", "b", "c", 4, 1), seed=9)
+    net.calibrate(first_conv=True, per_channel=True, bits=bits)
+    options = QuantOptions(first_conv=True, per_channel=True, bits=bits)
+    _, reports = layerwise(net.net, net.fused, net.stats, options, {}, net.batches[0],
+                           LayerwiseSettings(steps=21, bias_correction=False))
+    assert set(reports) == {"c1", "c2", "c3"}
+    for report in reports.values():
+        assert report.cosine_after >= report.cosine_before - 1e-12
+
+
+def test_bias_correction_zeroes_each_channels_mean_error():
+    """After the correction the unit's INT8 output before its ReLU (accumulator dequantized,
+    the quantized network upstream) has no mean error per channel against FP32."""
+    text = (input_text((4, 3, 8, 8)) + conv_text("c1", "data", "a", 6, 3, "pad: 1")
+            + relu_text("r1", "a") + conv_text("c2", "a", "b", 5, 3, "pad: 1")
+            + bn_scale_text("c2", "b"))
+    net = TinyNet(text, seed=3)
+    net.calibrate(first_conv=True)
+    options = QuantOptions(first_conv=True)
+    choices, reports = layerwise(net.net, net.fused, net.stats, options, {}, net.batches[0],
+                                 LayerwiseSettings(easyquant=False))
+    plan = build_plan(net.fused, net.stats, options, choices)
+    assert plan.layers["c2"].bias_shift is not None and reports["c2"].bias_shift > 0
+    from calibrator.quant.layerwise import _fp32_unit, _quantized_unit
+
+    x = net.batches[0]["data"]
+    unit1, unit2 = net.fused.by_name["c1"], net.fused.by_name["c2"]
+    with torch.no_grad():
+        a_fp = F.relu(_fp32_unit(unit1, x))
+        a_q = F.relu(_quantized_unit(unit1, plan.layers["c1"], x))
+        error = (_quantized_unit(unit2, plan.layers["c2"], a_q).double()
+                 - _fp32_unit(unit2, a_fp).double()).mean((0, 2, 3))
+        before = (_quantized_unit(unit2, build_plan(net.fused, net.stats, options, {
+            "c1": choices["c1"]}).layers["c2"], a_q).double()
+            - _fp32_unit(unit2, a_fp).double()).mean((0, 2, 3))
+    lq = plan.layers["c2"]
+    step = 1 / (lq.scale_in * np.array(lq.scale_params))   # one step of the int32 bias
+    assert np.all(np.abs(error.numpy()) <= 0.5 * step + 1e-6)
+    assert np.abs(before.numpy()).max() > 5 * step.max()   # there was an error to correct
+
+
+NETS = {
+    "plain": conv_text("conv", "data", "y", 4, 3),
+    "no_bias": conv_text("conv", "data", "y", 4, 3, "bias_term: false"),
+    "bn_scale": conv_text("conv", "data", "y", 4, 3) + bn_scale_text("conv", "y"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(NETS))
+def test_written_caffemodel_loads_in_opencv_with_the_corrected_biases(kind, tmp_path):
+    """calibrator -q --weights-out: OpenCV's Caffe importer reads the written prototxt and
+    caffemodel, and its conv output is the FP32 conv with the corrected folded bias."""
+    from tests.netutil import tinted_image_net
+
+    template = ('layer {{ name: "data" type: "ImageData" top: "data" top: "label" '
+                'transform_param {{ scale: 0.02 }} image_data_param {{ source: "{source}" '
+                'root_folder: "{root}/" batch_size: 4 }} }}\n'
+                + NETS[kind].replace("{", "{{").replace("}", "}}")
+                + 'layer { name: "relu" type: "ReLU" bottom: "y" top: "y" }\n'
+                .replace("{", "{{").replace("}", "}}"))
+    prototxt, _ = tinted_image_net(tmp_path, np.random.default_rng(1), 8, 10, template, "net")
+    net_param = parse_net(prototxt.read_text())
+    caffemodel = tmp_path / "net.caffemodel"
+    write_caffemodel(caffemodel, random_weights(net_param, {"data": (4, 3, 10, 10),
+                                                        "label": (4,)}, seed=2),
+                     net_param)
+    out = tmp_path / "out"
+    assert main(["-m", str(prototxt), "-w", str(caffemodel), "-q", "-1st", "-s", "2",
+                 "--quiet", "--output", str(out / "q.prototxt"), "--weights-out",
+                 str(out / "q.caffemodel"), "--json", str(out / "q.json")]) == 0
+    record = json.loads((out / "q.json").read_text())
+    assert record["layerwise"]["conv"]["bias_shift"] > 0
+    model = load_model(prototxt, caffemodel)
+    from calibrator.quant.fusion import analyze
+    from calibrator.quant.folding import folded_weights
+    from calibrator.quant.params import from_proto
+
+    written = load_model(out / "q.prototxt", out / "q.caffemodel")
+    shift = np.array(from_proto(analyze(written.net, quantize_fc=True)).layers["conv"]
+                     .bias_shift or [0.0])   # the prototxt carries no shift: it is 0
+    assert not shift.any()
+    weight, bias = folded_weights(analyze(model.net).by_name["conv"])
+    weight2, bias2 = folded_weights(analyze(written.net).by_name["conv"])
+    expected = json.loads((out / "q.json").read_text())
+    (entry,) = [l for l in expected["layers"] if l["name"] == "conv"]
+    assert np.allclose(weight2.numpy(), weight.numpy(), rtol=1e-6)
+    assert not np.allclose(bias2.numpy(), bias.numpy())
+    # OpenCV reads the same weights and computes the corrected FP32 conv (ReLU folded)
+    from calibrator.caffe.prototxt import read_net, write_net
+
+    deploy = tmp_path / "deploy.prototxt"
+    write_net(deploy, deployable(read_net(out / "q.prototxt"), {"data": (2, 3, 10, 10)}))
+    cv_net = cv2.dnn.readNetFromCaffe(str(deploy), str(out / "q.caffemodel"))
+    x = np.random.default_rng(4).uniform(0, 5, (2, 3, 10, 10)).astype(np.float32)
+    cv_net.setInput(x, "data")
+    got = cv_net.forward("relu")  # the last layer writing the in-place blob y
+    want = F.relu(written.net.node("conv").module.run_with(torch.from_numpy(x), weight2,
+                                                          bias2)).numpy()
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    assert entry["precision"] == "int8"
+
+
+def test_early_stopped_evaluations_give_the_complete_verdict(tiny):
+    """For every threshold, an evaluation stopped as soon as its verdict is certain agrees
+    with the complete evaluation, and reads fewer batches where the verdict came early."""
+    _, prototxt, caffemodel = tiny
+    model = load_model(prototxt, caffemodel)
+    metric = AccuracyMetric(model.net, "accuracy")
+    node = model.net.node("conv2")
+
+    def broken(node_, blobs):  # a damaged conv2: some images become wrong
+        (y,) = node.module(blobs[node.bottoms[0]])
+        return (y * 0.3,)
+
+    class Plan:  # stands in for a QuantPlan in the evaluator's fingerprint
+        layers, excluded = {}, {}
+
+    complete = Evaluator(model, metric, 4, SearchState(None, {}), quiet=True).evaluate(
+        Plan(), {node.index: broken})
+    value = complete.metric
+    assert 0.0 < value < 1.0 and not complete.partial
+    stopped_somewhere = False
+    for need in np.linspace(0.0, 1.0, 21):
+        def decide(low, high, need=need):
+            if low >= need:
+                return True
+            if high < need:
+                return False
+            return None
+
+        fresh = Evaluator(model, metric, 4, SearchState(None, {}), quiet=True)
+        result = fresh.evaluate(Plan(), {node.index: broken}, decide=decide)
+        assert (result.metric >= need) == (value >= need), need
+        stopped_somewhere |= result.partial
+        if result.partial:
+            assert result.batches < 4
+            done = fresh.complete(Plan(), {node.index: broken}, result)
+            assert done.metric == value and not done.partial
+    assert stopped_somewhere
