@@ -396,8 +396,11 @@ def convert(net: CaffeNet) -> NcnnGraph:
         for caffe_top, top in zip(node.tops, tops):
             current[caffe_top] = version[f"{node.index}:{caffe_top}"] = top
     graph = NcnnGraph(layers, inputs=inputs, blob_of_version=version)
-    graph.outputs = {name: current[name] for name in net.output_names
-                     if name in current and name not in inputs}
+    # the model's outputs: latest versions no kept layer reads (with the evaluation layers
+    # gone, what fed them is an output now)
+    read = {b for layer in layers for b in layer.bottoms}
+    graph.outputs = {name: blob for name, blob in current.items()
+                     if blob not in read and name not in inputs}
     _insert_splits(graph)
     return graph
 

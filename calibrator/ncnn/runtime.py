@@ -68,19 +68,17 @@ def run_net(net, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None 
         ex = net.create_extractor()
         if len(outputs) > 1:
             ex.set_light_mode(False)  # keep every blob: light mode frees them once read
-        # ncnn.Mat(array) wraps the array's memory without copying, and ncnn may run an
-        # in-place layer on an input blob: hand it a private copy, alive until extracted
-        alive = []
+        # ncnn.Mat(array) wraps the array's memory without a reference count: an in-place
+        # layer on the input would write into the caller's array, or crash dereferencing
+        # the missing count (src/net.cpp forward_layer). Feed an ncnn-owned clone.
         for name, value in feeds.items():
-            sample = np.array(value[i], dtype=np.float32, copy=True, order="C")
-            alive.append(sample)
-            ex.input(name, ncnn.Mat(sample))
+            sample = np.ascontiguousarray(value[i], dtype=np.float32)
+            ex.input(name, ncnn.Mat(sample).clone())
         for name in outputs:
             ret, mat = ex.extract(name)
             if ret != 0:
                 raise RuntimeError(f"ncnn failed to compute blob '{name}' (error {ret})")
             results[name].append(np.array(mat, copy=True))
-        del ex, alive
     out = {}
     for name, values in results.items():
         shapes = {v.shape for v in values}
