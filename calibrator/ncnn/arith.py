@@ -34,27 +34,25 @@ def float2int8_np(v: np.ndarray) -> np.ndarray:
 def fma_f32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """float32 fused multiply-add, ``_mm512_fmadd_ps(a, b, c)``: a*b + c rounded once.
 
-    a*b of two float32 is exact in float64; the float64 sum is then rounded to float32. That
-    double rounding can be wrong only when the float64 sum falls exactly on a float32
-    rounding boundary while the exact sum does not: the error of the float64 sum (TwoSum)
-    decides the direction there, so the result is the correctly rounded fma."""
-    a64, b64, c64 = a.double(), b.double(), c.double()
-    p = a64 * b64                      # exact
+    a*b of two float32 is exact in float64; rounding the float64 sum to float32 then rounds
+    twice, which differs from one rounding only where the float64 sum lies exactly halfway
+    between two float32 (its low 29 mantissa bits are 1000...0) while the exact sum does
+    not. There the error of the float64 sum (TwoSum) says which neighbour is nearer."""
+    p = a.double() * b.double()                # exact
+    c64 = c.double()
     s = p + c64
-    z = s - p                          # TwoSum: p + c == s + err exactly
-    err = (p - (s - z)) + (c64 - z)
     r = s.float()
-    # a float64 exactly halfway between two float32: let err break the tie
-    back = r.double()
-    lo = torch.nextafter(r, torch.full_like(r, -float("inf"))).double()
-    hi = torch.nextafter(r, torch.full_like(r, float("inf"))).double()
-    at_upper_mid = (s == (back + hi) / 2) & (err != 0)
-    at_lower_mid = (s == (back + lo) / 2) & (err != 0)
-    if bool(at_upper_mid.any()) or bool(at_lower_mid.any()):
-        exact_above = err > 0
-        fixed = torch.where(at_upper_mid, torch.where(exact_above, hi, back),
-                            torch.where(at_lower_mid, torch.where(exact_above, back, lo), back))
-        r = torch.where(at_upper_mid | at_lower_mid, fixed.float(), r)
+    bits = s.view(torch.int64)
+    halfway = (bits & ((1 << 29) - 1)) == (1 << 28)
+    if bool(halfway.any()):
+        z = s - p                              # TwoSum: p + c == s + err exactly
+        err = (p - (s - z)) + (c64 - z)
+        away = (err != 0) & ((err > 0) == (s > 0))
+        toward = (err != 0) & ~away
+        magnitude_up = (bits + (1 << 28)).view(torch.float64).float()
+        magnitude_down = (bits - (1 << 28)).view(torch.float64).float()
+        r = torch.where(halfway & away, magnitude_up, r)
+        r = torch.where(halfway & toward, magnitude_down, r)
     return r
 
 

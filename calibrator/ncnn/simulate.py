@@ -167,6 +167,10 @@ class NcnnSimulator:
             self.overrides[first] = self._start(kernel, single=first == last)
             if last != first:
                 self.overrides[last] = self._finish(kernel)
+        for layer in self.graph.live():
+            if (layer.type == "Pooling" and layer.params.get(4, 0) and layer.params.get(0) == 1
+                    and len(layer.nodes) == 1):
+                self.overrides[layer.nodes[0]] = _global_average
 
     # -- construction ------------------------------------------------------------------------
     def _int8_blobs(self) -> set[str]:
@@ -254,6 +258,21 @@ class NcnnSimulator:
 
 def _skip(node, blobs):
     return None
+
+
+def _global_average(node, blobs):
+    """Global AVE pooling as Pooling_x86 computes it (src/layer/x86/pooling_x86.cpp
+    ``forward``): per channel a float32 sum in pixel order, then times ``1.f / size`` on the
+    packed layout (channels a multiple of 4), divided by size unpacked (Pooling::forward)."""
+    x = blobs[node.bottoms[0]].float()
+    n, c = x.shape[:2]
+    flat = x.reshape(n, c, -1)
+    total = torch.zeros(n, c, dtype=torch.float32, device=x.device)
+    for i in range(flat.shape[2]):
+        total = total + flat[:, :, i]
+    size = flat.shape[2]
+    out = total * torch.tensor(F32(1) / F32(size)) if c % 4 == 0 else total / F32(size)
+    return (out.reshape(n, c, 1, 1),) * len(node.tops)
 
 
 def _reciprocal_function(choice):
