@@ -18,8 +18,8 @@ def float2int8(v: torch.Tensor) -> torch.Tensor:
     from zero, ``float2int8`` in src/layer/convolution.cpp) except for v = +-(0.5 - 2^-25),
     where the float32 sum rounds up to 1. Returns integer values in a float32 tensor."""
     v = v.float()
-    half = torch.copysign(torch.full_like(v, 0.5), v)
-    return (v + half).trunc_().clamp_(-INT8_MAX, INT8_MAX)
+    # v + copysign(0.5f, v): -0.0 + 0.5 and -0.0 - 0.5 both truncate to 0
+    return torch.where(v < 0, v - 0.5, v + 0.5).trunc_().clamp_(-INT8_MAX, INT8_MAX)
 
 
 def float2int8_np(v: np.ndarray) -> np.ndarray:
@@ -32,14 +32,15 @@ def float2int8_np(v: np.ndarray) -> np.ndarray:
 
 
 def fma_f32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """float32 fused multiply-add, ``_mm512_fmadd_ps(a, b, c)``: a*b + c rounded once.
+    """float32 fused multiply-add, ``_mm512_fmadd_ps(a, b, c)``: a*b + c rounded once
+    (b and c may broadcast against a).
 
     a*b of two float32 is exact in float64; rounding the float64 sum to float32 then rounds
     twice, which differs from one rounding only where the float64 sum lies exactly halfway
     between two float32 (its low 29 mantissa bits are 1000...0) while the exact sum does
     not. There the error of the float64 sum (TwoSum) says which neighbour is nearer."""
-    p = a.double() * b.double()                # exact
     c64 = c.double()
+    p = a.double() * b.double()                # exact
     s = p + c64
     r = s.float()
     bits = s.view(torch.int64)

@@ -247,7 +247,7 @@ class NcnnSimulator:
         if kernel.bias is None:
             y = acc * scale
         elif kernel.rule == "fma":
-            y = fma_f32(acc, scale.expand_as(acc), _per_channel(kernel.bias, acc).expand_as(acc))
+            y = fma_f32(acc, scale, _per_channel(kernel.bias, acc))
         else:
             y = acc * scale + _per_channel(kernel.bias, acc)
         y = activate(y, layer.activation_type, layer.activation_params)
