@@ -179,3 +179,37 @@ def test_ncnn_arithmetic_differs_from_intel_and_matches_integer_reference(tmp_pa
     got = run_ncnn(model.param_path, model.bin_path, {"data": x}, ["add", "conv_c"])
     assert np.array_equal(got["add"].reshape(ref["add"].shape), ref["add"])
     assert np.array_equal(got["conv_c"].reshape(ref["conv_c"].shape), ref["conv_c"])
+
+
+def test_float_layers_of_an_int8_model_run_with_fp16_weights(tmp_path):
+    """Intel's default plan keeps the first convolution in FP32, and Deconvolution is never
+    quantized: ncnn2int8 stores their weights in fp16, ncnn runs them in float32 with those
+    weights; the simulation does the same, to float32 rounding (another summation order)."""
+    pytest.importorskip("ncnn")
+    from calibrator.ncnn.runtime import run_ncnn
+
+    text = (input_text((2, 3, 12, 12))
+            + conv_text("c1", "data", "c1", 8, 3, "stride: 2") + bn_scale_text("c1", "c1")
+            + relu_text("r1", "c1")
+            + conv_text("c2", "c1", "c2", 8, 1) + relu_text("r2", "c2")
+            + 'layer { name: "up" type: "Deconvolution" bottom: "c2" top: "up" '
+              'convolution_param { num_output: 4 kernel_size: 2 stride: 2 } }\n'
+            + bn_scale_text("up", "up") + relu_text("r3", "up")
+            + conv_text("c3", "up", "c3", 6, 1))
+    net = TinyNet(text, seed=9)
+    plan = net.calibrate(per_channel=True)
+    assert set(plan.layers) == {"c2", "c3"}
+    model = write_ncnn_model(net.net, plan, tmp_path / "mixed")
+    assert {l.name for l in model.graph.live() if l.fp16_weight} == {"c1", "up"}
+    x = np.random.default_rng(2).normal(0, 1, (2, 3, 12, 12)).astype(np.float32)
+    with torch.no_grad():
+        ours = net.net({"data": torch.from_numpy(x)},
+                       overrides=NcnnSimulator(net.fused, plan).overrides, keep_all=True)
+        fp32_weights = net.net({"data": torch.from_numpy(x)}, keep_all=True)
+    got = run_ncnn(model.param_path, model.bin_path, {"data": x}, ["c1_r1", "up_r3"])
+    for ncnn_blob, blob in (("c1_r1", "c1"), ("up_r3", "up")):
+        ref = ours[blob].numpy()
+        diff = np.abs(got[ncnn_blob].reshape(ref.shape) - ref).max()
+        assert diff <= 1e-5 * np.abs(ref).max(), blob
+        # and the fp16 weights matter: FP32 Caffe weights give visibly different values
+        assert np.abs(fp32_weights[blob].numpy() - ref).max() > 10 * diff + 1e-7, blob

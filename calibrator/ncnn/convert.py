@@ -108,6 +108,8 @@ def _scale(node: Node, layer: NcnnLayer) -> None:
     """caffe2ncnn ``Scale``: 0=size (or -233 with the scale as second bottom), 1=bias_term."""
     m = node.module
     if len(node.bottoms) == 2:
+        # ncnn multiplies by the second bottom per channel: (C,) at axis 1, or (N, C) at axis
+        # 0, which loses its batch axis in ncnn
         if m.axis not in (0, 1) or len(m.operand_shape) != 1 + (m.axis == 0):
             raise _error(node, "only a per-channel second bottom maps to ncnn's Scale")
         layer.params = {0: -233, 1: int(m.bias_term)}

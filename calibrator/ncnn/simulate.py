@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from calibrator.ncnn.arith import fma_f32, float2int8, reciprocal_scale, to_fp16
 from calibrator.ncnn.model import NcnnGraph, NcnnLayer
@@ -186,11 +187,19 @@ class NcnnSimulator:
 
     def _kernel(self, layer: NcnnLayer, device, int8_input: bool) -> _Kernel:
         module = self.net.nodes[layer.nodes[0]].module
-        shape = tuple(module.weight_bias()[0].shape)
         q = layer.int8
-        if q is not None:
+        if layer.type.startswith("Deconvolution"):
+            # ncnn's (g, O/g, I/g, k) back to Caffe's (I, O/g, kh, kw) (convert._deconvolution)
+            shape = tuple(module.weight.shape)
+            g = layer.group
+            w = loaded_float(layer.weight, layer.fp16_weight).reshape(
+                g, shape[1], shape[0] // g, shape[2] * shape[3]).transpose(0, 2, 1, 3)
+            weight = torch.from_numpy(np.ascontiguousarray(w).reshape(shape)).to(device)
+        elif q is not None:
+            shape = tuple(module.weight_bias()[0].shape)
             weight = torch.from_numpy(q.weight.astype(F32).reshape(shape)).to(device)
         else:
+            shape = tuple(module.weight_bias()[0].shape)
             weight = torch.from_numpy(loaded_float(layer.weight, layer.fp16_weight)
                                       .reshape(shape)).to(device)
         bias = None
@@ -236,7 +245,12 @@ class NcnnSimulator:
         layer = kernel.layer
         q = kernel.int8
         if q is None:
-            y = kernel.module.run_with(x.float(), kernel.weight, kernel.bias)
+            m = kernel.module
+            if layer.type.startswith("Deconvolution"):
+                y = F.conv_transpose2d(x.float(), kernel.weight, kernel.bias, m.stride, m.pad, 0,
+                                       m.group, m.dilation)
+            else:
+                y = m.run_with(x.float(), kernel.weight, kernel.bias)
             return activate(y, layer.activation_type, layer.activation_params)
         if kernel.int8_input:
             q_in = x.float()
