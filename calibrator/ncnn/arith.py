@@ -57,10 +57,6 @@ def fma_f32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return r
 
 
-def f32(value) -> np.float32:
-    return np.float32(value)
-
-
 def reciprocal_scale(bottom_scale, weight_scale) -> np.float32:
     """``scale_in = 1.f / (bottom_blob_int8_scales[0] * weight_data_int8_scales[p])``, 0
     for a zero weight scale (Convolution_x86::create_pipeline_int8_x86,

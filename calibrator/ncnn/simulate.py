@@ -169,9 +169,8 @@ class NcnnSimulator:
             if last != first:
                 self.overrides[last] = self._finish(kernel)
         for layer in self.graph.live():
-            if (layer.type == "Pooling" and layer.params.get(4, 0) and layer.params.get(0) == 1
-                    and len(layer.nodes) == 1):
-                self.overrides[layer.nodes[0]] = _global_average
+            if layer.type == "Pooling" and layer.params.get(4, 0) and layer.params.get(0) == 1:
+                self.overrides[layer.nodes[0]] = _global_average  # a fused Flatten still runs
 
     # -- construction ------------------------------------------------------------------------
     def _int8_blobs(self) -> set[str]:
