@@ -122,6 +122,8 @@ def _scale(node: Node, layer: NcnnLayer) -> None:
 
 
 def _bias(node: Node, layer: NcnnLayer) -> None:
+    """caffe2ncnn writes ``Bias`` without params; here 0=size and the learned bias (ncnn's
+    src/layer/bias.cpp), for a per-channel Bias only."""
     m = node.module
     if len(node.bottoms) != 1 or m.axis != 1 or len(m.operand_shape) != 1:
         raise _error(node, "only a learned per-channel Bias maps to ncnn")
@@ -163,6 +165,7 @@ def _pooling(node: Node, layer: NcnnLayer) -> None:
 
 
 def _eltwise(node: Node, layer: NcnnLayer) -> None:
+    """caffe2ncnn ``Eltwise``: 0=operation (PROD 0, SUM 1, MAX 2 in both), -23301 coefficients."""
     m = node.module
     layer.params = {0: int(m.operation)}
     if m.operation == m.SUM and any(c != 1.0 for c in m.coeffs):
@@ -170,6 +173,7 @@ def _eltwise(node: Node, layer: NcnnLayer) -> None:
 
 
 def _concat(node: Node, layer: NcnnLayer) -> None:
+    """caffe2ncnn ``Concat``: 0=axis-1 (ncnn blobs have no batch axis)."""
     axis = node.module.axis
     if axis == 0:
         raise _error(node, "concatenation along the batch axis has no ncnn counterpart")
@@ -177,6 +181,7 @@ def _concat(node: Node, layer: NcnnLayer) -> None:
 
 
 def _slice(node: Node, layer: NcnnLayer) -> None:
+    """caffe2ncnn ``Slice``: -23300 slice sizes (last -233), 1=axis-1."""
     m = node.module
     if m.axis == 0:
         raise _error(node, "slicing along the batch axis has no ncnn counterpart")
@@ -184,6 +189,7 @@ def _slice(node: Node, layer: NcnnLayer) -> None:
 
 
 def _softmax(node: Node, layer: NcnnLayer) -> None:
+    """caffe2ncnn ``Softmax``: 0=axis-1, 1=1 (fixbug0)."""
     axis = node.module.axis
     if axis == 0:
         raise _error(node, "softmax over the batch axis has no ncnn counterpart")
@@ -191,6 +197,7 @@ def _softmax(node: Node, layer: NcnnLayer) -> None:
 
 
 def _relu(node: Node, layer: NcnnLayer) -> None:
+    """caffe2ncnn ``ReLU``: 0=negative_slope when non-zero."""
     slope = node.module.negative_slope
     layer.params = {0: slope} if slope != 0 else {}
 
@@ -202,34 +209,42 @@ def _relu6(node: Node, layer: NcnnLayer) -> None:
 
 
 def _clip(node: Node, layer: NcnnLayer) -> None:
+    """``Clip`` 0=min 1=max (caffe2ncnn has no Clip branch and would write ncnn's +-FLT_MAX
+    defaults)."""
     layer.params = {0: node.module.low, 1: node.module.high}
 
 
 def _prelu(node: Node, layer: NcnnLayer) -> None:
+    """caffe2ncnn ``PReLU``: 0=number of slopes, the slopes."""
     slope = _tensor(node.module.slope)
     layer.params = {0: int(slope.size)}
     layer.arrays = [slope]
 
 
 def _elu(node, layer):
+    """caffe2ncnn ``ELU``: 0=alpha."""
     layer.params = {0: node.module.alpha}
 
 
 def _power(node, layer):
+    """caffe2ncnn ``Power``: 0=power 1=scale 2=shift."""
     m = node.module
     layer.params = {0: m.power, 1: m.scale, 2: m.shift}
 
 
 def _exp_log(node, layer):
+    """``Exp``/``Log`` 0=base 1=scale 2=shift (src/layer/exp.cpp, log.cpp: Caffe's formulas)."""
     p = node.param.exp_param if node.type == "Exp" else node.param.log_param
     layer.params = {0: float(p.base), 1: float(p.scale), 2: float(p.shift)}
 
 
 def _threshold(node, layer):
+    """caffe2ncnn ``Threshold``: 0=threshold."""
     layer.params = {0: node.module.threshold}
 
 
 def _flatten(node: Node, layer: NcnnLayer) -> None:
+    """caffe2ncnn ``Flatten`` (no params): ncnn flattens the whole sample."""
     m = node.module
     ndim = len(node.bottom_shapes[0])
     if m.start != 1 or m.end != ndim - 1:
@@ -269,6 +284,8 @@ def _permute(node: Node, layer: NcnnLayer) -> None:
 
 
 def _lrn(node: Node, layer: NcnnLayer) -> None:
+    """caffe2ncnn ``LRN``: 0=region 1=local_size 2=alpha 3=beta, plus 4=k when not 1 (caffe2ncnn
+    leaves k out)."""
     m = node.module
     layer.params = {0: m.region, 1: m.size, 2: m.alpha, 3: m.beta}
     if m.k != 1.0:
@@ -276,6 +293,7 @@ def _lrn(node: Node, layer: NcnnLayer) -> None:
 
 
 def _mvn(node: Node, layer: NcnnLayer) -> None:
+    """caffe2ncnn ``MVN``: 0=normalize_variance 1=across_channels 2=eps."""
     m = node.module
     layer.params = {0: int(m.normalize_variance), 1: int(m.across_channels), 2: m.eps}
 
@@ -331,15 +349,19 @@ def _detection_output(node: Node, layer: NcnnLayer) -> None:
 
 
 def _dropout(node: Node, layer: NcnnLayer) -> None:
+    """caffe2ncnn ``Dropout``: 0=scale only for ``scale_train: false`` (ncnnoptimize then
+    eliminates it, or folds it into an InnerProduct)."""
     scale = node.module.test_scale
     layer.params = {0: scale} if scale != 1.0 else {}
 
 
 def _shuffle_channel(node, layer):
+    """caffe2ncnn ``ShuffleChannel``: 0=group."""
     layer.params = {0: node.module.group}
 
 
 def _none(node, layer):
+    """caffe2ncnn's default branch: the type name, no params (Split, Sigmoid, TanH, ...)."""
     layer.params = {}
 
 

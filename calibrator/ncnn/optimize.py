@@ -213,6 +213,7 @@ def replace_convolution_with_innerproduct(graph: NcnnGraph) -> None:
 
 
 def eliminate_flatten_after_innerproduct(graph: NcnnGraph) -> None:
+    """NetOptimize::eliminate_flatten_after_innerproduct."""
     for i, layer in enumerate(graph.layers):
         if layer.fused or layer.type != "InnerProduct":
             continue

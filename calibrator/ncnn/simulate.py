@@ -100,7 +100,9 @@ class _Kernel:
         return self.layer.int8
 
     def accumulate(self, q: torch.Tensor) -> torch.Tensor:
-        """conv(q, q_w) exactly, as float64 integers."""
+        """conv(q, q_w) exactly, as float64 integers: the int32 sums of ncnn's
+        convolution_im2col_gemm_int8 / convolution_packed_int8 / conv3x3s1_winograd43_int8
+        (src/layer/x86/*.h), depthwise and innerproduct loops."""
         run = self.module.run_with
         if self.split is None:
             return run(q, self.weight, None).double()
