@@ -8,6 +8,8 @@ integer arithmetic (:mod:`calibrator.quant.targets`). Runtimes:
     Intel Caffe's fused MKL-DNN kernels: what the quantized prototxt is for.
 ``ort`` (:mod:`~calibrator.backends.ort`)
     The ``--export-onnx`` model as ONNX Runtime runs it, integer for integer.
+``ncnn`` (:mod:`~calibrator.backends.ncnn`)
+    The ``--ncnn`` model as ncnn's x86 INT8 kernels run it.
 
 Adding a runtime is one module with a Backend subclass and one ``register_runtime`` call.
 A quantized prototxt records the backend it was made for when that is not the default
@@ -22,6 +24,7 @@ from pathlib import Path
 
 from calibrator.backends.base import Backend
 from calibrator.backends.intel import IntelBackend
+from calibrator.backends.ncnn import NcnnBackend
 from calibrator.backends.ort import OrtBackend
 from calibrator.errors import CalibratorError
 from calibrator.quant.targets import DEFAULT_TARGET, Target, get_target, target_names
@@ -41,6 +44,7 @@ def register_runtime(cls: type[Backend]) -> type[Backend]:
 
 register_runtime(IntelBackend)
 register_runtime(OrtBackend)
+register_runtime(NcnnBackend)
 
 
 def runtime_names() -> tuple[str, ...]:
@@ -95,6 +99,6 @@ def backend_for(prototxt: str | Path, runtime: str | None = None,
     return make_backend(runtime or recorded[0], target or recorded[1])
 
 
-__all__ = ["Backend", "IntelBackend", "OrtBackend", "DEFAULT_RUNTIME", "register_runtime",
+__all__ = ["Backend", "IntelBackend", "NcnnBackend", "OrtBackend", "DEFAULT_RUNTIME", "register_runtime",
            "runtime_names", "describe_runtimes", "make_backend", "record_line",
            "recorded_backend", "backend_for", "target_names"]

@@ -16,7 +16,8 @@ from calibrator.model import load_model, quantized_plan, select_device
 from calibrator.quant import targets
 from calibrator.quant.simulate import Int8Simulator
 from calibrator.quant.targets import COUNTERMEASURES, target_names
-from calibrator.verify.run import format_report, result_record, verify
+from calibrator.verify.ncnn import format_ncnn_report, verify_ncnn
+from calibrator.verify.run import format_report, result_record, score_blob, verify
 
 
 def add_parser(subparsers) -> None:
@@ -30,6 +31,11 @@ def add_parser(subparsers) -> None:
     add_model_options(parser, "quantized network with a TEST data layer (or --images)")
     parser.add_argument("-i", "--iterations", type=int, default=10, metavar="N",
                         help="TEST batches (default 10)")
+    parser.add_argument("--runtime", choices=("ort", "ncnn"), default="ort",
+                        help="the real kernels: ort (ONNX Runtime, the exported QDQ model) or "
+                             "ncnn (the ncnn model --ncnn writes, through the ncnn package)")
+    parser.add_argument("--ncnn", metavar="OUT_PREFIX",
+                        help="with --runtime ncnn: keep the ncnn model as OUT_PREFIX.param/.bin")
     parser.add_argument("--targets", default="vnni,avx2", metavar="LIST",
                         help=f"simulation targets, comma-separated ({', '.join(target_names())}; "
                              "default vnni,avx2)")
@@ -79,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
                               "it first: calibrator -m ... -w ... -q)")
     fused, plan = quantized
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    if args.runtime == "ncnn":
+        return _verify_ncnn(args, model, fused, plan, say)
     if args.countermeasure:
         sim = Int8Simulator(fused, plan)
         affected = targets.saturating_layers(sim, args.fix_target)
@@ -100,3 +108,26 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         atomic_write(args.json, json.dumps(result_record(result), indent=1).encode())
     return 0
+
+
+def _verify_ncnn(args, model, fused, plan, say) -> int:
+    try:
+        import ncnn  # noqa: F401  (optional: the ncnn extra)
+    except ImportError:
+        raise CalibratorError("verify --runtime ncnn needs the ncnn package: pip install "
+                              "ncnn") from None
+    blob = score_blob(model.test_param)
+    if blob is None:
+        raise CalibratorError(f"{args.model}: verify --runtime ncnn compares the scores under "
+                              "an Accuracy layer, and the TEST net has none")
+    result = verify_ncnn(model, fused, plan, blob, iterations=args.iterations,
+                         layer_images=args.layers, prefix=args.ncnn, quiet=args.quiet, say=say)
+    print(format_ncnn_report(result))
+    if args.json:
+        atomic_write(args.json, json.dumps({
+            "runtime": "ncnn", "score_blob": result.score_blob, "images": result.images,
+            "top1": result.top1, "agreement": result.agreement,
+            "score_diff": result.score_diff, "images_per_second": result.images_per_second,
+            "layers": [vars(d) for d in result.layers]}, indent=1).encode())
+    return 0
+

@@ -53,7 +53,7 @@ class LayerwiseSettings:
     low: float = 0.5
     high: float = 2.0
     rounds: int = 2               # weight step then activation step, this many times
-    positions: int = 4096         # sampled output positions per unit for the cosine
+    positions: int = 1024         # sampled output positions per unit for the cosine
     seed: int = 0
 
 

@@ -4,6 +4,7 @@
 ``table`` (:mod:`~calibrator.writers.table`)         ncnn calibration table (``--table``)
 ``json`` (:mod:`~calibrator.writers.json_record`)    the JSON record (``--json``)
 ``onnx`` (:mod:`~calibrator.writers.onnx`)           ONNX QDQ model (``--export-onnx``)
+``ncnn`` (:mod:`~calibrator.writers.ncnn`)           the INT8 ncnn model (``--ncnn``)
 ``weights`` (:mod:`~calibrator.writers.weights`)     the bias-corrected caffemodel
                                                      (``--weights-out``)
 ``performance`` (:mod:`~calibrator.writers.performance`)  ``-p``'s speed-only prototxt
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 from calibrator.writers.base import OutputContext, Writer
 from calibrator.writers.json_record import JsonWriter, plan_record, write_json
+from calibrator.writers.ncnn import NcnnWriter
 from calibrator.writers.onnx import OnnxWriter
 from calibrator.writers.performance import PerformanceWriter
 from calibrator.writers.prototxt import (PrototxtWriter, quantized_prototxt_path,
@@ -33,8 +35,8 @@ def register_writer(writer: Writer) -> Writer:
     return writer
 
 
-for _writer in (PrototxtWriter(), TableWriter(), JsonWriter(), OnnxWriter(), WeightsWriter(),
-                PerformanceWriter()):
+for _writer in (PrototxtWriter(), TableWriter(), JsonWriter(), OnnxWriter(), NcnnWriter(),
+                WeightsWriter(), PerformanceWriter()):
     register_writer(_writer)
 
 
