@@ -25,7 +25,8 @@ import torch
 from calibrator.errors import CalibratorError
 
 #: Modules whose import registers sections, in the order they run.
-SECTION_MODULES = ("calibrator.bench.fp32", "calibrator.bench.int8", "calibrator.bench.ort")
+SECTION_MODULES = ("calibrator.bench.fp32", "calibrator.bench.int8", "calibrator.bench.ort",
+                   "calibrator.bench.peers")
 
 REPO = Path(__file__).resolve().parents[2]
 

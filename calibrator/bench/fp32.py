@@ -28,6 +28,8 @@ import torch
 from calibrator.bench import REPO, Context, SectionResult, Table, section, timed
 from calibrator.errors import CalibratorError
 from calibrator.model import load_model
+from calibrator.quant.fusion import analyze
+from calibrator.quant.simulate import FoldedFP32
 
 MODEL_DIR = "models/mobilenet_v2"
 BATCHES = 10
@@ -72,9 +74,10 @@ def _run_opencv(net, data: np.ndarray) -> np.ndarray:
     return net.forward()
 
 
-def _run_ours(net, feeds, outputs) -> dict[str, torch.Tensor]:
+def _run_ours(net, feeds, outputs, overrides=None) -> dict[str, torch.Tensor]:
+    """Our FP32 forward as every pass runs it: each fused unit folded (FoldedFP32)."""
     with torch.no_grad():
-        return net(feeds, outputs=outputs)
+        return net(feeds, outputs=outputs, overrides=overrides)
 
 
 # --- profile ---------------------------------------------------------------------------------
@@ -103,7 +106,7 @@ def _profile_ours(ctx: Context, net, feeds, outputs) -> dict[str, float]:
     with torch.no_grad():
         ctx.sync()
         last[0] = time.perf_counter()
-        net(feeds, outputs=outputs, hook=hook)
+        net(feeds, outputs=outputs, hook=hook, overrides=FoldedFP32(analyze(net)).overrides)
     return seconds
 
 
@@ -186,8 +189,9 @@ def fp32(ctx: Context) -> SectionResult:
 
     cv_fused, cv_where = _opencv_net(files, ctx, fusion=True)
     cv_plain, _ = _opencv_net(files, ctx, fusion=False)
+    folded = FoldedFP32(analyze(net)).overrides
     contenders = {
-        "ours": lambda i: _run_ours(net, feeds[i], outputs),
+        "ours": lambda i: _run_ours(net, feeds[i], outputs, folded),
         "opencv": lambda i: _run_opencv(cv_fused, arrays[i]),
         "opencv_nofusion": lambda i: _run_opencv(cv_plain, arrays[i]),
     }
