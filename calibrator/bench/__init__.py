@@ -26,7 +26,7 @@ from calibrator.errors import CalibratorError
 
 #: Modules whose import registers sections, in the order they run.
 SECTION_MODULES = ("calibrator.bench.fp32", "calibrator.bench.int8", "calibrator.bench.ort",
-                   "calibrator.bench.peers")
+                   "calibrator.bench.peers", "calibrator.bench.accuracy")
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,0 +1,136 @@
+"""Accuracy on images the calibration never saw (``make bench`` section ``accuracy``).
+
+The 500 dev images of the shared MobileNetV2 are split in two halves: each setting is
+calibrated (and, for ``-l``, searched) on the first 250 and judged on the other 250 — top-1
+drop against FP32 and top-1 agreement with FP32 — and, beside it, on all 500 with the same
+scales (the figure a calibrate-and-test-on-the-same-images run would report). Wall time,
+INT8/FP32 layers and full evaluations come from the run itself."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from calibrator import pipeline
+from calibrator.backends import backend_for
+from calibrator.bench import Context, SectionResult, Table, section
+from calibrator.bench.fp32 import _files
+from calibrator.caffe.prototxt import read_net, write_net
+from calibrator.config import RunConfig
+from calibrator.data.feed import batches
+from calibrator.model import load_model, load_quantized
+from calibrator.quant.fusion import analyze
+from calibrator.quant.layerwise import LayerwiseSettings
+from calibrator.quant.scales import QuantOptions
+from calibrator.quant.simulate import FoldedFP32
+from calibrator.search import SearchSettings
+
+HALF = 5          # batches of 50: 250 images
+SETTINGS = [
+    ("-q (KL, per-tensor)", QuantOptions(), {}),
+    ("-q -c multiple", QuantOptions(per_channel=True), {}),
+    ("-q -c multiple --easyquant --weights-out", QuantOptions(per_channel=True),
+     {"easyquant": True, "weights": True}),
+    ("-q -1st -c multiple --easyquant --weights-out",
+     QuantOptions(per_channel=True, first_conv=True), {"easyquant": True, "weights": True}),
+    ("-q --bits 7 -c multiple --easyquant --weights-out",
+     QuantOptions(per_channel=True, bits=7), {"easyquant": True, "weights": True}),
+    ("-l 0.01 --weights-out", QuantOptions(), {"search": 0.01, "weights": True}),
+    ("-l 0.002 --weights-out", QuantOptions(), {"search": 0.002, "weights": True}),
+]
+
+
+def _split(files, folder: Path) -> tuple[Path, Path, Path]:
+    """Prototxts reading the first half, the second half and all of the image list."""
+    net = read_net(files["test"])
+    layer = next(l for l in net.layer if l.type == "ImageData")
+    source = Path(layer.image_data_param.source)
+    if not source.is_absolute():
+        source = files["test"].parent / source
+    root = Path(layer.image_data_param.root_folder)
+    if not root.is_absolute():
+        layer.image_data_param.root_folder = str(files["test"].parent / root) + "/"
+    lines = [l for l in source.read_text().splitlines() if l.strip()]
+    size = layer.image_data_param.batch_size
+    halves = {"calib": lines[:HALF * size], "judge": lines[HALF * size:2 * HALF * size],
+              "all": lines[:2 * HALF * size]}
+    out = []
+    for name, part in halves.items():
+        (folder / f"{name}.txt").write_text("\n".join(part) + "\n")
+        layer.image_data_param.source = str(folder / f"{name}.txt")
+        write_net(folder / f"{name}.prototxt", net)
+        out.append(folder / f"{name}.prototxt")
+    return tuple(out)
+
+
+def _judge(prototxt: Path, weights: Path, quantized: Path, int8_weights: Path,
+           iterations: int) -> dict:
+    """Top-1 of FP32 and of the quantized net, and their top-1 agreement."""
+    fp32 = load_model(prototxt, weights)
+    corrected = load_model(prototxt, int8_weights)
+    q = load_quantized(corrected, quantized)
+    simulator = backend_for(quantized).simulator(q.fused, q.plan)
+    folded = FoldedFP32(analyze(fp32.net)).overrides
+    labels, top_fp32, top_int8 = [], [], []
+    with torch.no_grad():
+        for _, feeds in batches(fp32, iterations, quiet=True):
+            a = fp32.net(feeds, outputs=["fc7"], overrides=folded)["fc7"]
+            b = q.net(feeds, outputs=["fc7"], overrides=simulator.overrides)["fc7"]
+            top_fp32.append(a.reshape(len(a), -1).argmax(1).numpy())
+            top_int8.append(b.reshape(len(b), -1).argmax(1).numpy())
+            labels.append(feeds["label"].numpy().reshape(-1).astype(int))
+    labels, top_fp32, top_int8 = (np.concatenate(v) for v in (labels, top_fp32, top_int8))
+    fp32_top1, int8_top1 = float((top_fp32 == labels).mean()), float((top_int8 == labels).mean())
+    return {"fp32": fp32_top1, "int8": int8_top1, "drop_pt": 100 * (fp32_top1 - int8_top1),
+            "agreement": float((top_fp32 == top_int8).mean())}
+
+
+@section("accuracy", "Accuracy on unseen images: calibrate on 250 dev images, judge on the "
+                     "other 250, shared MobileNetV2")
+def accuracy(ctx: Context) -> SectionResult:
+    files = _files(ctx)
+    rows, data = [], []
+    with tempfile.TemporaryDirectory(prefix="calibrator-accuracy-") as tmp:
+        tmp = Path(tmp)
+        calib, judge, everything = _split(files, tmp)
+        for label, options, extra in SETTINGS:
+            out = tmp / str(len(data))
+            outputs = {"prototxt": out / "q.prototxt", "json": out / "q.json"}
+            if extra.get("weights"):
+                outputs["weights"] = out / "q.caffemodel"
+            search = extra.get("search")
+            config = RunConfig(
+                calib, files["weights"], quant=options, iterations=HALF,
+                sampling_iterations=HALF, quantize_only=search is None, outputs=outputs,
+                easyquant=bool(extra.get("easyquant")), quiet=True,
+                search=SearchSettings(tolerance=search or 0.01,
+                                      bias_correction=bool(extra.get("weights")),
+                                      layerwise=LayerwiseSettings()))
+            ctx.log(f"{label}")
+            started = time.perf_counter()
+            code = pipeline.run(config, say=lambda m: None)
+            wall = time.perf_counter() - started
+            record = json.loads((out / "q.json").read_text())
+            summary = record.get("search", {})
+            int8_weights = outputs.get("weights", files["weights"])
+            unseen = _judge(judge, files["weights"], out / "q.prototxt", int8_weights, HALF)
+            seen = _judge(everything, files["weights"], out / "q.prototxt", int8_weights,
+                          2 * HALF)
+            int8_layers = sum(l["precision"].startswith("int") for l in record["layers"])
+            entry = {"setting": label, "exit": code, "wall_seconds": wall, "unseen": unseen,
+                     "all_dev": seen, "int8_layers": int8_layers,
+                     "fp32_layers": len(record["layers"]) - int8_layers,
+                     "full_evaluations": summary.get("full_evaluations"),
+                     "met_on_calibration_half": summary.get("met")}
+            data.append(entry)
+            rows.append([label, f"{unseen['drop_pt']:+.1f}", f"{unseen['agreement']:.3f}",
+                         f"{seen['drop_pt']:+.1f}", entry["fp32_layers"],
+                         entry["full_evaluations"] or "", f"{wall:.0f}"])
+    headers = ["setting", "unseen drop (pt)", "unseen agreement", "all-dev drop (pt)",
+               "FP32 convs", "full evaluations", "wall (s)"]
+    return SectionResult([Table(headers, rows)], {"settings": data})
