@@ -241,7 +241,13 @@ def calibration_subset(model, images: int) -> dict:
         count += next(iter(feeds.values())).shape[0]
         if count >= images:
             break
-    return {name: torch.cat(values)[:images] for name, values in parts.items()}
+    out = {}
+    for name, values in parts.items():
+        if all(v.shape[1:] == values[0].shape[1:] and v.dim() > 0 for v in values):
+            out[name] = torch.cat(values)[:images]
+        else:  # not one sample per row (SSD's ground-truth rows): the first batch's
+            out[name] = values[0]
+    return out
 
 
 # -- the pass ----------------------------------------------------------------------------------
