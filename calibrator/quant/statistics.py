@@ -46,7 +46,7 @@ class _Collector:
         stats.absmax = max(stats.absmax, absmax)
         stats.batch_absmax.append(absmax)
         stats.count += x.numel()
-        stats.zeros += int((x == 0).sum())
+        stats.zeros += x.numel() - int(torch.count_nonzero(x))
         if ref.key in self.hists:
             self.hists[ref.key].add(x, absmax)
 
