@@ -167,21 +167,25 @@ def quantize_bias(b, scale_in, scales):
 
 
 def intel_output(acc, q_bias, scale_in, scales, scale_out, dtype, slope=None, q_res=None,
-                 res_scale=None, bits=8):
+                 res_scale=None, bits=8, coeff=(1.0, 1.0)):
     """Intel's conv/inner-product epilogue (jit_avx512_core_x8s8s32x_conv_kernel.cpp
     store_output), written from the kernel: y = (f32(acc) + f32(bias)) * f32(m[o]) with
-    m = s_out / f32(s_in * s_w) in float32; a fused sum adds f32(s_out / s_res) * f32(q_res)
-    with one rounding (vfmadd231ps); ReLU (y * slope below 0); u8: max(0); then round half
-    to even and saturate. ``dtype`` "u8"/"s8" gives the integers, None the float32 y."""
+    m = f32(s_out / f32(s_in * s_w)) * coeff(1) in float32; a fused sum adds
+    f32(f32(s_out / s_res) * coeff(0)) * f32(q_res) with one rounding (vfmadd231ps); ReLU
+    (y * slope below 0); u8: max(0); then round half to even and saturate. ``dtype``
+    "u8"/"s8" gives the integers, None the float32 y. ``coeff``: the absorbed Eltwise's
+    (residual, conv) coefficients (mkldnn_convolution_layer.cpp :340-392)."""
     scales = np.asarray(scales, np.float32).reshape(1, -1, 1, 1)
     product = np.float32(scale_in) * scales
     m = np.where(scales == 0, np.float32(scale_out),
                  np.float32(scale_out) / np.where(scales == 0, np.float32(1), product))
+    m = (m.astype(np.float32) * np.float32(coeff[1])).astype(np.float32)
     y = np.asarray(acc).astype(np.float32) + np.asarray(q_bias).astype(np.float32).reshape(
         1, -1, 1, 1)
     y = (y * m.astype(np.float32)).astype(np.float32)
     if q_res is not None:
-        sum_scale = np.float32(np.float32(scale_out) / np.float32(res_scale))
+        sum_scale = np.float32(np.float32(np.float32(scale_out) / np.float32(res_scale))
+                               * np.float32(coeff[0]))
         y = (y.astype(np.float64) + np.float64(sum_scale) * np.asarray(q_res, np.float64)
              ).astype(np.float32)
     if slope is not None:

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 
 from calibrator.quant import estimators
+from calibrator.quant.compiled import (average_pooling_pairs, compiled_layers,
+                                       force_fp32_outputs)
 from calibrator.quant.folding import folded_weights
 from calibrator.quant.fusion import FusedGraph, FusedUnit
 from calibrator.quant.targets import COUNTERMEASURES as SATURATION_FIXES
@@ -31,8 +33,11 @@ class QuantOptions:
     unsigned_range: bool = False     # -u: s8 outputs scaled by 255 as well
     concat_fp32: bool = False        # -t
     unify_concat: bool = False       # -f
-    unify_concat_consumer: bool = False  # -ucac (with -f)
-    force_u8: bool = False           # -fu (first conv fed u8)
+    unify_concat_consumer: bool = False  # --unify-concat-consumer (with -f)
+    force_fp32_rule: bool = True     # Intel's force_fp32_opt (off: -uff/--disable_force_fp32)
+    cac_rule: bool = True            # Intel's cac_opt (off: -ucac/--disable_cac_unify)
+    force_u8: bool = False           # -fu: after the plan, the first conv fed u8
+    cascade_lake: bool = False       # -clx/--is_clx: -fu keeps full first-conv weight scales
     bits: int = 8                    # --bits
 
 
@@ -140,7 +145,10 @@ def first_conv(fused: FusedGraph) -> FusedUnit | None:
 
 def build_plan(fused: FusedGraph, stats: dict, options: QuantOptions,
                choices: dict[str, UnitChoice] | None = None) -> QuantPlan:
-    """The plan: every eligible unit the choices leave INT8, with Intel's scale rules.
+    """The plan: every eligible unit the choices leave INT8, with Intel's scale rules, in
+    the order Intel's ``calibrator.py`` applies them: scales (``transform_convolutions``,
+    with ``-t``/``-f``), output precision (``force_fp32_opt``), then the AVE pooling scale
+    rule (``cac_opt``).
 
     A conv that absorbed an Eltwise SUM writes its residual's data type in Intel's kernels,
     and runs entirely in FP32 when the residual is FP32 (``mkldnn_convolution_layer.cpp``
@@ -150,8 +158,11 @@ def build_plan(fused: FusedGraph, stats: dict, options: QuantOptions,
     them INT8 (its backend and the ONNX export use every layer of the plan)."""
     choices = dict(choices or {})
     layers = _build_layers(fused, stats, options, choices)
+    _decide_output_precision(fused, layers, options)
     excluded = _fp32_residual_units(fused, layers)
     _residual_data_types(fused, layers, options, excluded)
+    if options.cac_rule:
+        _average_pooling_rule(fused, layers, options, excluded)
     for name, why in excluded.items():
         layers[name].notes.append(f"FP32 in Intel Caffe: {why}")
     return QuantPlan(layers, options, choices, excluded)
@@ -212,14 +223,13 @@ def _build_layers(fused: FusedGraph, stats: dict, options: QuantOptions,
         unsigned = all(p.output_unsigned for p in producers)
         # an FP32 tensor on the way (data, a standalone BatchNorm...): judge the input itself
         unsigned = unsigned and (not others or stats[unit.input.key].unsigned)
-        force_u8 = options.force_u8 and unit is first
-        if unit is first and options.first_conv and not force_u8:
-            unsigned = False  # Intel: the first conv takes s8 input
+        if unit is first:
+            unsigned = False  # Intel: the first conv takes s8 input (-fu changes it later)
         fix = choice.saturation_fix
         if fix is not None and fix not in SATURATION_FIXES:
             raise ValueError(f"unknown saturation counter-measure '{fix}'")
         weight_factor = choice.weight_scale_factor * WEIGHT_FACTORS.get(fix, 1.0)
-        if fix == "s8" and not force_u8:
+        if fix == "s8":
             unsigned = False
         t_in = choice.input_threshold
         if t_in is None:
@@ -230,39 +240,73 @@ def _build_layers(fused: FusedGraph, stats: dict, options: QuantOptions,
         weight, _ = folded_weights(unit)
         lq = LayerQuant(
             name=unit.name,
-            scale_in=1.0 if force_u8 else activation_scale(t_in, unsigned, options.bits),
+            scale_in=activation_scale(t_in, unsigned, options.bits),
             scale_out=activation_scale(
                 t_out, unit.output_unsigned or options.unsigned_range, options.bits),
             scale_params=([as_stored(v * WEIGHT_FACTORS.get(fix, 1.0), 0.0)
                            for v in choice.weight_scales]
                           if choice.weight_scales is not None
                           else weight_scales(weight, per_channel, options.bits, weight_factor)),
-            input_unsigned=unsigned or force_u8, output_unsigned=unit.output_unsigned,
-            output_int8=True, force_u8_input=force_u8, bits=options.bits,
+            input_unsigned=unsigned, output_unsigned=unit.output_unsigned,
+            output_int8=True, bits=options.bits,
             estimator=estimator, per_channel=per_channel, input_threshold=t_in,
             output_threshold=t_out, saturation_fix=fix,
             bias_shift=list(choice.bias_shift) if choice.bias_shift is not None else None)
         if fix is not None:
             lq.notes.append(f"saturation counter-measure: {fix} ({SATURATION_FIXES[fix]})")
         layers[unit.name] = lq
-    _decide_output_precision(fused, layers, options)
-    _average_pooling_rule(fused, layers)
     return layers
 
 
 def _decide_output_precision(fused: FusedGraph, layers: dict[str, LayerQuant],
                              options: QuantOptions) -> None:
-    """FP32 output for a unit with no INT8 consumer and for the last quantized unit;
-    -t / -f for the units feeding a Concat."""
-    order = [u for u in fused.units if u.name in layers]
-    for unit in order:
-        reached, _ = fused.downstream(unit.output)
-        if not any(r.name in layers and r is not unit for r in reached):
-            _to_fp32(layers[unit.name], "no INT8 consumer")
-    if order:
-        _to_fp32(layers[order[-1].name], "last quantized layer")
-    if not (options.concat_fp32 or options.unify_concat):
-        return
+    """-t / -f for the units feeding a Concat (Intel's ``transform_convolutions``), then
+    Intel's ``force_fp32_opt`` (:mod:`calibrator.quant.compiled`; not with -uff), then our
+    own guard against Intel's standalone INT8 Eltwise (:func:`_standalone_eltwise_inputs`).
+
+    Intel's rule keeps an INT8 output for a conv read by a Concat, a Pooling or a ReLU even
+    when no INT8 layer follows: an FP32 conv output in ``nhwc`` feeding a Concat is what
+    MKL-DNN's in-place Concat corrupts at batch 1 (``mkldnn_concat_layer.cpp`` :252-277)."""
+    if options.concat_fp32 or options.unify_concat:
+        _concat_rules(fused, layers, options)
+    if options.force_fp32_rule:
+        int8_out = {name for name, lq in layers.items() if lq.output_int8}
+        for name, why in force_fp32_outputs(compiled_layers(fused), int8_out,
+                                            options.quantize_fc).items():
+            _to_fp32(layers[name], why)
+    for name, why in _standalone_eltwise_inputs(fused, layers).items():
+        _to_fp32(layers[name], why)
+
+
+def _standalone_eltwise_inputs(fused: FusedGraph, layers: dict) -> dict[str, str]:
+    """Units whose INT8 outputs would all reach an Eltwise no conv absorbed, in one data
+    type: Intel's standalone Eltwise reorders each input to scale 1.0 (integer real values)
+    and adds those (``mkldnn_eltwise_layer.cpp`` :122-237). An FP32 input makes it add in
+    FP32, so these units write FP32."""
+    found = {}
+    for node in fused.net.nodes:
+        if node.type != "Eltwise" or node.index in fused.unit_of_node:
+            continue
+        producers, unsigned, others = [], set(), False
+        for i in range(len(node.bottoms)):
+            units, rest = fused.upstream_units(fused.input_of(node, i))
+            others = others or bool(rest) or not units
+            for unit in units:
+                lq = layers.get(unit.name)
+                if lq is None or not lq.output_int8:
+                    others = True
+                else:
+                    producers.append(unit.name)
+                    unsigned.add(lq.output_unsigned)
+        if producers and not others and len(unsigned) == 1:
+            for name in producers:
+                found[name] = (f"feeds the Eltwise '{node.name}' no conv absorbs: Intel adds "
+                               "INT8 inputs there at scale 1.0")
+    return found
+
+
+def _concat_rules(fused: FusedGraph, layers: dict[str, LayerQuant],
+                  options: QuantOptions) -> None:
     for node in fused.net.nodes:
         if node.type != "Concat":
             continue
@@ -287,12 +331,13 @@ def _decide_output_precision(fused: FusedGraph, layers: dict[str, LayerQuant],
 
 
 def _concat_consumers_take(fused: FusedGraph, layers, concat, scale: float) -> None:
-    """-ucac: convs reading the Concat directly take its unified scale as scale_in."""
+    """--unify-concat-consumer: convs reading the Concat directly take its unified scale as
+    scale_in."""
     for unit in fused.units:
         lq = layers.get(unit.name)
         if lq is not None and unit.input.producer == concat.index:
             lq.scale_in = scale
-            lq.notes.append(f"scale_in = unified scale of Concat '{concat.name}' (-ucac)")
+            lq.notes.append(f"scale_in = unified scale of Concat '{concat.name}' (--unify-concat-consumer)")
 
 
 def _to_fp32(lq: LayerQuant, why: str) -> None:
@@ -302,21 +347,24 @@ def _to_fp32(lq: LayerQuant, why: str) -> None:
         lq.notes.append(f"FP32 output: {why}")
 
 
-def _average_pooling_rule(fused: FusedGraph, layers: dict[str, LayerQuant]) -> None:
-    """An AVE pooling between two quantized convs keeps the producer's scale: the consumer's
-    scale_in becomes the producer's scale_out."""
-    for unit in fused.units:
-        lq = layers.get(unit.name)
-        if lq is None or unit.input.producer < 0:
-            continue
-        node = fused.net.nodes[unit.input.producer]
-        if node.type != "Pooling" or node.param.pooling_param.pool != \
-                type(node.param.pooling_param).AVE:
-            continue
-        source = fused.unit_by_output.get(fused.input_of(node).key)
-        if source is not None and source.name in layers and layers[source.name].output_int8:
-            lq.scale_in = layers[source.name].scale_out
-            lq.notes.append(f"scale_in = scale_out of '{source.name}' (AVE pooling between)")
+def _average_pooling_rule(fused: FusedGraph, layers: dict[str, LayerQuant],
+                          options: QuantOptions, excluded: dict) -> None:
+    """Intel's ``cac_opt`` (:func:`calibrator.quant.compiled.average_pooling_pairs`): across
+    an AVE pooling, the quantized layer below takes the scale of the one above as its
+    scale_in, so the pooled INT8 values need no requantization."""
+    int8_in = {name for name in layers if name not in excluded}
+    int8_out = {name for name in int8_in if layers[name].output_int8}
+    pairs = average_pooling_pairs(compiled_layers(fused), int8_in, int8_out,
+                                  options.quantize_fc)
+    for up, down, through_concat, pool in pairs:
+        lq = layers[down]
+        if through_concat:
+            lq.scale_in = layers[up].scale_in
+            lq.notes.append(f"scale_in = scale_in of '{up}' (AVE pooling '{pool}' after the "
+                            "Concat it reads)")
+        else:
+            lq.scale_in = layers[up].scale_out
+            lq.notes.append(f"scale_in = scale_out of '{up}' (AVE pooling '{pool}' between)")
 
 
 def with_choice(choices: dict[str, UnitChoice], name: str, **changes) -> dict[str, UnitChoice]:

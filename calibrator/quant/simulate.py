@@ -6,13 +6,17 @@ Per quantized unit (Intel Caffe 1.1.6, ``src/caffe/layers/mkldnn_convolution_lay
 ``store_output``; the inner product is the same, ``gemm_x8s8s32x_inner_product.cpp``):
 
   q_in  = sat(rne(f32(x) * f32(scale_in)))            u8 [0, 255] or s8 [-128, 127]
-          (used as-is with force_u8_input: the data layer already produces u8 values)
+          from INT8 data at scale s: sat(rne(q * f32(scale_in / s))), q itself when the
+          data type and scale agree (the extprv reorder, ``mkldnn_memory.cpp`` :122-139);
+          with force_u8_input the reorder scale is 1.0: sat_u8(rne(x)) of the data
+          layer's values (``mkldnn_convolution_layer.cpp`` :485-490)
   q_w   = sat_s8(rne(f32(W') * f32(scale_params[o])))  W' the folded weights
   q_b   = sat_s32(rne(f32(b') * f32(scale_in * scale_params[o])))
   acc   = conv(q_in, q_w)                              exact int32 accumulation
-  m[o]  = f32(scale_out / f32(scale_in * scale_params[o]))   (scale_out for a zero scale)
+  m[o]  = f32(f32(scale_out / f32(scale_in * scale_params[o])) * c1)   (scale_out * c1 for
+          a zero scale; c1 = coeff(1) of an absorbed Eltwise, else 1)
   y     = (f32(acc) + f32(q_b)) * m[o]                 float32, in this order
-  y     = fma(f32(scale_out / scale_residual), f32(q_residual), y)   fused Eltwise SUM
+  y     = fma(f32(f32(scale_out / scale_residual) * c0), f32(q_residual), y)   absorbed Eltwise
   y     = ReLU(y) (slope s: y < 0 -> y * s); u8 output: max(y, 0)
   q_out = sat(rne(y))                                   INT8 output; FP32 output keeps y
 and the next layer reads ``f32(q_out) * f32(1 / scale_out)``. Rounding is half-to-even
@@ -30,6 +34,10 @@ and scale of every tensor between the INT8 layers, as Intel's MKL-DNN memory des
   (``mkldnn_concat_layer.cpp`` ``InitConcatFwd`` :140-289);
 * AVE pooling of INT8 values rounds the mean back to the INT8 grid,
   ``sat(rne(f32(sum) * f32(1 / n)))`` (``jit_uni_i8i8_pooling.cpp``);
+* an Eltwise no conv absorbed, with INT8 inputs of one data type, reorders each input to
+  scale 1.0, ``q' = sat(rne(q * f32(1 / s_i)))``, adds ``coeff_i * q'`` and saturates: its
+  output is INT8 at scale 1.0, integer real values (``mkldnn_eltwise_layer.cpp``
+  ``InitEltwiseFwd`` :122-237; the inputs' MKLDNNData keep the default scale 1.0);
 * an InnerProduct with a fused ReLU of any slope writes u8 (``mkldnn_inner_product_layer.cpp``
   :190-192).
 
@@ -226,11 +234,13 @@ def _digit_bits(weight_l1: float, qmax_in: int) -> int | None:
     return 0
 
 
-def intel_constants(weight: torch.Tensor, bias: torch.Tensor, lq: LayerQuant, device):
+def intel_constants(weight: torch.Tensor, bias: torch.Tensor, lq: LayerQuant, device,
+                    coeff: float = 1.0):
     """(q_weight, q_bias, multiplier) as Intel Caffe computes them, float32 arithmetic:
     weight reorder ``sat_s8(rne(w * s_w))``, bias reorder ``rne(b * f32(s_in * s_w))`` (scale
-    1 for a zero weight scale), output scales ``s_out / f32(s_in * s_w)`` (``s_out`` for a
-    zero weight scale); ``mkldnn_convolution_layer.cpp`` :347-370 and :537-554."""
+    1 for a zero weight scale), output scales ``s_out / f32(s_in * s_w) * coeff`` (``s_out *
+    coeff`` for a zero weight scale; ``coeff`` = coeff(1) of an absorbed Eltwise);
+    ``mkldnn_convolution_layer.cpp`` :347-370 and :537-554."""
     scales = torch.tensor(np.asarray(lq.scale_params, np.float32), device=device)
     s_in = _f32(lq.scale_in).to(device)
     s_out = _f32(lq.scale_out).to(device)
@@ -245,13 +255,16 @@ def intel_constants(weight: torch.Tensor, bias: torch.Tensor, lq: LayerQuant, de
                                                                       2.0 ** 31 - 1)
     multiplier = torch.where(zero, s_out.expand_as(product),
                              s_out / torch.where(zero, torch.ones_like(product), product))
+    if coeff != 1.0:
+        multiplier = multiplier * _f32(coeff).to(device)
     return q_weight, q_bias, multiplier
 
 
 def build_kernel(unit: FusedUnit, lq: LayerQuant, device,
                  target: Target | None = None) -> UnitKernel:
     weight, bias = folded_weights(unit, lq.bias_shift)
-    q_weight, q_bias, multiplier = intel_constants(weight, bias, lq, device)
+    coeff = unit.sum_coefficients[1] if unit.eltwise is not None else 1.0
+    q_weight, q_bias, multiplier = intel_constants(weight, bias, lq, device, coeff)
     weight_l1 = float(q_weight.abs().reshape(q_weight.shape[0], -1).sum(1).max())
     qmax_in = 2 ** lq.bits - 1 if lq.input_unsigned else 2 ** (lq.bits - 1)
     return UnitKernel(unit, lq, q_weight, q_bias, multiplier,
@@ -300,6 +313,13 @@ def _concat_format(inputs: list[Format]) -> Format:
     return Format(inputs[0].dtype, min(scales) if scales else 1.0)
 
 
+def _eltwise_format(inputs: list[Format]) -> Format:
+    """Intel's standalone Eltwise: one INT8 data type in, that type at scale 1.0 out."""
+    if inputs and all(f.int8 for f in inputs) and len({f.dtype for f in inputs}) == 1:
+        return Format(inputs[0].dtype, 1.0)
+    return F32
+
+
 PASS_THROUGH_SAME = ("ReLU", "Split", "Pooling")
 
 
@@ -334,11 +354,26 @@ def intel_formats(fused: FusedGraph, plan: QuantPlan) -> tuple[dict, set]:
                 out = F32    # a leaky ReLU on INT8 data: not simulated as INT8
         elif node.type == "Concat":
             out = _concat_format([of(node, i) for i in range(len(node.bottoms))])
+        elif node.type == "Eltwise":
+            out = _eltwise_format([of(node, i) for i in range(len(node.bottoms))])
         else:
             out = F32
         for top in node.tops:
             formats[f"{node.index}:{top}"] = out
     return formats, fp32_units
+
+
+def _reorder(x: torch.Tensor, source: Format, lq: LayerQuant) -> torch.Tensor:
+    """INT8 data at ``source`` into a conv's input: the stored integers, reordered by
+    ``f32(scale_in / s)`` when the scale or the data type differs (``mkldnn_memory.cpp``
+    :122-139; an s8 source read as u8 at the same scale is taken as is)."""
+    q = torch.round(x * _f32(source.scale).to(x.device))
+    dtype = "u8" if lq.input_unsigned else "s8"
+    if np.float32(source.scale) == np.float32(lq.scale_in) and (
+            dtype == source.dtype or dtype == "u8"):
+        return q.clamp_(*Format(dtype).bounds(lq.bits)) if dtype != source.dtype else q
+    factor = _f32(np.float32(lq.scale_in) / np.float32(source.scale)).to(x.device)
+    return torch.round(q * factor).clamp_(*Format(dtype).bounds(lq.bits))
 
 
 def _to_float(q: torch.Tensor, scale: float) -> torch.Tensor:
@@ -357,10 +392,17 @@ class FoldedFP32:
     other starts and finishes per unit (:class:`Int8Simulator`)."""
 
     def __init__(self, fused: FusedGraph, units=None):
+        """``units`` None: every unit whose fusion computes what the net's layers compute
+        (a unit Intel's fusion changes, ``FusedUnit.differs_from_net``, runs layer by layer:
+        the FP32 reference is the net's); given: those units, as Intel's FP32 kernels run
+        them (sum post-op with scale 1.0 and the ReLU after it, ``mkldnn_convolution_layer.cpp``
+        :385-399)."""
         self.fused = fused
         self.overrides: dict = {}
         self._weights: dict[str, tuple] = {}
-        for unit in fused.units if units is None else units:
+        if units is None:
+            units = [u for u in fused.units if not u.differs_from_net]
+        for unit in units:
             self._install(unit, self._fp32_start, self._fp32_finish)
 
     def _install(self, unit: FusedUnit, start, finish) -> None:
@@ -474,6 +516,12 @@ class Int8Simulator(FoldedFP32):
                 form = self.formats.get(f"{node.index}:{node.tops[0]}", F32)
                 if form.int8:
                     self.overrides[node.index] = self._make_ave_pool(form)
+            elif node.type == "Eltwise":
+                form = self.formats.get(f"{node.index}:{node.tops[0]}", F32)
+                if form.int8:
+                    inputs = [self.formats[fused.input_of(node, i).key]
+                              for i in range(len(node.bottoms))]
+                    self.overrides[node.index] = self._make_eltwise(inputs, form)
 
     # -- pass-through layers on INT8 data ----------------------------------------------------
     @staticmethod
@@ -513,16 +561,41 @@ class Int8Simulator(FoldedFP32):
 
         return ave_pool
 
+    @staticmethod
+    def _make_eltwise(inputs: list[Format], out: Format):
+        """``mkldnn_eltwise_layer.cpp``: each INT8 input reordered to scale 1.0, then MKL-DNN's
+        ``ref_sum`` (one reorder per input, the later ones with a sum post-op):
+        ``d = sat(rne(c_0 q_0'))``, ``d = sat(rne(c_i q_i' + d))``, in the inputs' data type,
+        labelled scale 1.0 (``ref_sum.hpp``, ``simple_q10n.hpp``)."""
+        def eltwise(node, blobs):
+            coeffs = list(node.param.eltwise_param.coeff) or [1.0] * len(node.bottoms)
+            low, high = out.bounds()
+            total = None
+            for name, form, coeff in zip(node.bottoms, inputs, coeffs):
+                x = blobs[name]
+                q = torch.round(x * _f32(form.scale).to(x.device))
+                factor = _f32(np.float32(1.0) / np.float32(form.scale)).to(x.device)
+                q = torch.round(q * factor).clamp_(low, high)
+                term = q * _f32(coeff).to(x.device) if coeff != 1.0 else q
+                total = term if total is None else term + total
+                total = total.round_().clamp_(low, high)
+            return (total,)
+
+        return eltwise
+
     # -- the units ---------------------------------------------------------------------------
     def _make_int8_start(self, kernel: UnitKernel):
         rule = self.requant.get(kernel.unit.name)
         lq = kernel.quant
+        source = self.formats.get(kernel.unit.input.key, F32)
 
         def start(unit, x):
             if rule is not None:
                 q_in = runtime_quantize(x, rule)
-            elif lq.force_u8_input:
-                q_in = x
+            elif lq.force_u8_input:       # reorder scale 1.0: the data are u8 values already
+                q_in = quantize(x, 1.0, True, lq.bits)
+            elif source.int8:
+                q_in = _reorder(x, source, lq)
             else:
                 q_in = quantize(x, lq.scale_in, lq.input_unsigned, lq.bits)
             return kernel.accumulate(q_in, self.saturation)
@@ -551,7 +624,8 @@ class Int8Simulator(FoldedFP32):
             # fma(f32(s_out / s_res), f32(q_res), y): exact product and sum in float64, one
             # rounding to float32 (vfmadd231ps)
             q_res = torch.round(residual * _f32(res_form.scale).to(residual.device))
-            sum_scale = float(np.float32(np.float32(lq.scale_out) / np.float32(res_form.scale)))
+            sum_scale = float(np.float32(np.float32(lq.scale_out) / np.float32(res_form.scale))
+                              * np.float32(unit.sum_coefficients[0]))
             y = y.double().add_(q_res.double(), alpha=sum_scale).float()
         slope = unit.relu_slope
         if slope is not None:
