@@ -18,6 +18,7 @@ class RunConfig:
     quant: QuantOptions = field(default_factory=QuantOptions)
     iterations: int = 10              # -i: TEST batches per full evaluation
     sampling_iterations: int = 10     # -s: batches for the statistics
+    sampling_single: bool = False     # -ss: statistics from the last of those batches only
     blob: str = ""                    # -n: metric blob ("" = Intel's default)
     metric: str = "blob"              # metric kind (calibrator.metrics)
     ap_version: str | None = None     # mAP flavour (None: 11point)

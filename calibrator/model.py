@@ -7,6 +7,7 @@ weights and batches through :func:`load_quantized`."""
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -16,6 +17,7 @@ import torch
 from calibrator import data
 from calibrator.caffe import caffe_pb2
 from calibrator.caffe.caffemodel import read_caffemodel
+from calibrator.caffe.compiled_weights import apply_compiled_weights
 from calibrator.caffe.netstate import filter_net
 from calibrator.caffe.prototxt import read_net
 from calibrator.caffe.types import DATA_LAYER_TYPES
@@ -23,6 +25,7 @@ from calibrator.data.options import DetectionListOptions, ImageFolderOptions
 from calibrator.data.paths import resolve_path
 from calibrator.detection.deploy import add_detection_evaluation
 from calibrator.errors import CalibratorError
+from calibrator.graph.layer import layer_class
 from calibrator.graph.net import CaffeNet
 from calibrator.quant.fusion import FusedGraph, analyze
 from calibrator.quant.params import from_proto, has_quantization
@@ -59,21 +62,73 @@ def select_device(gpu: int | None) -> torch.device:
 def build_source(test_param, base_dir: Path, images: ImageFolderOptions | None):
     """The data source that feeds the net's data layer (or the image folder of a deploy net)."""
     data_layers = [l for l in test_param.layer if data.is_data_layer(l.type)]
-    inputs = [l for l in test_param.layer if l.type == "Input"]
     if images is not None:
-        if len(inputs) != 1 or len(inputs[0].top) != 1:
-            raise CalibratorError("--images needs a deploy net with exactly one Input blob")
-        layer = inputs[0]
-        shape = tuple(int(d) for d in layer.input_param.shape[0].dim)
-        batch = images.batch_size or shape[0]
-        return data.build_image_folder_source(
-            images.folder, layer.top[0], (batch,) + shape[1:], images.mean, images.norm,
-            images.size, batch_size=batch)
+        return image_folder_source(test_param, base_dir, images)
     if len(data_layers) > 1:
         names = ", ".join(l.name for l in data_layers)
         raise CalibratorError(f"the TEST phase has several data layers ({names}); keep one")
     if data_layers:
         return data.build_data_source(data_layers[0], base_dir)
+    return None
+
+
+#: What ``--images`` feeds the other tops of the layers it replaces: a data layer's labels
+#: 0, an AnnotatedData's ground truth one ``-1`` row (Caffe's "no box"); DummyData its fill.
+_LABEL_FILL = {"AnnotatedData": ((1, 1, 1, 8), -1.0)}
+
+
+def image_folder_source(test_param, base_dir: Path, images: ImageFolderOptions):
+    """``--images``: the image folder replaces the first Input, DummyData or data layer
+    (its first top; the sizes its shape, crop_size or --size give); the other tops of those
+    layers get constants. An Input that carries a ``transform_param`` (the deploy net of
+    ``-fu``) is preprocessed by it instead of --mean/--norm."""
+    feeding = [l for l in test_param.layer if l.type == "Input" or data.is_data_layer(l.type)]
+    if not feeding or not len(feeding[0].top):
+        raise CalibratorError("--images needs a net with an Input, DummyData or data layer")
+    layer = feeding[0]
+    transform, shape = None, None
+    if layer.type == "Input" and len(layer.input_param.shape):
+        shape = tuple(int(d) for d in layer.input_param.shape[0].dim)
+    elif layer.type == "DummyData":
+        shape = tuple(layer_class("DummyData")(layer, []).input_shapes()[0])
+    elif layer.transform_param.crop_size:
+        crop = int(layer.transform_param.crop_size)
+        shape = (_batch_size_of(layer) or 1, 3, crop, crop)
+    if shape is None and not images.size:
+        raise CalibratorError(f"--images: give --size for layer '{layer.name}' "
+                              f"({layer.type}: no declared input size)")
+    if shape is None:
+        shape = (_batch_size_of(layer) or 1, 3, *images.size)
+    size = images.size
+    if layer.type == "Input" and layer.HasField("transform_param"):
+        transform = data.Transform.from_layer(layer, base_dir)
+        if size is None:
+            size = (shape[2] - 2 * transform.pad, shape[3] - 2 * transform.pad)
+        print(f"note: --images preprocessed by the transform_param of '{layer.name}' "
+              f"(--mean/--norm not used)", file=sys.stderr, flush=True)
+    constants = {}
+    for other in feeding:
+        if other.type == "Input" and other is not layer:
+            raise CalibratorError("--images feeds one Input; the net has several")
+        for i, top in enumerate(other.top):
+            if other is layer and i == 0:
+                continue
+            if other.type == "DummyData":
+                dummy = layer_class("DummyData")(other, [])
+                constants[top] = (dummy.input_shapes()[i], dummy.values[i])
+            else:
+                constants[top] = _LABEL_FILL.get(other.type, ((None,), 0.0))
+    batch = images.batch_size or shape[0]
+    return data.build_image_folder_source(
+        images.folder, layer.top[0], (batch,) + tuple(shape[1:]), images.mean, images.norm,
+        size, batch_size=batch, transform=transform, constants=constants)
+
+
+def _batch_size_of(layer) -> int | None:
+    """A data layer's batch_size (data_param for Data/AnnotatedData, else image_data_param)."""
+    for field in ("data_param", "image_data_param"):
+        if layer.HasField(field) and getattr(layer, field).batch_size:
+            return int(getattr(layer, field).batch_size)
     return None
 
 
@@ -101,6 +156,7 @@ def load_model(prototxt: str | os.PathLike, weights: str | os.PathLike | None, *
     test_param = filter_net(evaluated, caffe_pb2.TEST, stages)
     _absolute_evaluation_paths(test_param, prototxt.parent)
     weight_blobs = read_caffemodel(weights) if weights is not None else {}
+    apply_compiled_weights(test_param, weight_blobs)  # a caffemodel Intel saved compiled
     source = build_source(test_param, prototxt.parent, images)
     if source is None and need_source and not any(l.type == "Input" for l in test_param.layer):
         raise CalibratorError(f"{prototxt}: the TEST phase has no data layer or Input")
@@ -155,6 +211,7 @@ def load_quantized(fp32: Model, prototxt: str | os.PathLike,
         raise CalibratorError(f"{prototxt}: no layer carries quantization_param (not an "
                               "INT8 prototxt)")
     test_param = filter_net(with_detection_list(net_param, detection_list), caffe_pb2.TEST)
+    apply_compiled_weights(test_param, fp32.weights)
     ours, theirs = _signature(test_param), _signature(fp32.test_param)
     if ours != theirs:
         where = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b),

@@ -16,16 +16,18 @@ from pathlib import Path
 from calibrator.backends import make_backend
 from calibrator.config import RunConfig
 from calibrator.errors import CalibratorError
-from calibrator.metrics import default_metric_blob, loss, make_metric
-from calibrator.model import load_model, select_device
+from calibrator.metrics import default_metric_blob, loss, make_metric, measure
+from calibrator.model import load_model, quantized_plan, select_device
 from calibrator.quant.calibrate import calibrate
-from calibrator.quant.layerwise import calibration_subset, layerwise
+from calibrator.quant.force_u8 import check_force_u8, force_u8
 from calibrator.quant.fusion import analyze
+from calibrator.quant.layerwise import calibration_subset, layerwise
 from calibrator.report import layer_table, trace_table, unit_cosines, write_report
 from calibrator.search import Evaluator, Search, SearchState
 from calibrator.search.adjust import ESTIMATORS as ADJUST_ESTIMATORS
 from calibrator.search.countermeasures import forced_choices
-from calibrator.writers import OutputContext, get_writer, quantized_prototxt_path, writers
+from calibrator.writers import (OutputContext, force_u8_paths, get_writer,
+                                quantized_prototxt_path, writers)
 
 EXIT_MET, EXIT_NOT_MET = 0, 1
 
@@ -48,13 +50,23 @@ class Pipeline:
         for writer in writers():
             if writer.name in config.outputs and writer.name != "prototxt":
                 paths[writer.name] = config.outputs[writer.name]
+        if "force_u8" in paths and not config.quant.force_u8:
+            raise CalibratorError("--force-u8-output needs -fu/--first_conv_force_u8")
+        checked = dict(paths)
+        if config.quant.force_u8:
+            paths["force_u8"], checked["force_u8 caffemodel"] = force_u8_paths(
+                paths["prototxt"], config.weights, paths.get("force_u8"))
+            checked["force_u8"] = paths["force_u8"]
         inputs = (config.model.resolve(), config.weights.resolve())
-        for name, path in paths.items():
+        for name, path in checked.items():
             if Path(path).resolve() in inputs:
                 raise CalibratorError(f"{path}: the {name} output would overwrite an input")
         return paths
 
     def write(self, paths: dict[str, Path], context: OutputContext) -> None:
+        if "force_u8" in paths:  # computed first: a refusal leaves nothing written
+            context.force_u8 = force_u8(context.model, context.fused, context.plan,
+                                        context.plan.options.cascade_lake)
         excluded = context.plan.excluded
         if excluded and context.backend is not None and context.backend.name == "intel":
             print(f"warning: {len(excluded)} layer(s) stay FP32 in the prototxt, because of "
@@ -66,6 +78,12 @@ class Pipeline:
             if name == "weights":
                 print(f"corrected weights written: {path} (use it with -w for test, gate and "
                       "verify)")
+            elif name == "force_u8":
+                fu = context.force_u8
+                print(f"-fu: first conv '{fu.conv}' fed u8 by '{fu.data_layer}' (scale "
+                      f"{fu.scale:.9g}, mean_value {' '.join(f'{m:.9g}' for m in fu.mean)}, "
+                      f"pad {fu.pad}; weight scales {'halved' if fu.halved else 'kept (-clx)'})"
+                      f": {path} with {force_u8_paths(path, self.config.weights, path)[1]}")
             elif name not in ("prototxt", "table", "json"):
                 print(f"{name} output written: {path}")
 
@@ -91,13 +109,16 @@ class Pipeline:
         paths = self.output_paths()
         metric = None if config.quantize_only else self.metric(model)
         options = config.quant
+        if options.force_u8:  # refuse before the long part
+            check_force_u8(model, analyze(model.net, quantize_fc=options.quantize_fc))
         self.say(f"calibrating {len(model.test_param.layer)} layers on "
                  f"{config.sampling_iterations} batches of {model.batch_size} "
                  f"({options.estimator})")
         forced = self.forced_fix(backend)
         calibration = calibrate(model, options, config.sampling_iterations, quiet=config.quiet,
                                 estimators=() if config.quantize_only else ADJUST_ESTIMATORS,
-                                metric=metric, iterations=config.iterations)
+                                metric=metric, iterations=config.iterations,
+                                single=config.sampling_single)
         if config.quantize_only:
             choices = {}
             if forced is not None:
@@ -129,6 +150,24 @@ class Pipeline:
         feeds = calibration_subset(model, settings.images)
         return layerwise(model.net, calibration.fused, calibration.stats, calibration.options,
                          choices, feeds, settings)
+
+    def evaluate_force_u8(self, prototxt: Path, backend, metric, result) -> float:
+        """The -fu model's metric, which Intel's tool never measured: the written prototxt
+        and caffemodel loaded back and simulated on the same batches."""
+        config = self.config
+        weights = force_u8_paths(prototxt, config.weights, prototxt)[1]
+        model = load_model(prototxt, weights, images=config.images,
+                           detection_list=config.detection_list,
+                           device=select_device(config.gpu))
+        fused, plan = quantized_plan(model.net)
+        overrides = backend.simulator(fused, plan).overrides
+        outcomes = measure(model, [metric], config.iterations, overrides=overrides,
+                           desc="evaluate -fu", quiet=config.quiet)
+        value = metric.combine(outcomes[0])
+        print(f"{metric.blob if metric.kind != 'agreement' else 'agreement'} of the -fu "
+              f"model: {value:.6g} (the INT8 plan: {result.best_metric:.6g}, FP32 "
+              f"{result.fp32_metric:.6g})")
+        return value
 
     def forced_fix(self, backend) -> str | None:
         """--saturation-fix w7/half/s8 on a target that saturates; None for auto/off, or
@@ -170,6 +209,8 @@ class Pipeline:
             record["weights_out"] = str(paths["weights"])
         self.write(paths, OutputContext(model, calibration.fused, plan, calibration.stats,
                                         backend, record))
+        if "force_u8" in paths:
+            self.evaluate_force_u8(paths["force_u8"], backend, metric, result)
         if not config.quiet:
             print(layer_table(calibration.fused, plan, result.sensitivity, actions,
                               result.layerwise))
@@ -208,6 +249,7 @@ class Pipeline:
                   "weights": str(config.weights.resolve()),
                   "iterations": config.iterations, "metric": metric_blob,
                   "sampling_iterations": config.sampling_iterations,
+                  "sampling_single": config.sampling_single,
                   "options": repr(calibration.options), "target": backend.target.name,
                   "saturation_fix": config.search.saturation_fix, "runtime": backend.name}
         if config.resume and state_path.exists():

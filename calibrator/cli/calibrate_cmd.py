@@ -8,6 +8,7 @@ estimators, metrics, targets, runtimes and outputs come from their registries.""
 from __future__ import annotations
 
 import argparse
+import sys
 
 from calibrator import pipeline
 from calibrator.cli.common import (add_ap_version_option, add_backend_options,
@@ -39,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Caffe build folder: accepted for compatibility, not needed")
     add_model_options(intel, "network with a TEST data layer and an Accuracy (or "
                              "DetectionEvaluate) layer")
-    intel.add_argument("-i", "--iterations", type=int, default=10, metavar="N",
-                       help="TEST batches per full evaluation")
+    intel.add_argument("-i", "--iterations", default="10", metavar="N",
+                       help="TEST batches per full evaluation (not an integer: 1000, as "
+                            "Intel's calibrator.py)")
     intel.add_argument("-n", "--blob_name", default="", metavar="BLOB",
                        help="metric blob (default: the top of the Accuracy layer with the "
                             "smallest top_k)")
@@ -50,10 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="1 for detection nets (metric: mAP of DetectionEvaluate)")
     intel.add_argument("-c", "--weights_channel", choices=("single", "multiple"),
                        default="single", help="weight scales per tensor or per output channel")
-    intel.add_argument("-s", "--sampling_iterations", type=int, default=10, metavar="N",
-                       help="batches used for the calibration statistics")
+    intel.add_argument("-s", "--sampling_iterations", default="10", metavar="N",
+                       help="batches used for the calibration statistics (not an integer: "
+                            "10, as Intel's calibrator.py)")
+    intel.add_argument("-ss", "--sampling_single", action="store_true",
+                       help="statistics from the last of the -s batches only")
     intel.add_argument("-a", "--calibration_algos", default="KL", metavar="ALGO",
-                       help="range estimator: " + describe_estimators())
+                       help="range estimator (Intel's default is DIRECT, ours KL): "
+                            + describe_estimators())
     intel.add_argument("-q", "--quantize_model", action="store_true",
                        help="only quantize: write the quantized prototxt, no accuracy search")
     intel.add_argument("-p", "--performance_model", action="store_true",
@@ -70,20 +76,28 @@ def build_parser() -> argparse.ArgumentParser:
     intel.add_argument("-fc", "--fc_int8", action="store_true",
                        help="quantize InnerProduct layers too")
     intel.add_argument("-fu", "--first_conv_force_u8", action="store_true",
-                       help="with -1st: feed the first conv u8 (writes "
-                            "<model>_quantized_force_u8.prototxt and <weights>_new.caffemodel)")
-    intel.add_argument("-clx", "--cascade_lake", action="store_true",
-                       help="the target has VNNI: -fu keeps full weight scales (no halving)")
+                       help="with -1st: also write the first conv fed u8 as Intel's "
+                            "first_conv_force_u8.py does (<output>_force_u8.prototxt and "
+                            "<weights>_new.caffemodel beside it) and report its accuracy")
+    intel.add_argument("-clx", "--is_clx", action="store_true",
+                       help="the target has VNNI: -fu keeps the first conv's weight scales "
+                            "(without it they are halved)")
+    intel.add_argument("-uff", "--disable_force_fp32", action="store_true",
+                       help="skip Intel's force_fp32_opt (every INT8 conv keeps an INT8 output, "
+                            "the last one too)")
+    intel.add_argument("-ucac", "--disable_cac_unify", action="store_true",
+                       help="skip Intel's cac_opt (the conv after an AVE pooling takes the "
+                            "scale of the conv before it)")
     intel.add_argument("-wi", "--conv_algo", action="store_true",
                        help="Winograd convolution: not supported (refused)")
-    intel.add_argument("-ss", "--scale_search", type=int, choices=(0, 1), default=1,
-                       help="search: try EasyQuant-style scale search on the worst layers")
-    intel.add_argument("-uff", "--use_fp32_fallback", type=int, choices=(0, 1), default=1,
-                       help="search: allow reverting layers to FP32")
-    intel.add_argument("-ucac", "--unify_concat_and_consumer", action="store_true",
-                       help="with -f: the conv after the Concat takes the unified scale as "
-                            "scale_in (no requantization)")
     ours = parser.add_argument_group("calibrator options")
+    ours.add_argument("--no-scale-search", dest="scale_search", action="store_false",
+                      help="search: no EasyQuant-style scale search on the worst layers")
+    ours.add_argument("--no-fp32-fallback", dest="fp32_fallback", action="store_false",
+                      help="search: never revert layers to FP32")
+    ours.add_argument("--unify-concat-consumer", action="store_true",
+                      help="with -f: the conv reading a Concat takes its unified scale as "
+                           "scale_in (no requantization)")
     ours.add_argument("--bits", type=int, choices=(7, 8), default=8,
                       help="activation/weight bits (7: ARM-style +-63 values)")
     for writer in writers():
@@ -135,24 +149,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def intel_count(value: str, option: str, default: int) -> int:
+    """-i / -s as Intel's calibrator.py reads them: not an integer gives ``default`` (with
+    Intel's message), below 1 is refused."""
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        print(f"{option} {value!r} is not an integer: set to the default value {default}, "
+              "as Intel's calibrator.py does", file=sys.stderr, flush=True)
+        return default
+    if count < 1:
+        raise CalibratorError(f"{option} must be at least 1, got {count}")
+    return count
+
+
 def quant_options(args) -> QuantOptions:
     if args.conv_algo:
         raise CalibratorError("-wi/--conv_algo (Winograd) is not supported: INT8 Winograd "
                               "kernels are not simulated; run without -wi")
     if args.first_conv_force_u8 and not args.enable_1st_conv:
         raise CalibratorError("-fu/--first_conv_force_u8 needs -1st/--enable_1st_conv")
-    if args.first_conv_force_u8:
-        raise CalibratorError("-fu/--first_conv_force_u8 is not available yet: quantize the "
-                              "first conv with -1st (s8 input) instead")
-    for name in ("iterations", "sampling_iterations"):
-        if getattr(args, name) < 1:
-            raise CalibratorError(f"--{name} must be at least 1")
+    if args.unify_concat_consumer and not args.unify_concat_scales:
+        raise CalibratorError("--unify-concat-consumer needs -f/--unify_concat_scales")
     return QuantOptions(estimator=parse_estimator(args.calibration_algos),
                         per_channel=args.weights_channel == "multiple",
                         first_conv=args.enable_1st_conv, quantize_fc=args.fc_int8,
                         unsigned_range=args.unsigned_range, concat_fp32=args.concat_use_fp32,
                         unify_concat=args.unify_concat_scales,
-                        force_u8=args.first_conv_force_u8, bits=args.bits)
+                        unify_concat_consumer=args.unify_concat_consumer,
+                        force_fp32_rule=not args.disable_force_fp32,
+                        cac_rule=not args.disable_cac_unify,
+                        force_u8=args.first_conv_force_u8, cascade_lake=args.is_clx,
+                        bits=args.bits)
 
 
 def run_config(args) -> RunConfig:
@@ -165,15 +193,18 @@ def run_config(args) -> RunConfig:
             outputs[writer.name] = writer.default_path(args)
     settings = SearchSettings(tolerance=args.accuracy_loss, relative=args.relative,
                               strategy=args.strategy, max_evals=args.max_evals,
-                              time_budget=args.time_budget, scale_search=bool(args.scale_search),
-                              allow_fp32=bool(args.use_fp32_fallback),
+                              time_budget=args.time_budget, scale_search=args.scale_search,
+                              allow_fp32=args.fp32_fallback,
                               probe_images=args.probe_images,
                               saturation_fix=args.saturation_fix,
                               bias_correction="weights" in outputs,
                               layerwise=LayerwiseSettings(images=args.easyquant_images,
                                                           steps=args.easyquant_steps))
     return RunConfig(model=args.model, weights=args.weights, quant=quant_options(args),
-                     iterations=args.iterations, sampling_iterations=args.sampling_iterations,
+                     iterations=intel_count(args.iterations, "-i/--iterations", 1000),
+                     sampling_iterations=intel_count(args.sampling_iterations,
+                                                     "-s/--sampling_iterations", 10),
+                     sampling_single=args.sampling_single,
                      blob=args.blob_name, metric=args.metric, ap_version=args.ap_version,
                      detection=bool(args.detection), quantize_only=args.quantize_model,
                      performance_only=args.performance_model, outputs=outputs,

@@ -10,6 +10,7 @@ from typing import Sequence
 
 import cv2
 import numpy as np
+import torch
 
 from calibrator.data.sources import DataSource
 from calibrator.data.transform import Transform
@@ -30,13 +31,32 @@ def list_images(image_dir: Path) -> list[Path]:
 
 
 class ImageFolderSource(DataSource):
+    """``constants``: other tops the source feeds with a constant, top -> (shape, value),
+    a shape entry None standing for the batch size (a data layer's labels, DummyData)."""
+
     def __init__(self, paths: list[Path], input_name: str, channels: int,
                  size: tuple[int, int], transform: Transform, batch_size: int, *,
-                 cache: bool = True):
+                 cache: bool = True, constants: dict | None = None):
         super().__init__([input_name], batch_size, transform, cache=cache)
         self._paths = paths
         self._size = size  # (height, width)
         self._imread_flag = cv2.IMREAD_COLOR if channels == 3 else cv2.IMREAD_GRAYSCALE
+        self._constants = dict(constants or {})
+
+    def _constant_shape(self, shape) -> tuple[int, ...]:
+        return tuple(self.batch_size if d is None else int(d) for d in shape)
+
+    def top_shapes(self) -> dict[str, tuple]:
+        shapes = super().top_shapes()
+        shapes.update({top: self._constant_shape(shape)
+                       for top, (shape, _) in self._constants.items()})
+        return shapes
+
+    def batch(self, index: int) -> dict[str, torch.Tensor]:
+        out = super().batch(index)
+        for top, (shape, value) in self._constants.items():
+            out[top] = torch.full(self._constant_shape(shape), float(value))
+        return out
 
     def num_samples(self) -> int:
         return len(self._paths)
@@ -56,9 +76,12 @@ class ImageFolderSource(DataSource):
 def build_image_folder_source(image_dir: str | os.PathLike, input_name: str,
                               input_shape: Sequence[int], mean: Sequence[float], norm: float,
                               size: Sequence[int] | None = None, batch_size: int | None = None,
-                              *, cache: bool = True) -> ImageFolderSource:
+                              *, cache: bool = True, transform: Transform | None = None,
+                              constants: dict | None = None) -> ImageFolderSource:
     """Feed the Input blob ``input_name`` of shape NxCxHxW (C = 3 for BGR, 1 for gray);
-    ``size`` (H, W) overrides the input's spatial size, ``batch_size`` its N."""
+    ``size`` (H, W) overrides the input's spatial size, ``batch_size`` its N. A given
+    ``transform`` replaces ``(pixel - mean) * norm`` (its pad is added to ``size``);
+    ``constants`` are fed as ImageFolderSource says."""
     if len(input_shape) != 4 or input_shape[1] not in (1, 3):
         raise CalibratorError(f"--images: input '{input_name}' has shape "
                               f"{tuple(input_shape)}; images need N x 3 (BGR) or 1 x H x W")
@@ -76,5 +99,7 @@ def build_image_folder_source(image_dir: str | os.PathLike, input_name: str,
     if batch_size < 1:
         raise CalibratorError(f"batch size must be at least 1, got {batch_size}")
     paths = list_images(Path(image_dir))
-    return ImageFolderSource(paths, input_name, channels, size,
-                             Transform(scale=norm, mean_values=mean), batch_size, cache=cache)
+    if transform is None:
+        transform = Transform(scale=norm, mean_values=mean)
+    return ImageFolderSource(paths, input_name, channels, size, transform, batch_size,
+                             cache=cache, constants=constants)

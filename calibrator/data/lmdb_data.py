@@ -69,6 +69,11 @@ class LmdbDataSource(DataSource):
     def num_samples(self) -> int:
         return len(self._keys)
 
+    def encoded(self) -> bool:
+        """Whether the first Datum holds an encoded image (Intel's transform_param.pad
+        applies only to those)."""
+        return bool(self._read(0).encoded)
+
     def _describe(self, sample: int) -> str:
         return f"LMDB {self._path} key {self._keys[sample].decode('utf-8', 'replace')!r}"
 

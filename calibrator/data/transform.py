@@ -4,6 +4,15 @@ Per sample (once, cached as uint8): Caffe-SSD's ``resize_param`` warp if given, 
 center crop with offsets ``(H - crop) // 2``. Per batch (cheap, in torch):
 ``(pixel - mean) * scale`` in float32, the mean being per channel (``mean_value``) or a
 mean image (``mean_file``) cut at the same crop offset, exactly as Caffe indexes it.
+
+Intel Caffe's ``pad`` (TransformationParameter 19, written by ``first_conv_force_u8.py``),
+as ``DataTransformer::Transform(const cv::Mat&, ...)`` computes it
+(``src/caffe/data_transformer.cpp`` :1083-1124, only for decoded images): the crop gets a
+border of ``pad`` zero pixels (``cv::copyMakeBorder``, BORDER_CONSTANT 0); a pixel at row h,
+column w of the padded H x W image is left raw (0) when ``h < pad or w < pad or
+h > H - pad or w > W - pad``, else ``nearbyint((pixel - mean) * scale)`` with mean values
+(``pixel * scale`` without) -- so row ``H - pad`` and column ``W - pad``, padding too, get
+``nearbyint(-mean * scale)`` (Intel's off-by-one).
 """
 
 from __future__ import annotations
@@ -46,8 +55,9 @@ class Transform:
 
     def __init__(self, *, scale: float = 1.0, mean_values=(), mean_image: np.ndarray | None = None,
                  crop: tuple[int, int] = (0, 0), warp: tuple[int, int, int] | None = None,
-                 force_color: bool = False, force_gray: bool = False):
-        """``crop`` is (height, width), 0 for none; ``warp`` is (height, width, cv2 flag)."""
+                 force_color: bool = False, force_gray: bool = False, pad: int = 0):
+        """``crop`` is (height, width), 0 for none; ``warp`` is (height, width, cv2 flag);
+        ``pad`` is Intel Caffe's transform_param.pad (see the module docstring)."""
         self.scale = float(np.float32(scale))
         self.mean_values = np.asarray(mean_values, dtype=np.float32).ravel()
         self.mean_image = mean_image
@@ -55,6 +65,10 @@ class Transform:
         self.warp = warp
         self.force_color = force_color
         self.force_gray = force_gray
+        self.pad = int(pad)
+        if self.pad and mean_image is not None:
+            raise SampleError("pad with a mean file is not supported (Intel Caffe indexes the "
+                              "mean image without the pad offset)")
         self._scale = torch.tensor(self.scale, dtype=torch.float32)
         self._mean = None
         if mean_image is not None:
@@ -96,10 +110,13 @@ class Transform:
         warp = None
         if _has(param, "resize_param"):
             warp = _warp_from(param.resize_param, fail)
+        if getattr(param, "bgr2rgb", False):
+            raise fail("bgr2rgb (Intel Caffe) is not supported")
         try:
             return cls(scale=param.scale, mean_values=list(param.mean_value),
                        mean_image=mean_image, crop=crop, warp=warp,
-                       force_color=param.force_color, force_gray=param.force_gray)
+                       force_color=param.force_color, force_gray=param.force_gray,
+                       pad=getattr(param, "pad", 0))
         except SampleError as exc:
             raise fail(f"mean file {param.mean_file}: {exc}") from None
 
@@ -119,12 +136,19 @@ class Transform:
         if self.warp is not None:
             height, width, interpolation = self.warp
             image = cv2.resize(image, (width, height), interpolation=interpolation)
-        return self._check_and_crop(image[None] if image.ndim == 2 else image.transpose(2, 0, 1))
+        chw = self._check_and_crop(image[None] if image.ndim == 2 else image.transpose(2, 0, 1))
+        if self.pad:  # cv::copyMakeBorder(..., BORDER_CONSTANT, 0)
+            chw = np.pad(chw, ((0, 0), (self.pad, self.pad), (self.pad, self.pad)))
+        return chw
 
     def prepare_chw(self, chw: np.ndarray) -> np.ndarray:
         """A CxHxW sample of a raw Datum (uint8 or float32) -> cropped, contiguous."""
         if self.warp is not None:
             raise SampleError("resize_param is not supported for raw (not encoded) Datum")
+        if self.pad:
+            raise SampleError("transform_param.pad applies only to encoded images in Intel "
+                              "Caffe (a raw Datum keeps its size: the first conv would lose "
+                              "its padding)")
         return self._check_and_crop(chw)
 
     def _check_and_crop(self, chw: np.ndarray) -> np.ndarray:
@@ -155,6 +179,15 @@ class Transform:
             x = x - self._mean
         if self.scale != 1.0:
             x = x * self._scale
+        if self.pad:
+            if self.mean_values.size:
+                x = x.round_()                       # nearbyint, half to even
+            height, width = x.shape[-2:]
+            rows = torch.arange(height).view(-1, 1)
+            cols = torch.arange(width).view(1, -1)
+            border = ((rows < self.pad) | (cols < self.pad) | (rows > height - self.pad)
+                      | (cols > width - self.pad))
+            x = x.masked_fill_(border, 0.0)          # the raw padding pixel
         return x
 
 

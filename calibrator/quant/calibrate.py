@@ -29,7 +29,7 @@ class Calibration:
 
 def calibrate(model, options: QuantOptions, sampling_iterations: int, *,
               quiet: bool = False, estimators=None, metric: Metric | None = None,
-              iterations: int = 0) -> Calibration:
+              iterations: int = 0, single: bool = False) -> Calibration:
     """Statistics of ``model``'s fused tensors over ``sampling_iterations`` batches, for
     ``options.estimator`` and any other ``estimators`` a later step will use (default:
     every statistic, so that any estimator can be tried).
@@ -37,14 +37,18 @@ def calibrate(model, options: QuantOptions, sampling_iterations: int, *,
     With a ``metric``, the statistics pass also measures it on the FP32 net over its
     batches, and the first ``iterations`` batches of that measurement (continued past the
     statistics batches if needed) are kept in ``calibration.fp32``: the search's FP32
-    evaluation reads the same batches, so it costs no pass of its own."""
+    evaluation reads the same batches, so it costs no pass of its own.
+
+    ``single`` (``-ss``): the statistics come from the last of the ``sampling_iterations``
+    batches only, as Intel's ``sampling.py`` keeps only its last pass (no shared pass then)."""
     fused = analyze(model.net, quantize_fc=options.quantize_fc)
     needs = (frozenset({HISTOGRAM}) if estimators is None
              else statistics_needed([options.estimator, *estimators]))
     overrides = FoldedFP32(fused).overrides
-    if metric is None:
+    if metric is None or single:
+        first = sampling_iterations - 1 if single else 0
         feeds = (feeds for _, feeds in batches(model, sampling_iterations, desc="statistics",
-                                               quiet=quiet))
+                                               quiet=quiet, first=first))
         return Calibration(fused, collect(model.net, fused, feeds, needs=needs,
                                           overrides=overrides), options)
     started = time.time()

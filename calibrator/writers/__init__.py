@@ -8,6 +8,7 @@
 ``weights`` (:mod:`~calibrator.writers.weights`)     the bias-corrected caffemodel
                                                      (``--weights-out``)
 ``performance`` (:mod:`~calibrator.writers.performance`)  ``-p``'s speed-only prototxt
+``force_u8`` (:mod:`~calibrator.writers.force_u8`)   ``-fu``'s u8-input prototxt + caffemodel
 
 Adding an output is one module with a :class:`~calibrator.writers.base.Writer` subclass and
 one ``register_writer`` call; a writer with an ``option`` gets its command-line option.
@@ -16,6 +17,7 @@ Every writer is deterministic (same plan, same bytes) and writes atomically."""
 from __future__ import annotations
 
 from calibrator.writers.base import OutputContext, Writer
+from calibrator.writers.force_u8 import ForceU8Writer, force_u8_paths
 from calibrator.writers.json_record import JsonWriter, plan_record, write_json
 from calibrator.writers.ncnn import NcnnWriter
 from calibrator.writers.onnx import OnnxWriter
@@ -36,7 +38,7 @@ def register_writer(writer: Writer) -> Writer:
 
 
 for _writer in (PrototxtWriter(), TableWriter(), JsonWriter(), OnnxWriter(), NcnnWriter(),
-                WeightsWriter(), PerformanceWriter()):
+                WeightsWriter(), PerformanceWriter(), ForceU8Writer()):
     register_writer(_writer)
 
 
@@ -52,5 +54,5 @@ def get_writer(name: str) -> Writer:
 
 
 __all__ = ["OutputContext", "Writer", "register_writer", "writers", "get_writer",
-           "quantized_prototxt_path", "write_quantized_prototxt", "write_table",
+           "quantized_prototxt_path", "force_u8_paths", "write_quantized_prototxt", "write_table",
            "write_json", "plan_record"]

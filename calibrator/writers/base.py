@@ -21,6 +21,7 @@ class OutputContext:
     stats: dict | None = None     # tensor statistics (BlobRef.key -> TensorStats)
     backend: object = None        # calibrator.backends.Backend the plan was made for
     record: dict = field(default_factory=dict)   # extra JSON fields (the search summary)
+    force_u8: object = None       # calibrator.quant.force_u8.ForceU8 (-fu), once computed
 
 
 class Writer:
