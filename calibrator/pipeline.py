@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from calibrator.backends import make_backend
+from calibrator.caffe.types import not_in_intel_caffe
 from calibrator.config import RunConfig
 from calibrator.errors import CalibratorError
 from calibrator.metrics import default_metric_blob, loss, make_metric, measure
@@ -67,6 +68,7 @@ class Pipeline:
         if "force_u8" in paths:  # computed first: a refusal leaves nothing written
             context.force_u8 = force_u8(context.model, context.fused, context.plan,
                                         context.plan.options.cascade_lake)
+        self.intel_warnings(paths["prototxt"], context)
         excluded = context.plan.excluded
         if excluded and context.backend is not None and context.backend.name == "intel":
             print(f"warning: {len(excluded)} layer(s) stay FP32 in the prototxt, because of "
@@ -86,6 +88,22 @@ class Pipeline:
                       f": {path} with {force_u8_paths(path, self.config.weights, path)[1]}")
             elif name not in ("prototxt", "table", "json"):
                 print(f"{name} output written: {path}")
+
+    @staticmethod
+    def intel_warnings(prototxt: Path, context: OutputContext) -> None:
+        """One line each: layer types Intel Caffe does not have (the prototxt will not run
+        there), and what Intel's fusion computes differently from the net."""
+        missing = not_in_intel_caffe(context.model.test_param)
+        if missing:
+            listed = "; ".join(
+                f"{kind} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
+                f"{f', {len(names)} layers' if len(names) > 3 else ''})"
+                for kind, names in missing.items())
+            print(f"warning: {prototxt} will not run in Intel Caffe 1.1.6, which has no "
+                  f"{listed}; --table (ncnn) and --export-onnx (ONNX Runtime) write files "
+                  "for runtimes that do", file=sys.stderr, flush=True)
+        for note in context.fused.intel_notes:
+            print(f"warning: Intel Caffe's fusion: {note}", file=sys.stderr, flush=True)
 
     def metric(self, model):
         config = self.config

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from google.protobuf import text_format
 import pytest
 
 from calibrator.caffe import caffe_pb2
@@ -130,6 +131,35 @@ def test_caffemodel_round_trip_keeps_order_types_and_values(tmp_path):
         for a, b in zip(weights[name], back[name]):
             assert a.shape == b.shape and np.array_equal(a, b)
     assert not list(tmp_path.glob(".*.tmp")), "temporary file left behind"
+
+
+def test_caffemodel_carries_full_layer_definitions(tmp_path):
+    """Intel Caffe compiles a caffemodel's own layers when loading it (BatchNorm folding):
+    without tops it aborts, without bias_term it crashes (FINDINGS §0.6): every layer of
+    the net is written as Net::ToProto writes it, blobs where there are weights."""
+    text = """name: "n"
+    layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 4 dim: 4 } } }
+    layer { name: "conv" type: "Convolution" bottom: "data" top: "c"
+            convolution_param { num_output: 2 kernel_size: 3 bias_term: false } }
+    layer { name: "bn" type: "BatchNorm" bottom: "c" top: "c" batch_norm_param { eps: 0.1 } }
+    layer { name: "relu" type: "ReLU" bottom: "c" top: "c" }
+    layer { name: "pool" type: "Pooling" bottom: "c" top: "p"
+            pooling_param { pool: AVE kernel_size: 2 round_mode: FLOOR } }"""
+    net = text_format.Merge(text, caffe_pb2.NetParameter())
+    weights = {"conv": [np.ones((2, 3, 3, 3), np.float32)],
+               "bn": [np.zeros(2, np.float32), np.ones(2, np.float32), np.ones(1, np.float32)]}
+    raw = caffe_pb2.NetParameter.FromString(
+        write_caffemodel(tmp_path / "w.caffemodel", weights, net).read_bytes())
+    assert [l.name for l in raw.layer] == ["data", "conv", "bn", "relu", "pool"]
+    conv, bn = raw.layer[1], raw.layer[2]
+    assert list(conv.bottom) == ["data"] and list(conv.top) == ["c"]
+    assert conv.convolution_param.HasField("bias_term") and not conv.convolution_param.bias_term
+    assert bn.batch_norm_param.eps == pytest.approx(0.1) and len(bn.blobs) == 3
+    assert len(raw.layer[3].blobs) == 0 and list(raw.layer[3].top) == ["c"]
+    # PoolingParameter 13 is round_mode for us, avg_include_pad for Intel: not written
+    assert not raw.layer[4].pooling_param.HasField("round_mode")
+    assert raw.layer[4].pooling_param.kernel_size == 2
+    assert list(read_caffemodel(tmp_path / "w.caffemodel")) == ["conv", "bn"]
 
 
 def test_not_a_caffemodel(tmp_path):

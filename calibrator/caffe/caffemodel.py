@@ -67,23 +67,35 @@ def read_caffemodel(path: str | os.PathLike) -> "OrderedDict[str, list[np.ndarra
 
 
 def weights_to_net(weights, net_param=None) -> caffe_pb2.NetParameter:
-    """A NetParameter carrying ``weights``; layer order and types follow ``net_param``
-    when given (as ``caffe`` writes snapshots), else the order of ``weights``."""
+    """A NetParameter carrying ``weights``. Given the net, every layer of ``net_param`` is
+    written in full (bottom, top, parameters), as Caffe's ``Net::ToProto`` writes snapshots:
+    Intel Caffe compiles a caffemodel's own layers when it loads one (``CopyTrainedLayersFrom``
+    folds BatchNorm there), and aborts on layers without tops or with a wrong ``bias_term``.
+    Without the net, layers carry their name and blobs only, in the order of ``weights``."""
     out = caffe_pb2.NetParameter()
-    if net_param is not None:
-        out.name = net_param.name
-        layers = [(l.name, l.type) for l in net_param.layer if l.name in weights]
-        missing = [n for n in weights if n not in {name for name, _ in layers}]
-        if missing:
-            raise CalibratorError(f"weights for layers not in the net: {', '.join(missing)}")
-    else:
-        layers = [(name, "") for name in weights]
-    for name, type_name in layers:
-        layer = out.layer.add(name=name)
-        if type_name:
-            layer.type = type_name
-        for array in weights[name]:
-            array_to_blob(array, layer.blobs.add())
+    if net_param is None:
+        for name in weights:
+            layer = out.layer.add(name=name)
+            for array in weights[name]:
+                array_to_blob(array, layer.blobs.add())
+        return out
+    out.name = net_param.name
+    names = {layer.name for layer in net_param.layer}
+    missing = [n for n in weights if n not in names]
+    if missing:
+        raise CalibratorError(f"weights for layers not in the net: {', '.join(missing)}")
+    written = set()
+    for source in net_param.layer:
+        layer = out.layer.add()
+        layer.CopyFrom(source)
+        layer.ClearField("blobs")
+        if layer.HasField("pooling_param"):
+            # 13 is BVLC's round_mode here and avg_include_pad in Intel Caffe (PROTO.md)
+            layer.pooling_param.ClearField("round_mode")
+        if source.name in weights and source.name not in written:
+            written.add(source.name)
+            for array in weights[source.name]:
+                array_to_blob(array, layer.blobs.add())
     return out
 
 

@@ -87,6 +87,9 @@ class CaffeNet(torch.nn.Module):
         modules = torch.nn.ModuleList()
         used_weights = set()
 
+        for param in net_param.layer:  # name a layer we cannot run before anything else
+            if param.type not in EXTERNAL_TYPES and layer_class(param.type) is None:
+                raise LayerError(param.name, param.type, f"unknown layer type '{param.type}'")
         for param in net_param.layer:
             if param.type in EXTERNAL_TYPES:
                 self.data_layers.append(param)
