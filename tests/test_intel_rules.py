@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from calibrator.quant.params import to_proto
+from calibrator.quant.scales import QuantOptions, UnitChoice, build_plan
 from calibrator.quant.simulate import Int8Simulator
 from tests import intel_reference as ref
 from tests.quant_helpers import (TinyNet, conv_int64, conv_text, input_text, intel_output,
@@ -152,14 +153,17 @@ def test_a_relu_before_the_eltwise_moves_after_the_sum():
     assert (fp32 < 0).any() and (out["s"] >= 0).all()  # the net itself has negatives
 
 
+RELU_FLAG_NET = (input_text((1, 3, 6, 6))
+                 + conv_text("conv0", "data", "c0", 4, 3) + relu_text("relu0", "c0")
+                 + conv_text("a1", "c0", "a", 4, 1)
+                 + eltwise_text("add1", "c0", "a", "s1")
+                 + conv_text("b1", "s1", "b", 4, 1)
+                 + eltwise_text("add2", "s1", "b", "s2") + relu_text("relu2", "s2")
+                 + conv_text("last", "s2", "out", 3, 1))
+
+
 def test_relu_after_the_sum_stops_once_a_sum_had_none():
-    text = (input_text((1, 3, 6, 6))
-            + conv_text("conv0", "data", "c0", 4, 3) + relu_text("relu0", "c0")
-            + conv_text("a1", "c0", "a", 4, 1)
-            + eltwise_text("add1", "c0", "a", "s1")
-            + conv_text("b1", "s1", "b", 4, 1)
-            + eltwise_text("add2", "s1", "b", "s2") + relu_text("relu2", "s2")
-            + conv_text("last", "s2", "out", 3, 1))
+    text = RELU_FLAG_NET
     net = TinyNet(text, seed=15)
     plan_of(net)
     assert net.fused.by_name["a1"].eltwise.name == "add1"
@@ -206,6 +210,44 @@ def test_an_fp32_residual_makes_the_fused_conv_fp32():
     with torch.no_grad():
         b = conv_b.module(torch.from_numpy(out["c0"]))[0].numpy()
     np.testing.assert_allclose(out["s"], b + out["r"], rtol=0, atol=1e-6)
+
+
+def test_an_int8_conv_with_fp32_output_never_feeds_a_fused_sum():
+    """Intel's runtime reads an INT8 conv's FP32 output as garbage when it is the residual
+    of a conv + sum (NaN / 1e33 measured by make intel-check): such a producer runs FP32."""
+    text = residual_net().replace(
+        eltwise_text("add", "r", "b", "s"),
+        eltwise_text("add", "r", "b", "s")
+        + 'layer { name: "cat" type: "Concat" bottom: "r" bottom: "s" top: "cat" }\n'
+    ).replace('conv_text("convn", "s"', 'conv_text("convn", "cat"')
+    text = text.replace('bottom: "s" top: "n"', 'bottom: "cat" top: "n"')
+    net = TinyNet(text, seed=26)
+    plan = plan_of(net, concat_fp32=True)            # -t: convr feeds a Concat: FP32 output
+    assert net.fused.by_name["convb"].residual.name == "r"
+    assert "convr" in plan.excluded and "residual of 'convb'" in plan.excluded["convr"]
+    assert "convb" in plan.excluded
+    written = [name for name in plan.layers if name not in plan.excluded]
+    assert "convr" not in written and "conv0" in written
+
+
+def test_an_fp32_sum_conv_never_reads_an_int8_residual():
+    """Intel aborts on an FP32 conv + sum with an INT8 residual (Check failed: convFwd_pd,
+    make intel-check): add1's residual is u8 without a ReLU after the sum, so a1 runs FP32,
+    and so does conv0, whose u8 output is that residual; b1's residual (a1's sum) is FP32
+    then, so b1 runs FP32 too. Reverting a sum conv (the search) cascades the same way."""
+    net = TinyNet(RELU_FLAG_NET, seed=15)
+    plan = plan_of(net)
+    assert "u8" in plan.excluded["a1"]
+    assert "aborts" in plan.excluded["conv0"] and "'a1'" in plan.excluded["conv0"]
+    assert "residual is FP32" in plan.excluded["b1"]
+    assert "last" not in plan.excluded
+    net = TinyNet(residual_net(), seed=13)       # the search reverting the sum conv alone
+    assert not plan_of(net).excluded
+    plan = build_plan(net.fused, net.stats, QuantOptions(estimator="DIRECT", first_conv=True),
+                      {"convb": UnitChoice(fp32=True)})
+    assert "convb" not in plan.layers
+    assert "convr" in plan.excluded and "aborts" in plan.excluded["convr"]
+    assert "conv0" not in plan.excluded
 
 
 # -- Concat, pooling, inner product ----------------------------------------------------------

@@ -169,20 +169,55 @@ def build_plan(fused: FusedGraph, stats: dict, options: QuantOptions,
 
 
 def _fp32_residual_units(fused: FusedGraph, layers: dict) -> dict[str, str]:
-    """Quantized units with a fused sum whose residual is not INT8 of one data type."""
-    found = {}
-    for unit in fused.units:
-        if unit.name not in layers or unit.residual is None:
-            continue
-        producers, others = fused.upstream_units(unit.residual)
-        quant = [layers.get(p.name) for p in producers]
-        if others or not producers or any(lq is None or not lq.output_int8 for lq in quant):
-            found[unit.name] = "its residual is FP32: Intel runs the fused conv + sum in FP32"
-        elif len({layers[p.name].output_unsigned for p in producers}) > 1:
-            found[unit.name] = "its residual mixes u8 and s8 data: Intel makes it FP32"
-        elif layers[producers[0].name].output_unsigned and unit.relu_slope is None:
-            found[unit.name] = ("its residual is u8 and no ReLU follows the sum: Intel would "
-                                "write u8 and clip every negative sum to 0")
+    """Quantized units Intel Caffe must run in FP32 around its fused sums, and why.
+
+    * A conv + sum runs FP32 when its residual is not INT8 of one data type
+      (``mkldnn_convolution_layer.cpp`` :287-310), and we keep it FP32 when the residual is
+      u8 without a ReLU after the sum (Intel would write u8 and clip negative sums).
+    * Real Intel Caffe aborts on an FP32 conv + sum whose residual is INT8 (``Check failed:
+      convFwd_pd``, :452: the output takes the residual's data type while the conv is f32),
+      so the producers of such a residual run FP32 too, which may cascade up a chain of
+      residual blocks.
+    * It computes garbage (NaN, 1e33) in a conv + sum whose residual an INT8 conv wrote as
+      FP32, while an FP32 conv's output works, so such a producer runs FP32 entirely.
+    (Both measured by ``make intel-check``, cases fp32_residual_* and fp32_sum_conv_*.)"""
+    found: dict[str, str] = {}
+
+    def fp32(name: str) -> bool:
+        return name not in layers or name in found
+
+    changed = True
+    while changed:
+        changed = False
+        for unit in fused.units:
+            if unit.residual is None:
+                continue
+            producers, others = fused.upstream_units(unit.residual)
+            int8 = [p for p in producers if not fp32(p.name) and layers[p.name].output_int8]
+            if not fp32(unit.name):
+                why = None
+                if others or not producers or len(int8) < len(producers):
+                    why = "its residual is FP32: Intel runs the fused conv + sum in FP32"
+                elif len({layers[p.name].output_unsigned for p in producers}) > 1:
+                    why = "its residual mixes u8 and s8 data: Intel makes it FP32"
+                elif layers[producers[0].name].output_unsigned and unit.relu_slope is None:
+                    why = ("its residual is u8 and no ReLU follows the sum: Intel would write "
+                           "u8 and clip every negative sum to 0")
+                if why is not None:
+                    found[unit.name], changed = why, True
+            for producer in producers:
+                if fp32(producer.name):
+                    continue
+                if not layers[producer.name].output_int8:
+                    found[producer.name] = (
+                        f"its FP32 output is the residual of '{unit.name}': Intel's fused sum "
+                        "reads an INT8 conv's FP32 output as garbage")
+                    changed = True
+                elif fp32(unit.name):
+                    found[producer.name] = (
+                        f"its output is the residual of '{unit.name}', which runs FP32: Intel "
+                        "Caffe aborts on an FP32 conv + sum with an INT8 residual")
+                    changed = True
     return found
 
 
