@@ -65,9 +65,14 @@ class Pipeline:
         return paths
 
     def write(self, paths: dict[str, Path], context: OutputContext) -> None:
-        if "force_u8" in paths:  # computed first: a refusal leaves nothing written
-            context.force_u8 = force_u8(context.model, context.fused, context.plan,
-                                        context.plan.options.cascade_lake)
+        if "force_u8" in paths:  # the net was checked before calibrating; what the plan
+            try:                   # decides (the first conv reverted to FP32) skips -fu only
+                context.force_u8 = force_u8(context.model, context.fused, context.plan,
+                                            context.plan.options.cascade_lake)
+            except CalibratorError as exc:
+                print(f"warning: {exc}; the -fu files are not written", file=sys.stderr,
+                      flush=True)
+                del paths["force_u8"]
         self.intel_warnings(paths["prototxt"], context)
         excluded = context.plan.excluded
         if excluded and context.backend is not None and context.backend.name == "intel":

@@ -70,16 +70,26 @@ def eltwise(parts, dtype: str, coeffs=None):
     return total.astype(np.int64)
 
 
-def force_u8_data(chw_u8, mean, scale, pad):
-    """DataTransformer::Transform(cv::Mat) with Intel's pad (data_transformer.cpp :1083-1124):
-    zero border, interior nearbyint((p - mean) * scale), raw 0 where h < pad or w < pad or
-    h > H - pad or w > W - pad (row H - pad and column W - pad are computed: off by one)."""
-    image = np.pad(np.asarray(chw_u8), ((0, 0), (pad, pad), (pad, pad))).astype(F)
-    mean = np.asarray(mean, F).reshape(-1, 1, 1)
-    value = (image - mean) * F(scale)
-    value = np.rint(value) if pad else value
+def force_u8_data(hwc_u8, mean, scale, pad, crop=0):
+    """DataTransformer::Transform(cv::Mat) with Intel's pad (data_transformer.cpp
+    :1062-1124) on an OpenCV image (H x W x C uint8): the center crop is a ROI, and
+    copyMakeBorder on a ROI takes the border from the image around it (OpenCV extends a ROI
+    into its parent), 0 beyond; then a pixel at (h, w) of the padded H' x W' image stays raw
+    where h < pad or w < pad or h > H' - pad or w > W' - pad, and is
+    nearbyint((p - mean) * scale) elsewhere (row H' - pad and column W' - pad included:
+    Intel's off-by-one)."""
+    image = np.asarray(hwc_u8).transpose(2, 0, 1)
     _, height, width = image.shape
-    h = np.arange(height).reshape(-1, 1)
-    w = np.arange(width).reshape(1, -1)
-    border = (h < pad) | (w < pad) | (h > height - pad) | (w > width - pad)
-    return np.where(border[None], F(0), value).astype(F)
+    crop_h, crop_w = (crop, crop) if crop else (height, width)
+    top, left = (height - crop_h) // 2, (width - crop_w) // 2
+    framed = np.zeros((image.shape[0], height + 2 * pad, width + 2 * pad), image.dtype)
+    framed[:, pad:pad + height, pad:pad + width] = image        # the parent image, 0 outside
+    padded = framed[:, top:top + crop_h + 2 * pad, left:left + crop_w + 2 * pad].astype(F)
+    mean = np.asarray(mean, F).reshape(-1, 1, 1)
+    value = (padded - mean) * F(scale)
+    value = np.rint(value) if pad else value
+    _, out_h, out_w = padded.shape
+    h = np.arange(out_h).reshape(-1, 1)
+    w = np.arange(out_w).reshape(1, -1)
+    border = (h < pad) | (w < pad) | (h > out_h - pad) | (w > out_w - pad)
+    return np.where(border[None], padded, value).astype(F)

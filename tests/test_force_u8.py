@@ -46,17 +46,26 @@ def test_bias_correction_is_128_over_s_in_times_the_weight_sum():
     assert got.dtype == np.float32
 
 
-def test_data_transform_pad_off_by_one():
-    image = np.full((1, 3, 3), 200, np.uint8)
+def test_data_transform_pad_border_and_off_by_one():
+    """What Intel's own transformer gave (tools/intel_check, intel_transform): no crop, so
+    the border is 0 -- left raw -- and row/column H - pad are normalized."""
+    image = np.full((3, 3, 1), 200, np.uint8)
     got = ref.force_u8_data(image, [100.0], 0.5, 1)
-    # 5x5: border 0; rows/cols 1..3 interior rint(50.0)=50; row 4 / col 4 padding -> 0;
-    # Intel computes row H - pad = 4 and column 4 as well: rint((0 - 100) * 0.5) = -50
     expected = np.array([[0, 0, 0, 0, 0],
                          [0, 50, 50, 50, -50],
                          [0, 50, 50, 50, -50],
                          [0, 50, 50, 50, -50],
                          [0, -50, -50, -50, -50]], F)
     np.testing.assert_array_equal(got[0], expected)
+    # with a crop the border comes from the image around it: raw on the top/left, normalized
+    # on the bottom/right (the off-by-one), 0 beyond the image
+    image = np.arange(25, dtype=np.uint8).reshape(5, 5, 1) * 10
+    got = ref.force_u8_data(image, [0.0], 0.5, 2, crop=3)    # crop rows/cols 1..3 of 5
+    assert got.shape == (1, 7, 7)
+    np.testing.assert_array_equal(got[0, 0], np.zeros(7))          # beyond the image: 0
+    np.testing.assert_array_equal(got[0, 1, 1:6], image[0, :, 0])  # row 0 of the image, raw
+    np.testing.assert_array_equal(got[0, 5, 2:6], np.rint(image[4, 1:5, 0] * F(0.5)))
+    np.testing.assert_array_equal(got[0, 6], np.zeros(7))
 
 
 NET = """name: "fu"
@@ -113,11 +122,6 @@ def make_net(folder: Path, data_type="ImageData", seed=1):
     return prototxt, caffemodel, images, weights
 
 
-def crop(image, size=12):
-    off = (image.shape[0] - size) // 2
-    return image[off:off + size, off:off + size].transpose(2, 0, 1)
-
-
 def fold(weights):
     w = weights["conv1"][0].astype(np.float64)
     mean, var, factor = (b.astype(np.float64) for b in weights["bn1"])
@@ -134,8 +138,8 @@ def qparam(net, name):
 def reference_outputs(fu_net, new_weights, images):
     """Intel's integers for the first batch of the -fu files, numpy only."""
     data = next(l for l in fu_net.layer if l.name == "data").transform_param
-    x = np.stack([ref.force_u8_data(crop(im), list(data.mean_value), data.scale, data.pad)
-                  for im in images[:4]])
+    x = np.stack([ref.force_u8_data(im, list(data.mean_value), data.scale, data.pad,
+                                    crop=data.crop_size) for im in images[:4]])
     blobs = {l.name: [np.asarray(b.data, F).reshape(tuple(b.shape.dim)) for b in l.blobs]
              for l in new_weights.layer if len(l.blobs)}
     def conv(name, q_in, pad, out_dtype):
@@ -287,3 +291,26 @@ def test_refusals_name_the_reason(tmp_path, capsys, change, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "-fu" in err[0] and message in err[0]
     assert not (tmp_path / "net_quantized.prototxt").exists()
+
+
+def test_a_first_conv_the_search_made_fp32_skips_fu_only(tmp_path, capsys):
+    from calibrator.config import RunConfig
+    from calibrator.pipeline import Pipeline
+    from calibrator.quant.calibrate import calibrate
+    from calibrator.quant.scales import QuantOptions, UnitChoice
+    from calibrator.writers import OutputContext
+
+    prototxt, caffemodel, _, _ = make_net(tmp_path)
+    options = QuantOptions(first_conv=True, force_u8=True)
+    config = RunConfig(prototxt, caffemodel, quant=options, quiet=True)
+    model = load_model(prototxt, caffemodel)
+    calibration = calibrate(model, options, 1, quiet=True)
+    plan = calibration.plan({"conv1": UnitChoice(fp32=True)})
+    pipeline = Pipeline(config)
+    paths = pipeline.output_paths()
+    pipeline.write(paths, OutputContext(model, calibration.fused, plan, calibration.stats))
+    err = capsys.readouterr().err
+    assert "'conv1' is FP32 in the final plan" in err and "not written" in err
+    assert (tmp_path / "net_quantized.prototxt").exists()
+    assert not (tmp_path / "net_quantized_force_u8.prototxt").exists()
+    assert not (tmp_path / "net_new.caffemodel").exists()

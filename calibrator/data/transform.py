@@ -7,12 +7,14 @@ mean image (``mean_file``) cut at the same crop offset, exactly as Caffe indexes
 
 Intel Caffe's ``pad`` (TransformationParameter 19, written by ``first_conv_force_u8.py``),
 as ``DataTransformer::Transform(const cv::Mat&, ...)`` computes it
-(``src/caffe/data_transformer.cpp`` :1083-1124, only for decoded images): the crop gets a
-border of ``pad`` zero pixels (``cv::copyMakeBorder``, BORDER_CONSTANT 0); a pixel at row h,
-column w of the padded H x W image is left raw (0) when ``h < pad or w < pad or
-h > H - pad or w > W - pad``, else ``nearbyint((pixel - mean) * scale)`` with mean values
-(``pixel * scale`` without) -- so row ``H - pad`` and column ``W - pad``, padding too, get
-``nearbyint(-mean * scale)`` (Intel's off-by-one).
+(``src/caffe/data_transformer.cpp`` :1062-1124, only for decoded images, and measured with
+Intel's own transformer by ``make intel-check``): the crop is a view into the image, and
+``cv::copyMakeBorder(crop, crop, pad, ..., BORDER_CONSTANT, 0)`` on such a view takes the
+border from the image around it where there is one (OpenCV extends a ROI into its parent),
+zeros beyond. A pixel at row h, column w of the padded H x W result is then left *raw*
+(0..255, not normalized) when ``h < pad or w < pad or h > H - pad or w > W - pad``, and is
+``nearbyint((pixel - mean) * scale)`` otherwise (``pixel * scale`` without mean values): row
+``H - pad`` and column ``W - pad``, padding too, are normalized (Intel's off-by-one).
 """
 
 from __future__ import annotations
@@ -136,10 +138,11 @@ class Transform:
         if self.warp is not None:
             height, width, interpolation = self.warp
             image = cv2.resize(image, (width, height), interpolation=interpolation)
-        chw = self._check_and_crop(image[None] if image.ndim == 2 else image.transpose(2, 0, 1))
-        if self.pad:  # cv::copyMakeBorder(..., BORDER_CONSTANT, 0)
-            chw = np.pad(chw, ((0, 0), (self.pad, self.pad), (self.pad, self.pad)))
-        return chw
+        chw = image[None] if image.ndim == 2 else image.transpose(2, 0, 1)
+        if self.pad:
+            self._check_and_crop(chw)  # the same checks
+            return self._crop_with_border(chw)
+        return self._check_and_crop(chw)
 
     def prepare_chw(self, chw: np.ndarray) -> np.ndarray:
         """A CxHxW sample of a raw Datum (uint8 or float32) -> cropped, contiguous."""
@@ -161,6 +164,20 @@ class Transform:
                               f"{_shape(self.mean_image.shape)}")
         return np.ascontiguousarray(self._crop(chw))
 
+    def _crop_with_border(self, chw: np.ndarray) -> np.ndarray:
+        """The crop and ``pad`` pixels around it, from the image where it has them, 0 beyond
+        (``cv::copyMakeBorder`` on a ROI, BORDER_CONSTANT 0)."""
+        channels, height, width = chw.shape
+        crop_h, crop_w = self.crop if self.crop[0] else (height, width)
+        top, left = (height - crop_h) // 2, (width - crop_w) // 2
+        pad = self.pad
+        out = np.zeros((channels, crop_h + 2 * pad, crop_w + 2 * pad), chw.dtype)
+        rows = slice(max(top - pad, 0), min(top + crop_h + pad, height))
+        cols = slice(max(left - pad, 0), min(left + crop_w + pad, width))
+        out[:, rows.start - (top - pad):rows.stop - (top - pad),
+            cols.start - (left - pad):cols.stop - (left - pad)] = chw[:, rows, cols]
+        return out
+
     def _crop(self, chw: np.ndarray) -> np.ndarray:
         if not self.crop[0]:
             return chw
@@ -174,7 +191,7 @@ class Transform:
     # --- per batch ---------------------------------------------------------------------
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         """NCHW uint8 (or float32) -> float32 ``(x - mean) * scale`` in Caffe's order."""
-        x = batch.to(torch.float32)
+        x = raw = batch.to(torch.float32)
         if self._mean is not None:
             x = x - self._mean
         if self.scale != 1.0:
@@ -187,7 +204,7 @@ class Transform:
             cols = torch.arange(width).view(1, -1)
             border = ((rows < self.pad) | (cols < self.pad) | (rows > height - self.pad)
                       | (cols > width - self.pad))
-            x = x.masked_fill_(border, 0.0)          # the raw padding pixel
+            x = torch.where(border, raw, x)          # left raw there
         return x
 
 

@@ -368,6 +368,61 @@ def deploy_of(prototxt: Path, feeds: dict, out: Path) -> Path:
     return write_net(out, deploy)
 
 
+TRANSFORM = REPO / "build/intel_check/intel_transform"
+
+#: (name, transform_param, image size): Intel's pad path with and without a crop, a crop
+#: margin smaller than the pad, one or no mean value
+TRANSFORMS = [
+    ("crop_margin_1_pad_2", "scale: 0.913 mean_value: 104 mean_value: 117 mean_value: 123 "
+                            "crop_size: 12 pad: 2", 14),
+    ("crop_margin_16_pad_1", "scale: 0.017 mean_value: 103.53 mean_value: 116.28 "
+                             "mean_value: 123.675 crop_size: 32 pad: 1", 64),
+    ("no_crop_pad_3", "scale: 0.841059625 mean_value: -48.18897 mean_value: -35.18897 "
+                      "mean_value: -29.18897 pad: 3", 20),
+    ("one_mean_value_pad_2", "scale: 0.5 mean_value: 100 crop_size: 10 pad: 2", 17),
+    ("no_mean_value_pad_2", "scale: 0.75 crop_size: 10 pad: 2", 13),
+]
+
+
+def transformer_check(work: Path) -> list[dict]:
+    """Our ImageData source against Intel's own DataTransformer (intel_transform) on
+    image-like pictures: every value equal."""
+    import cv2
+
+    from calibrator.data import build_data_source
+
+    results = []
+    for name, transform, size in TRANSFORMS:
+        folder = work / "transform" / name
+        images = folder / "img"
+        if not images.exists():
+            image_like(images, 3, size, seed=len(name))
+        names = sorted(p.name for p in images.iterdir())
+        (folder / "list.txt").write_text("".join(f"{n} 0\n" for n in names))
+        text = (f'layer {{ name: "data" type: "ImageData" top: "data" top: "label" '
+                f'transform_param {{ {transform} }} image_data_param {{ source: '
+                f'"{folder}/list.txt" root_folder: "{images}/" batch_size: {len(names)} }} }}')
+        (folder / "net.prototxt").write_text(text)
+        layer = read_net(folder / "net.prototxt").layer[0]
+        ours = build_data_source(layer, folder).batch(0)["data"].numpy()
+        worst, differ = 0.0, 0
+        for i, image in enumerate(names):
+            out = folder / f"intel_{i}.npy"
+            done = subprocess.run([str(TRANSFORM), str(folder / "net.prototxt"), "data",
+                                   str(images / image), str(out)], capture_output=True,
+                                  text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"intel_transform failed: {done.stderr[-300:]}")
+            intel = np.load(out)[0]
+            diff = np.abs(intel.astype(np.float64) - ours[i])
+            worst, differ = max(worst, float(diff.max())), differ + int((diff > 0).sum())
+            assert cv2 is not None
+        results.append({"case": f"transformer_{name}", "ok": worst == 0.0, "agrees": worst == 0.0,
+                        "intel_defect": None, "max_abs": worst, "differ": differ,
+                        "shape": list(ours.shape)})
+    return results
+
+
 SHARED = Path(os.environ.get("CALIBRATOR_SHARED", REPO.parent / "shared"))
 
 
@@ -440,7 +495,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", help="keep the files here (default: a temporary folder)")
-    parser.add_argument("--group", action="append", choices=sorted(CASE_GROUPS),
+    parser.add_argument("--group", action="append", choices=sorted(CASE_GROUPS) + ["transformer"],
                         help="only these groups of cases (default: all)")
     parser.add_argument("--json", help="write the results as JSON")
     args = parser.parse_args(argv)
@@ -454,7 +509,19 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(args.work or scratch).resolve()
         results = []
-        for group in args.group or list(CASE_GROUPS):
+        groups = args.group or list(CASE_GROUPS) + ["transformer"]
+        if "transformer" in groups:
+            if TRANSFORM.exists():
+                for result in transformer_check(work):
+                    results.append(result)
+                    print(f"== {result['case']}: {'OK' if result['ok'] else 'DIFFERENT'} "
+                          f"(Intel's DataTransformer vs ours, {result['shape']}: max|diff| "
+                          f"{result['max_abs']:.3g}, {result['differ']} values differ)",
+                          flush=True)
+            else:
+                print("== transformer: skipped (intel_transform not built: it needs OpenCV's "
+                      "headers, libopencv-imgcodecs-dev)")
+        for group in [g for g in groups if g in CASE_GROUPS]:
             for case in CASE_GROUPS[group](work):
                 result = compare(case, work / "intel")
                 results.append(result)
