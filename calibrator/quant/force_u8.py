@@ -7,9 +7,9 @@ and ``mean_value`` m_c:
 * data layer: ``scale' = s_in * sigma``, ``mean_value'_c = m_c - 128 / scale'``,
   ``pad`` = the first conv's old ``pad``: the transformer then writes
   ``v = nearbyint((p - m') * scale') = nearbyint(s_in (p - m) sigma + 128)``, a u8 value
-  whose real value is ``(v - 128) / s_in``; the padding border is 0, i.e. ``-128 / s_in``
-  rather than 0 (``data_transformer.cpp`` :1083-1124; see :mod:`calibrator.data.transform`
-  for the off-by-one last padded row and column);
+  whose real value is ``(v - 128) / s_in``; the border is not a zero padding but the image
+  around the crop, raw on the top/left, normalized on the off-by-one bottom/right
+  (``data_transformer.cpp`` :1062-1124; see :mod:`calibrator.data.transform`);
 * first conv: ``pad: 0``, ``force_u8_input: true``, no ``is_negative_input``, ``scale_in``
   kept (Intel uses it for the output and bias scales; only the input reorder uses 1.0,
   ``mkldnn_convolution_layer.cpp`` :485-490); ``scale_params`` halved unless ``-clx``
