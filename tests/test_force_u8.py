@@ -314,3 +314,21 @@ def test_a_first_conv_the_search_made_fp32_skips_fu_only(tmp_path, capsys):
     assert (tmp_path / "net_quantized.prototxt").exists()
     assert not (tmp_path / "net_quantized_force_u8.prototxt").exists()
     assert not (tmp_path / "net_new.caffemodel").exists()
+
+
+def test_bias_correction_reaches_the_force_u8_caffemodel(tmp_path):
+    """With --weights-out (bias correction), the _new.caffemodel carries the corrected
+    biases too: conv2's is the corrected caffemodel's, conv1's b'' is computed from its
+    corrected folded bias."""
+    prototxt, caffemodel, _, _ = make_net(tmp_path)
+    assert main(["-m", str(prototxt), "-w", str(caffemodel), "-1st", "-fu", "-q", "-s", "2",
+                 "--quiet", "--weights-out", str(tmp_path / "corrected.caffemodel")]) == 0
+    corrected = read_caffemodel(tmp_path / "corrected.caffemodel")
+    new = read_caffemodel(tmp_path / "net_new.caffemodel")
+    original = read_caffemodel(caffemodel)
+    assert not np.array_equal(corrected["conv2"][1], original["conv2"][1])
+    np.testing.assert_array_equal(new["conv2"][1], corrected["conv2"][1])
+    s_in = qparam(read_net(tmp_path / "net_quantized.prototxt"), "conv1").scale_in[0]
+    w_fold, b_fold = fold(corrected)                # the Scale's beta carries conv1's shift
+    np.testing.assert_allclose(new["conv1"][1], new_first_bias(w_fold, b_fold, s_in),
+                               rtol=1e-5, atol=1e-4)

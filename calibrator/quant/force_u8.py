@@ -17,7 +17,8 @@ and ``mean_value`` m_c:
 * weights (the first conv needs a bias, its own or from a folded BatchNorm): Intel saves its compiled net (``net.save``), so BatchNorm/Scale are folded into
   every convolution (W', b'), and the first conv's bias becomes
   ``b''_o = b'_o - (128 / s_in) * sum(W'_o)`` over input channels and kernel positions
-  (numpy float32 sum, the rest in float64, stored as float32, as the script computes it).
+  (numpy float32 sum, the rest in float64, stored as float32, as the script computes it);
+  a bias correction of the plan (``--weights-out``'s) is in the biases too.
 
 Intel's script needs a ``Data`` layer with three mean values; this also takes ImageData
 and an Input fed by ``--images`` (the preprocessing then goes into the Input layer's
@@ -103,13 +104,16 @@ def _check_conv(param) -> int:
     return int(conv.pad[0]) if len(conv.pad) else 0
 
 
-def _compiled_weights(model, fused: FusedGraph, first: str, scale_in: float
-                      ) -> caffe_pb2.NetParameter:
+def _compiled_weights(model, fused: FusedGraph, plan: QuantPlan, first: str, scale_in: float
+                      ) -> tuple[caffe_pb2.NetParameter, list[str]]:
     """The TEST net as Intel compiles it (BatchNorm/Scale folded into their convs, which
-    gain a bias and write the folded layers' top), full layer definitions with blobs."""
+    gain a bias and write the folded layers' top), full layer definitions with blobs, the
+    plan's bias correction in the INT8 units' biases; and the layers given a bias they did
+    not have (their prototxt needs ``bias_term: true``)."""
     out = caffe_pb2.NetParameter(name=model.test_param.name)
     folded = {n.name for unit in fused.units for n in unit.folded}
     units = {unit.name: unit for unit in fused.units}
+    new_bias = []
     for layer in model.test_param.layer:
         if layer.name in folded:
             continue
@@ -118,14 +122,19 @@ def _compiled_weights(model, fused: FusedGraph, first: str, scale_in: float
         copy.ClearField("blobs")
         copy.ClearField("quantization_param")
         unit = units.get(layer.name)
-        if unit is not None and (unit.folded or unit.name == first):
-            weight, bias = folded_weights(unit)
+        lq = plan.layers.get(layer.name)
+        shift = (lq.bias_shift if lq is not None and layer.name not in plan.excluded
+                 else None)
+        if unit is not None and (unit.folded or unit.name == first or shift is not None):
+            weight, bias = folded_weights(unit, shift)
             weight = weight.detach().cpu().numpy().astype(np.float32)
             bias = bias.detach().cpu().numpy().astype(np.float32)
             if unit.name == first:
                 bias = new_first_bias(weight, bias, scale_in)
             if unit.folded:
                 copy.top[0] = unit.folded[-1].tops[0]
+            elif unit.layer.module.weight_bias()[1] is None:
+                new_bias.append(layer.name)
             param = (copy.convolution_param if unit.kind == "conv"
                      else copy.inner_product_param)
             param.bias_term = True
@@ -136,7 +145,7 @@ def _compiled_weights(model, fused: FusedGraph, first: str, scale_in: float
             blob = copy.blobs.add()
             blob.shape.dim.extend(int(d) for d in array.shape)
             blob.data.extend(np.asarray(array, np.float32).ravel())
-    return out
+    return out, new_bias
 
 
 def check_force_u8(model, fused: FusedGraph):
@@ -184,7 +193,12 @@ def force_u8(model, fused: FusedGraph, plan: QuantPlan, cascade_lake: bool) -> F
     means = means * channels if len(means) == 1 else means or [0.0] * channels
     scale, mean = new_preprocessing(lq.scale_in, transform.scale, means)
 
+    weights, new_bias = _compiled_weights(model, fused, plan, unit.name, lq.scale_in)
     net_param = annotate(model.net_param, plan)
+    for layer in net_param.layer:          # a bias correction gave these a bias blob
+        if layer.name in new_bias:
+            (layer.inner_product_param if layer.type == "InnerProduct"
+             else layer.convolution_param).bias_term = True
     conv = _test_layer(net_param, unit.name, unit.layer.type)
     if len(conv.convolution_param.pad):
         conv.convolution_param.pad[0] = 0
@@ -206,6 +220,6 @@ def force_u8(model, fused: FusedGraph, plan: QuantPlan, cascade_lake: bool) -> F
             if len(shape.dim) == 4:
                 shape.dim[2] += 2 * pad
                 shape.dim[3] += 2 * pad
-    return ForceU8(net_param, _compiled_weights(model, fused, unit.name, lq.scale_in),
+    return ForceU8(net_param, weights,
                    unit.name, data.name, float(lq.scale_in), float(np.float32(scale)),
                    [float(np.float32(m)) for m in mean], pad, not cascade_lake)
