@@ -77,7 +77,7 @@ class Pipeline:
         excluded = context.plan.excluded
         if excluded and context.backend is not None and context.backend.name == "intel":
             print(f"warning: {len(excluded)} layer(s) stay FP32 in the prototxt, because of "
-                  f"Intel Caffe's fused-sum rules: "
+                  f"Intel Caffe's runtime (fused sums, BatchNorm on INT8): "
                   + "; ".join(f"{name} ({why})" for name, why in excluded.items()),
                   file=sys.stderr, flush=True)
         for name, path in paths.items():

@@ -197,6 +197,62 @@ def test_fused_sum_writes_the_residual_type_and_clips_a_255_scale():
     np.testing.assert_array_equal(out["s"], ref.dequantize(qs, lb.scale_out))
 
 
+PRE_ACTIVATION = residual_net().replace(
+    eltwise_text("add", "r", "b", "s"),
+    eltwise_text("add", "r", "b", "s")
+    + 'layer { name: "bn_s" type: "BatchNorm" bottom: "s" top: "t" }\n'
+    + 'layer { name: "scale_s" type: "Scale" bottom: "t" top: "t" '
+      'scale_param { bias_term: true } }\n'
+    + relu_text("relu_t", "t")).replace('bottom: "s" top: "n"', 'bottom: "t" top: "n"')
+
+
+def test_int8_data_never_reaches_a_standalone_batchnorm():
+    """Pre-activation ResNets (res10 SSD): the sum feeds BatchNorm + Scale + ReLU. Intel's
+    MKLDNN BatchNorm runs on its input's memory as is: INT8 data becomes integers at scale
+    1.0 (make intel-check, sum_conv_*). A sum conv cannot write FP32 (it writes its
+    residual's type), so it runs FP32 with its residual's producer."""
+    net = TinyNet(PRE_ACTIVATION, seed=27)
+    plan = plan_of(net)
+    assert net.fused.by_name["convb"].eltwise.name == "add"
+    assert "BatchNorm 'bn_s'" in plan.excluded["convb"]
+    assert "aborts" in plan.excluded["convr"]
+    assert plan.layers["convn"].input_unsigned and "convn" not in plan.excluded
+
+
+def test_a_sum_conv_written_fp32_computes_its_residual_type_at_scale_one():
+    """Intel's force_fp32_opt writes bw_layer_out 32 for a sum read by a BatchNorm; the
+    kernel writes the residual's type anyway, s8 at scale 1.0: integers clipped at 127
+    (res10's simulated mAP fell from 0.98 to 0.11 with such a plan)."""
+    net = TinyNet(PRE_ACTIVATION, seed=27)
+    plan = plan_of(net)
+    plan.excluded.clear()                             # as Intel's calibrator writes it
+    lb = plan.layers["convb"]
+    lb.output_int8, lb.scale_out = False, 1.0
+    out = run(net, plan)
+    q0 = first_layer_integers(net, plan, "conv0")
+    lr = plan.layers["convr"]
+    s0 = plan.layers["conv0"].scale_out
+    qr = conv(net, plan, "convr", ref.reorder(q0, s0, lr.scale_in, "u8"), "s8")
+    qs = conv(net, plan, "convb", ref.reorder(q0, s0, lb.scale_in, "u8"), "s8", pad=1,
+              q_res=qr, res_scale=lr.scale_out)
+    np.testing.assert_array_equal(out["s"], qs.astype(np.float32))
+
+
+def test_a_plain_conv_feeding_a_standalone_batchnorm_writes_fp32():
+    text = (input_text((2, 3, 6, 6))
+            + conv_text("conv0", "data", "c0", 4, 3) + relu_text("relu0", "c0")
+            + conv_text("c1", "c0", "x", 4, 3) + relu_text("relu1", "x")
+            + 'layer { name: "pool" type: "Pooling" bottom: "x" top: "p" '
+              'pooling_param { pool: MAX kernel_size: 2 stride: 2 } }\n'
+            + 'layer { name: "bn" type: "BatchNorm" bottom: "p" top: "b" }\n'
+            + conv_text("c2", "b", "y", 4, 1) + relu_text("relu2", "y")
+            + conv_text("last", "y", "out", 3, 1))
+    net = TinyNet(text, seed=28)
+    plan = plan_of(net)
+    assert not plan.layers["c1"].output_int8
+    assert "BatchNorm 'bn'" in plan.layers["c1"].notes[-1]
+
+
 def test_an_fp32_residual_makes_the_fused_conv_fp32():
     net = TinyNet(residual_net(), seed=17)
     plan = plan_of(net)

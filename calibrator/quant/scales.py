@@ -159,7 +159,7 @@ def build_plan(fused: FusedGraph, stats: dict, options: QuantOptions,
     choices = dict(choices or {})
     layers = _build_layers(fused, stats, options, choices)
     _decide_output_precision(fused, layers, options)
-    excluded = _fp32_residual_units(fused, layers)
+    excluded = _fp32_residual_units(fused, layers, _int8_into_batchnorm(fused, layers))
     _residual_data_types(fused, layers, options, excluded)
     if options.cac_rule:
         _average_pooling_rule(fused, layers, options, excluded)
@@ -168,7 +168,33 @@ def build_plan(fused: FusedGraph, stats: dict, options: QuantOptions,
     return QuantPlan(layers, options, choices, excluded)
 
 
-def _fp32_residual_units(fused: FusedGraph, layers: dict) -> dict[str, str]:
+def _int8_into_batchnorm(fused: FusedGraph, layers: dict) -> dict[str, str]:
+    """Keep INT8 data away from a BatchNorm no conv folds (pre-activation ResNets: the sum
+    feeds BatchNorm + Scale + ReLU). Intel's MKLDNN BatchNorm takes its input's memory
+    descriptor as is (``mkldnn_batch_norm_layer.cpp`` :202-221): INT8 data is reordered to
+    scale 1.0 (integer real values), normalized as integers and written back at scale 1.0
+    (measured: ``make intel-check``, sum_conv_*). A plain unit there writes FP32 instead; a
+    conv with a fused sum cannot (it writes its residual's type), so it is returned to run
+    FP32 entirely (and with it its residual's producers, see _fp32_residual_units)."""
+    found = {}
+    for node in fused.net.nodes:
+        if node.type != "BatchNorm" or node.index in fused.unit_of_node:
+            continue
+        for unit in fused.upstream_units(fused.input_of(node))[0]:
+            lq = layers.get(unit.name)   # a sum conv writes INT8 whatever its bw_layer_out
+            if lq is None or not (lq.output_int8 or unit.residual is not None):
+                continue
+            why = (f"feeds the BatchNorm '{node.name}', which Intel runs on INT8 data as "
+                   "integers at scale 1.0")
+            if unit.residual is not None:
+                found[unit.name] = why
+            else:
+                _to_fp32(lq, why)
+    return found
+
+
+def _fp32_residual_units(fused: FusedGraph, layers: dict,
+                         seed: dict[str, str] | None = None) -> dict[str, str]:
     """Quantized units Intel Caffe must run in FP32 around its fused sums, and why.
 
     * A conv + sum runs FP32 when its residual is not INT8 of one data type
@@ -181,7 +207,7 @@ def _fp32_residual_units(fused: FusedGraph, layers: dict) -> dict[str, str]:
     * It computes garbage (NaN, 1e33) in a conv + sum whose residual an INT8 conv wrote as
       FP32, while an FP32 conv's output works, so such a producer runs FP32 entirely.
     (Both measured by ``make intel-check``, cases fp32_residual_* and fp32_sum_conv_*.)"""
-    found: dict[str, str] = {}
+    found: dict[str, str] = dict(seed or {})
 
     def fp32(name: str) -> bool:
         return name not in layers or name in found
@@ -223,15 +249,23 @@ def _fp32_residual_units(fused: FusedGraph, layers: dict) -> dict[str, str]:
 
 def _residual_data_types(fused: FusedGraph, layers: dict, options: QuantOptions,
                          excluded: dict) -> None:
-    """A fused sum writes its residual's data type: with an s8 residual the output is s8
-    even after a ReLU, so it is scaled by 127/T (Intel's own calibrator keeps 255/T and so
-    clips at T/2)."""
+    """A fused sum writes its residual's data type (``mkldnn_convolution_layer.cpp``
+    :287-310, whatever ``bw_layer_out`` says): with an s8 residual the output is s8 even
+    after a ReLU, so it is scaled by 127/T (Intel's own calibrator keeps 255/T and so clips at
+    T/2), and an FP32 output (``bw_layer_out: 32``, scale 1.0, which force_fp32_opt gives a
+    sum read by a standalone BatchNorm, as in pre-activation ResNets) would be that type at
+    scale 1.0, integers clipped at 127: such a unit keeps an INT8 output."""
     for unit in fused.units:
         lq = layers.get(unit.name)
-        if lq is None or unit.residual is None or not lq.output_int8 or unit.name in excluded:
+        if lq is None or unit.residual is None or unit.name in excluded:
             continue
         producers, _ = fused.upstream_units(unit.residual)
         unsigned = layers[producers[0].name].output_unsigned
+        if not lq.output_int8:
+            lq.output_int8 = True
+            lq.output_unsigned = not unsigned  # recomputed just below
+            lq.notes.append("INT8 output after all: an FP32 output of a conv with a fused sum "
+                            "is its residual's INT8 type at scale 1.0 in Intel's kernel")
         if unsigned == lq.output_unsigned:
             continue
         lq.output_unsigned = unsigned

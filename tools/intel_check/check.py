@@ -281,6 +281,19 @@ def rule_cases(work: Path) -> list[Case]:
 
     add("reverted_sum_conv_runs", rules.residual_net(), 17, revert_sum_conv,
         ["the sum conv reverted to FP32 as the search does: its residual's producer runs FP32"])
+    def fp32_sum_output(net, plan):   # as Intel's calibrator writes it (force_fp32_opt)
+        plan.excluded.clear()
+        plan.layers["convb"].output_int8 = False
+        plan.layers["convb"].scale_out = 1.0
+
+    add("int8_kept_from_standalone_batchnorm", rules.PRE_ACTIVATION, 27,
+        notes=["the sum read by a standalone BatchNorm: our plan runs the sum conv (and its "
+               "residual's producer) FP32"])
+    add("sum_conv_fp32_output_is_s8_at_1", rules.PRE_ACTIVATION, 27, fp32_sum_output,
+        ["bw_layer_out 32 on the sum conv, as force_fp32_opt writes it: s8 at scale 1.0; the "
+         "BatchNorm after it then runs on the integers (not simulated, our plans avoid it)"],
+        defect="Intel's MKLDNN BatchNorm on INT8 data normalizes the integers at scale 1.0 "
+               "(blob t); our plans never feed it INT8")
     add("concat_requantizes", rules.concat_net(), 18)
     add("concat_u8_s8_goes_fp32", rules.concat_net(relu_b=False), 19)
     ave = (rules.input_text((2, 3, 7, 7))
