@@ -9,7 +9,8 @@ from calibrator.data.feed import batches
 from calibrator.metrics import BatchOutcome, Metric, measure
 from calibrator.quant.estimators import HISTOGRAM, statistics_needed
 from calibrator.quant.fusion import FusedGraph, analyze
-from calibrator.quant.scales import QuantOptions, QuantPlan, UnitChoice, build_plan
+from calibrator.quant.scales import (QuantOptions, QuantPlan, UnitChoice, build_plan,
+                                     kept_fp32)
 from calibrator.quant.simulate import FoldedFP32
 from calibrator.quant.statistics import collect
 
@@ -39,6 +40,7 @@ def calibrate(model, options: QuantOptions, sampling_iterations: int, *,
     statistics batches if needed) are kept in ``calibration.fp32``: the search's FP32
     evaluation reads the same batches, so it costs no pass of its own."""
     fused = analyze(model.net, quantize_fc=options.quantize_fc)
+    kept_fp32(fused)  # weights that cannot be quantized fail here, before the passes
     needs = (frozenset({HISTOGRAM}) if estimators is None
              else statistics_needed([options.estimator, *estimators]))
     overrides = FoldedFP32(fused).overrides

@@ -80,6 +80,8 @@ class FusedGraph:
         self._version_of = version_of  # (node index, bottom name) -> BlobRef read there
         self.unit_of_node = {n.index: u for u in units for n in u.nodes}
         self.unit_by_output = {u.output.key: u for u in units}
+        #: units that stay FP32 whatever the options, and why (quant.scales.kept_fp32)
+        self.kept_fp32: dict[str, str] | None = None
 
     def input_of(self, node: Node, bottom: int = 0) -> BlobRef:
         return self._version_of[(node.index, node.bottoms[bottom])]
