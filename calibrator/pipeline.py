@@ -8,6 +8,7 @@ the best configuration written)."""
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from dataclasses import replace
@@ -15,19 +16,23 @@ from pathlib import Path
 
 from calibrator.backends import make_backend
 from calibrator.config import RunConfig
-from calibrator.errors import CalibratorError
+from calibrator.errors import CalibratorError, shorten
 from calibrator.metrics import default_metric_blob, loss, make_metric
 from calibrator.model import load_model, select_device
+from calibrator.outputs import OutputPlan, data_inputs, option_inputs
 from calibrator.quant.calibrate import calibrate
 from calibrator.quant.layerwise import calibration_subset, layerwise
 from calibrator.quant.fusion import analyze
-from calibrator.report import layer_table, trace_table, unit_cosines, write_report
+from calibrator.quant.scales import eligible_units, kept_fp32
+from calibrator.report import (REPORT_FILES, layer_table, trace_table, unit_cosines,
+                               write_report)
 from calibrator.search import Evaluator, Search, SearchState
 from calibrator.search.adjust import ESTIMATORS as ADJUST_ESTIMATORS
 from calibrator.search.countermeasures import forced_choices
 from calibrator.writers import OutputContext, get_writer, quantized_prototxt_path, writers
 
 EXIT_MET, EXIT_NOT_MET = 0, 1
+log = logging.getLogger(__name__)
 
 
 class Pipeline:
@@ -41,26 +46,44 @@ class Pipeline:
 
     # -- steps -------------------------------------------------------------------------------
     def output_paths(self) -> dict[str, Path]:
-        """Every output file, the prototxt's default filled in, checked against the inputs."""
+        """Every output file by writer name, the prototxt's default filled in, each checked
+        before any work (calibrator.outputs): writable, not a folder, not an input given on
+        the command line, no two the same. ``check_data_files`` later checks them against
+        the files the loaded net reads."""
         config = self.config
-        paths = {"prototxt": config.outputs.get("prototxt")
-                 or quantized_prototxt_path(config.model)}
-        for writer in writers():
-            if writer.name in config.outputs and writer.name != "prototxt":
-                paths[writer.name] = config.outputs[writer.name]
-        inputs = (config.model.resolve(), config.weights.resolve())
-        for name, path in paths.items():
-            if Path(path).resolve() in inputs:
-                raise CalibratorError(f"{path}: the {name} output would overwrite an input")
+        plan = OutputPlan()
+        if config.performance_only:
+            paths = {"performance": quantized_prototxt_path(config.model, "_dummy")}
+            plan.file("-p", paths["performance"])
+        else:
+            paths = {"prototxt": config.outputs.get("prototxt")
+                     or quantized_prototxt_path(config.model)}
+            for writer in writers():
+                if writer.name in config.outputs and writer.name != "prototxt":
+                    paths[writer.name] = config.outputs[writer.name]
+            for name, path in paths.items():
+                writer = get_writer(name)
+                plan.file("--output" if name == "prototxt" else writer.option or name, path)
+            if not config.quantize_only:
+                plan.file("the search state", search_state_path(paths["prototxt"]))
+            if config.report is not None:
+                plan.folder("--report", config.report, REPORT_FILES.__contains__)
+        plan.check(inputs=[config.model, config.weights,
+                           *option_inputs(config.detection_list)])
+        self.plan = plan
         return paths
+
+    def check_data_files(self, model) -> None:
+        """The outputs against every file the loaded net reads (image lists, images, mean
+        files, LMDBs, label maps): before any batch is read."""
+        self.plan.check_inputs(data_inputs(model))
 
     def write(self, paths: dict[str, Path], context: OutputContext) -> None:
         excluded = context.plan.excluded
         if excluded and context.backend is not None and context.backend.name == "intel":
-            print(f"warning: {len(excluded)} layer(s) stay FP32 in the prototxt, because of "
-                  f"Intel Caffe's fused-sum rules: "
-                  + "; ".join(f"{name} ({why})" for name, why in excluded.items()),
-                  file=sys.stderr, flush=True)
+            log.warning("%d layer(s) stay FP32 in the prototxt, because of Intel Caffe's "
+                        "fused-sum rules: %s", len(excluded),
+                        "; ".join(f"{name} ({why})" for name, why in excluded.items()))
         for name, path in paths.items():
             get_writer(name).write(path, context)
             if name == "weights":
@@ -70,25 +93,39 @@ class Pipeline:
                 print(f"{name} output written: {path}")
 
     def metric(self, model):
+        """The metric the search keeps within -l: by default the Accuracy (or, -d 1,
+        DetectionEvaluate) top; ``-n`` must name one of those, unless --metric says how to
+        score another blob (``mean``, ``agreement``)."""
         config = self.config
         blob = config.blob
         if not blob and config.metric in ("blob", "accuracy", "map"):
             blob = default_metric_blob(model.test_param, config.detection)
-        return make_metric(model.net, blob, config.metric, ap_version=config.ap_version)
+        metric = make_metric(model.net, blob, config.metric, ap_version=config.ap_version)
+        if config.metric == "blob" and metric.kind == "mean":
+            producer = next((n for n in reversed(model.net.nodes) if blob in n.tops), None)
+            what = (f"a top of {producer.type} layer '{shorten(producer.name)}'"
+                    if producer is not None else "an input of the net")
+            raise CalibratorError(
+                f"-n {shorten(blob)}: {what}, not a metric: name the top of an Accuracy or "
+                "DetectionEvaluate layer, or say how to score it with --metric agreement "
+                "(top-1 agreement with FP32 on a scores blob) or --metric mean")
+        return metric
 
     # -- the run -----------------------------------------------------------------------------
     def run(self) -> int:
         config = self.config
+        config.validate()
+        paths = self.output_paths()
+        device = select_device(config.gpu)
         model = load_model(config.model, config.weights, images=config.images,
-                           detection_list=config.detection_list,
-                           device=select_device(config.gpu))
+                           detection_list=config.detection_list, device=device)
+        self.check_data_files(model)
         backend = make_backend(config.runtime, config.target)
         if config.performance_only:
-            path = quantized_prototxt_path(config.model, "_dummy")
+            path = paths["performance"]
             get_writer("performance").write(path, OutputContext(model, analyze(model.net), None))
             print(f"performance-only prototxt written: {path}")
             return EXIT_MET
-        paths = self.output_paths()
         metric = None if config.quantize_only else self.metric(model)
         options = config.quant
         self.say(f"calibrating {len(model.test_param.layer)} layers on "
@@ -98,6 +135,7 @@ class Pipeline:
         calibration = calibrate(model, options, config.sampling_iterations, quiet=config.quiet,
                                 estimators=() if config.quantize_only else ADJUST_ESTIMATORS,
                                 metric=metric, iterations=config.iterations)
+        self.warn_kept_fp32(calibration.fused)
         if config.quantize_only:
             choices = {}
             if forced is not None:
@@ -130,6 +168,15 @@ class Pipeline:
         return layerwise(model.net, calibration.fused, calibration.stats, calibration.options,
                          choices, feeds, settings)
 
+    def warn_kept_fp32(self, fused) -> None:
+        """Say which layers stay FP32 because their weights cannot be quantized."""
+        kept = kept_fp32(fused)
+        for unit in eligible_units(fused, self.config.quant, include_kept=True):
+            if unit.name in kept:
+                layer = unit.layer
+                log.warning("layer '%s' (%s): %s; kept FP32", layer.name, layer.type,
+                            kept[unit.name])
+
     def forced_fix(self, backend) -> str | None:
         """--saturation-fix w7/half/s8 on a target that saturates; None for auto/off, or
         (with a warning) for a target that never saturates."""
@@ -137,8 +184,8 @@ class Pipeline:
         if fix in ("auto", "off"):
             return None
         if backend.target.exact:
-            print(f"warning: --saturation-fix {fix} ignored: --target {backend.target.name} "
-                  "never saturates", file=sys.stderr, flush=True)
+            log.warning("--saturation-fix %s ignored: --target %s never saturates", fix,
+                        backend.target.name)
             return None
         return fix
 
@@ -203,7 +250,7 @@ class Pipeline:
     def search_state(self, prototxt: Path, metric_blob: str, calibration, backend
                      ) -> SearchState:
         config = self.config
-        state_path = Path(str(prototxt) + ".search.json")
+        state_path = search_state_path(prototxt)
         inputs = {"model": str(config.model.resolve()),
                   "weights": str(config.weights.resolve()),
                   "iterations": config.iterations, "metric": metric_blob,
@@ -218,6 +265,11 @@ class Pipeline:
         if config.resume:
             self.say(f"--resume: no saved search at {state_path}; starting afresh")
         return SearchState(state_path, inputs)
+
+
+def search_state_path(prototxt) -> Path:
+    """Where the search keeps what --resume needs: beside the output prototxt."""
+    return Path(str(prototxt) + ".search.json")
 
 
 def _actions(result) -> dict[str, str]:
