@@ -268,6 +268,15 @@ def test_metric_blob_that_is_an_intermediate_blob(net, out, capsys):
     expect_bad(search_argv(net, out, "-n", "conv"), capsys, "-n conv", watch=[net.folder, out])
 
 
+def test_intermediate_blob_scored_as_asked(net, out, capsys):
+    """--metric says how to score an inner blob: the layers after it (ip here) cannot
+    change it, and the search probes them as harmless instead of failing on them."""
+    code = main([str(a) for a in search_argv(net, out, "-n", "conv", "--metric", "mean")])
+    err = capsys.readouterr().err
+    assert code in (0, 1), err
+    assert "Traceback" not in err and (out / "q.prototxt").exists()
+
+
 def test_metric_blob_that_is_not_a_metric(net, out, capsys):
     """prob is a Softmax output: its mean is 1/classes whatever the net does."""
     expect_bad(search_argv(net, out, "-n", "prob"), capsys, "-n prob", "Softmax",
