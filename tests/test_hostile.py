@@ -688,3 +688,31 @@ def test_a_bug_exits_3_asking_for_a_report(net, out, capsys, monkeypatch):
     code = main([str(a) for a in calibrate_argv(net, out)])
     err = capsys.readouterr().err
     assert code == 3 and err.count("\n") == 1 and "report" in err and "ZeroDivisionError" in err
+
+
+# --- the other commands plan their outputs too ---------------------------------------------
+
+def test_gate_output_naming_an_input_fails_before_the_gate(net, capsys, monkeypatch):
+    import calibrator.cli.gate_cmd as gate_cmd
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the gate ran before its outputs were checked")
+
+    monkeypatch.setattr(gate_cmd, "run_gate", forbidden)
+    expect_bad(["gate", "-m", net.prototxt, "-w", net.weights_path, net.prototxt,
+                "--json", net.prototxt], capsys, "--json", "input", watch=[net.folder])
+    expect_bad(["gate", "-m", net.prototxt, "-w", net.weights_path, net.prototxt,
+                "--json", net.folder / "r.json", "--junit", net.folder / "r.json"], capsys,
+               "--junit", "same file", watch=[net.folder])
+
+
+def test_make_annoset_never_replaces_a_folder_holding_its_inputs(tmp_path, capsys):
+    folder = tmp_path / "voc"
+    write_png(folder / "a.png", np.zeros((4, 4, 3), np.uint8))
+    (folder / "a.xml").write_text("<annotation><size><width>4</width><height>4</height>"
+                                  "</size></annotation>")
+    (folder / "list.txt").write_text("a.png a.xml\n")
+    (folder / "labelmap.prototxt").write_text('item { name: "none" label: 0 }\n')
+    expect_bad(["make-annoset", folder / "list.txt", folder, "--labelmap",
+                folder / "labelmap.prototxt", "--force"], capsys, "OUT_DB", "input",
+               watch=[folder])
