@@ -488,7 +488,7 @@ def fuzz(cases: int, seed: int, root: Path, keep: Path | None = None,
     case, out = root / "case", root / "out"
     signal.signal(signal.SIGALRM, _alarm)
     started = time.time()
-    failures, codes, ran = [], {}, 0
+    failures, codes, ran, growth = [], {}, 0, []
     for index in range(cases):
         if seconds is not None and time.time() - started > seconds:
             break
@@ -499,8 +499,13 @@ def fuzz(cases: int, seed: int, root: Path, keep: Path | None = None,
         outcome = make_case(rng, index, base, data, case, out)
         before = snapshot(root)
         t0 = time.time()
+        rss_before = peak_rss()
         outcome.code, _, outcome.err = run_case(outcome.argv)
         outcome.seconds = time.time() - t0
+        grew = peak_rss() - rss_before
+        if grew > 50 << 20:  # the peak rose by more than 50 MB in this case: say which
+            growth.append({"index": index, "mb": grew >> 20, "mutations": outcome.mutations,
+                           "argv": outcome.argv, "code": outcome.code})
         after = snapshot(root)
         written = sorted(p for p in after if after[p] != before.get(p))
         allowed = {0, 2} | ({1} if outcome.mode == "search" else set())
@@ -515,9 +520,23 @@ def fuzz(cases: int, seed: int, root: Path, keep: Path | None = None,
             if keep is not None:
                 shutil.copytree(case, keep / f"case{index}", dirs_exist_ok=True)
     elapsed = time.time() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss()
     return {"cases": ran, "seed": seed, "seconds": round(elapsed, 1), "exit_codes": codes,
-            "failures": failures, "peak_rss_bytes": peak}
+            "failures": failures, "peak_rss_bytes": peak,
+            "peak_growth": sorted(growth, key=lambda g: -g["mb"])[:10]}
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes: VmHWM (ru_maxrss would include the
+    parent's peak: Linux keeps it across execve)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def cli(argv=None) -> int:

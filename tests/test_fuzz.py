@@ -50,7 +50,8 @@ def test_fuzzed_inputs_exit_0_or_2_with_one_line_and_bounded_memory(tmp_path):
     codes = result["exit_codes"]
     # the mutations reach both outcomes, not only parse errors
     assert codes.get("0", 0) >= CASES // 50 and codes.get("2", 0) >= CASES // 2, codes
-    assert result["peak_rss_bytes"] < PEAK_RSS_LIMIT, result["peak_rss_bytes"]
+    assert result["peak_rss_bytes"] < PEAK_RSS_LIMIT, (result["peak_rss_bytes"],
+                                                        result["peak_growth"])
     assert proc.returncode == 0, proc.stdout[-2000:]
 
 

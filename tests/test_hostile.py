@@ -45,13 +45,16 @@ def out(tmp_path):
     return folder
 
 
-def files_under(*folders: Path) -> dict[Path, bytes]:
-    """Every file under ``folders`` with its bytes (to prove nothing changed)."""
+def files_under(*folders: Path) -> dict[Path, tuple]:
+    """Every file under ``folders`` with its size, modification time and (up to 1 MB) bytes,
+    to prove nothing changed."""
     found = {}
     for folder in folders:
         for path in sorted(Path(folder).rglob("*")):
             if path.is_file():
-                found[path] = path.read_bytes()
+                info = path.stat()
+                found[path] = (info.st_size, info.st_mtime_ns,
+                               path.read_bytes() if info.st_size < (1 << 20) else None)
     return found
 
 
