@@ -2,11 +2,12 @@
 any work, so that a run never fails after an hour of calibration on a folder it cannot write,
 and never overwrites one of its own inputs.
 
-A file output must not be a folder or a special file, its folder must exist and accept a new
-file (tried for real), it must not be any input (the prototxt, the weights, every data file
+A file output must not be a folder or a special file, its folder must accept a new file
+(tried for real; a missing folder is created when the output is written, if its nearest
+existing ancestor is a writable folder), it must not be any input (the prototxt, the weights, every data file
 the net reads: image lists, images, mean files, LMDBs, label maps...), and no two outputs may
-be the same file. A folder output (``--report``, ``--dump``) may be created, inside an existing
-writable folder; what it will write there must not be an input either.
+be the same file. A folder output (``--report``, ``--dump``) may be created the same way;
+what it will write there must not be an input either.
 
 Stale temporary files a killed run left beside the outputs are removed on the way
 (:func:`calibrator.fileio.remove_stale_temporaries`)."""
@@ -162,11 +163,18 @@ def _check_file(label: str, path: Path) -> None:
         if not stat.S_ISREG(info.st_mode):
             raise CalibratorError(f"{label} {shorten(path)}: is not a regular file (a "
                                   "device, FIFO or socket); refusing to replace it")
-    parent = path.parent
-    parent_info = _lstat(parent, label) if str(parent) else None
-    if parent_info is None or not os.path.isdir(parent):
-        raise CalibratorError(f"{label} {shorten(path)}: the folder {shorten(parent)} does "
-                              "not exist")
+    _creatable_in(label, path)
+
+
+def _creatable_in(label: str, path: Path) -> None:
+    """``path``'s folder accepts a new entry: it exists and is writable, or it is missing
+    and its nearest existing ancestor is a writable folder (the missing folders are created
+    when the output is written, not before: a run that fails leaves nothing behind)."""
+    parent = Path(os.path.abspath(path)).parent
+    while _lstat(parent, label) is None and parent != parent.parent:
+        parent = parent.parent
+    if not os.path.isdir(parent):
+        raise CalibratorError(f"{label} {shorten(path)}: {shorten(parent)} is not a folder")
     writable_folder(parent, f"{label} {shorten(path.name)}")
 
 
@@ -179,11 +187,7 @@ def _check_folder(output: FolderOutput) -> None:
                                   "of that name exists)")
         writable_folder(path, f"{output.label} files")
         return
-    parent = path.parent
-    if not os.path.isdir(parent):
-        raise CalibratorError(f"{output.label} {shorten(path)}: the folder "
-                              f"{shorten(parent)} does not exist")
-    writable_folder(parent, f"{output.label} {shorten(path.name)}")
+    _creatable_in(output.label, path)
 
 
 def check_replaced_folder(label: str, folder, inputs: Iterable) -> None:

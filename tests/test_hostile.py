@@ -295,10 +295,20 @@ def test_folder_option_naming_a_file(net, out, capsys, option):
     expect_bad(argv, capsys, str(target), "not a folder", watch=[net.folder, out])
 
 
-def test_export_onnx_into_a_missing_folder_writes_nothing(net, out, capsys):
-    missing = out / "absent" / "m.onnx"
-    expect_bad(calibrate_argv(net, out, "--export-onnx", missing), capsys,
-               str(missing.parent), watch=[net.folder, out])
+def test_export_onnx_into_a_missing_folder_creates_it(net, out, capsys):
+    """A missing output folder is created when the outputs are written (it gave exit 3
+    after the prototxt was written)."""
+    missing = out / "absent" / "deeper" / "m.onnx"
+    code = main([str(a) for a in calibrate_argv(net, out, "--export-onnx", missing)])
+    assert code == 0, capsys.readouterr().err
+    assert missing.is_file() and (out / "q.prototxt").is_file()
+
+
+def test_output_folder_that_cannot_be_created_writes_nothing(net, out, capsys):
+    (out / "file.txt").write_text("a file, not a folder")
+    target = out / "file.txt" / "sub" / "m.onnx"
+    expect_bad(calibrate_argv(net, out, "--export-onnx", target), capsys, "file.txt",
+               "not a folder", watch=[net.folder, out])
 
 
 @pytest.mark.parametrize("content", [
@@ -490,7 +500,7 @@ def _no_work(monkeypatch):
     monkeypatch.setattr(pipeline, "calibrate", forbidden)
 
 
-@pytest.mark.parametrize("case", ["read-only", "missing", "is-a-folder"])
+@pytest.mark.parametrize("case", ["read-only", "under-a-file", "is-a-folder"])
 @pytest.mark.parametrize("option", ["--output", "--json", "--table", "--export-onnx"])
 def test_bad_output_paths_fail_before_the_work(net, out, capsys, monkeypatch, case, option):
     _no_work(monkeypatch)
@@ -502,8 +512,9 @@ def test_bad_output_paths_fail_before_the_work(net, out, capsys, monkeypatch, ca
             locked.mkdir()
             locked.chmod(0o555)
             target = locked / "q.out"
-    elif case == "missing":
-        target = out / "absent" / "q.out"
+    elif case == "under-a-file":
+        (out / "plain").write_text("a file")
+        target = out / "plain" / "q.out"
     else:
         target = out / "folder"
         target.mkdir()
