@@ -113,20 +113,20 @@ def _quiet_native_stderr(enabled: bool):
     except (OSError, ValueError, AttributeError):  # no fd 2 (embedded, closed): nothing to do
         yield
         return
-    replaced = None
+    replaced = wrapper = None
     try:
-        real_stderr = _uses_fd2(sys.stderr)
-        if real_stderr:
+        if _uses_fd2(sys.stderr):
             replaced = sys.stderr
-            sys.stderr = open(saved, "w", buffering=1, encoding=replaced.encoding,
-                              errors="backslashreplace", closefd=False)
+            wrapper = open(saved, "w", buffering=1, encoding=replaced.encoding,
+                           errors="backslashreplace", closefd=False)
+            sys.stderr = wrapper
         os.dup2(devnull, 2)
         yield
     finally:
         try:
             if replaced is not None:
-                sys.stderr.flush()
                 sys.stderr = replaced
+                wrapper.close()  # flushes; the descriptor is closed below
             os.dup2(saved, 2)
         finally:
             os.close(saved)
