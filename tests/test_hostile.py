@@ -730,3 +730,23 @@ def test_make_annoset_never_replaces_a_folder_holding_its_inputs(tmp_path, capsy
     expect_bad(["make-annoset", folder / "list.txt", folder, "--labelmap",
                 folder / "labelmap.prototxt", "--force"], capsys, "OUT_DB", "input",
                watch=[folder])
+
+
+def test_annotated_list_sources_protect_their_images_and_xmls(tmp_path):
+    from calibrator.data import build_data_source
+    from calibrator.errors import CalibratorError
+    from calibrator.outputs import OutputPlan
+    from tests.test_detection_data import LABELMAP, annotated_layer, voc_xml
+
+    write_png(tmp_path / "img" / "a.png", np.zeros((8, 8, 3), np.uint8))
+    (tmp_path / "xml").mkdir()
+    (tmp_path / "xml" / "a.xml").write_text(voc_xml(8, 8, []))
+    (tmp_path / "list.txt").write_text("img/a.png xml/a.xml\n")
+    (tmp_path / "labelmap.prototxt").write_text(LABELMAP)
+    source = build_data_source(annotated_layer("list.txt", 1), tmp_path)
+    for victim in ("xml/a.xml", "img/a.png", "labelmap.prototxt", "list.txt"):
+        plan = OutputPlan()
+        plan.file("--json", tmp_path / victim)
+        plan.check()
+        with pytest.raises(CalibratorError, match="overwrite an input"):
+            plan.check_inputs(source.input_files())
