@@ -194,7 +194,16 @@ class Pipeline:
         metric_name = "agreement" if metric.kind == "agreement" else metric.blob
         state = self.search_state(paths["prototxt"], metric_name, calibration, backend)
         evaluator = Evaluator(model, metric, config.iterations, state, quiet=config.quiet)
-        result = Search(model, calibration, evaluator, settings, backend, say=self.say).run()
+        resumed = state.path.exists()
+        try:
+            result = Search(model, calibration, evaluator, settings, backend,
+                            say=self.say).run()
+        except CalibratorError:
+            # bad input met half-way (an image the later steps read): nothing is left
+            # behind; an interruption (not a CalibratorError) keeps the state for --resume
+            if not resumed:
+                state.discard()
+            raise
         plan = result.best_plan
         value_loss = loss(result.fp32_metric, result.best_metric, settings.relative)
         actions = _actions(result)

@@ -591,6 +591,25 @@ def test_interrupted_search_keeps_its_state_and_resumes(net, out, capsys, monkey
     assert code in (0, 1) and (out / "q.prototxt").exists(), capsys.readouterr().err
 
 
+def test_bad_input_met_during_the_search_leaves_no_state_file(net, out, capsys, monkeypatch):
+    """The search saves its state after each evaluation; bad input found later (an image
+    only a later step reads) must not leave it behind, as an interruption does."""
+    from calibrator.errors import CalibratorError
+    from calibrator.search.evaluator import Evaluator
+
+    real = Evaluator.evaluate
+    calls = []
+
+    def bad_input_second(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise CalibratorError("list.txt:9: image not found")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Evaluator, "evaluate", bad_input_second)
+    expect_bad(search_argv(net, out), capsys, "list.txt:9", watch=[net.folder, out])
+
+
 def test_stale_temporary_files_are_removed(net, out, capsys):
     """A kill between writing a temporary file and renaming it leaves it behind: the next
     run removes ours (a dead writer's), and only ours."""
