@@ -1,3 +1,3 @@
-from calibrator.cli.main import main
+from calibrator.cli.entry import entry
 
-raise SystemExit(main())
+raise SystemExit(entry())

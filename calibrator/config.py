@@ -3,10 +3,12 @@ its options, or by a library caller) and read by the pipeline."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from calibrator.data.options import DetectionListOptions, ImageFolderOptions
+from calibrator.errors import CalibratorError
 from calibrator.quant.scales import QuantOptions
 from calibrator.search.loop import SearchSettings
 
@@ -44,3 +46,25 @@ class RunConfig:
         self.outputs = {name: Path(path) for name, path in self.outputs.items()}
         if self.report is not None:
             self.report = Path(self.report)
+
+    def validate(self) -> None:
+        """A CalibratorError, naming the option, for a value no run can use: counts below 1,
+        a tolerance or time budget that is not a finite number (NaN would make every
+        comparison false: a search that can never pass)."""
+        for option, value in (("-i/--iterations", self.iterations),
+                              ("-s/--sampling_iterations", self.sampling_iterations),
+                              ("--probe-images", self.search.probe_images)):
+            if value < 1:
+                raise CalibratorError(f"{option} must be at least 1, got {value}")
+        max_evals = self.search.max_evals
+        if max_evals is not None and max_evals < 2:
+            raise CalibratorError(f"--max-evals must be at least 2 (it counts the FP32 "
+                                  f"evaluation, and the INT8 one), got {max_evals}")
+        tolerance = self.search.tolerance
+        if not math.isfinite(tolerance) or tolerance < 0:
+            raise CalibratorError(f"-l/--accuracy_loss must be a finite number >= 0, got "
+                                  f"{tolerance}")
+        budget = self.search.time_budget
+        if budget is not None and not (math.isfinite(budget) and budget > 0):
+            raise CalibratorError(f"--time-budget must be a finite number of seconds > 0, "
+                                  f"got {budget}")

@@ -4,6 +4,8 @@ metrics package (:mod:`calibrator.metrics`)."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
 import re
 from collections import OrderedDict
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calibrator.fileio import atomic_write
+from calibrator.fileio import atomic_write, staged_folder
 from calibrator.metrics import make_metric, measure
 
 
@@ -35,7 +37,25 @@ class TestResult:
 
 
 def _file_stem(blob: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", blob)
+    """A file-name-safe stem for a blob name; a long one keeps its start and a hash."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", blob)
+    if len(stem) > 120:
+        stem = stem[:100] + "-" + hashlib.sha1(blob.encode("utf-8", "surrogatepass"))\
+            .hexdigest()[:12]
+    return stem
+
+
+def dump_names(blobs, iterations: int):
+    """Whether ``--dump`` writes a file of a given name: ``<blob>_<batch>.npy`` (any blob
+    while ``blobs`` is None, before the net is known)."""
+    stems = None if blobs is None else {_file_stem(b) for b in blobs}
+
+    def writes(name: str) -> bool:
+        match = re.fullmatch(r"(.*)_(\d+)\.npy", name)
+        return (bool(match) and (stems is None or match.group(1) in stems)
+                and int(match.group(2)) < iterations)
+
+    return writes
 
 
 def run_test(model, iterations: int, *, net=None, dump_dir: str | Path | None = None,
@@ -55,9 +75,13 @@ def run_test(model, iterations: int, *, net=None, dump_dir: str | Path | None = 
             np.save(buffer, value)
             atomic_write(Path(dump_dir) / f"{_file_stem(name)}_{index}.npy", buffer.getvalue())
 
-    outcomes = measure(model, metrics, iterations, net=net, overrides=overrides,
-                       reference=fp32, desc="test", quiet=quiet,
-                       on_batch=dump if dump_dir is not None else None)
+    with (staged_folder(dump_dir) if dump_dir is not None
+          else contextlib.nullcontext()) as staged:
+        if dump_dir is not None:
+            dump_dir = staged  # the files appear in --dump only if every batch ran
+        outcomes = measure(model, metrics, iterations, net=net, overrides=overrides,
+                           reference=fp32, desc="test", quiet=quiet,
+                           on_batch=dump if dump_dir is not None else None)
     scores = OrderedDict()
     for metric, batches in zip(metrics, outcomes):
         value = metric.summary(batches)

@@ -8,6 +8,7 @@ the best configuration written)."""
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from dataclasses import replace
@@ -16,14 +17,17 @@ from pathlib import Path
 from calibrator.backends import make_backend
 from calibrator.caffe.types import not_in_intel_caffe
 from calibrator.config import RunConfig
-from calibrator.errors import CalibratorError
+from calibrator.errors import CalibratorError, shorten
 from calibrator.metrics import default_metric_blob, loss, make_metric, measure
 from calibrator.model import load_model, quantized_plan, select_device
+from calibrator.outputs import OutputPlan, data_inputs, option_inputs
 from calibrator.quant.calibrate import calibrate
 from calibrator.quant.force_u8 import check_force_u8, force_u8
 from calibrator.quant.fusion import analyze
 from calibrator.quant.layerwise import calibration_subset, layerwise
-from calibrator.report import layer_table, trace_table, unit_cosines, write_report
+from calibrator.quant.scales import eligible_units, kept_fp32
+from calibrator.report import (REPORT_FILES, layer_table, trace_table, unit_cosines,
+                               write_report)
 from calibrator.search import Evaluator, Search, SearchState
 from calibrator.search.adjust import ESTIMATORS as ADJUST_ESTIMATORS
 from calibrator.search.countermeasures import forced_choices
@@ -31,6 +35,7 @@ from calibrator.writers import (OutputContext, force_u8_paths, get_writer,
                                 quantized_prototxt_path, writers)
 
 EXIT_MET, EXIT_NOT_MET = 0, 1
+log = logging.getLogger(__name__)
 
 
 class Pipeline:
@@ -44,25 +49,45 @@ class Pipeline:
 
     # -- steps -------------------------------------------------------------------------------
     def output_paths(self) -> dict[str, Path]:
-        """Every output file, the prototxt's default filled in, checked against the inputs."""
+        """Every output file by writer name, the prototxt's default filled in, each checked
+        before any work (calibrator.outputs): writable, not a folder, not an input given on
+        the command line, no two the same. ``check_data_files`` later checks them against
+        the files the loaded net reads."""
         config = self.config
-        paths = {"prototxt": config.outputs.get("prototxt")
-                 or quantized_prototxt_path(config.model)}
-        for writer in writers():
-            if writer.name in config.outputs and writer.name != "prototxt":
-                paths[writer.name] = config.outputs[writer.name]
-        if "force_u8" in paths and not config.quant.force_u8:
-            raise CalibratorError("--force-u8-output needs -fu/--first_conv_force_u8")
-        checked = dict(paths)
-        if config.quant.force_u8:
-            paths["force_u8"], checked["force_u8 caffemodel"] = force_u8_paths(
-                paths["prototxt"], config.weights, paths.get("force_u8"))
-            checked["force_u8"] = paths["force_u8"]
-        inputs = (config.model.resolve(), config.weights.resolve())
-        for name, path in checked.items():
-            if Path(path).resolve() in inputs:
-                raise CalibratorError(f"{path}: the {name} output would overwrite an input")
+        plan = OutputPlan()
+        if config.performance_only:
+            paths = {"performance": quantized_prototxt_path(config.model, "_dummy")}
+            plan.file("-p", paths["performance"])
+        else:
+            paths = {"prototxt": config.outputs.get("prototxt")
+                     or quantized_prototxt_path(config.model)}
+            for writer in writers():
+                if writer.name in config.outputs and writer.name != "prototxt":
+                    paths[writer.name] = config.outputs[writer.name]
+            if "force_u8" in paths and not config.quant.force_u8:
+                raise CalibratorError("--force-u8-output needs -fu/--first_conv_force_u8")
+            fu_caffemodel = None
+            if config.quant.force_u8:
+                paths["force_u8"], fu_caffemodel = force_u8_paths(
+                    paths["prototxt"], config.weights, paths.get("force_u8"))
+            for name, path in paths.items():
+                writer = get_writer(name)
+                plan.file("--output" if name == "prototxt" else writer.option or name, path)
+            if fu_caffemodel is not None:
+                plan.file("the -fu caffemodel", fu_caffemodel)
+            if not config.quantize_only:
+                plan.file("the search state", search_state_path(paths["prototxt"]))
+            if config.report is not None:
+                plan.folder("--report", config.report, REPORT_FILES.__contains__)
+        plan.check(inputs=[config.model, config.weights,
+                           *option_inputs(config.detection_list)])
+        self.plan = plan
         return paths
+
+    def check_data_files(self, model) -> None:
+        """The outputs against every file the loaded net reads (image lists, images, mean
+        files, LMDBs, label maps): before any batch is read."""
+        self.plan.check_inputs(data_inputs(model))
 
     def write(self, paths: dict[str, Path], context: OutputContext) -> None:
         if "force_u8" in paths:  # the net was checked before calibrating; what the plan
@@ -70,16 +95,14 @@ class Pipeline:
                 context.force_u8 = force_u8(context.model, context.fused, context.plan,
                                             context.plan.options.cascade_lake)
             except CalibratorError as exc:
-                print(f"warning: {exc}; the -fu files are not written", file=sys.stderr,
-                      flush=True)
+                log.warning("%s; the -fu files are not written", exc)
                 del paths["force_u8"]
         self.intel_warnings(paths["prototxt"], context)
         excluded = context.plan.excluded
         if excluded and context.backend is not None and context.backend.name == "intel":
-            print(f"warning: {len(excluded)} layer(s) stay FP32 in the prototxt, because of "
-                  f"Intel Caffe's runtime (fused sums, BatchNorm on INT8): "
-                  + "; ".join(f"{name} ({why})" for name, why in excluded.items()),
-                  file=sys.stderr, flush=True)
+            log.warning("%d layer(s) stay FP32 in the prototxt, because of Intel Caffe's "
+                        "runtime (fused sums, BatchNorm on INT8): %s", len(excluded),
+                        "; ".join(f"{name} ({why})" for name, why in excluded.items()))
         for name, path in paths.items():
             get_writer(name).write(path, context)
             if name == "weights":
@@ -104,32 +127,46 @@ class Pipeline:
                 f"{kind} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
                 f"{f', {len(names)} layers' if len(names) > 3 else ''})"
                 for kind, names in missing.items())
-            print(f"warning: {prototxt} will not run in Intel Caffe 1.1.6, which has no "
-                  f"{listed}; --table (ncnn) and --export-onnx (ONNX Runtime) write files "
-                  "for runtimes that do", file=sys.stderr, flush=True)
+            log.warning("%s will not run in Intel Caffe 1.1.6, which has no %s; --table "
+                        "(ncnn), --ncnn and --export-onnx (ONNX Runtime) write files for "
+                        "runtimes that do", shorten(prototxt), listed)
         for note in context.fused.intel_notes:
-            print(f"warning: Intel Caffe's fusion: {note}", file=sys.stderr, flush=True)
+            log.warning("Intel Caffe's fusion: %s", note)
 
     def metric(self, model):
+        """The metric the search keeps within -l: by default the Accuracy (or, -d 1,
+        DetectionEvaluate) top; ``-n`` must name one of those, unless --metric says how to
+        score another blob (``mean``, ``agreement``)."""
         config = self.config
         blob = config.blob
         if not blob and config.metric in ("blob", "accuracy", "map"):
             blob = default_metric_blob(model.test_param, config.detection)
-        return make_metric(model.net, blob, config.metric, ap_version=config.ap_version)
+        metric = make_metric(model.net, blob, config.metric, ap_version=config.ap_version)
+        if config.metric == "blob" and metric.kind == "mean":
+            producer = next((n for n in reversed(model.net.nodes) if blob in n.tops), None)
+            what = (f"a top of {producer.type} layer '{shorten(producer.name)}'"
+                    if producer is not None else "an input of the net")
+            raise CalibratorError(
+                f"-n {shorten(blob)}: {what}, not a metric: name the top of an Accuracy or "
+                "DetectionEvaluate layer, or say how to score it with --metric agreement "
+                "(top-1 agreement with FP32 on a scores blob) or --metric mean")
+        return metric
 
     # -- the run -----------------------------------------------------------------------------
     def run(self) -> int:
         config = self.config
+        config.validate()
+        paths = self.output_paths()
+        device = select_device(config.gpu)
         model = load_model(config.model, config.weights, images=config.images,
-                           detection_list=config.detection_list,
-                           device=select_device(config.gpu))
+                           detection_list=config.detection_list, device=device)
+        self.check_data_files(model)
         backend = make_backend(config.runtime, config.target)
         if config.performance_only:
-            path = quantized_prototxt_path(config.model, "_dummy")
+            path = paths["performance"]
             get_writer("performance").write(path, OutputContext(model, analyze(model.net), None))
             print(f"performance-only prototxt written: {path}")
             return EXIT_MET
-        paths = self.output_paths()
         metric = None if config.quantize_only else self.metric(model)
         options = config.quant
         if options.force_u8:  # refuse before the long part
@@ -142,6 +179,7 @@ class Pipeline:
                                 estimators=() if config.quantize_only else ADJUST_ESTIMATORS,
                                 metric=metric, iterations=config.iterations,
                                 single=config.sampling_single)
+        self.warn_kept_fp32(calibration.fused)
         if config.quantize_only:
             choices = {}
             if forced is not None:
@@ -192,6 +230,15 @@ class Pipeline:
               f"{result.fp32_metric:.6g})")
         return value
 
+    def warn_kept_fp32(self, fused) -> None:
+        """Say which layers stay FP32 because their weights cannot be quantized."""
+        kept = kept_fp32(fused)
+        for unit in eligible_units(fused, self.config.quant, include_kept=True):
+            if unit.name in kept:
+                layer = unit.layer
+                log.warning("layer '%s' (%s): %s; kept FP32", layer.name, layer.type,
+                            kept[unit.name])
+
     def forced_fix(self, backend) -> str | None:
         """--saturation-fix w7/half/s8 on a target that saturates; None for auto/off, or
         (with a warning) for a target that never saturates."""
@@ -199,8 +246,8 @@ class Pipeline:
         if fix in ("auto", "off"):
             return None
         if backend.target.exact:
-            print(f"warning: --saturation-fix {fix} ignored: --target {backend.target.name} "
-                  "never saturates", file=sys.stderr, flush=True)
+            log.warning("--saturation-fix %s ignored: --target %s never saturates", fix,
+                        backend.target.name)
             return None
         return fix
 
@@ -209,7 +256,16 @@ class Pipeline:
         metric_name = "agreement" if metric.kind == "agreement" else metric.blob
         state = self.search_state(paths["prototxt"], metric_name, calibration, backend)
         evaluator = Evaluator(model, metric, config.iterations, state, quiet=config.quiet)
-        result = Search(model, calibration, evaluator, settings, backend, say=self.say).run()
+        resumed = state.path.exists()
+        try:
+            result = Search(model, calibration, evaluator, settings, backend,
+                            say=self.say).run()
+        except CalibratorError:
+            # bad input met half-way (an image the later steps read): nothing is left
+            # behind; an interruption (not a CalibratorError) keeps the state for --resume
+            if not resumed:
+                state.discard()
+            raise
         plan = result.best_plan
         value_loss = loss(result.fp32_metric, result.best_metric, settings.relative)
         actions = _actions(result)
@@ -267,7 +323,7 @@ class Pipeline:
     def search_state(self, prototxt: Path, metric_blob: str, calibration, backend
                      ) -> SearchState:
         config = self.config
-        state_path = Path(str(prototxt) + ".search.json")
+        state_path = search_state_path(prototxt)
         inputs = {"model": str(config.model.resolve()),
                   "weights": str(config.weights.resolve()),
                   "iterations": config.iterations, "metric": metric_blob,
@@ -283,6 +339,11 @@ class Pipeline:
         if config.resume:
             self.say(f"--resume: no saved search at {state_path}; starting afresh")
         return SearchState(state_path, inputs)
+
+
+def search_state_path(prototxt) -> Path:
+    """Where the search keeps what --resume needs: beside the output prototxt."""
+    return Path(str(prototxt) + ".search.json")
 
 
 def _actions(result) -> dict[str, str]:

@@ -13,6 +13,7 @@ from calibrator.quant import estimators
 from calibrator.quant.estimators import TensorStats, threshold
 from calibrator.quant.kl import (NUM_BINS, abs_histogram, clip_with_tail, kl_divergences,
                                  kl_threshold, merge_and_expand)
+from calibrator.quant.scales import kept_fp32, weight_scales
 from tests.quant_helpers import TinyNet, conv_text, input_text, relu_text
 
 N = 1_000_000
@@ -227,9 +228,12 @@ def test_all_zero_tensor_gives_finite_scales_and_simulation():
     # test_all_zero_tensor_gives_zero_threshold, the cheap ones keep this test fast)
     for algo in ("DIRECT", "MAXP", "MSE"):
         plan = net.calibrate(estimator=algo)
-        conv2, conv3 = plan.layers["conv2"], plan.layers["conv3"]
-        assert conv2.output_threshold == 0.0 and conv3.input_threshold == 0.0
-        assert conv2.scale_params == [0.0] * 4           # a zero tensor has weight scale 0
+        # conv2 has nothing to quantize: it stays FP32 (and the CLI says so); its all-zero
+        # output is conv3's input
+        assert "conv2" not in plan.layers and "conv2" in kept_fp32(net.fused)
+        conv3 = plan.layers["conv3"]
+        assert conv3.input_threshold == 0.0 and conv3.scale_in == 1.0
+        assert weight_scales(torch.zeros(4, 4, 1, 1), True) == [0.0] * 4  # zero: scale 0
         for lq in plan.layers.values():
             values = [lq.scale_in, lq.scale_out, *lq.scale_params]
             assert all(math.isfinite(v) for v in values), (algo, lq)

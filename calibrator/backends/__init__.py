@@ -27,6 +27,7 @@ from calibrator.backends.intel import IntelBackend
 from calibrator.backends.ncnn import NcnnBackend
 from calibrator.backends.ort import OrtBackend
 from calibrator.errors import CalibratorError
+from calibrator.fileio import input_file
 from calibrator.quant.targets import DEFAULT_TARGET, Target, get_target, target_names
 
 DEFAULT_RUNTIME = "intel"
@@ -78,16 +79,17 @@ def record_line(backend: Backend) -> str | None:
 
 def recorded_backend(prototxt: str | Path) -> tuple[str, str] | None:
     """(runtime, target) a quantized prototxt records in its leading comments, or None."""
-    try:
-        with open(prototxt, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if not line.startswith("#"):
-                    break
-                match = _RECORD.match(line.strip())
-                if match:
-                    return match.group(1), match.group(2)
-    except OSError:
+    try:  # the first comment lines only, of a regular file (never /dev/zero's one line)
+        with open(input_file(prototxt, "prototxt"), "rb") as f:
+            head = f.read(1 << 16).decode("utf-8", errors="replace")
+    except (OSError, CalibratorError):
         return None
+    for line in head.splitlines():
+        if not line.startswith("#"):
+            break
+        match = _RECORD.match(line.strip())
+        if match:
+            return match.group(1), match.group(2)
     return None
 
 

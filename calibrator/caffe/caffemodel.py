@@ -5,6 +5,7 @@ snapshot with data, split and loss layers the test prototxt does not have."""
 
 from __future__ import annotations
 
+import math
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -14,7 +15,7 @@ from google.protobuf.message import DecodeError
 
 from calibrator.caffe import caffe_pb2
 from calibrator.caffe.upgrade import upgrade_net
-from calibrator.errors import CalibratorError
+from calibrator.errors import CalibratorError, shorten
 from calibrator.fileio import atomic_write, read_bytes
 
 Weights = "OrderedDict[str, list[np.ndarray]]"
@@ -28,7 +29,7 @@ def blob_to_array(blob) -> np.ndarray:
     else:
         values = np.array(blob.data, dtype=np.float32)
     shape = tuple(int(d) for d in blob.shape.dim)
-    if int(np.prod(shape, dtype=np.int64)) != values.size:
+    if any(d < 0 for d in shape) or math.prod(shape) != values.size:
         raise ValueError(f"shape {shape} does not hold {values.size} values")
     return values.reshape(shape)
 
@@ -56,11 +57,13 @@ def read_caffemodel(path: str | os.PathLike) -> "OrderedDict[str, list[np.ndarra
         if not len(layer.blobs):
             continue
         if layer.name in weights:
-            raise CalibratorError(f"{path}: two layers named '{layer.name}' carry weights")
+            raise CalibratorError(f"{shorten(path)}: two layers named '{shorten(layer.name)}' "
+                                  "carry weights")
         try:
             weights[layer.name] = [blob_to_array(b) for b in layer.blobs]
         except ValueError as exc:
-            raise CalibratorError(f"{path}: layer '{layer.name}': {exc}") from None
+            raise CalibratorError(f"{shorten(path)}: layer '{shorten(layer.name)}': "
+                                  f"{shorten(exc)}") from None
     if not weights and len(net.layer) == 0:
         raise CalibratorError(f"{path}: caffemodel holds no layers")
     return weights

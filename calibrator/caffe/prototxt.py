@@ -9,7 +9,7 @@ from google.protobuf import text_format
 
 from calibrator.caffe import caffe_pb2
 from calibrator.caffe.upgrade import upgrade_net
-from calibrator.errors import CalibratorError
+from calibrator.errors import CalibratorError, shorten
 from calibrator.fileio import atomic_write, read_bytes
 
 
@@ -21,8 +21,10 @@ def parse_text(text: str, message, source: str):
         line, column = exc.GetLine(), exc.GetColumn()
         # ParseError's own text starts with "line:col : "; keep only the reason.
         reason = str(exc).split(" : ", 1)[-1] if line else str(exc)
-        where = f"{source}:{line}:{column}" if line else source
-        raise CalibratorError(f"{where}: {reason}") from None
+        where = f"{shorten(source)}:{line}:{column}" if line else shorten(source)
+        raise CalibratorError(f"{where}: {shorten(reason)}") from None
+    except RecursionError:
+        raise CalibratorError(f"{shorten(source)}: messages nested too deeply") from None
     return message
 
 
@@ -31,8 +33,8 @@ def read_text_message(path: str | os.PathLike, message, what: str):
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        raise CalibratorError(f"{path}: {what} is not a text file (binary caffemodel given "
-                              "where a prototxt was expected?)") from None
+        raise CalibratorError(f"{shorten(path)}: {what} is not a text file (binary caffemodel "
+                              "given where a prototxt was expected?)") from None
     return parse_text(text, message, str(path))
 
 

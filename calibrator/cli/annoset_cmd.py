@@ -4,8 +4,11 @@ AnnotatedDatum that an AnnotatedData layer (ours or Caffe-SSD's) reads."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from calibrator.detection.annoset import write_annoset
+from calibrator.cli.parsing import EXIT_CODES
+from calibrator.detection.annoset import read_annoset_list, write_annoset
+from calibrator.outputs import OutputPlan, check_replaced_folder
 
 
 def add_parser(subparsers) -> None:
@@ -18,6 +21,7 @@ def add_parser(subparsers) -> None:
                     "own bytes (encoded), boxes normalised by the XML <size>, difficult flags "
                     "kept. The LMDB is written beside OUT_DB and renamed into place when "
                     "complete.")
+    parser.epilog = EXIT_CODES
     parser.add_argument("list", metavar="LIST", help="text file of 'IMAGE XML' lines")
     parser.add_argument("out", metavar="OUT_DB", help="the LMDB folder to create")
     parser.add_argument("--labelmap", "--label-map-file", required=True, metavar="PROTOTXT",
@@ -38,6 +42,14 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    outputs = OutputPlan()
+    outputs.folder("OUT_DB", args.out)
+    outputs.check([args.list, args.labelmap])
+    root = Path(args.root) if args.root else Path(args.list).parent
+    inputs = [args.list, args.labelmap]
+    for image, label_file, _ in read_annoset_list(args.list):
+        inputs += [root / image, root / label_file]
+    check_replaced_folder("OUT_DB", args.out, inputs)
     summary = write_annoset(args.list, args.out, args.labelmap, root=args.root,
                             resize=tuple(args.resize) if args.resize else (0, 0),
                             encode_type=args.encode_type, is_color=not args.gray,

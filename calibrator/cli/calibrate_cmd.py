@@ -15,6 +15,7 @@ from calibrator.cli.common import (add_ap_version_option, add_backend_options,
                                    add_detection_list_options, add_device_options,
                                    add_image_folder_options, add_model_options,
                                    detection_list_options, image_folder_options)
+from calibrator.cli.parsing import EXIT_CODES, ArgumentParser
 from calibrator.config import RunConfig
 from calibrator.errors import CalibratorError
 from calibrator.metrics import describe_metrics, metric_kinds
@@ -29,12 +30,12 @@ INTEL_FLAGS_HELP = "Intel calibrator.py flags (same names and defaults)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="calibrator",
         description="Calibrate INT8 scales for a Caffe model and keep its accuracy within -l. "
                     "Writes <model>_quantized.prototxt (Intel Caffe quantization_param) next "
                     "to -m. Other commands: `calibrator test -h`.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog=EXIT_CODES, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     intel = parser.add_argument_group(INTEL_FLAGS_HELP)
     intel.add_argument("-r", "--root", default="",
                        help="Caffe build folder: accepted for compatibility, not needed")

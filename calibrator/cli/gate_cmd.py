@@ -14,8 +14,9 @@ from calibrator.cli.common import (add_ap_version_option, add_backend_options,
                                    add_detection_list_options, add_device_options,
                                    add_image_folder_options, detection_list_options,
                                    image_folder_options)
+from calibrator.cli.parsing import EXIT_CODES
 from calibrator.errors import CalibratorError
-from calibrator.fileio import atomic_write
+from calibrator.fileio import atomic_write, input_file
 from calibrator.gate.config import (DEFAULT_ITERATIONS, Candidate, GateConfig, ModelSpec,
                                     candidate_name, parse_metric_arg, parse_threshold,
                                     read_config)
@@ -23,6 +24,7 @@ from calibrator.gate.history import append_history, plot_history, read_history
 from calibrator.gate.junit import write_junit
 from calibrator.gate.run import run_gate
 from calibrator.model import select_device
+from calibrator.outputs import OutputPlan, data_inputs, option_inputs
 
 EXIT_PASS, EXIT_FAIL = 0, 1
 
@@ -54,6 +56,7 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "gate", help="accuracy gate: fail when INT8 drops more than a threshold vs FP32",
         description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.epilog = EXIT_CODES
     what = parser.add_argument_group("what to check (command line form)")
     what.add_argument("int8", nargs="*", metavar="INT8_PROTOTXT",
                       help="quantized prototxt(s) of the -m network")
@@ -129,10 +132,9 @@ def build_config(args):
     if len(set(blobs)) != len(blobs):
         raise CalibratorError("a metric blob is named twice (-n / --agreement)")
     model = Path(args.model)
-    for path, what in [(model, "FP32 prototxt"), (Path(args.weights), "weights")] + \
-            [(Path(p), "INT8 prototxt") for p in args.int8]:
-        if not path.is_file():
-            raise CalibratorError(f"{path}: {what} not found")
+    for path, what in [(model, "prototxt"), (Path(args.weights), "caffemodel")] + \
+            [(Path(p), "prototxt") for p in args.int8]:
+        input_file(path, what)
     candidates = [Candidate(candidate_name(Path(p)), Path(p)) for p in args.int8]
     names = [c.name for c in candidates]
     for i, c in enumerate(candidates):  # same file name in two folders: keep them apart
@@ -143,10 +145,10 @@ def build_config(args):
                      relative)
     spec.detection = detection_list_options(args)  # a deploy detector on a list
     if spec.detection is not None:
-        for path, what in ((args.det_list, "--det-list"), (args.labelmap, "--labelmap"),
-                           (args.name_size, "--name-size")):
-            if path and not Path(path).is_file():
-                raise CalibratorError(f"{path}: {what} file not found")
+        for path, what in ((args.det_list, "list file"), (args.labelmap, "label map"),
+                           (args.name_size, "name/size file")):
+            if path:
+                input_file(path, what)
     spec.images = image_folder_options(args)
     return GateConfig([spec])
 
@@ -164,14 +166,31 @@ def print_results(result) -> None:
                                   "threshold", "baseline", "verdict"]))
 
 
+def output_plan(args, config) -> OutputPlan:
+    """--json, --junit, --history and --plot checked before the gate runs (the history is
+    read and appended: it may be an input of its own)."""
+    outputs = OutputPlan()
+    for label, path in (("--json", args.json), ("--junit", args.junit),
+                        ("--history", args.history), ("--plot", args.plot)):
+        if path:
+            outputs.file(label, path)
+    inputs = [args.config, args.baseline]
+    for spec in config.models:
+        inputs += [spec.model, spec.weights, *(c.prototxt for c in spec.candidates),
+                   *option_inputs(spec.detection)]
+    return outputs.check(inputs)
+
+
 def run(args: argparse.Namespace) -> int:
     config = build_config(args)
+    outputs = output_plan(args, config)
     margin = parse_threshold(args.baseline_margin, "--baseline-margin")
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr,
                                                                  flush=True))
     result = run_gate(config, device=select_device(args.gpu), baseline=args.baseline,
                       baseline_margin=margin, quiet=args.quiet, runtime=args.runtime,
-                      target=args.target, ap_version=args.ap_version, say=say)
+                      target=args.target, ap_version=args.ap_version, say=say,
+                      on_load=lambda model: outputs.check_inputs(data_inputs(model)))
     print_results(result)
     if args.json:
         atomic_write(args.json, json.dumps(result.to_json(), indent=1) + "\n")

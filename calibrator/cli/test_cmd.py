@@ -10,10 +10,12 @@ from calibrator.cli.common import (add_ap_version_option, add_backend_options,
                                    add_detection_list_options, add_device_options,
                                    add_image_folder_options, add_model_options,
                                    detection_list_options, image_folder_options)
-from calibrator.evaluation import run_test
+from calibrator.cli.parsing import EXIT_CODES
+from calibrator.evaluation import dump_names, run_test
 from calibrator.model import load_model, quantized_plan, select_device
 from calibrator.quant.fusion import analyze
 from calibrator.quant.simulate import FoldedFP32
+from calibrator.outputs import OutputPlan, data_inputs, option_inputs
 
 
 def add_parser(subparsers) -> None:
@@ -23,6 +25,7 @@ def add_parser(subparsers) -> None:
                     "them (name = value), as `caffe test` does. A prototxt whose layers carry "
                     "quantization_param runs as simulated INT8, by the runtime and target it "
                     "records (or --runtime/--target).")
+    parser.epilog = EXIT_CODES
     add_model_options(parser, "network definition with a TEST data layer (or --images)",
                       "trained weights, matched to layers by name")
     parser.add_argument("-i", "--iterations", type=int, default=50, metavar="N",
@@ -39,9 +42,16 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model = load_model(args.model, args.weights, images=image_folder_options(args),
-                       detection_list=detection_list_options(args),
+    images, detection = image_folder_options(args), detection_list_options(args)
+    outputs = OutputPlan()
+    if args.dump:
+        outputs.folder("--dump", args.dump, dump_names(None, args.iterations))
+    outputs.check(inputs=[args.model, args.weights, *option_inputs(detection)])
+    model = load_model(args.model, args.weights, images=images, detection_list=detection,
                        device=select_device(args.gpu))
+    if args.dump:
+        outputs.folders[0].writes = dump_names(model.net.output_names, args.iterations)
+    outputs.check_inputs(data_inputs(model))
     backend = backend_for(args.model, args.runtime, args.target)
     quantized = quantized_plan(model.net)
     if quantized is not None:  # an INT8 prototxt: simulate what it describes

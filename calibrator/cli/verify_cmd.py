@@ -9,10 +9,12 @@ import sys
 
 from calibrator.cli.common import (add_device_options, add_image_folder_options,
                                    add_model_options, image_folder_options)
+from calibrator.cli.parsing import EXIT_CODES
 from calibrator.errors import CalibratorError
 from calibrator.export.qdq import build_onnx, export_onnx
 from calibrator.fileio import atomic_write
 from calibrator.model import load_model, quantized_plan, select_device
+from calibrator.outputs import OutputPlan, data_inputs
 from calibrator.quant import targets
 from calibrator.quant.simulate import Int8Simulator
 from calibrator.quant.targets import COUNTERMEASURES, target_names
@@ -28,6 +30,7 @@ def add_parser(subparsers) -> None:
                     "ONNX QDQ model with exactly its scales, run it with ONNX Runtime's CPU "
                     "kernels on N TEST batches and print, side by side, the metric of the "
                     "simulation for each target, of ORT, and their top-1 agreement.")
+    parser.epilog = EXIT_CODES
     add_model_options(parser, "quantized network with a TEST data layer (or --images)")
     parser.add_argument("-i", "--iterations", type=int, default=10, metavar="N",
                         help="TEST batches (default 10)")
@@ -77,8 +80,18 @@ def run(args: argparse.Namespace) -> int:
             targets.get_target(name)
         except ValueError as exc:
             raise CalibratorError(f"--targets: {exc}") from None
+    for option, value, least in (("-i/--iterations", args.iterations, 1),
+                                 ("--threads", args.threads, 1), ("--layers", args.layers, 0)):
+        if value is not None and value < least:
+            raise CalibratorError(f"{option} must be at least {least}, got {value}")
+    outputs = OutputPlan()
+    for label, path in (("--export-onnx", args.export_onnx), ("--json", args.json)):
+        if path:
+            outputs.file(label, path)
+    outputs.check([args.model, args.weights])
     model = load_model(args.model, args.weights, images=image_folder_options(args),
                        device=select_device(args.gpu))
+    outputs.check_inputs(data_inputs(model))
     quantized = quantized_plan(model.net)
     if quantized is None:
         raise CalibratorError(f"{args.model}: no layer carries quantization_param (quantize "

@@ -321,9 +321,25 @@ class AnnotatedListSource(_AnnotatedBatches, DataSource):
         except CalibratorError as exc:
             raise fail(str(exc)) from None
         root = layer.image_data_param.root_folder if layer.HasField("image_data_param") else ""
-        return cls(entries, list_path, root, base_dir, name_to_label, tops=list(layer.top),
-                   batch_size=layer.data_param.batch_size, transform=transform, boxes=boxes,
-                   cache=cache, layer=(layer.name, layer.type))
+        source = cls(entries, list_path, root, base_dir, name_to_label, tops=list(layer.top),
+                     batch_size=layer.data_param.batch_size, transform=transform, boxes=boxes,
+                     cache=cache, layer=(layer.name, layer.type))
+        source.label_map_path = label_map_path
+        return source
+
+    def input_files(self) -> list[Path]:
+        """The list, the label map, and each image and XML it names (where it may be)."""
+        files = [self._list_path, getattr(self, "label_map_path", None)]
+        for image, xml, _ in self._entries:
+            for name in (image, xml):
+                if self._root:
+                    joined = Path(self._root + name)
+                    files += [joined] if joined.is_absolute() else \
+                        [Path(self._base_dir) / joined, Path.cwd() / joined]
+                else:
+                    files += [self._list_path.parent / name, Path(self._base_dir) / name,
+                              Path.cwd() / name]
+        return files + self.transform.input_files()
 
     def num_samples(self) -> int:
         return len(self._entries)

@@ -12,7 +12,9 @@ import numpy as np
 from calibrator.data.paths import looked_in, resolve_path
 from calibrator.data.sources import DataSource, register
 from calibrator.data.transform import Transform, warn_legacy_fields
-from calibrator.errors import CalibratorError, LayerError
+from calibrator.errors import CalibratorError, LayerError, shorten
+from calibrator.fileio import input_file, read_bytes
+from calibrator.limits import check_blob
 
 log = logging.getLogger(__name__)
 
@@ -22,10 +24,7 @@ SHUFFLE_SEED = 0
 def read_image_list(path: Path) -> list[tuple[str, int, int]]:
     """(image path, label, line number) per non-blank line. As in current BVLC Caffe the
     label is after the last space, so paths may contain spaces."""
-    try:
-        text = path.read_bytes().decode("utf-8", errors="surrogateescape")
-    except OSError as exc:
-        raise CalibratorError(f"list file {path}: cannot read ({exc.strerror})") from None
+    text = read_bytes(path, "list file").decode("utf-8", errors="surrogateescape")
     entries = []
     for number, line in enumerate(text.split("\n"), start=1):
         line = line.rstrip("\r")
@@ -38,11 +37,17 @@ def read_image_list(path: Path) -> list[tuple[str, int, int]]:
             label = int(parts[1])
         except ValueError:
             raise CalibratorError(f"{path}:{number}: expected 'IMAGE_PATH LABEL' (integer "
-                                  f"label), got {line.strip()!r}") from None
+                                  f"label), got '{shorten(line.strip())}'") from None
         entries.append((parts[0], label, number))
     if not entries:
         raise CalibratorError(f"list file {path} is empty")
     return entries
+
+
+def _candidates(name: str, base_dir: Path) -> list[Path]:
+    """Where ``resolve_path`` may find ``name`` (without looking)."""
+    path = Path(name)
+    return [path] if path.is_absolute() else [Path(base_dir) / path, Path.cwd() / path]
 
 
 @register("ImageData")
@@ -74,6 +79,9 @@ class ImageDataSource(DataSource):
             raise fail("image_data_param.batch_size must be at least 1")
         if (param.new_height > 0) != (param.new_width > 0):
             raise fail("new_height and new_width must be set together")
+        if param.new_height > 0:
+            check_blob((param.batch_size, 3 if param.is_color else 1, param.new_height,
+                        param.new_width), "its top (new_height x new_width)", fail)
         if getattr(param, "min_height", 0) or getattr(param, "min_width", 0):
             raise fail("min_height/min_width (Intel Caffe) are not supported")
         if not param.source:
@@ -114,15 +122,27 @@ class ImageDataSource(DataSource):
 
     def _describe(self, sample: int) -> str:
         name, _, number = self._entries[sample]
-        return f"{self._list_path}:{number} ({name})"
+        return f"{shorten(self._list_path)}:{number} ({shorten(name)})"
+
+    def input_files(self) -> list[Path]:
+        """The list and every image it names (each place it may be read from)."""
+        files = [self._list_path]
+        for name, _, _ in self._entries:
+            files.extend(_candidates(self._root_folder + name, self._base_dir))
+        return files + self.transform.input_files()
 
     def _decode(self, sample: int, raw) -> np.ndarray:
         name = self._root_folder + self._entries[sample][0]  # Caffe concatenates as strings
-        path = resolve_path(name, self._base_dir)
+        try:
+            path = resolve_path(name, self._base_dir)
+            if path is not None:
+                input_file(path, "image")
+        except CalibratorError as exc:
+            raise self.error(f"{self._describe(sample)}: {exc}") from None
         if path is None:
             hint = ("; root_folder has no trailing '/'"
                     if self._root_folder and not self._root_folder.endswith("/") else "")
-            raise self.error(f"{self._describe(sample)}: image {name} not found "
+            raise self.error(f"{self._describe(sample)}: image {shorten(name)} not found "
                              f"({looked_in(name, self._base_dir)}{hint})")
         image = cv2.imread(str(path), self._imread_flag)
         if image is None:

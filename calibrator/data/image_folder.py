@@ -14,19 +14,26 @@ import torch
 
 from calibrator.data.sources import DataSource
 from calibrator.data.transform import Transform
-from calibrator.errors import CalibratorError
+from calibrator.errors import CalibratorError, shorten
+from calibrator.fileio import input_file
+from calibrator.limits import check_blob
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
 
 def list_images(image_dir: Path) -> list[Path]:
     """Image files directly in ``image_dir``, sorted by name (case-insensitive extensions)."""
-    if not image_dir.is_dir():
-        raise CalibratorError(f"--images {image_dir}: not a folder")
-    names = sorted(entry.name for entry in os.scandir(image_dir)
-                   if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS))
+    try:
+        if not image_dir.is_dir():
+            raise CalibratorError(f"--images {shorten(image_dir)}: not a folder")
+        names = sorted(entry.name for entry in os.scandir(image_dir)
+                       if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS))
+    except (OSError, ValueError) as exc:
+        raise CalibratorError(f"--images {shorten(image_dir)}: cannot list the folder "
+                              f"({getattr(exc, 'strerror', None) or exc})") from None
     if not names:
-        raise CalibratorError(f"--images {image_dir}: no {'/'.join(IMAGE_EXTENSIONS)} images")
+        raise CalibratorError(f"--images {shorten(image_dir)}: no "
+                              f"{'/'.join(IMAGE_EXTENSIONS)} images")
     return [image_dir / name for name in names]
 
 
@@ -62,12 +69,16 @@ class ImageFolderSource(DataSource):
         return len(self._paths)
 
     def _describe(self, sample: int) -> str:
-        return str(self._paths[sample])
+        return shorten(self._paths[sample])
+
+    def input_files(self) -> list[Path]:
+        return list(self._paths)
 
     def _decode(self, sample: int, raw) -> np.ndarray:
+        input_file(self._paths[sample], "image")
         image = cv2.imread(str(self._paths[sample]), self._imread_flag)
         if image is None:
-            raise self.error(f"cannot read image {self._paths[sample]}")
+            raise self.error(f"cannot read image {self._describe(sample)}")
         height, width = self._size
         image = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
         return self._prepared(sample, self.transform.prepare_image, image)
@@ -95,9 +106,11 @@ def build_image_folder_source(image_dir: str | os.PathLike, input_name: str,
     size = tuple(int(s) for s in (size or input_shape[2:]))
     if len(size) != 2 or min(size) < 1:
         raise CalibratorError(f"--size must be two positive numbers H W, got {size}")
-    batch_size = int(batch_size or input_shape[0])
+    batch_size = int(input_shape[0] if batch_size is None else batch_size)
     if batch_size < 1:
-        raise CalibratorError(f"batch size must be at least 1, got {batch_size}")
+        raise CalibratorError(f"--batch-size must be at least 1, got {batch_size}")
+    check_blob((batch_size, channels, *size), f"--images: a batch (--batch-size {batch_size}, "
+               f"--size {size[0]} {size[1]})")
     paths = list_images(Path(image_dir))
     if transform is None:
         transform = Transform(scale=norm, mean_values=mean)

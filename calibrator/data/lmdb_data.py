@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import struct
 from pathlib import Path
 
 import cv2
@@ -15,11 +16,53 @@ from calibrator.caffe import caffe_pb2
 from calibrator.data.paths import looked_in, resolve_path
 from calibrator.data.sources import DataSource, register
 from calibrator.data.transform import Transform, warn_legacy_fields
-from calibrator.errors import LayerError
+from calibrator.errors import CalibratorError, LayerError, shorten
+from calibrator.fileio import human_size, input_file
 
 log = logging.getLogger(__name__)
 
 _LMDB = 1  # DataParameter.DB.LMDB (LEVELDB = 0 is the default)
+
+
+_META = struct.Struct("<IIQQ")  # mm_magic, mm_version, mm_address, mm_mapsize
+_MAGIC = 0xBEEFC0DE
+_PAGE_HEADER = 16  # PAGEHDRSZ: a meta page holds its MDB_meta after it
+_PAGE_SIZE_AT = 24  # MDB_meta.mm_dbs[FREE_DBI].md_pad: the page size
+_LAST_PAGE_AT = 120  # MDB_meta.mm_last_pg, then mm_txnid
+
+
+def check_lmdb(path: Path) -> None:
+    """Refuse an LMDB whose data file is shorter than its own meta pages say: LMDB maps the
+    file and trusts them, and touching a page past the end of the file kills the process
+    with SIGBUS. Also refuses a data file that is not a regular file."""
+    data = path / "data.mdb" if path.is_dir() else path
+    input_file(data, "LMDB")
+    size = data.stat().st_size
+    with open(data, "rb") as f:
+        head = f.read(_PAGE_HEADER + 160)
+        if len(head) < _PAGE_HEADER + 160:
+            raise CalibratorError(f"LMDB {shorten(data)} is truncated or not an LMDB "
+                                  f"({size} bytes)")
+        magic, _, _, _ = _META.unpack_from(head, _PAGE_HEADER)
+        if magic != _MAGIC:
+            return  # not an LMDB: lmdb.open says so
+        page = struct.unpack_from("<I", head, _PAGE_HEADER + _PAGE_SIZE_AT)[0]
+        if page < 512 or page > (1 << 20) or page & (page - 1):
+            raise CalibratorError(f"LMDB {shorten(data)}: page size {page} in its header "
+                                  "is not valid (a damaged file?)")
+        metas = [head]
+        f.seek(page)
+        metas.append(f.read(_PAGE_HEADER + 160))
+    needed = 2 * page
+    for meta in metas:
+        if len(meta) < _PAGE_HEADER + 160 or \
+                _META.unpack_from(meta, _PAGE_HEADER)[0] != _MAGIC:
+            continue
+        last, _txn = struct.unpack_from("<QQ", meta, _PAGE_HEADER + _LAST_PAGE_AT)
+        needed = max(needed, (last + 1) * page)
+    if size < needed:
+        raise CalibratorError(f"LMDB {shorten(data)} is truncated: {human_size(size)}, its "
+                              f"header says {human_size(needed)}")
 
 
 @register("Data")
@@ -29,14 +72,18 @@ class LmdbDataSource(DataSource):
         super().__init__(tops, batch_size, transform, cache=cache, layer=layer)
         self._path = path
         try:
+            check_lmdb(path)
+        except CalibratorError as exc:
+            raise self.error(str(exc)) from None
+        try:
             self._env = lmdb.open(str(path), readonly=True, lock=False, readahead=False,
                                   subdir=path.is_dir())
             with self._env.begin() as txn:
                 self._keys = list(txn.cursor().iternext(keys=True, values=False))
         except lmdb.Error as exc:
-            raise self.error(f"cannot open LMDB {path}: {exc}") from None
+            raise self.error(f"cannot open LMDB {shorten(path)}: {exc}") from None
         if not self._keys:
-            raise self.error(f"LMDB {path} is empty")
+            raise self.error(f"LMDB {shorten(path)} is empty")
         self._labels: dict[int, float] = {}
 
     @classmethod
@@ -74,8 +121,15 @@ class LmdbDataSource(DataSource):
         applies only to those)."""
         return bool(self._read(0).encoded)
 
+    def input_files(self) -> list[Path]:
+        files = [self._path]
+        if self._path.is_dir():
+            files += [self._path / "data.mdb", self._path / "lock.mdb"]
+        return files + self.transform.input_files()
+
     def _describe(self, sample: int) -> str:
-        return f"LMDB {self._path} key {self._keys[sample].decode('utf-8', 'replace')!r}"
+        key = self._keys[sample].decode("utf-8", "replace")
+        return f"LMDB {shorten(self._path)} key '{shorten(key)}'"
 
     def _label(self, sample: int) -> float:
         return self._labels[sample]

@@ -2,8 +2,25 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
+
+from calibrator.errors import CalibratorError
+
+
+def check_feed(mean, norm, size, batch_size) -> None:
+    """The preprocessing options of a deploy net: finite numbers, positive sizes."""
+    values = list(mean)
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+        raise CalibratorError(f"--mean must be finite numbers, got {' '.join(map(str, values))}")
+    if not (isinstance(norm, (int, float)) and math.isfinite(norm)):
+        raise CalibratorError(f"--norm must be a finite number, got {norm}")
+    if size is not None and (len(size) != 2 or min(int(s) for s in size) < 1):
+        raise CalibratorError(f"--size must be two positive numbers H W, got "
+                              f"{' '.join(map(str, size))}")
+    if batch_size is not None and batch_size < 1:
+        raise CalibratorError(f"--batch-size must be at least 1, got {batch_size}")
 
 
 @dataclass
@@ -15,6 +32,9 @@ class ImageFolderOptions:
     norm: float = 1.0
     size: Sequence[int] | None = None  # (H, W)
     batch_size: int | None = None
+
+    def __post_init__(self):
+        check_feed(self.mean, self.norm, self.size, self.batch_size)
 
 
 @dataclass
@@ -29,3 +49,6 @@ class DetectionListOptions:
     norm: float = 1.0
     size: Sequence[int] | None = None  # (H, W)
     batch_size: int | None = None
+
+    def __post_init__(self):
+        check_feed(self.mean, self.norm, self.size, self.batch_size)

@@ -18,7 +18,8 @@ import torch
 
 from calibrator.caffe.types import DATA_LAYER_TYPES
 from calibrator.data.transform import SampleError, Transform
-from calibrator.errors import CalibratorError, LayerError
+from calibrator.errors import CalibratorError, LayerError, shorten
+from calibrator.limits import check_blob, check_memory
 
 _BUILDERS: dict[str, Callable] = {}
 
@@ -99,6 +100,22 @@ class DataSource:
         """The sample at stream position ``position`` (Caffe wraps to the list start)."""
         return position % self.num_samples()
 
+    def input_files(self) -> list:
+        """Every file this source reads (outputs must not overwrite any of them)."""
+        return self.transform.input_files()
+
+    def samples_of(self, batches: int) -> list[int]:
+        """The distinct samples of batches 0..batches-1, in stream order (at most every
+        sample once, however many times the stream wraps)."""
+        positions = batches * self.batch_size
+        seen: dict[int, None] = {}
+        total = self.num_samples()
+        for position in range(positions):
+            seen.setdefault(self._sample_at(position), None)
+            if len(seen) == total:
+                break
+        return list(seen)
+
     # --- public API ----------------------------------------------------------------------
     def error(self, message: str) -> CalibratorError:
         if self._layer is None:
@@ -109,6 +126,8 @@ class DataSource:
         """Shapes as Caffe sets them at setup: from the first sample of the stream."""
         (first,) = self._images([self._sample_at(0)])
         shapes = {self.tops[0]: (self.batch_size, *first.shape)}
+        check_blob(shapes[self.tops[0]], f"a batch of its top '{shorten(self.tops[0])}'",
+                   self.error)
         if len(self.tops) > 1:
             shapes[self.tops[1]] = (self.batch_size,)
         return shapes
@@ -119,8 +138,11 @@ class DataSource:
         written. Does nothing without the cache."""
         if self._cache is None or batches < 1:
             return
-        positions = range(batches * self.batch_size)
-        self._images(list(dict.fromkeys(self._sample_at(p) for p in positions)))
+        samples = self.samples_of(batches)
+        first = self._images([samples[0]])[0]
+        check_memory(len(samples) * first.nbytes, f"keeping the {len(samples)} decoded "
+                     f"samples of {batches} batch(es) in memory", self.error)
+        self._images(samples)
 
     def batch(self, index: int) -> dict[str, torch.Tensor]:
         if index < 0:

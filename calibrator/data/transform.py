@@ -28,7 +28,8 @@ import torch
 
 from calibrator.data.mean_file import load_mean_file
 from calibrator.data.paths import looked_in, resolve_path
-from calibrator.errors import CalibratorError, LayerError
+from calibrator.errors import CalibratorError, LayerError, shorten
+from calibrator.limits import check_blob
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class Transform:
         if self.pad and mean_image is not None:
             raise SampleError("pad with a mean file is not supported (Intel Caffe indexes the "
                               "mean image without the pad offset)")
+        self.mean_path: Path | None = None  # the mean file read, if any
         self._scale = torch.tensor(self.scale, dtype=torch.float32)
         self._mean = None
         if mean_image is not None:
@@ -88,6 +90,10 @@ class Transform:
 
         if param.force_color and param.force_gray:
             raise fail("cannot set both force_color and force_gray")
+        if not np.isfinite(param.scale):
+            raise fail(f"scale {param.scale} is not a finite number")
+        if not np.isfinite(np.asarray(param.mean_value, np.float64)).all():
+            raise fail("mean_value holds a value that is not a finite number")
         if param.HasField("mean_file") and len(param.mean_value):
             raise fail("cannot specify mean_file and mean_value at the same time")
         for field in _UNSUPPORTED:
@@ -98,11 +104,11 @@ class Transform:
                         "a deterministic evaluation)", layer.name)
         mean_image = None
         if param.HasField("mean_file"):
-            path = resolve_path(param.mean_file, base_dir)
-            if path is None:
-                raise fail(f"mean file {param.mean_file} not found "
-                           f"({looked_in(param.mean_file, base_dir)})")
             try:
+                path = resolve_path(param.mean_file, base_dir)
+                if path is None:
+                    raise CalibratorError(f"mean file {shorten(param.mean_file)} not found "
+                                          f"({looked_in(param.mean_file, base_dir)})")
                 mean_image = load_mean_file(path)
             except CalibratorError as exc:
                 raise fail(str(exc)) from None
@@ -115,12 +121,17 @@ class Transform:
         if getattr(param, "bgr2rgb", False):
             raise fail("bgr2rgb (Intel Caffe) is not supported")
         try:
-            return cls(scale=param.scale, mean_values=list(param.mean_value),
-                       mean_image=mean_image, crop=crop, warp=warp,
-                       force_color=param.force_color, force_gray=param.force_gray,
-                       pad=getattr(param, "pad", 0))
+            transform = cls(scale=param.scale, mean_values=list(param.mean_value),
+                            mean_image=mean_image, crop=crop, warp=warp,
+                            force_color=param.force_color, force_gray=param.force_gray,
+                            pad=getattr(param, "pad", 0))
         except SampleError as exc:
-            raise fail(f"mean file {param.mean_file}: {exc}") from None
+            raise fail(f"mean file {shorten(param.mean_file)}: {exc}") from None
+        transform.mean_path = path if mean_image is not None else None
+        return transform
+
+    def input_files(self) -> list[Path]:
+        return [self.mean_path] if self.mean_path is not None else []
 
     # --- per sample --------------------------------------------------------------------
     def imdecode_flag(self) -> int:
@@ -224,6 +235,7 @@ def _warp_from(resize, fail) -> tuple[int, int, int]:
         raise fail("resize_param: several interp_mode pick one at random; give one")
     if resize.height < 1 or resize.width < 1:
         raise fail("resize_param: height and width must be set")
+    check_blob((4, resize.height, resize.width), "resize_param: a resized image", fail)
     mode = resize.interp_mode[0] if len(resize.interp_mode) else 1
     return resize.height, resize.width, _INTERPOLATION[mode]
 

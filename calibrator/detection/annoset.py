@@ -36,7 +36,8 @@ import numpy as np
 
 from calibrator.caffe import caffe_pb2
 from calibrator.caffe.prototxt import read_label_map
-from calibrator.errors import CalibratorError
+from calibrator.errors import CalibratorError, shorten
+from calibrator.fileio import read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -66,18 +67,15 @@ def num_classes_of(path: str | os.PathLike) -> int:
 
 def read_annoset_list(path: str | os.PathLike) -> list[tuple[str, str, int]]:
     """(image, label file, line number) per non-blank line of a ``create_annoset`` list."""
-    try:
-        text = Path(path).read_bytes().decode("utf-8", errors="surrogateescape")
-    except OSError as exc:
-        raise CalibratorError(f"list file {path}: cannot read ({exc.strerror})") from None
+    text = read_bytes(path, "list file").decode("utf-8", errors="surrogateescape")
     entries = []
     for number, line in enumerate(text.splitlines(), start=1):
         parts = line.split()
         if not parts:
             continue
         if len(parts) != 2:
-            raise CalibratorError(f"{path}:{number}: expected 'IMAGE LABEL_FILE' (paths without "
-                                  f"spaces), got {line.strip()!r}")
+            raise CalibratorError(f"{shorten(path)}:{number}: expected 'IMAGE LABEL_FILE' "
+                                  f"(paths without spaces), got '{shorten(line.strip())}'")
         entries.append((parts[0], parts[1], number))
     if not entries:
         raise CalibratorError(f"list file {path} is empty")
@@ -100,12 +98,13 @@ def read_voc_xml(path: str | os.PathLike, name_to_label: dict[str, int], image_h
     """``ReadXMLToAnnotatedDatum``: append the XML's boxes to ``anno_datum.annotation_group``
     (normalised by the XML's ``<size>``, else the image's size)."""
     path = Path(path)
+    raw = read_bytes(path, "annotation")
     try:
-        root = ET.parse(path).getroot()
+        root = ET.fromstring(raw)
     except ET.ParseError as exc:
-        raise CalibratorError(f"{path}: not a valid XML file ({exc})") from None
-    except OSError as exc:
-        raise CalibratorError(f"{path}: cannot read ({exc.strerror})") from None
+        raise CalibratorError(f"{shorten(path)}: not a valid XML file ({exc})") from None
+    except RecursionError:
+        raise CalibratorError(f"{shorten(path)}: XML nested too deeply") from None
     height, width = image_height, image_width
     size = root.find("size")
     try:
@@ -166,10 +165,7 @@ def make_annotated_datum(image_path: str | os.PathLike, label_path: str | os.Pat
                          encode_type: str | None = None, is_color: bool = True):
     """``ReadRichImageToAnnotatedDatum`` for one list entry (XML labels, encoded image)."""
     image_path, label_path = Path(image_path), Path(label_path)
-    try:
-        raw = image_path.read_bytes()
-    except OSError as exc:
-        raise CalibratorError(f"{image_path}: cannot read image ({exc.strerror})") from None
+    raw = read_bytes(image_path, "image")
     flag = cv2.IMREAD_COLOR if is_color else cv2.IMREAD_GRAYSCALE
     image = cv2.imdecode(np.frombuffer(raw, np.uint8), flag)
     if image is None:

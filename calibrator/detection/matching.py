@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from calibrator.errors import CalibratorError
+from calibrator.fileio import read_bytes
 from calibrator.detection import boxes as bx
 
 F32 = np.float32
@@ -66,10 +67,7 @@ def read_name_size(path: str | os.PathLike) -> list[tuple[int, int]]:
     """A Caffe-SSD name/size file: whitespace-separated ``NAME HEIGHT WIDTH`` triples, read as
     ``infile >> name >> height >> width`` does (reading stops at the first bad triple).
     Returns (height, width) per image, in file order."""
-    try:
-        tokens = Path(path).read_text(encoding="utf-8", errors="surrogateescape").split()
-    except OSError as exc:
-        raise CalibratorError(f"name size file {path}: cannot read ({exc.strerror})") from None
+    tokens = read_bytes(path, "name/size file").decode("utf-8", errors="surrogateescape").split()
     sizes = []
     for i in range(0, len(tokens) - 2, 3):
         try:

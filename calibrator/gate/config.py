@@ -50,7 +50,8 @@ from pathlib import Path
 from calibrator.data.options import DetectionListOptions, ImageFolderOptions
 from calibrator.data.paths import resolve_path
 from calibrator.detection.map import AP_VERSIONS
-from calibrator.errors import CalibratorError
+from calibrator.errors import CalibratorError, shorten
+from calibrator.fileio import read_bytes
 
 KINDS = ("auto", "mean", "map", "agreement")
 DEFAULT_ITERATIONS = 10
@@ -155,11 +156,18 @@ def expand(text: str, where: str) -> str:
 
 def load_config_data(path: Path):
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CalibratorError(f"{path}: gate config not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CalibratorError(f"{path}: cannot read the gate config ({exc})") from None
+        text = read_bytes(path, "gate config").decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CalibratorError(f"{shorten(path)}: cannot read the gate config ({exc})") \
+            from None
+    try:
+        return _parse_config_text(text, path)
+    except RecursionError:
+        raise CalibratorError(f"{shorten(path)}: the gate config is nested too deeply") \
+            from None
+
+
+def _parse_config_text(text: str, path: Path):
     if path.suffix.lower() in (".yaml", ".yml"):
         try:
             import yaml  # optional (the yaml extra): only YAML configs need it
@@ -170,7 +178,8 @@ def load_config_data(path: Path):
             return yaml.safe_load(text)
         except yaml.YAMLError as exc:
             first = str(exc).replace("\n", " ")
-            raise CalibratorError(f"{path}: not valid YAML: {first}") from None
+            raise CalibratorError(f"{shorten(path)}: not valid YAML: {shorten(first)}") \
+                from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:

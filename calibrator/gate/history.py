@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from calibrator.errors import CalibratorError
-from calibrator.fileio import atomic_write
+from calibrator.fileio import atomic_write, exists, read_bytes
 
 
 def append_history(path: str | os.PathLike, record: dict) -> Path:
@@ -38,11 +38,11 @@ def read_history(path: str | os.PathLike) -> list[dict]:
     """Every run recorded in ``path`` (oldest first). A line that is not JSON is an error
     naming it, except a torn last line (an interrupted write), which is skipped."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
+    if not exists(path):
         return []
-    except (OSError, UnicodeDecodeError) as exc:
+    try:
+        lines = read_bytes(path, "history").decode("utf-8").splitlines()
+    except UnicodeDecodeError as exc:
         raise CalibratorError(f"{path}: cannot read the history ({exc})") from None
     runs = []
     for number, line in enumerate(lines, 1):
@@ -50,7 +50,7 @@ def read_history(path: str | os.PathLike) -> list[dict]:
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             if number == len(lines):
                 continue
             raise CalibratorError(f"{path}:{number}: not a JSON line") from None

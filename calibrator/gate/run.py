@@ -17,6 +17,7 @@ import torch
 from calibrator import __version__
 from calibrator.backends import backend_for
 from calibrator.errors import CalibratorError
+from calibrator.fileio import read_bytes
 from calibrator.gate.config import GateConfig, MetricSpec, ModelSpec
 from calibrator.metrics import kind_of, loss, make_metric, measure
 from calibrator.model import load_model, load_quantized
@@ -195,11 +196,11 @@ def read_baseline(path: str | Path) -> dict[tuple[str, str, str], float]:
     """(model, INT8 name, metric) -> INT8 value from an earlier run's --json file."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CalibratorError(f"{path}: baseline not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = json.loads(read_bytes(path, "baseline").decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CalibratorError(f"{path}: cannot read the baseline ({exc})") from None
+    except RecursionError:
+        raise CalibratorError(f"{path}: the baseline is nested too deeply") from None
     results = data.get("results") if isinstance(data, dict) else None
     if not isinstance(results, list):
         raise CalibratorError(f"{path}: not a `calibrator gate --json` file (no \"results\")")
@@ -219,15 +220,20 @@ def read_baseline(path: str | Path) -> dict[tuple[str, str, str], float]:
 def run_gate(config: GateConfig, *, device=None, baseline: str | Path | None = None,
              baseline_margin: tuple[float, bool] = (0.0, False), quiet: bool = False,
              runtime: str | None = None, target: str | None = None,
-             ap_version: str | None = None, say=lambda message: None) -> GateResult:
+             ap_version: str | None = None, say=lambda message: None,
+             on_load=None) -> GateResult:
     """Judge every INT8 prototxt of ``config``. Each runs as the backend ``runtime`` and
-    ``target`` name, or else as the one the prototxt records (see calibrator.backends)."""
+    ``target`` name, or else as the one the prototxt records (see calibrator.backends).
+    ``on_load(model)`` sees each FP32 model as soon as it is loaded (the CLI checks its
+    outputs against the files the model reads)."""
     device = device or torch.device("cpu")
     previous = read_baseline(baseline) if baseline is not None else None
     models = []
     for spec in config.models:
         fp32 = load_model(spec.model, spec.weights, images=spec.images,
                           detection_list=spec.detection, device=device)
+        if on_load is not None:
+            on_load(fp32)
         if fp32.source is None:
             raise CalibratorError(f"{spec.model}: nothing feeds the net (no TEST data layer); "
                                   "give the model \"images\" (a folder) or \"detection\"")

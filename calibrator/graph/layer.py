@@ -78,6 +78,11 @@ class Layer(torch.nn.Module):
         if blobs:
             raise self.error(f"takes no learned blobs, found {len(blobs)}")
 
+    def workspace_bytes(self) -> int:
+        """Memory ``forward`` needs beyond its tops (a padded copy, an im2col buffer), so
+        that the graph can refuse a layer the machine cannot run before running it."""
+        return 0
+
     # -- helpers ---------------------------------------------------------------------------
     def error(self, message: str) -> LayerError:
         return LayerError(self.layer_name, self.layer_type, message)

@@ -7,6 +7,7 @@ simulation its fake-quantizers. Blobs are freed after their last use unless aske
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -14,8 +15,9 @@ import numpy as np
 import torch
 
 from calibrator.caffe.types import EXTERNAL_TYPES, SHAPED_TYPES
-from calibrator.errors import CalibratorError, LayerError
+from calibrator.errors import CalibratorError, LayerError, shorten
 from calibrator.graph.layer import Layer, Shape, layer_class
+from calibrator.limits import FLOAT32, check_blob, check_memory, elements
 
 Hook = Callable[["Node", tuple], "tuple | None"]
 
@@ -35,6 +37,16 @@ class Node:
     top_shapes: list[Shape] = field(default_factory=list)
 
 
+def _check_external_shape(param, top: str, shape) -> None:
+    """A blob fed from outside (data layer, Input): positive dimensions that fit in memory."""
+    if len(shape) == 0 or any(int(d) < 1 for d in shape):
+        raise LayerError(param.name, param.type,
+                         f"top '{shorten(top)}' has shape {tuple(shape)}: every dimension "
+                         "must be at least 1")
+    check_blob(shape, f"its top '{shorten(top)}'",
+               lambda m: LayerError(param.name, param.type, m))
+
+
 def fit_blob(array: np.ndarray, expected: Shape) -> np.ndarray | None:
     """``array`` reshaped to ``expected`` if Caffe would accept it, else None.
 
@@ -50,12 +62,26 @@ def fit_blob(array: np.ndarray, expected: Shape) -> np.ndarray | None:
     return None
 
 
+class _Quiet(logging.Filter):
+    """Drops torch's log records while shapes are inferred: a layer that fake tensors cannot
+    run is expected here (it falls back to real zeros, or is reported as a LayerError), and
+    torch would otherwise print a traceback for it before our one line."""
+
+    def filter(self, record) -> bool:
+        return False
+
+
+_FAKE_TENSOR_LOG = logging.getLogger("torch._subclasses.fake_tensor")
+
+
 def _run_symbolic(node: Node):
     """The node's tops as fake tensors (shapes only), or None if it needs real values."""
     try:
         from torch._subclasses.fake_tensor import FakeTensorMode  # private torch API
     except ImportError:  # pragma: no cover - older torch
         return None
+    quiet = _Quiet()
+    _FAKE_TENSOR_LOG.addFilter(quiet)
     try:
         with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
             return tuple(node.module(*[torch.zeros(s) for s in node.bottom_shapes]))
@@ -63,6 +89,8 @@ def _run_symbolic(node: Node):
         raise
     except Exception:  # data-dependent or not traceable: fall back to real zeros
         return None
+    finally:
+        _FAKE_TENSOR_LOG.removeFilter(quiet)
 
 
 class CaffeNet(torch.nn.Module):
@@ -103,7 +131,8 @@ class CaffeNet(torch.nn.Module):
                             shape = tuple(int(d) for d in dims)
                     if shape is None:
                         raise LayerError(param.name, param.type,
-                                         f"no shape known for its top '{top}'")
+                                         f"no shape known for its top '{shorten(top)}'")
+                    _check_external_shape(param, top, shape)
                     shapes[top] = tuple(shape)
                     self.input_shapes[top] = tuple(shape)
                 continue
@@ -126,7 +155,12 @@ class CaffeNet(torch.nn.Module):
                 used_weights.add(param.name)
             node = Node(len(self.nodes), param.name, param.type, list(param.bottom),
                         list(param.top), module, param, bottom_shapes)
+            check_memory(module.workspace_bytes(), "running it",
+                         lambda m, p=param: LayerError(p.name, p.type, m))
             node.top_shapes = self._infer_top_shapes(node)
+            for top, shape in zip(node.tops, node.top_shapes):
+                check_blob(shape, f"its top '{shorten(top)}'",
+                           lambda m, p=param: LayerError(p.name, p.type, m))
             for top, shape in zip(node.tops, node.top_shapes):
                 shapes[top] = shape
             self.nodes.append(node)
@@ -135,6 +169,7 @@ class CaffeNet(torch.nn.Module):
         self.blob_shapes = shapes
         self.output_names = self._outputs()
         self._last_use = self._last_uses()
+        self._check_peak_memory()
 
     # -- construction helpers ----------------------------------------------------------------
     def _load_weights(self, module: Layer, param, found, require: bool) -> None:
@@ -161,7 +196,14 @@ class CaffeNet(torch.nn.Module):
                 raise LayerError(param.name, param.type,
                                  f"weight blob {i} has shape {tuple(array.shape)}, "
                                  f"expected {tuple(shape)}")
-            fitted.append(blob.astype(np.float32, copy=False))
+            blob = blob.astype(np.float32, copy=False)
+            finite = np.isfinite(blob)
+            if not finite.all():
+                where = tuple(int(i) for i in np.argwhere(~finite)[0])
+                raise LayerError(param.name, param.type,
+                                 f"weight blob {i} holds {int((~finite).sum())} non-finite "
+                                 f"value(s) (NaN or Inf), the first at index {where}")
+            fitted.append(blob)
         module.load_blobs(fitted)
 
     def _infer_top_shapes(self, node: Node) -> list[Shape]:
@@ -185,6 +227,22 @@ class CaffeNet(torch.nn.Module):
             raise LayerError(node.name, node.type,
                              f"produces {len(tops)} tops, the prototxt names {len(node.tops)}")
         return [tuple(t.shape) for t in tops]
+
+    def _check_peak_memory(self) -> None:
+        """The blobs alive at once during a forward pass (each freed after its last use)
+        must fit in memory: a LayerError names the layer where the peak is reached."""
+        live = {name: elements(shape) * FLOAT32 for name, shape in self.input_shapes.items()}
+        total = sum(live.values())
+        for node in self.nodes:
+            for top, shape in zip(node.tops, node.top_shapes):
+                total += elements(shape) * FLOAT32 - live.get(top, 0)
+                live[top] = elements(shape) * FLOAT32
+            check_memory(total, "the blobs alive when it runs",
+                         lambda m, n=node: LayerError(n.name, n.type, m))
+            for bottom in node.bottoms:
+                if self._last_use.get(bottom) == node.index and bottom not in node.tops \
+                        and bottom in live:
+                    total -= live.pop(bottom)
 
     def _outputs(self) -> list[str]:
         """Caffe's net outputs: blobs produced and not consumed by any later layer."""

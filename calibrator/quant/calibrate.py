@@ -9,7 +9,8 @@ from calibrator.data.feed import batches
 from calibrator.metrics import BatchOutcome, Metric, measure
 from calibrator.quant.estimators import HISTOGRAM, statistics_needed
 from calibrator.quant.fusion import FusedGraph, analyze
-from calibrator.quant.scales import QuantOptions, QuantPlan, UnitChoice, build_plan
+from calibrator.quant.scales import (QuantOptions, QuantPlan, UnitChoice, build_plan,
+                                     kept_fp32)
 from calibrator.quant.simulate import FoldedFP32
 from calibrator.quant.statistics import collect
 
@@ -42,6 +43,7 @@ def calibrate(model, options: QuantOptions, sampling_iterations: int, *,
     ``single`` (``-ss``): the statistics come from the last of the ``sampling_iterations``
     batches only, as Intel's ``sampling.py`` keeps only its last pass (no shared pass then)."""
     fused = analyze(model.net, quantize_fc=options.quantize_fc)
+    kept_fp32(fused)  # weights that cannot be quantized fail here, before the passes
     needs = (frozenset({HISTOGRAM}) if estimators is None
              else statistics_needed([options.estimator, *estimators]))
     overrides = FoldedFP32(fused).overrides

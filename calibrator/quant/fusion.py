@@ -122,6 +122,8 @@ class FusedGraph:
         self.unit_by_output = {u.output.key: u for u in units}
         #: where Intel's fusion computes something else than the net says (one line each)
         self.intel_notes: list[str] = []
+        #: units that stay FP32 whatever the options, and why (quant.scales.kept_fp32)
+        self.kept_fp32: dict[str, str] | None = None
 
     def input_of(self, node: Node, bottom: int = 0) -> BlobRef:
         return self._version_of[(node.index, node.bottoms[bottom])]

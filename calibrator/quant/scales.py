@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from calibrator.errors import LayerError
 from calibrator.quant import estimators
 from calibrator.quant.compiled import (average_pooling_pairs, compiled_layers,
                                        force_fp32_outputs)
@@ -129,13 +130,38 @@ class QuantPlan:
         return [u.name for u in fused.units if u.name not in self.layers]
 
 
-def eligible_units(fused: FusedGraph, options: QuantOptions) -> list[FusedUnit]:
-    """Units Intel would quantize: every conv but the first (unless -1st); fc with -fc."""
+def kept_fp32(fused: FusedGraph) -> dict[str, str]:
+    """Units that stay FP32 whatever the options, and why: a layer whose (folded) weights
+    are all zero has nothing to quantize (its weight scale would be 0). Computed once per
+    fused graph; folded weights that are not finite (a BatchNorm/Scale that overflows
+    float32 when folded) are a LayerError."""
+    if fused.kept_fp32 is None:
+        kept = {}
+        for unit in fused.units:
+            weight, bias = folded_weights(unit)
+            if not (bool(torch.isfinite(weight).all()) and bool(torch.isfinite(bias).all())):
+                folded = ", ".join(f"'{n.name}'" for n in unit.folded) or "nothing"
+                raise LayerError(unit.layer.name, unit.layer.type,
+                                 f"its weights are not finite after folding ({folded} folded "
+                                 "in): they overflow float32")
+            if not bool((weight != 0).any()):
+                kept[unit.name] = "all its weights are zero: nothing to quantize"
+        fused.kept_fp32 = kept
+    return fused.kept_fp32
+
+
+def eligible_units(fused: FusedGraph, options: QuantOptions, *,
+                   include_kept: bool = False) -> list[FusedUnit]:
+    """Units Intel would quantize: every conv but the first (unless -1st); fc with -fc;
+    never one of :func:`kept_fp32` (unless ``include_kept``)."""
     units = [u for u in fused.units if u.kind == "conv" or options.quantize_fc]
     convs = [u for u in units if u.kind == "conv"]
     if convs and not (options.first_conv or options.force_u8):
         units = [u for u in units if u is not convs[0]]
-    return units
+    if include_kept:
+        return units
+    kept = kept_fp32(fused)
+    return [u for u in units if u.name not in kept]
 
 
 def first_conv(fused: FusedGraph) -> FusedUnit | None:

@@ -8,10 +8,12 @@ activations themselves."""
 
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import torch
 
+from calibrator.errors import CalibratorError, LayerError, shorten
 from calibrator.quant.estimators import HISTOGRAM, TensorStats
 from calibrator.quant.fusion import BlobRef, FusedGraph
 from calibrator.quant.histogram import GrowingHistogram
@@ -36,10 +38,19 @@ class _Collector:
                       for ref in refs}
         self.hists = ({key: GrowingHistogram() for key in self.stats} if histograms else {})
 
-    def observe(self, ref: BlobRef, x: torch.Tensor) -> None:
+    def observe(self, ref: BlobRef, x: torch.Tensor, node=None) -> None:
         stats = self.stats[ref.key]
         x = x.detach()
         lo, hi = (float(v) for v in torch.aminmax(x))
+        if not math.isfinite(lo) or not math.isfinite(hi):
+            what = (f"blob '{shorten(ref.name)}'" if node is None
+                    else f"top '{shorten(ref.name)}'")
+            raise (CalibratorError(f"the data {what} holds values that are not finite (NaN "
+                                   "or Inf) on the calibration batches")
+                   if node is None else
+                   LayerError(node.name, node.type, f"its {what} is not finite (NaN or Inf) "
+                              "on the calibration batches: the net overflows float32 "
+                              "(weights or inputs too large?)"))
         absmax = max(abs(lo), abs(hi))
         stats.minimum = min(stats.minimum, lo)
         stats.maximum = max(stats.maximum, hi)
@@ -56,7 +67,7 @@ class _Collector:
 
     def hook(self, node, tops):
         for ref in self.by_producer.get(node.index, ()):
-            self.observe(ref, tops[node.tops.index(ref.name)])
+            self.observe(ref, tops[node.tops.index(ref.name)], node)
         return None
 
     def finish(self) -> dict[str, TensorStats]:

@@ -14,6 +14,9 @@ from calibrator.fileio import atomic_write
 from calibrator.report.tables import layer_table, trace_table
 
 WORST_HISTOGRAMS = 4
+#: every file --report DIR may write
+REPORT_FILES = frozenset({"report.md", "report.json", "sensitivity.png", "histograms.png",
+                          "cosine.png", "metric_vs_fp32_layers.png"})
 
 
 def _png(figure) -> bytes:

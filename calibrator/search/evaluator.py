@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Callable
 import numpy as np
 
 from calibrator.errors import CalibratorError
-from calibrator.fileio import atomic_write
+from calibrator.fileio import atomic_write, read_bytes
 from calibrator.metrics import BatchOutcome, Metric, measure
 
 STATE_VERSION = 1
@@ -65,13 +66,22 @@ class SearchState:
     @classmethod
     def load(cls, path: Path, inputs: dict) -> "SearchState":
         try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise CalibratorError(f"{path}: cannot resume from this state file ({exc})") from None
+            data = json.loads(read_bytes(path, "search state"))
+        except (ValueError, RecursionError) as exc:
+            raise CalibratorError(f"{path}: cannot resume from this state file "
+                                  f"({type(exc).__name__})") from None
+        if not isinstance(data, dict) or not isinstance(data.get("evaluations", {}), dict):
+            raise CalibratorError(f"{path}: not a search state file; run without --resume "
+                                  "to start afresh")
         if data.get("version") != STATE_VERSION or data.get("inputs") != inputs:
             raise CalibratorError(f"{path}: the saved search belongs to other inputs or "
                                   "options; run without --resume to start afresh")
-        return cls(path, inputs, data.get("evaluations", {}))
+        evaluations = data.get("evaluations", {})
+        for key, stored in evaluations.items():
+            if not _valid_evaluation(stored):
+                raise CalibratorError(f"{path}: evaluation {key!r} is damaged; run without "
+                                      "--resume to start afresh")
+        return cls(path, inputs, evaluations)
 
     def save(self) -> None:
         if self.path is None:
@@ -83,6 +93,29 @@ class SearchState:
     def discard(self) -> None:
         if self.path is not None and self.path.exists():
             self.path.unlink()
+
+
+def _valid_evaluation(stored) -> bool:
+    """What :meth:`Evaluator._recall` reads back: a finite metric and seconds, per-sample
+    outcomes as a list of 0/1 or null, batch values as numbers or null, a batch count and
+    a partial flag."""
+    if not isinstance(stored, dict):
+        return False
+    numbers = [stored.get("metric"), stored.get("seconds")]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+               for v in numbers):
+        return False
+    per_sample = stored.get("per_sample")
+    if per_sample is not None and not (isinstance(per_sample, list)
+                                       and all(v in (0, 1) for v in per_sample)):
+        return False
+    values = stored.get("batch_values")
+    if values is not None and not (isinstance(values, list) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
+        return False
+    batches = stored.get("batches", 0)
+    return (isinstance(batches, int) and not isinstance(batches, bool) and batches >= 0
+            and isinstance(stored.get("partial", False), bool))
 
 
 class Evaluator:

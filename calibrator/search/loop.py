@@ -139,7 +139,8 @@ class Search:
     def evaluate(self, plan: QuantPlan, action: str, verdict_only: bool = True) -> EvalResult:
         """A full evaluation of ``plan``; it stops once met is certain, and, with
         ``verdict_only``, once not met is certain too."""
-        self._check_budget()
+        if self.results:  # the first INT8 configuration always runs: `best` needs one
+            self._check_budget()
         result = self.evaluator.evaluate(plan, self.backend.simulator(self.fused, plan).overrides,
                                          desc=action[:30], decide=self._decide(verdict_only))
         fp32_layers = len(plan.fp32_layers(self.fused))

@@ -57,8 +57,8 @@ def make_probe(net, fused, feeds: dict, outputs: list[str], classifier: bool = T
         snapshots[cut_nodes[node.index]] = dict(blobs)
         return node.module(*[blobs[b] for b in node.bottoms])
 
-    with torch.no_grad():
-        reference = net(feeds, outputs=outputs,
+    with torch.no_grad():  # a hook: every node runs, so every unit gets its snapshot
+        reference = net(feeds, outputs=outputs, hook=lambda node, tops: None,
                         overrides={i: snapshot_then_run for i in cut_nodes})
     return Probe(snapshots, {k: v.detach() for k, v in reference.items()}, list(outputs),
                  classifier)

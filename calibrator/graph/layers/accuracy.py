@@ -22,6 +22,9 @@ class Accuracy(Layer):
     def __init__(self, param, bottom_shapes):
         super().__init__(param, bottom_shapes)
         check_io(self, param, (2, 2), (1, 2))
+        if set(param.top) & set(param.bottom):
+            raise self.error("cannot run in place: its tops must not overwrite the scores or "
+                             "labels it judges")
         ap = param.accuracy_param
         scores, labels = self.bottom_shapes
         self.top_k = ap.top_k

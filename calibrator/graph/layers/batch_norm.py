@@ -25,6 +25,8 @@ class BatchNorm(Layer):
         # Deploy nets run in the TEST phase, where Caffe's default is the stored statistics.
         self.use_global_stats = bn.use_global_stats if bn.HasField("use_global_stats") else True
         self.eps = float(np.float32(bn.eps))
+        if not np.isfinite(self.eps) or self.eps < 0:
+            raise self.error(f"eps {bn.eps} must be a finite number >= 0")
         self.fused_relu = field_or(bn, "relu", False)  # Intel Caffe's fused ReLU
         shape = self.bottom_shapes[0]
         self.channels = 1 if len(shape) == 1 else shape[1]
@@ -37,9 +39,23 @@ class BatchNorm(Layer):
     def load_blobs(self, blobs):
         load_named(self, ["_mean_sum", "_variance_sum", "_factor"], blobs)
         factor = np.float32(blobs[2][0])
+        if factor < 0:
+            raise self.error(f"the moving-average factor (blob 2) is {factor:g}, negative: "
+                             "the stored statistics are damaged")
         scale = np.float32(0) if factor == 0 else np.float32(1) / factor
-        self.mean = torch.from_numpy((blobs[0] * scale).astype(np.float32))
-        self.variance = torch.from_numpy((blobs[1] * scale).astype(np.float32))
+        with np.errstate(over="ignore", invalid="ignore"):
+            mean = (blobs[0] * scale).astype(np.float32)
+            variance = (blobs[1] * scale).astype(np.float32)
+        if self.use_global_stats:
+            bad = ~np.isfinite(mean) | ~np.isfinite(variance) | ~(variance + self.eps > 0)
+            if bad.any():
+                channel = int(np.argmax(bad))
+                raise self.error(f"channel {channel}: mean {mean[channel]:g}, variance "
+                                 f"{variance[channel]:g} (eps {self.eps:g}): the variance "
+                                 "must be a finite number with variance + eps > 0; the "
+                                 "stored statistics are damaged")
+        self.mean = torch.from_numpy(mean)
+        self.variance = torch.from_numpy(variance)
 
     def _per_channel(self, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return values.reshape((1, -1) + (1,) * (x.dim() - 2)) if x.dim() > 1 else values

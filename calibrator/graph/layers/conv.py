@@ -92,8 +92,16 @@ class Convolution(Layer):
                    for i, s, e, p in zip(shape[2:], self.stride, extents, self.pad)]
         if min(out) <= 0:
             raise self.error(f"output size {tuple(out)} is empty for bottom shape {shape}")
+        self.output_size = tuple(out)
         self.register_parameter("weight", None)
         self.register_parameter("bias", None)
+
+    def workspace_bytes(self) -> int:
+        """An im2col (col2im) buffer of one image: what the generic kernels allocate."""
+        shape = self.bottom_shapes[0]
+        spatial = shape[2:] if self.transposed else self.output_size
+        channels = shape[1] if not self.transposed else self.num_output
+        return 4 * channels * self.kernel[0] * self.kernel[1] * spatial[0] * spatial[1]
 
     def blob_shapes(self):
         channels = self.bottom_shapes[0][1]

@@ -35,6 +35,9 @@ class DetectionEvaluate(Layer):
     def __init__(self, param, bottom_shapes):
         super().__init__(param, bottom_shapes)
         check_io(self, param, (2, 2), (1, 1))
+        if set(param.top) & set(param.bottom):
+            raise self.error("cannot run in place: its top must not overwrite the detections "
+                             "or labels it evaluates")
         p = param.detection_evaluate_param
         if not p.HasField("num_classes"):
             raise self.error("must provide num_classes")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from calibrator.graph.layer import Layer, register
+from calibrator.graph.layers._common import canonical_axis, check_io
 
 FLT_MIN = 1.1754943508222875e-38
 
@@ -16,7 +17,8 @@ class SoftmaxWithLoss(Layer):
 
     def __init__(self, param, bottom_shapes):
         super().__init__(param, bottom_shapes)
-        self.axis = param.softmax_param.axis % len(bottom_shapes[0])
+        check_io(self, param, (2, 2), (1, 2))
+        self.axis = canonical_axis(self, param.softmax_param.axis, len(self.bottom_shapes[0]))
         loss = param.loss_param
         self.ignore_label = loss.ignore_label if loss.HasField("ignore_label") else None
         if loss.HasField("normalization"):

@@ -122,6 +122,17 @@ class Pooling(Layer):
         if min(pooled) <= 0:
             raise self.error(f"output size {pooled} is empty for bottom {self.bottom_shapes[0]}")
 
+    def workspace_bytes(self) -> int:
+        """The explicitly padded bottom (and, with a mask, the int64 indices)."""
+        shape = self.bottom_shapes[0]
+        kernel = self.kernel or tuple(shape[2:])
+        pooled = self._pooled(shape[2:])
+        padded = [(n - 1) * s + k for n, s, k in zip(pooled, self.stride, kernel)]
+        padded = [max(p, d + q) for p, d, q in zip(padded, shape[2:], self.pad)]
+        values = shape[0] * shape[1] * padded[0] * padded[1]
+        return values * 4 + (shape[0] * shape[1] * pooled[0] * pooled[1] * 8
+                             if self.with_mask else 0)
+
     def _pair(self, pool, name, h_name, w_name):
         if has_field(pool, h_name) or has_field(pool, w_name):
             if pool.HasField(name) or not (pool.HasField(h_name) and pool.HasField(w_name)):

@@ -13,6 +13,7 @@ import torch
 
 from calibrator.detection import boxes as bx
 from calibrator.graph.layer import Layer, as_parameter, register
+from calibrator.limits import check_memory
 
 FLT_MAX = float(np.finfo(np.float32).max)
 
@@ -95,15 +96,22 @@ class PriorBox(Layer):
         if len(p.min_size) == 0:
             raise self.error("must provide min_size")
         self.min_sizes = [float(s) for s in p.min_size]
+        self.max_sizes = [float(s) for s in p.max_size]
+        numbers = [*self.min_sizes, *self.max_sizes, *p.aspect_ratio, *p.variance,
+                   p.step, p.step_h, p.step_w, p.offset]
+        if not all(np.isfinite(v) and abs(v) < 1e9 for v in numbers):
+            raise self.error("min_size, max_size, aspect_ratio, variance, step and offset "
+                             "must be finite numbers (below 1e9)")
         if any(s <= 0 for s in self.min_sizes):
             raise self.error("min_size must be positive")
-        self.max_sizes = [float(s) for s in p.max_size]
         if self.max_sizes:
             if len(self.max_sizes) != len(self.min_sizes):
                 raise self.error("needs as many max_size as min_size")
             if any(mx <= mn for mn, mx in zip(self.min_sizes, self.max_sizes)):
                 raise self.error("max_size must be greater than min_size")
         ratios = [np.float32(1.0)]
+        if any(ar <= 0 for ar in p.aspect_ratio):
+            raise self.error("aspect_ratio must be positive")
         for ar in p.aspect_ratio:
             ar = np.float32(ar)
             if any(abs(float(ar) - float(r)) < 1e-6 for r in ratios):
@@ -161,6 +169,10 @@ class PriorBox(Layer):
             return self._cache[key]
         if layer_h * layer_w == 0 or img_h * img_w == 0:
             raise self.error(f"empty feature map or image: {feature_shape}, {image_shape}")
+        priors = layer_h * layer_w * self.num_priors
+        # float64 corners, their float32 copy, the variances and the (1, 2, P*4) top
+        check_memory(priors * 4 * (8 * 2 + 4 * 4), f"computing {priors} priors for a "
+                     f"{layer_h}x{layer_w} map", self.error)
         f32 = np.float32
         if self.step_w == 0 or self.step_h == 0:
             step_w, step_h = f32(img_w) / f32(layer_w), f32(img_h) / f32(layer_h)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
-from calibrator.errors import CalibratorError
+from calibrator.errors import CalibratorError, shorten
 from calibrator.quant.estimators.base import BASIC, HISTOGRAM, Estimator, TensorStats
 from calibrator.quant.estimators.direct import Direct
 from calibrator.quant.estimators.entropy import Entropy
@@ -35,8 +35,8 @@ def register_estimator(estimator: Estimator) -> Estimator:
 
 def register_family(prefix: str, factory: Callable[[float], Estimator], default: float,
                     description: str) -> None:
-    """Make ``-a <prefix><number>`` build ``factory(number)`` (``<prefix>`` alone: the
-    default number)."""
+    """Make ``-a <prefix><number>`` build ``factory(number)``; the number is required
+    (``default`` is the one the help suggests)."""
     _FAMILIES[prefix.upper()] = (factory, default, description)
 
 
@@ -62,7 +62,7 @@ def _family(upper: str) -> tuple[str, float] | None:
         if upper.startswith(prefix):
             text = upper[len(prefix):].lstrip(":=")
             try:
-                value = float(text) if text else default
+                value = float(text)
             except ValueError:
                 return None
             return prefix, value
@@ -80,6 +80,10 @@ def parse_estimator(name: str) -> str:
         prefix, value = found
         if 0 < value <= 100:
             return f"{prefix}{value:g}"
+    for prefix, (_, default, text) in _FAMILIES.items():
+        if upper.startswith(prefix):
+            raise CalibratorError(f"-a {shorten(name)}: {prefix}<p> needs its number p, "
+                                  f"{text} (e.g. {prefix}{default:g})")
     raise CalibratorError(f"unknown range estimator '{name}' (use "
                           f"{', '.join(estimator_names())}, e.g. PERCENTILE99.99)")
 
