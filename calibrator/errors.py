@@ -1,5 +1,8 @@
 """The one exception type the CLI turns into a one-line message and exit code 2."""
 
+EXIT_BAD_INPUT = 2   # a CalibratorError: one line on stderr
+EXIT_INTERNAL = 3    # anything else (a bug): one line, the traceback with --debug
+
 
 class CalibratorError(Exception):
     """Bad input the user can fix: a missing file, a malformed prototxt, a blob shape that
