@@ -117,10 +117,16 @@ class DataSource:
         """Decode every sample of batches 0..batches-1 now (in parallel, into the cache), so
         that a missing or unreadable image stops a run before anything is computed or
         written. Does nothing without the cache."""
-        if self._cache is None or batches < 1:
+        self.prefetch_batches(range(batches))
+
+    def prefetch_batches(self, indices) -> None:
+        """:meth:`prefetch` for the batches ``indices`` only (a torchrun rank's share)."""
+        if self._cache is None:
             return
-        positions = range(batches * self.batch_size)
-        self._images(list(dict.fromkeys(self._sample_at(p) for p in positions)))
+        positions = [p for index in indices
+                     for p in range(index * self.batch_size, (index + 1) * self.batch_size)]
+        if positions:
+            self._images(list(dict.fromkeys(self._sample_at(p) for p in positions)))
 
     def batch(self, index: int) -> dict[str, torch.Tensor]:
         if index < 0:

@@ -23,8 +23,10 @@ from typing import Callable
 
 import torch
 
+from calibrator import distributed
 from calibrator.data.feed import batches
 from calibrator.errors import CalibratorError
+from calibrator.graph.layers.detection_evaluate import seek_state
 from calibrator.metrics.accuracy import AccuracyMetric, primary_accuracy_layer
 from calibrator.metrics.agreement import AgreementMetric, default_scores_blob
 from calibrator.metrics.base import BatchOutcome, Metric
@@ -126,25 +128,41 @@ def measure(model, metrics: list[Metric], iterations: int, *, net=None, override
     each batch read. ``reference``: this is the FP32 pass (metrics relative to FP32 keep
     it). ``on_batch(index, outputs)`` sees each batch's outputs; ``stop(outcomes)``, asked
     after each batch, ends the pass early. ``first``: skip the batches before it (an
-    earlier pass read them; ``start=False`` then keeps the metrics' state)."""
+    earlier pass read them; ``start=False`` then keeps the metrics' state).
+
+    Under torchrun the batches are sharded across the ranks and the outcomes gathered back
+    in batch order, so every rank returns what one process would (``on_batch`` runs on the
+    rank that read the batch). A pass with ``stop`` is not sharded: every rank reads every
+    batch, in order."""
     net = model.net if net is None else net
     wanted = sorted({blob for metric in metrics for blob in metric.outputs()})
     if start:
         for metric in metrics:
             metric.start(net)
-    outcomes: list[list[BatchOutcome]] = [[] for _ in metrics]
-    with torch.no_grad():
-        for index, feeds in batches(model, iterations, desc=desc, quiet=quiet, first=first):
-            outputs = net(feeds, outputs=wanted, overrides=overrides)
-            if on_batch is not None:
-                on_batch(index, outputs)
-            for metric, read in zip(metrics, outcomes):
-                if reference:
-                    metric.remember(outputs)
-                read.append(metric.read(outputs))
-            if stop is not None and stop(outcomes):
-                break
-    return outcomes
+    sharded = stop is None and distributed.world() > 1
+
+    def run() -> dict[int, list[BatchOutcome]]:
+        read: dict[int, list[BatchOutcome]] = {}
+        outcomes: list[list[BatchOutcome]] = [[] for _ in metrics]
+        with torch.no_grad():
+            for index, feeds in batches(model, iterations, desc=desc, quiet=quiet,
+                                        first=first, shard=sharded):
+                if sharded:  # DetectionEvaluate's image counter: this batch's first image
+                    seek_state(net, index * model.batch_size)
+                outputs = net(feeds, outputs=wanted, overrides=overrides)
+                if on_batch is not None:
+                    on_batch(index, outputs)
+                for metric, seen in zip(metrics, outcomes):
+                    if reference:
+                        metric.remember(outputs)
+                    seen.append(metric.read(outputs))
+                read[index] = [seen[-1] for seen in outcomes]
+                if stop is not None and stop(outcomes):
+                    break
+        return read
+
+    rows = distributed.gather_batches(run, sharded=sharded)
+    return [[row[position] for row in rows] for position in range(len(metrics))]
 
 
 __all__ = ["AUTO", "AP_VERSIONS", "AccuracyMetric", "AgreementMetric", "BatchOutcome",
