@@ -9,7 +9,11 @@ An evaluation asked only for a verdict (``decide``) stops as soon as the batches
 change it: a metric with per-sample outcomes (accuracy, agreement) bounds its final value
 exactly (``Metric.bounds``), so the verdict is the complete evaluation's. Such a *partial*
 result carries the decisive bound as its metric; ``complete`` reads the remaining batches
-when the exact value is wanted (the configuration the search writes)."""
+when the exact value is wanted (the configuration the search writes).
+
+Under torchrun every rank runs the same search: each evaluation's batches are sharded
+(:func:`calibrator.metrics.measure`), its value is rank 0's on every rank, and rank 0 alone
+writes the store (and reads it back on ``--resume``, for every rank: see the pipeline)."""
 
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from typing import Callable
 
 import numpy as np
 
+from calibrator import distributed
 from calibrator.errors import CalibratorError
 from calibrator.fileio import atomic_write
 from calibrator.metrics import BatchOutcome, Metric, measure
@@ -74,14 +79,14 @@ class SearchState:
         return cls(path, inputs, data.get("evaluations", {}))
 
     def save(self) -> None:
-        if self.path is None:
+        if self.path is None or not distributed.is_main():
             return
         data = {"version": STATE_VERSION, "inputs": self.inputs,
                 "evaluations": self.evaluations}
         atomic_write(self.path, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
     def discard(self) -> None:
-        if self.path is not None and self.path.exists():
+        if self.path is not None and distributed.is_main() and self.path.exists():
             self.path.unlink()
 
 
@@ -164,6 +169,7 @@ class Evaluator:
         per_sample = None
         if outcomes and all(o.per_sample is not None for o in outcomes):
             per_sample = np.concatenate([o.per_sample for o in outcomes])
+        value, per_sample = distributed.agree((value, per_sample))  # the same on every rank
         self.state.evaluations[key] = {
             "metric": value, "seconds": seconds, "batches": len(outcomes),
             "partial": partial,
