@@ -104,6 +104,60 @@ def test_single_process_is_rank_0_of_1_and_passes_are_whole():
         distributed.gather_batches(lambda: (_ for _ in ()).throw(CalibratorError("bad")))
 
 
+def test_sharded_statistics_equal_one_pass_bit_for_bit(monkeypatch):
+    """collect_sharded (what each rank runs) against collect (one process, one pass): the
+    batches arrive out of order, |max| grows (the growing histogram doubles its range, more
+    than once), one batch is all zeros; every figure and every fine histogram count (before
+    the re-binning to 2048 bins) equal."""
+    import numpy as np
+
+    from calibrator.quant.histogram import GrowingHistogram
+    from calibrator.quant.statistics import collect, collect_sharded
+    from tests.quant_helpers import TinyNet, conv_text, input_text, relu_text
+
+    fine = []
+    rebin = GrowingHistogram.rebin
+
+    def recording(self, absmax, *args):
+        fine.append((self.range, None if self.counts is None else self.counts.numpy().copy()))
+        return rebin(self, absmax, *args)
+
+    monkeypatch.setattr(GrowingHistogram, "rebin", recording)
+
+    text = (input_text((2, 3, 8, 8)) + conv_text("conv1", "data", "c1", 8, 3)
+            + relu_text("relu1", "c1") + conv_text("conv2", "c1", "c2", 8, 3))
+    rng = np.random.default_rng(4)
+    scales = [0.1, 1.0, 0.0, 7.0, 0.5, 30.0]
+    feeds = [{"data": (rng.normal(0, 1, (2, 3, 8, 8)) * scale).astype(np.float32)}
+             for scale in scales]
+    net = TinyNet(text, seed=2, batches=feeds)
+    net.calibrate()
+    order = [0, 2, 4, 1, 3, 5]  # rank 0's batches, then rank 1's
+    passes = []
+
+    def make_batches(desc):
+        passes.append(desc)
+        return ((i, net.batches[i]) for i in order)
+
+    fine.clear()  # net.calibrate() collected once already
+    sharded = collect_sharded(net.net, net.fused, make_batches)
+    fine_sharded, fine[:] = list(fine), []
+    one = collect(net.net, net.fused, iter(net.batches))
+    assert len(fine) == len(fine_sharded) == len(one)
+    for (range_a, counts_a), (range_b, counts_b) in zip(fine, fine_sharded):
+        assert range_a == range_b and np.array_equal(counts_a, counts_b)
+    assert passes == ["statistics 1/2", "statistics 2/2"]
+    assert list(sharded) == list(one)
+    doubled = 0
+    for key, a in one.items():
+        b = sharded[key]
+        assert (b.minimum, b.maximum, b.absmax, b.count, b.zeros, b.batch_absmax) == (
+            a.minimum, a.maximum, a.absmax, a.count, a.zeros, a.batch_absmax)
+        assert b.hist.dtype == a.hist.dtype and np.array_equal(b.hist, a.hist)
+        doubled += a.absmax > 4 * next(v for v in a.batch_absmax if v > 0)
+    assert doubled == len(one)  # every tensor's range doubled at least twice
+
+
 def test_torchrun_environment_is_checked(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "2")
