@@ -257,21 +257,32 @@ def _search_args(tiny, out):
             out / "q.table", "--probe-images", "16", "--quiet"]
 
 
-def test_torchrun_search_writes_the_bytes_of_one_process(tiny, tmp_path):
+@pytest.mark.parametrize("strategy", ["bisect", "intel"])
+def test_torchrun_search_writes_the_bytes_of_one_process(tiny, tmp_path, strategy):
     """Statistics, FP32 and INT8 evaluations sharded over two ranks (batches 0, 2 and 1, 3);
-    the search (probe, adjustments, bisection, pruning) decides as one process does."""
+    the search (probe, adjustments, bisection, pruning) decides as one process does. The
+    intel strategy's all-INT8 evaluation stops early (its verdict is known after batch 0):
+    the ranks read a round of two batches and stop where one process stops."""
+    extra = ["--strategy", strategy]
     (tmp_path / "one").mkdir()
-    assert one_process(_search_args(tiny, tmp_path / "one")) == 0
+    assert one_process(_search_args(tiny, tmp_path / "one") + extra) == 0
     (tmp_path / "two").mkdir()
-    run = torchrun(_search_args(tiny, tmp_path / "two"), tmp_path / "logs")
+    args = [a for a in _search_args(tiny, tmp_path / "two") if a != "--quiet"] + extra
+    run = torchrun(args, tmp_path / "logs")
     assert run.returncode == 0, run.stderr[-3000:]
     for name in OUTPUTS:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
     search = json.loads((tmp_path / "two/q.json").read_text())["search"]
-    assert search["fp32_layers"] == ["conv2"] and search["sensitivity"]  # the probe ran
+    assert search["fp32_layers"] == ["conv2"]
+    if strategy == "bisect":
+        assert search["sensitivity"]  # the probe ran
+    else:
+        assert "all INT8: " in rank_logs(tmp_path / "logs", "stderr")[0]
+        assert "stopped after 1 of 4 batches" in rank_logs(tmp_path / "logs", "stderr")[0]
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(OUTPUTS)
     stdout = rank_logs(tmp_path / "logs", "stdout")
     assert len(stdout) == 2 and stdout[1] == ""  # rank 1 prints nothing
+    assert rank_logs(tmp_path / "logs", "stderr")[1] == ""
     assert stdout[0].count("quantized prototxt written") == 1
 
 

@@ -132,37 +132,63 @@ def measure(model, metrics: list[Metric], iterations: int, *, net=None, override
 
     Under torchrun the batches are sharded across the ranks and the outcomes gathered back
     in batch order, so every rank returns what one process would (``on_batch`` runs on the
-    rank that read the batch). A pass with ``stop`` is not sharded: every rank reads every
-    batch, in order."""
+    rank that read the batch). With ``stop`` the ranks read a batch each per round (batch
+    ``first + round * N + rank``), gather the round and ask ``stop`` after each of its
+    batches in order: the pass ends at the batch one process ends at (the rest of that
+    round is dropped)."""
     net = model.net if net is None else net
     wanted = sorted({blob for metric in metrics for blob in metric.outputs()})
     if start:
         for metric in metrics:
             metric.start(net)
-    sharded = stop is None and distributed.world() > 1
+    sharded = distributed.world() > 1
 
-    def run() -> dict[int, list[BatchOutcome]]:
-        read: dict[int, list[BatchOutcome]] = {}
-        outcomes: list[list[BatchOutcome]] = [[] for _ in metrics]
-        with torch.no_grad():
-            for index, feeds in batches(model, iterations, desc=desc, quiet=quiet,
-                                        first=first, shard=sharded):
-                if sharded:  # DetectionEvaluate's image counter: this batch's first image
-                    seek_state(net, index * model.batch_size)
-                outputs = net(feeds, outputs=wanted, overrides=overrides)
-                if on_batch is not None:
-                    on_batch(index, outputs)
-                for metric, seen in zip(metrics, outcomes):
-                    if reference:
-                        metric.remember(outputs)
-                    seen.append(metric.read(outputs))
-                read[index] = [seen[-1] for seen in outcomes]
-                if stop is not None and stop(outcomes):
-                    break
-        return read
+    def read(index: int, feeds) -> list[BatchOutcome]:
+        if sharded:  # DetectionEvaluate's image counter: this batch's first image
+            seek_state(net, index * model.batch_size)
+        outputs = net(feeds, outputs=wanted, overrides=overrides)
+        if on_batch is not None:
+            on_batch(index, outputs)
+        row = []
+        for metric in metrics:
+            if reference:
+                metric.remember(outputs)
+            row.append(metric.read(outputs))
+        return row
 
-    rows = distributed.gather_batches(run, sharded=sharded)
-    return [[row[position] for row in rows] for position in range(len(metrics))]
+    outcomes: list[list[BatchOutcome]] = [[] for _ in metrics]
+    with torch.no_grad():
+        if not sharded or stop is None:
+            def run() -> dict[int, list[BatchOutcome]]:
+                done: dict[int, list[BatchOutcome]] = {}
+                for index, feeds in batches(model, iterations, desc=desc, quiet=quiet,
+                                            first=first, shard=sharded):
+                    done[index] = read(index, feeds)
+                    for seen, outcome in zip(outcomes, done[index]):
+                        seen.append(outcome)
+                    if stop is not None and stop(outcomes):
+                        break
+                return done
+
+            rows = distributed.gather_batches(run, sharded=sharded)
+            return [[row[position] for row in rows] for position in range(len(metrics))]
+        mine = batches(model, iterations, desc=desc, quiet=quiet, first=first, shard=True)
+        try:
+            for round_start in range(first, iterations, distributed.world()):
+                def run_round() -> dict[int, list[BatchOutcome]]:
+                    if round_start + distributed.rank() >= iterations:
+                        return {}  # the last round has fewer batches than ranks
+                    index, feeds = next(mine)
+                    return {index: read(index, feeds)}
+
+                for row in distributed.gather_batches(run_round):
+                    for seen, outcome in zip(outcomes, row):
+                        seen.append(outcome)
+                    if stop(outcomes):
+                        return outcomes
+        finally:
+            mine.close()
+    return outcomes
 
 
 __all__ = ["AUTO", "AP_VERSIONS", "AccuracyMetric", "AgreementMetric", "BatchOutcome",

@@ -12,8 +12,10 @@ result carries the decisive bound as its metric; ``complete`` reads the remainin
 when the exact value is wanted (the configuration the search writes).
 
 Under torchrun every rank runs the same search: each evaluation's batches are sharded
-(:func:`calibrator.metrics.measure`), its value is rank 0's on every rank, and rank 0 alone
-writes the store (and reads it back on ``--resume``, for every rank: see the pipeline)."""
+(:func:`calibrator.metrics.measure`; an evaluation that may stop early reads a round of one
+batch per rank at a time and stops at the batch one process stops at), its value is rank
+0's on every rank, and rank 0 alone writes the store (and reads it back on ``--resume``,
+for every rank: see the pipeline)."""
 
 from __future__ import annotations
 
