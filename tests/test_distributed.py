@@ -337,7 +337,8 @@ def test_one_ranks_bad_image_ends_every_rank_with_the_same_line(tiny, tmp_path, 
 def test_torchrun_detection_map_search_writes_the_bytes_of_one_process(shared, tmp_path):
     """res10 SSD on 8 of the pseudo-labelled faces (2 batches of 4, one per rank): mAP from
     the true/false positives of both ranks' batches gathered in batch order; 7-bit INT8
-    loses mAP, so the search probes and adjusts layers before it meets -l."""
+    loses most of the mAP, so the search tries per-channel weights, probes, adjusts layers
+    and bisects before it meets -l."""
     faces = shared / "data/faces-pseudo"
     model = shared / "models/res10_ssd"
 
@@ -349,6 +350,7 @@ def test_torchrun_detection_map_search_writes_the_bytes_of_one_process(shared, t
                 "--name-size", faces / "name_size.txt", "--mean", "104", "177", "123",
                 "--size", "300", "300", "--batch-size", "4", "-i", "2", "-s", "2", "-d", "1",
                 "-l", "0.001", "--bits", "7", "--max-evals", "5", "--quiet",
+                "-ss", "0",  # the layer-wise EasyQuant pass cannot batch SSD labels yet
                 "--output", out / "q.prototxt", "--json", out / "q.json",
                 "--table", out / "q.table"]
 
@@ -359,7 +361,7 @@ def test_torchrun_detection_map_search_writes_the_bytes_of_one_process(shared, t
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
     search = json.loads((tmp_path / "two/q.json").read_text())["search"]
     assert search["metric"] == "detection_eval" and 0.5 < search["fp32"] <= 1
-    assert search["sensitivity"] and search["full_evaluations"] >= 3
+    assert search["sensitivity"] and search["full_evaluations"] >= 4
 
 
 def test_bench_gpu_without_cuda_fails_cleanly(tmp_path, capsys):
