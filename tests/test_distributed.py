@@ -286,6 +286,20 @@ def test_torchrun_search_writes_the_bytes_of_one_process(tiny, tmp_path, strateg
     assert stdout[0].count("quantized prototxt written") == 1
 
 
+def test_torchrun_caffe_test_prints_what_one_process_prints(tiny, tmp_path, capsys):
+    """`calibrator test` (accuracy over 4 batches, 2 per rank): rank 0 prints one process's
+    lines, rank 1 nothing."""
+    _, prototxt, caffemodel = tiny
+    args = ["test", "-m", prototxt, "-w", caffemodel, "-i", "4", "--quiet"]
+    capsys.readouterr()
+    assert one_process(args) == 0
+    expected = capsys.readouterr().out
+    assert expected.startswith("accuracy = ")
+    run = torchrun(args, tmp_path / "logs")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert rank_logs(tmp_path / "logs", "stdout") == [expected, ""]
+
+
 @pytest.mark.slow
 def test_torchrun_resume_reads_rank_0s_state(tiny, tmp_path):
     """An interrupted two-rank search (--max-evals 2) resumed by two ranks gives the bytes
