@@ -37,6 +37,23 @@ def tracked_refs(fused: FusedGraph) -> list[BlobRef]:
     return list(refs.values())
 
 
+def batch_figures(x: torch.Tensor) -> tuple[float, float, float, int, int]:
+    """One batch's figures for a tensor: (min, max, max|x|, elements, zeros)."""
+    lo, hi = (float(v) for v in torch.aminmax(x))
+    return lo, hi, max(abs(lo), abs(hi)), x.numel(), x.numel() - int(torch.count_nonzero(x))
+
+
+def fold(stats: TensorStats, figures: tuple) -> None:
+    """Add one batch's :func:`batch_figures` to ``stats`` (batches in order)."""
+    lo, hi, absmax, count, zeros = figures
+    stats.minimum = min(stats.minimum, lo)
+    stats.maximum = max(stats.maximum, hi)
+    stats.absmax = max(stats.absmax, absmax)
+    stats.batch_absmax.append(absmax)
+    stats.count += count
+    stats.zeros += zeros
+
+
 class _Collector:
     def __init__(self, refs: Iterable[BlobRef], histograms: bool):
         self.by_producer: dict[int, list[BlobRef]] = {}
@@ -47,18 +64,11 @@ class _Collector:
         self.hists = ({key: GrowingHistogram() for key in self.stats} if histograms else {})
 
     def observe(self, ref: BlobRef, x: torch.Tensor) -> None:
-        stats = self.stats[ref.key]
         x = x.detach()
-        lo, hi = (float(v) for v in torch.aminmax(x))
-        absmax = max(abs(lo), abs(hi))
-        stats.minimum = min(stats.minimum, lo)
-        stats.maximum = max(stats.maximum, hi)
-        stats.absmax = max(stats.absmax, absmax)
-        stats.batch_absmax.append(absmax)
-        stats.count += x.numel()
-        stats.zeros += x.numel() - int(torch.count_nonzero(x))
+        row = batch_figures(x)
+        fold(self.stats[ref.key], row)
         if ref.key in self.hists:
-            self.hists[ref.key].add(x, absmax)
+            self.hists[ref.key].add(x, row[2])
 
     def feeds(self, feeds: dict) -> None:
         for ref in self.by_producer.get(-1, []):
@@ -100,22 +110,6 @@ def collect(net, fused: FusedGraph, batches: Iterable[dict], *, refs=None,
 
 
 # -- several ranks -----------------------------------------------------------------------------
-
-def _basic_row(x: torch.Tensor) -> tuple:
-    """One batch's figures for a tensor, as ``_Collector.observe`` computes them."""
-    lo, hi = (float(v) for v in torch.aminmax(x))
-    return lo, hi, max(abs(lo), abs(hi)), x.numel(), int((x == 0).sum())
-
-
-def _fold(stats: TensorStats, row: tuple) -> None:
-    lo, hi, absmax, count, zeros = row
-    stats.minimum = min(stats.minimum, lo)
-    stats.maximum = max(stats.maximum, hi)
-    stats.absmax = max(stats.absmax, absmax)
-    stats.batch_absmax.append(absmax)
-    stats.count += count
-    stats.zeros += zeros
-
 
 def _ranges(batch_absmax: list[float]) -> tuple[list[tuple[float, int] | None], float, int]:
     """The range a :class:`GrowingHistogram` fed these per-batch |max| values in order has
@@ -162,7 +156,7 @@ def collect_sharded(net, fused: FusedGraph, make_batches: Callable[[str], Iterab
         x = x.detach()
         histograms = state["histograms"]
         if histograms is None:
-            seen.setdefault(state["index"], {})[ref.key] = _basic_row(x)
+            seen.setdefault(state["index"], {})[ref.key] = batch_figures(x)
             return
         at = plans[ref.key].get(state["index"])
         if at is None:
@@ -197,7 +191,7 @@ def collect_sharded(net, fused: FusedGraph, make_batches: Callable[[str], Iterab
         per_key: dict[str, list[int]] = {key: [] for key in collector.stats}
         for index, row in distributed.gather_batches(first_pass):
             for key, figures in row.items():
-                _fold(collector.stats[key], figures)
+                fold(collector.stats[key], figures)
                 per_key[key].append(index)
         if not histogram:
             return collector.stats
