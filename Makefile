@@ -38,8 +38,9 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
+# make bench GPU=0: also GPU against CPU throughput on CUDA device 0 (--gpu 0)
 bench: install
-	$(PY) -m calibrator.bench
+	$(PY) -m calibrator.bench $(if $(GPU),--gpu $(GPU)) $(BENCH_ARGS)
 
 # Nightly accuracy gate on the shared MobileNetV2 and res10 (calibrate, then gate).
 gate: install

@@ -11,6 +11,9 @@ MESSAGE_LIMIT = 1000
 VALUE_LIMIT = 200
 ELLIPSIS = "…"
 
+EXIT_BAD_INPUT = 2   # a CalibratorError: one line on stderr
+EXIT_INTERNAL = 3    # anything else (a bug): one line, the traceback with --debug
+
 
 class CalibratorError(Exception):
     """Bad input the user can fix: a missing file, a malformed prototxt, a blob shape that

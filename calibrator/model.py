@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from calibrator import data
+from calibrator import data, distributed
 from calibrator.caffe import caffe_pb2
 from calibrator.caffe.caffemodel import read_caffemodel
 from calibrator.caffe.compiled_weights import apply_compiled_weights
@@ -49,14 +49,24 @@ class Model:
 
 
 def select_device(gpu: int | None) -> torch.device:
-    """``--gpu ID`` as Caffe takes it; None or a negative id runs on the CPU."""
+    """``--gpu ID`` as Caffe takes it; None or a negative id runs on the CPU. Under torchrun
+    each rank takes its own device: ``cuda:(ID + LOCAL_RANK)`` (``--gpu 0`` with N ranks
+    per node: GPUs 0..N-1 of each node)."""
     if gpu is None or gpu < 0:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise CalibratorError(f"--gpu {gpu}: no CUDA device is available (run without --gpu)")
-    if gpu >= torch.cuda.device_count():
-        raise CalibratorError(f"--gpu {gpu}: only {torch.cuda.device_count()} CUDA device(s)")
-    return torch.device(f"cuda:{gpu}")
+    index = gpu + distributed.local_rank()
+    count = torch.cuda.device_count()
+    if index >= count:
+        if distributed.world() > 1:
+            raise CalibratorError(f"--gpu {gpu}: local rank {distributed.local_rank()} needs "
+                                  f"CUDA device {index} (ID + LOCAL_RANK), this node has "
+                                  f"{count}")
+        raise CalibratorError(f"--gpu {gpu}: only {count} CUDA device(s)")
+    if distributed.active():
+        torch.cuda.set_device(index)  # NCCL's device for this rank
+    return torch.device(f"cuda:{index}")
 
 
 def build_source(test_param, base_dir: Path, images: ImageFolderOptions | None):

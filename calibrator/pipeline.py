@@ -4,7 +4,10 @@ package; this module only sequences them and reports.
     config (RunConfig) -> model -> backend -> calibration -> [search] -> writers
 
 ``run(config)`` is the library entry point; it returns the exit code (0: -l met, 1: not met,
-the best configuration written)."""
+the best configuration written).
+
+Under torchrun (:mod:`calibrator.distributed`) every rank runs this same sequence on its share
+of the batches; rank 0 alone writes the outputs, the search state and the report."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from calibrator import distributed
 from calibrator.backends import make_backend
 from calibrator.caffe.types import not_in_intel_caffe
 from calibrator.config import RunConfig
@@ -44,7 +48,7 @@ class Pipeline:
     def __init__(self, config: RunConfig, say=None):
         self.config = config
         self.started = time.time()
-        self.say = say or ((lambda m: None) if config.quiet else
+        self.say = say or ((lambda m: None) if config.quiet or not distributed.is_main() else
                            (lambda m: print(m, file=sys.stderr, flush=True)))
 
     # -- steps -------------------------------------------------------------------------------
@@ -90,6 +94,8 @@ class Pipeline:
         self.plan.check_inputs(data_inputs(model))
 
     def write(self, paths: dict[str, Path], context: OutputContext) -> None:
+        if not distributed.is_main():  # rank 0 alone writes
+            return
         if "force_u8" in paths:  # the net was checked before calibrating; what the plan
             try:                   # decides (the first conv reverted to FP32) skips -fu only
                 context.force_u8 = force_u8(context.model, context.fused, context.plan,
@@ -164,7 +170,9 @@ class Pipeline:
         backend = make_backend(config.runtime, config.target)
         if config.performance_only:
             path = paths["performance"]
-            get_writer("performance").write(path, OutputContext(model, analyze(model.net), None))
+            if distributed.is_main():
+                get_writer("performance").write(path, OutputContext(model, analyze(model.net),
+                                                                    None))
             print(f"performance-only prototxt written: {path}")
             return EXIT_MET
         metric = None if config.quantize_only else self.metric(model)
@@ -296,7 +304,7 @@ class Pipeline:
             print()
             print(trace_table(result.trace))
             print()
-        if config.report is not None:
+        if config.report is not None and distributed.is_main():
             feeds = calibration_subset(model, config.search.probe_images)
             cosines = unit_cosines(model.net, calibration.fused,
                                    backend.simulator(calibration.fused, plan).overrides, feeds)
@@ -331,14 +339,17 @@ class Pipeline:
                   "sampling_single": config.sampling_single,
                   "options": repr(calibration.options), "target": backend.target.name,
                   "saturation_fix": config.search.saturation_fix, "runtime": backend.name}
-        if config.resume and state_path.exists():
-            state = SearchState.load(state_path, inputs)
-            self.say(f"resuming: {len(state.evaluations)} evaluations recalled from "
-                     f"{state_path}")
-            return state
-        if config.resume:
+        if not config.resume:
+            return SearchState(state_path, inputs)
+        # rank 0 reads the state beside the outputs; every rank resumes from it
+        evaluations = distributed.on_main(
+            lambda: SearchState.load(state_path, inputs).evaluations if state_path.exists()
+            else None)
+        if evaluations is None:
             self.say(f"--resume: no saved search at {state_path}; starting afresh")
-        return SearchState(state_path, inputs)
+            return SearchState(state_path, inputs)
+        self.say(f"resuming: {len(evaluations)} evaluations recalled from {state_path}")
+        return SearchState(state_path, inputs, evaluations)
 
 
 def search_state_path(prototxt) -> Path:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import ctypes
 import sys
 
+import torch
+
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
@@ -24,3 +26,26 @@ def tune_allocator() -> None:
         libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1)
     except (OSError, AttributeError):  # not glibc: nothing to tune
         pass
+
+
+def deterministic_cuda() -> None:
+    """CUDA as the command line runs it (``--gpu``): the same bits on every run and every
+    rank, and FP32 convolutions and matrix products in full float32 as Caffe computes them.
+
+    * no TF32 (cuDNN convolutions and cuBLAS matrix products alike): TF32 rounds the
+      operands to 10-bit mantissas;
+    * ``cudnn.deterministic`` and no ``cudnn.benchmark``: cuDNN picks its algorithm by fixed
+      heuristics, the same for the same shapes on the same GPU model, so one process and
+      N ranks (which run whole batches of the same shape) compute identical FP32 outputs.
+
+    ``torch.use_deterministic_algorithms`` is deliberately not switched on: the only
+    order-dependent CUDA kernels the calibrator uses add integers (``histc`` counts in
+    float32, below 2^24 per chunk; the pair-saturation corrections of
+    ``quant.targets.pairs`` added with ``index_add_`` in float64, far below 2^53), which are
+    exact in any order, and the flag would make ``histc`` raise. The INT8 simulation's own
+    exactness (no TF32, no cuDNN inside its integer accumulations) is
+    ``quant.simulate.exact_arithmetic``'s business."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True

@@ -26,7 +26,8 @@ from calibrator.errors import CalibratorError
 
 #: Modules whose import registers sections, in the order they run.
 SECTION_MODULES = ("calibrator.bench.fp32", "calibrator.bench.int8", "calibrator.bench.ort",
-                   "calibrator.bench.peers", "calibrator.bench.accuracy")
+                   "calibrator.bench.peers", "calibrator.bench.accuracy",
+                   "calibrator.bench.gpu")
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from calibrator import distributed
 from calibrator.cli.common import (add_ap_version_option, add_backend_options,
                                    add_detection_list_options, add_device_options,
                                    add_image_folder_options, detection_list_options,
@@ -192,6 +193,8 @@ def run(args: argparse.Namespace) -> int:
                       target=args.target, ap_version=args.ap_version, say=say,
                       on_load=lambda model: outputs.check_inputs(data_inputs(model)))
     print_results(result)
+    if not distributed.is_main():  # under torchrun rank 0 alone writes
+        return EXIT_FAIL if any(not c.passed for c in result.cases) else EXIT_PASS
     if args.json:
         atomic_write(args.json, json.dumps(result.to_json(), indent=1) + "\n")
     if args.junit:

@@ -5,11 +5,17 @@ Exit codes: 0 done (-l met), 1 -l not met (gate: a check failed), 2 bad input, 1
 interrupted by SIGINT/SIGTERM, 3 a bug (a message asks for a report). Whatever happens,
 stderr gets one line: the message is cleaned (:func:`calibrator.errors.one_line`), and
 third-party noise (libjpeg's warnings written straight to file descriptor 2, numpy's
-RuntimeWarnings, argparse's usage) is kept off it unless ``--debug``."""
+RuntimeWarnings, argparse's usage) is kept off it unless ``--debug``.
+
+Under ``torchrun`` (see :mod:`calibrator.distributed`) every rank runs this same command:
+the ranks join the process group after parsing, ranks other than 0 print nothing (their
+stdout and stderr are silenced until the end), and an error on any rank ends every rank
+with the same line and exit code."""
 
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import signal
@@ -18,15 +24,16 @@ import threading
 import traceback
 import warnings
 
-from calibrator import __version__
+from calibrator import __version__, distributed
 from calibrator.cli import annoset_cmd, calibrate_cmd, gate_cmd, test_cmd, verify_cmd
 from calibrator.cli.parsing import EXIT_CODES, ArgumentParser, UsageError
-from calibrator.errors import CalibratorError, Interrupted, one_line
-from calibrator.runtime import tune_allocator
+from calibrator.errors import (EXIT_BAD_INPUT, EXIT_INTERNAL, CalibratorError, Interrupted,
+                               one_line)
+from calibrator.runtime import deterministic_cuda, tune_allocator
 
-EXIT_BAD_INPUT = 2
-EXIT_INTERNAL = 3
 SUBCOMMANDS = ("test", "gate", "verify", "make-annoset")
+#: sub-commands that run in one process only (ONNX Runtime on the CPU; one LMDB written)
+SINGLE_PROCESS = ("verify", "make-annoset")
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -186,6 +193,21 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line
+    streams = sys.stdout, sys.stderr
+    try:
+        code = _main(argv, debug)
+    finally:
+        sys.stdout, sys.stderr = streams
+        ranked = distributed.close()
+    if ranked:  # a torchrun worker: see distributed.close
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _main(argv: list[str], debug: bool) -> int:
+    streams = sys.stdout, sys.stderr
     with _signals_raise():
         try:
             with _quiet_native_stderr(not debug), _no_python_warnings(not debug), \
@@ -194,32 +216,30 @@ def main(argv: list[str] | None = None) -> int:
                 warnings_seen.flush_to_stderr()
                 return code
         except UsageError as exc:
+            sys.stdout, sys.stderr = streams
             with _ignore_signals():
                 if debug and exc.usage:
                     print(exc.usage.rstrip(), file=sys.stderr)
                 _say(f"calibrator: error: {exc}")
             return EXIT_BAD_INPUT
-        except CalibratorError as exc:
-            with _ignore_signals():
-                if debug:
-                    traceback.print_exc()
-                _say(f"calibrator: error: {exc}")
-            return EXIT_BAD_INPUT
         except KeyboardInterrupt as exc:
+            distributed.abandon()
+            sys.stdout, sys.stderr = streams
             with _ignore_signals():
                 if debug:
                     traceback.print_exc()
                 _say("calibrator: interrupted")
             return 128 + getattr(exc, "signum", signal.SIGINT)
-        except Exception as exc:  # a bug, not bad input: say so in one line
+        except Exception as exc:  # bad input (2) or a bug (3): one line, the same on all ranks
+            code, line = distributed.settle(exc)
+            sys.stdout, sys.stderr = streams
             with _ignore_signals():
                 if debug:
-                    raise
-                text = str(exc).splitlines()[0] if str(exc).strip() else ""
-                _say(f"calibrator: internal error (a bug in calibrator, not in your input: "
-                     f"please report it with the traceback --debug prints): "
-                     f"{type(exc).__name__}: {text}")
-            return EXIT_INTERNAL
+                    if code == EXIT_INTERNAL and not distributed.active():
+                        raise
+                    traceback.print_exc()
+                _say(line)
+            return code
 
 
 def _run(argv: list[str]) -> int:
@@ -232,7 +252,16 @@ def _run(argv: list[str]) -> int:
     if getattr(args, "run", None) is None:
         parser.print_help()
         return EXIT_BAD_INPUT
-    return args.run(args)
+    gpu = getattr(args, "gpu", None)
+    if distributed.launched()[1] > 1 and argv and argv[0] in SINGLE_PROCESS:
+        raise CalibratorError(f"calibrator {argv[0]} runs in one process: run it without "
+                              "torchrun")
+    if gpu is not None and gpu >= 0:
+        deterministic_cuda()
+    distributed.init(cuda=gpu is not None and gpu >= 0)
+    if not distributed.is_main():  # rank 0 alone prints
+        sys.stdout = sys.stderr = io.StringIO()
+    return distributed.finish(args.run(args))
 
 
 if __name__ == "__main__":

@@ -104,18 +104,6 @@ class DataSource:
         """Every file this source reads (outputs must not overwrite any of them)."""
         return self.transform.input_files()
 
-    def samples_of(self, batches: int) -> list[int]:
-        """The distinct samples of batches 0..batches-1, in stream order (at most every
-        sample once, however many times the stream wraps)."""
-        positions = batches * self.batch_size
-        seen: dict[int, None] = {}
-        total = self.num_samples()
-        for position in range(positions):
-            seen.setdefault(self._sample_at(position), None)
-            if len(seen) == total:
-                break
-        return list(seen)
-
     # --- public API ----------------------------------------------------------------------
     def error(self, message: str) -> CalibratorError:
         if self._layer is None:
@@ -136,13 +124,24 @@ class DataSource:
         """Decode every sample of batches 0..batches-1 now (in parallel, into the cache), so
         that a missing or unreadable image stops a run before anything is computed or
         written. Does nothing without the cache."""
-        if self._cache is None or batches < 1:
+        self.prefetch_batches(range(batches))
+
+    def prefetch_batches(self, indices) -> None:
+        """:meth:`prefetch` for the batches ``indices`` only (a torchrun rank's share)."""
+        if self._cache is None:
             return
-        samples = self.samples_of(batches)
-        first = self._images([samples[0]])[0]
-        check_memory(len(samples) * first.nbytes, f"keeping the {len(samples)} decoded "
-                     f"samples of {batches} batch(es) in memory", self.error)
-        self._images(samples)
+        indices = list(indices)
+        samples: dict[int, None] = {}
+        for index in indices:
+            for position in range(index * self.batch_size, (index + 1) * self.batch_size):
+                samples.setdefault(self._sample_at(position), None)
+        if not samples:
+            return
+        ordered = list(samples)
+        first = self._images([ordered[0]])[0]
+        check_memory(len(ordered) * first.nbytes, f"keeping the {len(ordered)} decoded "
+                     f"samples of {len(indices)} batch(es) in memory", self.error)
+        self._images(ordered)
 
     def batch(self, index: int) -> dict[str, torch.Tensor]:
         if index < 0:

@@ -23,8 +23,10 @@ from typing import Callable
 
 import torch
 
+from calibrator import distributed
 from calibrator.data.feed import batches
 from calibrator.errors import CalibratorError
+from calibrator.graph.layers.detection_evaluate import seek_state
 from calibrator.metrics.accuracy import AccuracyMetric, primary_accuracy_layer
 from calibrator.metrics.agreement import AgreementMetric, default_scores_blob
 from calibrator.metrics.base import BatchOutcome, Metric
@@ -126,24 +128,66 @@ def measure(model, metrics: list[Metric], iterations: int, *, net=None, override
     each batch read. ``reference``: this is the FP32 pass (metrics relative to FP32 keep
     it). ``on_batch(index, outputs)`` sees each batch's outputs; ``stop(outcomes)``, asked
     after each batch, ends the pass early. ``first``: skip the batches before it (an
-    earlier pass read them; ``start=False`` then keeps the metrics' state)."""
+    earlier pass read them; ``start=False`` then keeps the metrics' state).
+
+    Under torchrun the batches are sharded across the ranks and the outcomes gathered back
+    in batch order, so every rank returns what one process would (``on_batch`` runs on the
+    rank that read the batch). With ``stop`` the ranks read a batch each per round (batch
+    ``first + round * N + rank``), gather the round and ask ``stop`` after each of its
+    batches in order: the pass ends at the batch one process ends at (the rest of that
+    round is dropped)."""
     net = model.net if net is None else net
     wanted = sorted({blob for metric in metrics for blob in metric.outputs()})
     if start:
         for metric in metrics:
             metric.start(net)
+    sharded = distributed.world() > 1
+
+    def read(index: int, feeds) -> list[BatchOutcome]:
+        if sharded:  # DetectionEvaluate's image counter: this batch's first image
+            seek_state(net, index * model.batch_size)
+        outputs = net(feeds, outputs=wanted, overrides=overrides)
+        if on_batch is not None:
+            on_batch(index, outputs)
+        row = []
+        for metric in metrics:
+            if reference:
+                metric.remember(outputs)
+            row.append(metric.read(outputs))
+        return row
+
     outcomes: list[list[BatchOutcome]] = [[] for _ in metrics]
     with torch.no_grad():
-        for index, feeds in batches(model, iterations, desc=desc, quiet=quiet, first=first):
-            outputs = net(feeds, outputs=wanted, overrides=overrides)
-            if on_batch is not None:
-                on_batch(index, outputs)
-            for metric, read in zip(metrics, outcomes):
-                if reference:
-                    metric.remember(outputs)
-                read.append(metric.read(outputs))
-            if stop is not None and stop(outcomes):
-                break
+        if not sharded or stop is None:
+            def run() -> dict[int, list[BatchOutcome]]:
+                done: dict[int, list[BatchOutcome]] = {}
+                for index, feeds in batches(model, iterations, desc=desc, quiet=quiet,
+                                            first=first, shard=sharded):
+                    done[index] = read(index, feeds)
+                    for seen, outcome in zip(outcomes, done[index]):
+                        seen.append(outcome)
+                    if stop is not None and stop(outcomes):
+                        break
+                return done
+
+            rows = distributed.gather_batches(run, sharded=sharded)
+            return [[row[position] for row in rows] for position in range(len(metrics))]
+        mine = batches(model, iterations, desc=desc, quiet=quiet, first=first, shard=True)
+        try:
+            for round_start in range(first, iterations, distributed.world()):
+                def run_round() -> dict[int, list[BatchOutcome]]:
+                    if round_start + distributed.rank() >= iterations:
+                        return {}  # the last round has fewer batches than ranks
+                    index, feeds = next(mine)
+                    return {index: read(index, feeds)}
+
+                for row in distributed.gather_batches(run_round):
+                    for seen, outcome in zip(outcomes, row):
+                        seen.append(outcome)
+                    if stop(outcomes):
+                        return outcomes
+        finally:
+            mine.close()
     return outcomes
 
 

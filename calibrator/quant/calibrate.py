@@ -5,14 +5,16 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from calibrator import distributed
 from calibrator.data.feed import batches
+from calibrator.graph.layers.detection_evaluate import seek_state
 from calibrator.metrics import BatchOutcome, Metric, measure
 from calibrator.quant.estimators import HISTOGRAM, statistics_needed
 from calibrator.quant.fusion import FusedGraph, analyze
 from calibrator.quant.scales import (QuantOptions, QuantPlan, UnitChoice, build_plan,
                                      kept_fp32)
 from calibrator.quant.simulate import FoldedFP32
-from calibrator.quant.statistics import collect
+from calibrator.quant.statistics import collect, collect_sharded
 
 
 @dataclass
@@ -47,6 +49,9 @@ def calibrate(model, options: QuantOptions, sampling_iterations: int, *,
     needs = (frozenset({HISTOGRAM}) if estimators is None
              else statistics_needed([options.estimator, *estimators]))
     overrides = FoldedFP32(fused).overrides
+    if distributed.world() > 1 and not single:  # -ss reads one batch: every rank alike
+        return _calibrate_sharded(model, fused, options, sampling_iterations, needs, overrides,
+                                  quiet, metric, iterations)
     if metric is None or single:
         first = sampling_iterations - 1 if single else 0
         feeds = (feeds for _, feeds in batches(model, sampling_iterations, desc="statistics",
@@ -72,3 +77,36 @@ def calibrate(model, options: QuantOptions, sampling_iterations: int, *,
                        desc="FP32", quiet=quiet, first=shared, start=False)[0]
         outcomes.extend(rest)
     return Calibration(fused, stats, options, outcomes, time.time() - started)
+
+
+def _calibrate_sharded(model, fused, options, sampling_iterations, needs, overrides, quiet,
+                       metric, iterations) -> Calibration:
+    """:func:`calibrate` under torchrun: each rank reads its own batches
+    (:func:`~calibrator.quant.statistics.collect_sharded`); the FP32 outcomes measured on
+    the way are gathered back in batch order. The same Calibration as one process's."""
+    started = time.time()
+    shared = min(sampling_iterations, iterations) if metric is not None else 0
+    outcomes = {}
+    if metric is not None:
+        metric.start(model.net)
+
+    def read(index, outputs):
+        if index < shared:
+            metric.remember(outputs)
+            outcomes[index] = metric.read(outputs)
+
+    def make_batches(desc):
+        return batches(model, sampling_iterations, desc=desc, quiet=quiet, shard=True)
+
+    stats = collect_sharded(
+        model.net, fused, make_batches, needs=needs, overrides=overrides,
+        outputs=metric.outputs() if metric is not None else None,
+        on_batch=read if metric is not None else None,
+        before_batch=lambda index: seek_state(model.net, index * model.batch_size))
+    if metric is None:
+        return Calibration(fused, stats, options)
+    fp32 = distributed.gather_batches(lambda: outcomes)
+    if iterations > shared:  # the FP32 evaluation reads more batches than the statistics
+        fp32 += measure(model, [metric], iterations, overrides=overrides, reference=True,
+                        desc="FP32", quiet=quiet, first=shared, start=False)[0]
+    return Calibration(fused, stats, options, fp32, time.time() - started)

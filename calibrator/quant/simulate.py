@@ -53,8 +53,9 @@ each convolved exactly, and recombined in float64; when even 1-bit digits could 
 layer runs in float64. Everything after the accumulation is float32, as in the kernels.
 
 Exactness is the simulator's own business: every accumulation runs inside
-:func:`exact_arithmetic`, which turns CUDA's TF32 off for its duration (TF32 convolutions
-round the 8-bit operands' products; the caller's settings are restored afterwards).
+:func:`exact_arithmetic`, which turns CUDA's TF32 and cuDNN off for its duration (TF32
+convolutions round the 8-bit operands' products, cuDNN's Winograd/FFT algorithms are not
+exact on integers; the caller's settings are restored afterwards).
 """
 
 from __future__ import annotations
@@ -76,17 +77,23 @@ EXACT_LIMIT = 2 ** 24
 
 @contextlib.contextmanager
 def exact_arithmetic():
-    """No TF32 on CUDA while the block runs (restored afterwards): float32 convolutions of
-    integers below 2^24 are then exact, which the integer simulation relies on."""
+    """No TF32 and no cuDNN on CUDA while the block runs (restored afterwards): float32
+    convolutions of integers below 2^24 are then exact, which the integer simulation relies
+    on. cuDNN may pick Winograd or FFT algorithms (deterministic, but not exact on
+    integers); without it PyTorch's own CUDA kernels (im2col + cuBLAS GEMM, direct
+    depthwise sums) add the integer products in float32 exactly, in any order."""
     matmul = torch.backends.cuda.matmul.allow_tf32
     cudnn = torch.backends.cudnn.allow_tf32
+    cudnn_enabled = torch.backends.cudnn.enabled
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.enabled = False
     try:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = matmul
         torch.backends.cudnn.allow_tf32 = cudnn
+        torch.backends.cudnn.enabled = cudnn_enabled
 
 
 def quantize(x: torch.Tensor, scale: float, unsigned: bool, bits: int = 8) -> torch.Tensor:

@@ -4,19 +4,29 @@ min/max/|max|, zeros, per-batch max|x| and, when an estimator needs it (``needs`
 histogram of |x| whose range grows as larger values arrive
 (:class:`~calibrator.quant.histogram.GrowingHistogram`), re-binned at the end to 2048 bins
 over [0, max|x|]. Only running aggregates stay in memory (on the model's device), never the
-activations themselves."""
+activations themselves.
+
+Under torchrun each rank reads its own share of the batches (:func:`collect_sharded`, see
+:mod:`calibrator.distributed`) and the statistics come out exactly as one process computes
+them: a first pass keeps each batch's min/max/|max|/counts, gathered to every rank and
+folded in batch order (the per-batch |max| list included); from the |max| sequence every
+rank knows the range one process's growing histogram has when it counts each batch, so a
+second pass counts each batch at that range, merges it up to the final range (pairs of bins
+summed, as the growing histogram does) and the int64 counts are summed across the ranks."""
 
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
+from calibrator import distributed
 from calibrator.errors import CalibratorError, LayerError, shorten
 from calibrator.quant.estimators import HISTOGRAM, TensorStats
 from calibrator.quant.fusion import BlobRef, FusedGraph
-from calibrator.quant.histogram import GrowingHistogram
+from calibrator.quant.histogram import FINE_BINS, GrowingHistogram
+from calibrator.quant.kl import abs_histogram
 
 
 def tracked_refs(fused: FusedGraph) -> list[BlobRef]:
@@ -29,6 +39,37 @@ def tracked_refs(fused: FusedGraph) -> list[BlobRef]:
     return list(refs.values())
 
 
+def batch_figures(x: torch.Tensor) -> tuple[float, float, float, int, int]:
+    """One batch's figures for a tensor: (min, max, max|x|, elements, zeros)."""
+    lo, hi = (float(v) for v in torch.aminmax(x))
+    return lo, hi, max(abs(lo), abs(hi)), x.numel(), x.numel() - int(torch.count_nonzero(x))
+
+
+def checked_figures(ref: BlobRef, x: torch.Tensor, node=None) -> tuple:
+    """:func:`batch_figures`, refusing a tensor that is not finite: one line naming the
+    data blob, or the layer (``node``) whose top it is."""
+    figures = batch_figures(x)
+    if math.isfinite(figures[0]) and math.isfinite(figures[1]):
+        return figures
+    if node is None:
+        raise CalibratorError(f"the data blob '{shorten(ref.name)}' holds values that are "
+                              "not finite (NaN or Inf) on the calibration batches")
+    raise LayerError(node.name, node.type, f"its top '{shorten(ref.name)}' is not finite "
+                     "(NaN or Inf) on the calibration batches: the net overflows float32 "
+                     "(weights or inputs too large?)")
+
+
+def fold(stats: TensorStats, figures: tuple) -> None:
+    """Add one batch's :func:`batch_figures` to ``stats`` (batches in order)."""
+    lo, hi, absmax, count, zeros = figures
+    stats.minimum = min(stats.minimum, lo)
+    stats.maximum = max(stats.maximum, hi)
+    stats.absmax = max(stats.absmax, absmax)
+    stats.batch_absmax.append(absmax)
+    stats.count += count
+    stats.zeros += zeros
+
+
 class _Collector:
     def __init__(self, refs: Iterable[BlobRef], histograms: bool):
         self.by_producer: dict[int, list[BlobRef]] = {}
@@ -39,27 +80,11 @@ class _Collector:
         self.hists = ({key: GrowingHistogram() for key in self.stats} if histograms else {})
 
     def observe(self, ref: BlobRef, x: torch.Tensor, node=None) -> None:
-        stats = self.stats[ref.key]
         x = x.detach()
-        lo, hi = (float(v) for v in torch.aminmax(x))
-        if not math.isfinite(lo) or not math.isfinite(hi):
-            what = (f"blob '{shorten(ref.name)}'" if node is None
-                    else f"top '{shorten(ref.name)}'")
-            raise (CalibratorError(f"the data {what} holds values that are not finite (NaN "
-                                   "or Inf) on the calibration batches")
-                   if node is None else
-                   LayerError(node.name, node.type, f"its {what} is not finite (NaN or Inf) "
-                              "on the calibration batches: the net overflows float32 "
-                              "(weights or inputs too large?)"))
-        absmax = max(abs(lo), abs(hi))
-        stats.minimum = min(stats.minimum, lo)
-        stats.maximum = max(stats.maximum, hi)
-        stats.absmax = max(stats.absmax, absmax)
-        stats.batch_absmax.append(absmax)
-        stats.count += x.numel()
-        stats.zeros += x.numel() - int(torch.count_nonzero(x))
+        row = checked_figures(ref, x, node)
+        fold(self.stats[ref.key], row)
         if ref.key in self.hists:
-            self.hists[ref.key].add(x, absmax)
+            self.hists[ref.key].add(x, row[2])
 
     def feeds(self, feeds: dict) -> None:
         for ref in self.by_producer.get(-1, []):
@@ -98,3 +123,115 @@ def collect(net, fused: FusedGraph, batches: Iterable[dict], *, refs=None,
             if on_batch is not None:
                 on_batch(result)
     return collector.finish()
+
+
+# -- several ranks -----------------------------------------------------------------------------
+
+def _ranges(batch_absmax: list[float]) -> tuple[list[tuple[float, int] | None], float, int]:
+    """The range a :class:`GrowingHistogram` fed these per-batch |max| values in order has
+    when it counts each batch, with the number of doublings so far (None: the batch is not
+    counted), and its final range and doublings."""
+    schedule, current, doublings = [], 0.0, 0
+    started = False
+    for absmax in batch_absmax:
+        if absmax <= 0:
+            schedule.append(None)
+            continue
+        if not started:
+            current, started = float(absmax), True
+        while absmax > current:
+            current *= 2.0
+            doublings += 1
+        schedule.append((current, doublings))
+    return schedule, current, doublings
+
+
+def _merge(counts: torch.Tensor, times: int) -> torch.Tensor:
+    """``counts`` over a range doubled ``times`` times (pairs of bins summed, exactly)."""
+    for _ in range(times):
+        merged = counts.reshape(-1, 2).sum(1)
+        counts = torch.cat([merged, torch.zeros_like(merged)])
+    return counts
+
+
+def collect_sharded(net, fused: FusedGraph, make_batches: Callable[[str], Iterable], *,
+                    refs=None, needs=frozenset({HISTOGRAM}), overrides=None, outputs=None,
+                    on_batch=None, before_batch=None) -> dict[str, TensorStats]:
+    """:func:`collect` over the batches of every rank, each rank reading its own:
+    ``make_batches(desc)`` yields this rank's ``(batch index, feeds)`` and is called once
+    per pass (twice when a histogram is needed). The result is the same on every rank and
+    the same as one process's. ``on_batch(index, outputs)`` sees the first pass's outputs
+    (with ``outputs``); ``before_batch(index)`` is called before each forward pass."""
+    refs = tracked_refs(fused) if refs is None else refs
+    collector = _Collector(refs, False)
+    stop = max([r.producer for r in refs] + [0]) + 1
+    seen: dict[int, dict[str, tuple]] = {}
+    state = {"index": 0, "histograms": None}
+
+    def observe(ref: BlobRef, x: torch.Tensor, node=None) -> None:
+        x = x.detach()
+        histograms = state["histograms"]
+        if histograms is None:
+            seen.setdefault(state["index"], {})[ref.key] = checked_figures(ref, x, node)
+            return
+        at = plans[ref.key].get(state["index"])
+        if at is None:
+            return
+        current, doublings = at
+        counts = _merge(abs_histogram(x, current, FINE_BINS), final[ref.key][1] - doublings)
+        if ref.key in histograms:
+            histograms[ref.key] += counts
+        else:
+            histograms[ref.key] = counts
+
+    collector.observe = observe
+
+    def run(desc: str, whole: bool) -> None:
+        for index, feeds in make_batches(desc):
+            state["index"] = index
+            if before_batch is not None:
+                before_batch(index)
+            collector.feeds(feeds)
+            result = net(feeds, hook=collector.hook, stop=None if whole else stop,
+                         outputs=outputs if whole else (), overrides=overrides)
+            if on_batch is not None and whole:
+                on_batch(index, result)
+
+    measured = outputs is not None
+    histogram = HISTOGRAM in needs
+    with torch.no_grad():
+        def first_pass() -> dict[int, tuple[int, dict[str, tuple]]]:
+            run("statistics 1/2" if histogram else "statistics", measured)
+            return {index: (index, row) for index, row in seen.items()}
+
+        per_key: dict[str, list[int]] = {key: [] for key in collector.stats}
+        for index, row in distributed.gather_batches(first_pass):
+            for key, figures in row.items():
+                fold(collector.stats[key], figures)
+                per_key[key].append(index)
+        if not histogram:
+            return collector.stats
+        plans, final = {}, {}
+        for key, stats in collector.stats.items():
+            schedule, current, doublings = _ranges(stats.batch_absmax)
+            plans[key] = dict(zip(per_key[key], schedule))
+            final[key] = (current, doublings)
+        state["histograms"] = {}
+        keys = list(collector.stats)
+        device = net.device
+
+        def second_pass() -> torch.Tensor:
+            run("statistics 2/2", False)
+            empty = torch.zeros(FINE_BINS, dtype=torch.int64, device=device)
+            return torch.stack([state["histograms"].get(key, empty).to(device)
+                                for key in keys] or [empty])
+
+        # every rank's pass succeeded, then the counts are summed (nothing fails in between)
+        counts = distributed.all_reduce(distributed.check(second_pass), "sum")
+    for key, row in zip(keys, counts):
+        stats = collector.stats[key]
+        hist = GrowingHistogram()
+        if final[key][0] > 0:
+            hist.counts, hist.range = row, final[key][0]
+        stats.hist = hist.rebin(stats.absmax)
+    return collector.stats

@@ -9,7 +9,13 @@ An evaluation asked only for a verdict (``decide``) stops as soon as the batches
 change it: a metric with per-sample outcomes (accuracy, agreement) bounds its final value
 exactly (``Metric.bounds``), so the verdict is the complete evaluation's. Such a *partial*
 result carries the decisive bound as its metric; ``complete`` reads the remaining batches
-when the exact value is wanted (the configuration the search writes)."""
+when the exact value is wanted (the configuration the search writes).
+
+Under torchrun every rank runs the same search: each evaluation's batches are sharded
+(:func:`calibrator.metrics.measure`; an evaluation that may stop early reads a round of one
+batch per rank at a time and stops at the batch one process stops at), its value is rank
+0's on every rank, and rank 0 alone writes the store (and reads it back on ``--resume``,
+for every rank: see the pipeline)."""
 
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ from typing import Callable
 
 import numpy as np
 
+from calibrator import distributed
 from calibrator.errors import CalibratorError
 from calibrator.fileio import atomic_write, read_bytes
 from calibrator.metrics import BatchOutcome, Metric, measure
@@ -84,14 +91,14 @@ class SearchState:
         return cls(path, inputs, evaluations)
 
     def save(self) -> None:
-        if self.path is None:
+        if self.path is None or not distributed.is_main():
             return
         data = {"version": STATE_VERSION, "inputs": self.inputs,
                 "evaluations": self.evaluations}
         atomic_write(self.path, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
     def discard(self) -> None:
-        if self.path is not None and self.path.exists():
+        if self.path is not None and distributed.is_main() and self.path.exists():
             self.path.unlink()
 
 
@@ -197,6 +204,7 @@ class Evaluator:
         per_sample = None
         if outcomes and all(o.per_sample is not None for o in outcomes):
             per_sample = np.concatenate([o.per_sample for o in outcomes])
+        value, per_sample = distributed.agree((value, per_sample))  # the same on every rank
         self.state.evaluations[key] = {
             "metric": value, "seconds": seconds, "batches": len(outcomes),
             "partial": partial,

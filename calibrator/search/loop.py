@@ -11,6 +11,9 @@ whose kernels saturate int16 pair sums (``--target avx2``...), every evaluation 
 runs that arithmetic, and the "adjusted" step also carries the saturation
 counter-measures chosen on the probe (``calibrator.search.countermeasures``); only if that
 combined trial fails to improve are the counter-measures tried alone (one more evaluation).
+
+Under torchrun every rank runs this same search on its share of each evaluation's batches;
+the probe (batch 0) runs on every rank and its results are rank 0's everywhere.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 
+from calibrator import distributed
 from calibrator.data.feed import batches
 from calibrator.metrics import loss
 from calibrator.quant.layerwise import LayerwiseSettings, calibration_subset, layerwise
@@ -118,7 +122,8 @@ class Search:
         s = self.settings
         if s.max_evals is not None and self.evaluator.used >= s.max_evals:
             raise _Budget("max-evals")
-        if s.time_budget is not None and time.time() - self.started >= s.time_budget:
+        if s.time_budget is not None and distributed.agree(  # rank 0's clock decides
+                time.time() - self.started >= s.time_budget):
             raise _Budget("time-budget")
 
     def _decide(self, both: bool):
@@ -239,19 +244,21 @@ class Search:
         fixes: list[Adjustment] = []
         with_fixes = choices
         if backend.target.pair_saturation and self.settings.saturation_fix == "auto":
-            sensitivity, saturating = rank_with_saturation(net, self.fused, probe, plan,
-                                                           backend)
+            # probe results: rank 0's on every rank (distributed.agree): no divergence
+            sensitivity, saturating = distributed.agree(
+                rank_with_saturation(net, self.fused, probe, plan, backend))
             outcome.saturating = dict(saturating)
             if saturating:
-                with_fixes, fixes = choose_countermeasures(
+                with_fixes, fixes = distributed.agree(choose_countermeasures(
                     net, self.fused, probe, calibration.plan, choices, backend, sensitivity,
-                    saturating)
+                    saturating))
                 self.say(f"{len(saturating)} layer(s) saturate on {backend.target.name}; "
                          f"counter-measures kept on {len(fixes)}")
                 for fix in fixes:
                     self.say(f"  {fix.layer}: {fix.action} ({fix.before:.3g} -> "
                              f"{fix.after:.3g})")
         adjusted = self._whole_net(with_fixes, outcome)
+        adjusted, outcome.layerwise = distributed.agree((adjusted, outcome.layerwise))
         trials = []
         if adjusted != with_fixes:
             parts = [f"fix {len(fixes)} layer(s)"] if fixes else []
@@ -272,16 +279,17 @@ class Search:
             return
         # 2. the ranking of the adjusted plan; cheaper fixes on its worst layers
         plan = calibration.plan(choices)
-        sensitivity, saturating = rank_with_saturation(net, self.fused, probe, plan, backend)
+        sensitivity, saturating = distributed.agree(
+            rank_with_saturation(net, self.fused, probe, plan, backend))
         outcome.sensitivity = dict(sensitivity)
         outcome.saturating = outcome.saturating or dict(saturating)
         ranked = self._ranking(sensitivity)
         self.say("most sensitive: " + ", ".join(f"{n} ({sensitivity[n]:.3g})"
                                                 for n in ranked[:5]))
-        adjusted, kept = adjust_layers(
+        adjusted, kept = distributed.agree(adjust_layers(
             net, self.fused, probe, calibration.plan, choices, ranked[:ADJUST_WORST],
             sensitivity, backend,
-            per_channel_default=calibration.options.per_channel or outcome.whole_net)
+            per_channel_default=calibration.options.per_channel or outcome.whole_net))
         for adjustment in kept:
             self.say(f"adjust {adjustment.layer}: {adjustment.action} "
                      f"({adjustment.before:.3g} -> {adjustment.after:.3g})")
