@@ -76,7 +76,9 @@ def test_search_fixes_the_saturating_layer_instead_of_reverting(saturating, tmp_
                            "--saturation-fix", "off")
     # saturation costs accuracy the exact arithmetic does not lose
     assert off["trace"][1][0] == "all INT8" and off["trace"][1][1] < exact["trace"][1][1] - 0.1
-    assert set(off["saturating_layers"]) == {"conv2"}
+    # conv2 saturates in the all-INT8 plan; the whole-net EasyQuant, blind to the pair
+    # saturation, may widen another layer's range into it (the list is of the adjusted plan)
+    assert "conv2" in off["saturating_layers"]
     capsys.readouterr()
     code, auto, layers = _search(saturating, tmp_path / "auto", "--target", "avx2",
                                  quiet=False)

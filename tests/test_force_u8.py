@@ -293,7 +293,7 @@ def test_refusals_name_the_reason(tmp_path, capsys, change, message):
     assert not (tmp_path / "net_quantized.prototxt").exists()
 
 
-def test_a_first_conv_the_search_made_fp32_skips_fu_only(tmp_path, capsys):
+def test_a_first_conv_the_search_made_fp32_skips_fu_only(tmp_path, caplog):
     from calibrator.config import RunConfig
     from calibrator.pipeline import Pipeline
     from calibrator.quant.calibrate import calibrate
@@ -308,8 +308,9 @@ def test_a_first_conv_the_search_made_fp32_skips_fu_only(tmp_path, capsys):
     plan = calibration.plan({"conv1": UnitChoice(fp32=True)})
     pipeline = Pipeline(config)
     paths = pipeline.output_paths()
-    pipeline.write(paths, OutputContext(model, calibration.fused, plan, calibration.stats))
-    err = capsys.readouterr().err
+    with caplog.at_level("WARNING", logger="calibrator"):
+        pipeline.write(paths, OutputContext(model, calibration.fused, plan, calibration.stats))
+    err = caplog.text
     assert "'conv1' is FP32 in the final plan" in err and "not written" in err
     assert (tmp_path / "net_quantized.prototxt").exists()
     assert not (tmp_path / "net_quantized_force_u8.prototxt").exists()

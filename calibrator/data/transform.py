@@ -182,7 +182,9 @@ class Transform:
         crop_h, crop_w = self.crop if self.crop[0] else (height, width)
         top, left = (height - crop_h) // 2, (width - crop_w) // 2
         pad = self.pad
-        out = np.zeros((channels, crop_h + 2 * pad, crop_w + 2 * pad), chw.dtype)
+        shape = (channels, crop_h + 2 * pad, crop_w + 2 * pad)
+        check_blob(shape, f"transform_param.pad {pad}: a padded image", SampleError)
+        out = np.zeros(shape, chw.dtype)
         rows = slice(max(top - pad, 0), min(top + crop_h + pad, height))
         cols = slice(max(left - pad, 0), min(left + crop_w + pad, width))
         out[:, rows.start - (top - pad):rows.stop - (top - pad),

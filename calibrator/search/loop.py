@@ -9,8 +9,9 @@ The search talks only to the backend it is given (:mod:`calibrator.backends`): f
 evaluations run ``backend.simulator``, the probes ``backend.layer_simulator``. On a target
 whose kernels saturate int16 pair sums (``--target avx2``...), every evaluation and probe
 runs that arithmetic, and the "adjusted" step also carries the saturation
-counter-measures chosen on the probe (``calibrator.search.countermeasures``); only if that
-combined trial fails to improve are the counter-measures tried alone (one more evaluation).
+counter-measures chosen on the probe (``calibrator.search.countermeasures``); if that
+combined trial does not meet ``-l``, the counter-measures are tried alone (one more
+evaluation) and the better of the two is kept.
 
 Under torchrun every rank runs this same search on its share of each evaluation's batches;
 the probe (batch 0) runs on every rank and its results are rank 0's everywhere.
@@ -268,12 +269,13 @@ class Search:
             trials.append((adjusted, True, " + ".join(parts)))
         if fixes:
             trials.append((with_fixes, False, f"fix {len(fixes)} layer(s) only"))
-        for trial_choices, whole, label in trials:
+        for trial_choices, whole, label in trials:  # the next only while -l is not met
             trial = self.evaluate(calibration.plan(trial_choices), label, verdict_only=False)
             if trial.metric > current.metric:
                 choices, current = trial_choices, trial
                 outcome.adjustments = list(fixes)
                 outcome.whole_net = whole
+            if self.met(current):
                 break
         if self.met(current):
             return
