@@ -148,6 +148,8 @@ class _Unit:
     def outputs(self, s_in: torch.Tensor, s_w: torch.Tensor) -> torch.Tensor:
         """(K, P, O) unit outputs for K candidates: input scales (K,) or one (1,), weight
         scales (K, O) or one (1, O); the single ones are shared, not repeated."""
+        device = self.patches.device  # candidates live on the CPU, the data on the model's
+        s_in, s_w = s_in.to(device), s_w.to(device)
         q_in, q_w = self._q_in(s_in), self._q_w(s_w)
         if len(s_in) == 1:
             acc = torch.einsum("pgc,kgoc->kpgo", q_in[0], q_w)
@@ -190,7 +192,7 @@ def search_weight_scales(layer: _Unit, s_in: float, s_w: torch.Tensor,
         part = grid[start:start + step]
         candidates = s_w[None] * part[:, None]                                # (k, O)
         y = layer.outputs(torch.tensor([s_in], dtype=torch.float32), candidates)
-        cos = _cosine(y, layer.reference[None], 1)                            # (k, O)
+        cos = _cosine(y, layer.reference[None], 1).cpu()                      # (k, O)
         for k in range(len(part)):
             better = cos[k] > best + TIE
             best = torch.where(better, cos[k], best)
@@ -207,7 +209,7 @@ def search_input_scale(layer: _Unit, s_in: float, s_w: torch.Tensor,
         part = grid[start:start + step]
         candidates = s_in * part
         y = layer.outputs(candidates, s_w[None])
-        cos = _cosine(y.reshape(len(part), -1), layer.reference.reshape(1, -1), 1)
+        cos = _cosine(y.reshape(len(part), -1), layer.reference.reshape(1, -1), 1).cpu()
         for k in range(len(part)):
             if float(cos[k]) > best + TIE:
                 best, chosen = float(cos[k]), float(candidates[k])
@@ -256,7 +258,7 @@ def _quantized_unit(unit: FusedUnit, lq, x: torch.Tensor) -> torch.Tensor:
     """The unit's output with its input and weights quantized, before the ReLU and residual
     (its accumulator dequantized, unrounded): what bias correction compares."""
     weight, bias = folded_weights(unit, lq.bias_shift)
-    scales = torch.tensor(np.asarray(lq.scale_params, np.float32))
+    scales = torch.tensor(np.asarray(lq.scale_params, np.float32), device=weight.device)
     limit = 2 ** (lq.bits - 1) - 1
     shape = (-1,) + (1,) * (weight.dim() - 1)
     q_w = torch.round(weight.float() * scales.reshape(shape)).clamp_(-limit - 1, limit)
@@ -353,7 +355,7 @@ def layerwise(net, fused: FusedGraph, stats: dict, options: QuantOptions, choice
                 error = (conv_q.double() - conv_fp.double()).mean(dims)
                 before = np.zeros(len(error)) if lq.bias_shift is None else np.asarray(
                     lq.bias_shift, np.float64)
-                shift = tuple(float(v) for v in before - error.numpy())
+                shift = tuple(float(v) for v in before - error.cpu().numpy())
                 change["bias_shift"] = shift
                 _, bias = folded_weights(unit)
                 report.bias_shift = float(error.abs().max() / max(float(bias.abs().max()),
