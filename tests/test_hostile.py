@@ -654,7 +654,7 @@ def test_newline_in_a_blob_name_keeps_one_line(net, out, capsys):
 
 @pytest.mark.parametrize("argv", [["-m", "x", "-w", "y", "--bits", "9"], ["-m", "x"],
                                   ["test", "-m", "x"], ["gate", "--junk"],
-                                  ["-m", "x", "-w", "y", "-i", "ten"]],
+                                  ["-m", "x", "-w", "y", "--probe-images", "ten"]],
                          ids=["choice", "missing-w", "test-missing-w", "gate-unknown",
                               "not-an-int"])
 def test_argument_errors_are_one_line(capsys, argv):

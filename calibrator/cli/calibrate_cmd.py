@@ -8,6 +8,7 @@ estimators, metrics, targets, runtimes and outputs come from their registries.""
 from __future__ import annotations
 
 import argparse
+import sys
 
 from calibrator import pipeline
 from calibrator.cli.common import (add_ap_version_option, add_backend_options,
@@ -41,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(intel, "network with a TEST data layer and an Accuracy (or "
                              "DetectionEvaluate) layer")
     intel.add_argument("-i", "--iterations", default="10", metavar="N",
-                       help="TEST batches per full evaluation (default 10)")
+                       help="TEST batches per full evaluation (default 10; not an integer: 1000, "
+                            "as Intel's calibrator.py)")
     intel.add_argument("-n", "--blob_name", default="", metavar="BLOB",
                        help="metric blob (default: the top of the Accuracy layer with the "
                             "smallest top_k)")
@@ -52,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     intel.add_argument("-c", "--weights_channel", choices=("single", "multiple"),
                        default="single", help="weight scales per tensor or per output channel")
     intel.add_argument("-s", "--sampling_iterations", default="10", metavar="N",
-                       help="batches used for the calibration statistics (default 10)")
+                       help="batches used for the calibration statistics (default 10; not an "
+                            "integer: 10, as Intel's calibrator.py)")
     intel.add_argument("-ss", "--sampling_single", action="store_true",
                        help="statistics from the last of the -s batches only")
     intel.add_argument("-a", "--calibration_algos", default="KL", metavar="ALGO",
@@ -147,13 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def count_option(value: str, option: str) -> int:
-    """-i / -s: a whole number >= 1. Intel's calibrator.py silently ran its default on a
-    value that is not an integer; a typo here is refused instead, before any work."""
+def intel_count(value: str, option: str, default: int) -> int:
+    """-i / -s as Intel's calibrator.py reads them (scripts/calibrator.py, the ``int()``
+    fallbacks after ``parse_args``): a value that is not an integer gives ``default``, said
+    on stderr; below 1 is refused."""
     try:
         count = int(value)
     except (TypeError, ValueError):
-        raise CalibratorError(f"{option} {value!r} is not an integer") from None
+        print(f"calibrator: warning: {option} {value!r} is not an integer: set to the default "
+              f"value {default}, as Intel's calibrator.py does", file=sys.stderr, flush=True)
+        return default
     if count < 1:
         raise CalibratorError(f"{option} must be at least 1, got {count}")
     return count
@@ -197,9 +203,9 @@ def run_config(args) -> RunConfig:
                               layerwise=LayerwiseSettings(images=args.easyquant_images,
                                                           steps=args.easyquant_steps))
     return RunConfig(model=args.model, weights=args.weights, quant=quant_options(args),
-                     iterations=count_option(args.iterations, "-i/--iterations"),
-                     sampling_iterations=count_option(args.sampling_iterations,
-                                                      "-s/--sampling_iterations"),
+                     iterations=intel_count(args.iterations, "-i/--iterations", 1000),
+                     sampling_iterations=intel_count(args.sampling_iterations,
+                                                     "-s/--sampling_iterations", 10),
                      sampling_single=args.sampling_single,
                      blob=args.blob_name, metric=args.metric, ap_version=args.ap_version,
                      detection=bool(args.detection), quantize_only=args.quantize_model,

@@ -28,10 +28,11 @@ class GrowingHistogram:
         self.range = 0.0
         self.counts: torch.Tensor | None = None
 
-    def add(self, x: torch.Tensor, absmax: float) -> None:
-        """Count ``x`` (whose max|x| is ``absmax``)."""
+    def add(self, x: torch.Tensor, absmax: float, nonnegative: bool = False) -> int:
+        """Count ``x`` (whose max|x| is ``absmax``; ``nonnegative``: no value below 0);
+        returns the number of its nonzero values (all of them counted)."""
         if absmax <= 0:
-            return
+            return 0
         if self.counts is None:
             self.range = float(absmax)
             self.counts = torch.zeros(self.bins, dtype=torch.int64, device=x.device)
@@ -39,7 +40,9 @@ class GrowingHistogram:
             merged = self.counts.reshape(-1, 2).sum(1)
             self.counts = torch.cat([merged, torch.zeros_like(merged)])
             self.range *= 2.0
-        self.counts += abs_histogram(x, self.range, self.bins)
+        counts = abs_histogram(x, self.range, self.bins, nonnegative)
+        self.counts += counts
+        return int(counts.sum())
 
     def rebin(self, absmax: float, bins: int = NUM_BINS) -> np.ndarray:
         """Counts (float64) in ``bins`` bins over [0, absmax], absmax <= range."""

@@ -21,6 +21,7 @@ levels because a level is at least one bin wide, so merging and spreading are tw
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 NUM_BINS = 2048
@@ -112,21 +113,27 @@ def kl_threshold(hist: torch.Tensor, absmax: float, levels: int = 128) -> float:
     return (best + 0.5) * absmax / hist.numel()
 
 
-def abs_histogram(x: torch.Tensor, absmax: float, bins: int = NUM_BINS) -> torch.Tensor:
-    """int64 histogram of |x| over [0, absmax] in ``bins`` bins, exact zeros skipped.
+def abs_histogram(x: torch.Tensor, absmax: float, bins: int = NUM_BINS,
+                  nonnegative: bool = False) -> torch.Tensor:
+    """int64 histogram of |x| over [0, absmax] in ``bins`` bins, exact zeros skipped (so
+    its sum is the number of nonzero values of ``x``, all of which are <= absmax).
+    ``nonnegative``: ``x`` has no negative value (a ReLU's output), |x| is x itself.
 
     ``torch.histc`` counts in float32, exact only below 2^24 per bin, so it runs on chunks
-    small enough for that and the counts are summed as int64."""
+    small enough for that and the counts are summed as int64. Its range starts at the
+    smallest positive float32 (a subnormal): an exact zero falls below it and is not
+    counted, every other value lands in the bin it has over [0, absmax] (``v - 2^-149``
+    rounds to ``v`` for every normal ``v``), so no separate pass counts the zeros."""
     counts = torch.zeros(bins, dtype=torch.int64, device=x.device)
     if absmax <= 0:
         return counts
     flat = x.detach().reshape(-1)
     for chunk in flat.split(_HISTC_CHUNK):
-        a = chunk.abs().float()
-        part = torch.histc(a, bins=bins, min=0.0, max=float(absmax)).to(torch.int64)
-        part[0] -= a.numel() - torch.count_nonzero(a)  # the exact zeros, not counted
-        counts += part
+        a = chunk.float() if nonnegative else chunk.abs().float()
+        counts += torch.histc(a, bins=bins, min=_SMALLEST, max=float(absmax)).to(torch.int64)
     return counts
 
 
+#: the smallest positive float32 (2^-149): the low end of the histogram's range
+_SMALLEST = float(np.nextafter(np.float32(0), np.float32(1)))
 _HISTC_CHUNK = 1 << 23

@@ -39,16 +39,20 @@ def tracked_refs(fused: FusedGraph) -> list[BlobRef]:
     return list(refs.values())
 
 
-def batch_figures(x: torch.Tensor) -> tuple[float, float, float, int, int]:
-    """One batch's figures for a tensor: (min, max, max|x|, elements, zeros)."""
+def batch_figures(x: torch.Tensor, zeros: bool = True) -> tuple[float, float, float, int, int]:
+    """One batch's figures for a tensor: (min, max, max|x|, elements, zeros); without
+    ``zeros`` the zeros are left at 0 for the caller to count (a histogram of the batch
+    counts them on the way: see :func:`~calibrator.quant.kl.abs_histogram`)."""
     lo, hi = (float(v) for v in torch.aminmax(x))
-    return lo, hi, max(abs(lo), abs(hi)), x.numel(), x.numel() - int(torch.count_nonzero(x))
+    count = x.numel()
+    return (lo, hi, max(abs(lo), abs(hi)), count,
+            count - int(torch.count_nonzero(x)) if zeros else 0)
 
 
-def checked_figures(ref: BlobRef, x: torch.Tensor, node=None) -> tuple:
+def checked_figures(ref: BlobRef, x: torch.Tensor, node=None, zeros: bool = True) -> tuple:
     """:func:`batch_figures`, refusing a tensor that is not finite: one line naming the
     data blob, or the layer (``node``) whose top it is."""
-    figures = batch_figures(x)
+    figures = batch_figures(x, zeros)
     if math.isfinite(figures[0]) and math.isfinite(figures[1]):
         return figures
     if node is None:
@@ -81,10 +85,12 @@ class _Collector:
 
     def observe(self, ref: BlobRef, x: torch.Tensor, node=None) -> None:
         x = x.detach()
-        row = checked_figures(ref, x, node)
+        hist = self.hists.get(ref.key)
+        row = checked_figures(ref, x, node, zeros=hist is None)
+        if hist is not None:  # the histogram counts the nonzero values
+            nonzero = hist.add(x, row[2], nonnegative=row[0] >= 0)
+            row = row[:4] + (row[3] - nonzero,)
         fold(self.stats[ref.key], row)
-        if ref.key in self.hists:
-            self.hists[ref.key].add(x, row[2])
 
     def feeds(self, feeds: dict) -> None:
         for ref in self.by_producer.get(-1, []):
@@ -178,7 +184,9 @@ def collect_sharded(net, fused: FusedGraph, make_batches: Callable[[str], Iterab
         if at is None:
             return
         current, doublings = at
-        counts = _merge(abs_histogram(x, current, FINE_BINS), final[ref.key][1] - doublings)
+        nonnegative = seen[state["index"]][ref.key][0] >= 0  # this batch's min, pass 1
+        counts = _merge(abs_histogram(x, current, FINE_BINS, nonnegative),
+                        final[ref.key][1] - doublings)
         if ref.key in histograms:
             histograms[ref.key] += counts
         else:
