@@ -13,12 +13,15 @@ The same nets run through real Intel Caffe in `make intel-check` (tools/intel_ch
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
 from calibrator.quant.params import to_proto
-from calibrator.quant.scales import QuantOptions, UnitChoice, build_plan
+from calibrator.quant.scales import QuantOptions, UnitChoice, build_plan, histogram_keys
+from calibrator.quant.statistics import collect
 from calibrator.quant.simulate import Int8Simulator
 from tests import intel_reference as ref
 from tests.quant_helpers import (TinyNet, conv_int64, conv_text, input_text, intel_output,
@@ -495,3 +498,28 @@ def test_cac_opt_through_a_concat_and_disabled_by_ucac():
     assert layers["down"].scale_in != pytest.approx(255 / net.absmax_after("pool"), rel=1e-3)
     layers = plan_of(net, cac_rule=False).layers
     assert layers["down"].scale_in == pytest.approx(255 / net.absmax_after("pool"), rel=1e-6)
+
+
+def test_outputs_the_rule_always_leaves_fp32_are_not_histogrammed():
+    """histogram_keys leaves out conv12's and conv10's outputs (FP32 in every plan under
+    force_fp32_opt); the KL plan built without their histograms is the plan built with
+    every histogram, but for the thresholds nothing reads."""
+    net = TinyNet(SQUEEZE_TAIL, seed=24)
+    options = QuantOptions(first_conv=True)
+    full = net.calibrate(first_conv=True)
+    keys = histogram_keys(net.fused, options)
+    assert {u.name for u in net.fused.units if u.output.key not in keys} == {"conv12",
+                                                                              "conv10"}
+    partial = collect(net.net, net.fused, iter(net.batches), hist_keys=keys)
+    assert {key for key, stats in partial.items() if stats.hist is None} == set(partial) - keys
+    plan = build_plan(net.fused, partial, options)
+    assert set(plan.layers) == set(full.layers)
+    for name, lq in full.layers.items():
+        if lq.output_int8:
+            assert plan.layers[name] == lq
+        else:
+            assert plan.layers[name].output_threshold is None
+            assert replace(plan.layers[name], output_threshold=lq.output_threshold) == lq
+    # -uff: any output may be INT8, so every output keeps its histogram
+    uff = histogram_keys(net.fused, replace(options, force_fp32_rule=False))
+    assert {u.output.key for u in net.fused.units if u.kind == "conv"} <= uff

@@ -2,32 +2,48 @@
 
 Importing the command line loads torch, which takes a second or two; a Ctrl-C (or a
 SIGTERM) in that time must give the same one line and exit code as one during the work, not
-an interpreter traceback. So this module imports nothing heavy at its top: it sets the
-handlers first, then imports the CLI inside the ``try`` (the one place in the package that
-imports at call time, for that reason)."""
+an interpreter traceback. So this module imports nothing heavy at its top: it sets its
+handlers first, then imports the CLI (the one place in the package that imports at call
+time, for that reason). A signal during that import is noted and acted on once the import
+is over: raised inside it, a KeyboardInterrupt can be swallowed by a library's own
+``except:`` and leave a half-imported module behind (numpy without ``numpy.matrix``)."""
 
 from __future__ import annotations
 
 import signal
 import sys
 
+_pending: list[int] = []
+
+
+def _noted(signum, frame):
+    _pending.append(signum)
+
 
 def _interrupted(signum, frame):
     raise KeyboardInterrupt(signum)
 
 
+def _stop(signum: int, previous) -> int:
+    for s in previous:
+        signal.signal(s, signal.SIG_IGN)
+    print("calibrator: interrupted", file=sys.stderr, flush=True)
+    return 128 + signum
+
+
 def entry() -> int:
     """Run the command line of this process; the exit code."""
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, _noted)
+    from calibrator.cli.main import main  # heavy (torch): see the module docstring
+
+    if _pending:
+        return _stop(_pending[0], previous)
     try:
         for s in previous:
             signal.signal(s, _interrupted)
-        from calibrator.cli.main import main  # heavy (torch): see the module docstring
-
         return main()  # sets its own handlers; this try covers the moments around it
     except KeyboardInterrupt as exc:
-        for s in previous:
-            signal.signal(s, signal.SIG_IGN)
         signum = exc.args[0] if exc.args and isinstance(exc.args[0], int) else signal.SIGINT
-        print("calibrator: interrupted", file=sys.stderr, flush=True)
-        return 128 + signum
+        return _stop(signum, previous)

@@ -12,7 +12,7 @@ from calibrator.metrics import BatchOutcome, Metric, measure
 from calibrator.quant.estimators import HISTOGRAM, statistics_needed
 from calibrator.quant.fusion import FusedGraph, analyze
 from calibrator.quant.scales import (QuantOptions, QuantPlan, UnitChoice, build_plan,
-                                     kept_fp32)
+                                     histogram_keys, kept_fp32)
 from calibrator.quant.simulate import FoldedFP32
 from calibrator.quant.statistics import collect, collect_sharded
 
@@ -49,14 +49,16 @@ def calibrate(model, options: QuantOptions, sampling_iterations: int, *,
     needs = (frozenset({HISTOGRAM}) if estimators is None
              else statistics_needed([options.estimator, *estimators]))
     overrides = FoldedFP32(fused).overrides
+    # what the statistics gather: no histogram of a tensor no plan can read one of
+    gather = {"needs": needs, "hist_keys": histogram_keys(fused, options)}
     if distributed.world() > 1 and not single:  # -ss reads one batch: every rank alike
-        return _calibrate_sharded(model, fused, options, sampling_iterations, needs, overrides,
+        return _calibrate_sharded(model, fused, options, sampling_iterations, gather, overrides,
                                   quiet, metric, iterations)
     if metric is None or single:
         first = sampling_iterations - 1 if single else 0
         feeds = (feeds for _, feeds in batches(model, sampling_iterations, desc="statistics",
                                                quiet=quiet, first=first))
-        return Calibration(fused, collect(model.net, fused, feeds, needs=needs,
+        return Calibration(fused, collect(model.net, fused, feeds, **gather,
                                           overrides=overrides), options)
     started = time.time()
     shared = min(sampling_iterations, iterations)
@@ -70,7 +72,7 @@ def calibrate(model, options: QuantOptions, sampling_iterations: int, *,
 
     feeds = (feeds for _, feeds in batches(model, sampling_iterations,
                                            desc="statistics + FP32", quiet=quiet))
-    stats = collect(model.net, fused, feeds, needs=needs, overrides=overrides,
+    stats = collect(model.net, fused, feeds, **gather, overrides=overrides,
                     outputs=metric.outputs(), on_batch=read)
     if iterations > shared:  # the FP32 evaluation reads more batches than the statistics
         rest = measure(model, [metric], iterations, overrides=overrides, reference=True,
@@ -79,7 +81,7 @@ def calibrate(model, options: QuantOptions, sampling_iterations: int, *,
     return Calibration(fused, stats, options, outcomes, time.time() - started)
 
 
-def _calibrate_sharded(model, fused, options, sampling_iterations, needs, overrides, quiet,
+def _calibrate_sharded(model, fused, options, sampling_iterations, gather, overrides, quiet,
                        metric, iterations) -> Calibration:
     """:func:`calibrate` under torchrun: each rank reads its own batches
     (:func:`~calibrator.quant.statistics.collect_sharded`); the FP32 outcomes measured on
@@ -99,7 +101,7 @@ def _calibrate_sharded(model, fused, options, sampling_iterations, needs, overri
         return batches(model, sampling_iterations, desc=desc, quiet=quiet, shard=True)
 
     stats = collect_sharded(
-        model.net, fused, make_batches, needs=needs, overrides=overrides,
+        model.net, fused, make_batches, **gather, overrides=overrides,
         outputs=metric.outputs() if metric is not None else None,
         on_batch=read if metric is not None else None,
         before_batch=lambda index: seek_state(model.net, index * model.batch_size))

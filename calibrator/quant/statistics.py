@@ -74,14 +74,22 @@ def fold(stats: TensorStats, figures: tuple) -> None:
     stats.zeros += zeros
 
 
+def _histogrammed(refs: list[BlobRef], needs, hist_keys) -> set[str]:
+    """The keys of ``refs`` to histogram: none unless ``needs`` asks for a histogram; all,
+    or those of ``hist_keys`` (see :func:`~calibrator.quant.scales.histogram_keys`)."""
+    if HISTOGRAM not in needs:
+        return set()
+    return {ref.key for ref in refs if hist_keys is None or ref.key in hist_keys}
+
+
 class _Collector:
-    def __init__(self, refs: Iterable[BlobRef], histograms: bool):
+    def __init__(self, refs: Iterable[BlobRef], histograms: set[str]):
         self.by_producer: dict[int, list[BlobRef]] = {}
         for ref in refs:
             self.by_producer.setdefault(ref.producer, []).append(ref)
         self.stats = {ref.key: TensorStats() for refs in self.by_producer.values()
                       for ref in refs}
-        self.hists = ({key: GrowingHistogram() for key in self.stats} if histograms else {})
+        self.hists = {key: GrowingHistogram() for key in self.stats if key in histograms}
 
     def observe(self, ref: BlobRef, x: torch.Tensor, node=None) -> None:
         x = x.detach()
@@ -99,7 +107,6 @@ class _Collector:
     def hook(self, node, tops):
         for ref in self.by_producer.get(node.index, ()):
             self.observe(ref, tops[node.tops.index(ref.name)], node)
-        return None
 
     def finish(self) -> dict[str, TensorStats]:
         for key, hist in self.hists.items():
@@ -109,17 +116,18 @@ class _Collector:
 
 
 def collect(net, fused: FusedGraph, batches: Iterable[dict], *, refs=None,
-            needs=frozenset({HISTOGRAM}), overrides=None, outputs=None,
+            needs=frozenset({HISTOGRAM}), hist_keys=None, overrides=None, outputs=None,
             on_batch=None) -> dict[str, TensorStats]:
     """TensorStats for each tracked blob version, keyed by ``BlobRef.key``, from one pass
     over ``batches`` (the calibration feeds: blob name -> tensor on the net's device).
-    ``needs``: the statistics beyond the basic ones (see :mod:`calibrator.quant.estimators`).
+    ``needs``: the statistics beyond the basic ones (see :mod:`calibrator.quant.estimators`);
+    ``hist_keys``: the only tensors to histogram (None: all).
     ``overrides``: how the net runs (e.g. :class:`~calibrator.quant.simulate.FoldedFP32`,
     each unit one convolution). With ``outputs``, the whole net runs and
     ``on_batch(outputs)`` sees them (another measurement sharing the pass); otherwise the
     pass stops after the last tracked tensor."""
     refs = tracked_refs(fused) if refs is None else refs
-    collector = _Collector(refs, HISTOGRAM in needs)
+    collector = _Collector(refs, _histogrammed(refs, needs, hist_keys))
     stop = None if outputs is not None else max([r.producer for r in refs] + [0]) + 1
     with torch.no_grad():
         for feeds in batches:
@@ -161,15 +169,16 @@ def _merge(counts: torch.Tensor, times: int) -> torch.Tensor:
 
 
 def collect_sharded(net, fused: FusedGraph, make_batches: Callable[[str], Iterable], *,
-                    refs=None, needs=frozenset({HISTOGRAM}), overrides=None, outputs=None,
-                    on_batch=None, before_batch=None) -> dict[str, TensorStats]:
+                    refs=None, needs=frozenset({HISTOGRAM}), hist_keys=None, overrides=None,
+                    outputs=None, on_batch=None, before_batch=None) -> dict[str, TensorStats]:
     """:func:`collect` over the batches of every rank, each rank reading its own:
     ``make_batches(desc)`` yields this rank's ``(batch index, feeds)`` and is called once
     per pass (twice when a histogram is needed). The result is the same on every rank and
     the same as one process's. ``on_batch(index, outputs)`` sees the first pass's outputs
     (with ``outputs``); ``before_batch(index)`` is called before each forward pass."""
     refs = tracked_refs(fused) if refs is None else refs
-    collector = _Collector(refs, False)
+    collector = _Collector(refs, set())
+    histogrammed = _histogrammed(refs, needs, hist_keys)
     stop = max([r.producer for r in refs] + [0]) + 1
     seen: dict[int, dict[str, tuple]] = {}
     state = {"index": 0, "histograms": None}
@@ -180,7 +189,7 @@ def collect_sharded(net, fused: FusedGraph, make_batches: Callable[[str], Iterab
         if histograms is None:
             seen.setdefault(state["index"], {})[ref.key] = checked_figures(ref, x, node)
             return
-        at = plans[ref.key].get(state["index"])
+        at = plans[ref.key].get(state["index"]) if ref.key in plans else None
         if at is None:
             return
         current, doublings = at
@@ -206,7 +215,7 @@ def collect_sharded(net, fused: FusedGraph, make_batches: Callable[[str], Iterab
                 on_batch(index, result)
 
     measured = outputs is not None
-    histogram = HISTOGRAM in needs
+    histogram = bool(histogrammed)
     with torch.no_grad():
         def first_pass() -> dict[int, tuple[int, dict[str, tuple]]]:
             run("statistics 1/2" if histogram else "statistics", measured)
@@ -220,12 +229,13 @@ def collect_sharded(net, fused: FusedGraph, make_batches: Callable[[str], Iterab
         if not histogram:
             return collector.stats
         plans, final = {}, {}
-        for key, stats in collector.stats.items():
+        for key in histogrammed:
+            stats = collector.stats[key]
             schedule, current, doublings = _ranges(stats.batch_absmax)
             plans[key] = dict(zip(per_key[key], schedule))
             final[key] = (current, doublings)
         state["histograms"] = {}
-        keys = list(collector.stats)
+        keys = [key for key in collector.stats if key in histogrammed]
         device = net.device
 
         def second_pass() -> torch.Tensor:
