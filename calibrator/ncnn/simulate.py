@@ -38,7 +38,9 @@ import torch.nn.functional as F
 
 from calibrator.ncnn.arith import fma_f32, float2int8, reciprocal_scale, to_fp16
 from calibrator.ncnn.model import NcnnGraph, NcnnLayer
+from calibrator.ncnn.runtime import ncnn_available, probe_reciprocal
 from calibrator.ncnn.serialize import FLT_MIN
+from calibrator.ncnn.writer import build_ncnn_graph
 from calibrator.quant.simulate import _digit_bits
 
 F32 = np.float32
@@ -146,8 +148,6 @@ class NcnnSimulator:
 
     def __init__(self, fused, plan=None, *, graph: NcnnGraph | None = None,
                  reciprocal="auto", device=None):
-        from calibrator.ncnn.writer import build_ncnn_graph
-
         net = getattr(fused, "net", fused)
         self.net = net
         self.plan = plan
@@ -295,8 +295,6 @@ def _reciprocal_function(choice):
         return choice
     if choice == "exact":
         return _exact_reciprocal
-    from calibrator.ncnn.runtime import ncnn_available, probe_reciprocal
-
     if choice == "ncnn" or (choice == "auto" and ncnn_available()):
         return probe_reciprocal
     if choice == "auto":
