@@ -106,7 +106,7 @@ def peers(ctx: Context) -> SectionResult:
     with tempfile.TemporaryDirectory(prefix="calibrator-bench-") as tmp:
         tmp = Path(tmp)
         ctx.log("calibrator -q (a process of its own)")
-        quantize = _ours(ctx, files, tmp / "q")
+        quantize = _ours(ctx, files, tmp / "q", "-q")
         ctx.log("calibrator -l 0.01 (a process of its own)")
         search = _ours(ctx, files, tmp / "l", "-l", "0.01", "-n", "accuracy-top1")
         ctx.log("NNCF quantize and quantize_with_accuracy_control, when installed")

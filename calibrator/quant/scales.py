@@ -103,6 +103,13 @@ def as_stored(value: float, overflow: float) -> float:
     return float(stored) if np.isfinite(stored) else overflow
 
 
+def all_as_stored(values, overflow: float) -> list[float]:
+    """:func:`as_stored` of every value at once (the same float32 rounding)."""
+    with np.errstate(over="ignore"):
+        stored = np.asarray(values, dtype=np.float64).astype(np.float32)
+    return np.where(np.isfinite(stored), stored.astype(np.float64), overflow).tolist()
+
+
 def activation_scale(threshold: float, unsigned: bool, bits: int = 8) -> float:
     return as_stored(qmax(unsigned, bits) / threshold, 1.0) if threshold > 0 else 1.0
 
@@ -114,7 +121,7 @@ def weight_scales(weight: torch.Tensor, per_channel: bool, bits: int = 8,
     w = weight.detach().double().abs().reshape(weight.shape[0], -1)
     maxima = w.max(1).values if per_channel else w.max().expand(weight.shape[0])
     scales = torch.where(maxima > 0, limit / maxima.clamp(min=1e-300), torch.zeros_like(maxima))
-    return [as_stored(float(s) * factor, 0.0) for s in scales]
+    return all_as_stored(scales.cpu().numpy() * factor, 0.0)
 
 
 @dataclass
@@ -375,8 +382,8 @@ def _build_layers(fused: FusedGraph, stats: dict, options: QuantOptions,
             scale_in=activation_scale(t_in, unsigned, options.bits),
             scale_out=(1.0 if t_out is None else activation_scale(
                 t_out, unit.output_unsigned or options.unsigned_range, options.bits)),
-            scale_params=([as_stored(v * WEIGHT_FACTORS.get(fix, 1.0), 0.0)
-                           for v in choice.weight_scales]
+            scale_params=(all_as_stored(np.asarray(choice.weight_scales, np.float64)
+                                        * WEIGHT_FACTORS.get(fix, 1.0), 0.0)
                           if choice.weight_scales is not None
                           else weight_scales(weight, per_channel, options.bits, weight_factor)),
             input_unsigned=unsigned, output_unsigned=unit.output_unsigned,
