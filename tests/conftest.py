@@ -2,7 +2,8 @@
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see cli/main.py
+# before torch loads: the suite shares its cores with the processes it starts (cli/__init__.py)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from pathlib import Path
 
 import pytest
