@@ -60,37 +60,31 @@ def _raise_interrupted(signum, frame):
 
 
 @contextlib.contextmanager
-def _signals_raise():
-    """SIGINT and SIGTERM raise :class:`Interrupted` while the command runs (only the main
-    thread can set handlers: elsewhere, Python's defaults stay)."""
+def _signal_handlers(handler):
+    """SIGINT and SIGTERM go to ``handler`` inside the block, then back to what they were
+    (only the main thread can set handlers: elsewhere, Python's defaults stay)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = {s: signal.getsignal(s) for s in _SIGNALS}
     for s in _SIGNALS:
-        signal.signal(s, _raise_interrupted)
+        signal.signal(s, handler)
     try:
         yield
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        for s, old in previous.items():
+            signal.signal(s, old if old is not None else signal.SIG_DFL)
 
 
-@contextlib.contextmanager
+def _signals_raise():
+    """SIGINT and SIGTERM raise :class:`Interrupted` while the command runs."""
+    return _signal_handlers(_raise_interrupted)
+
+
 def _ignore_signals():
     """While the one line is printed and the process winds down: a second Ctrl-C must not
     turn the message into a traceback."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {s: signal.getsignal(s) for s in _SIGNALS}
-    for s in _SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+    return _signal_handlers(signal.SIG_IGN)
 
 
 @contextlib.contextmanager
