@@ -1,6 +1,7 @@
 """Statistics of the fused tensors, gathered for every tracked tensor at once, in one pass
 over the ``-s`` calibration batches whatever the number of layers: each tensor's exact
-min/max/|max|, zeros, per-batch max|x| and, when an estimator needs it (``needs``), a
+min/max/|max|, zeros, per-batch max|x| and, when an estimator needs it (``needs``) and a
+plan may read it (``hist_keys``: :func:`~calibrator.quant.scales.histogram_keys`), a
 histogram of |x| whose range grows as larger values arrive
 (:class:`~calibrator.quant.histogram.GrowingHistogram`), re-binned at the end to 2048 bins
 over [0, max|x|]. Only running aggregates stay in memory (on the model's device), never the
