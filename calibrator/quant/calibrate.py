@@ -49,7 +49,7 @@ def calibrate(model, options: QuantOptions, sampling_iterations: int, *,
     needs = (frozenset({HISTOGRAM}) if estimators is None
              else statistics_needed([options.estimator, *estimators]))
     overrides = FoldedFP32(fused).overrides
-    # what the statistics gather: no histogram of a tensor no plan can read one of
+    # the statistics to gather: histograms only of the tensors some plan may read
     gather = {"needs": needs, "hist_keys": histogram_keys(fused, options)}
     if distributed.world() > 1 and not single:  # -ss reads one batch: every rank alike
         return _calibrate_sharded(model, fused, options, sampling_iterations, gather, overrides,
