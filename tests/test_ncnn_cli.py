@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 
 from calibrator.cli.main import main
+from calibrator.model import load_model, quantized_plan
+from calibrator.ncnn.quantize import bottom_scale
+from tests.test_quant_outputs import make_model, run_main
 from tests.test_search import tiny  # noqa: F401  (fixture)
 
 ncnn = pytest.importorskip("ncnn")
@@ -38,3 +41,23 @@ def test_runtime_ncnn_search_writes_the_model_that_verify_runs(tiny, tmp_path, c
     assert int8 and all(layer["differing"] == 0 for layer in int8)
     printed = capsys.readouterr().out
     assert "top-1 agreement with ncnn" in printed
+
+
+def test_a_plan_read_from_the_prototxt_gives_ncnn_the_table_s_blob_scales(tmp_path, capsys):
+    """``verify --runtime ncnn`` rebuilds the ncnn model from the written prototxt: the plan
+    read back must carry the thresholds its scales stand for (T = qmax / scale_in), so the
+    blob scales 127/T equal the ones ``--table`` wrote from the calibration (a read-back plan
+    once had T = 0 and every blob scale 1.0: ncnn's top-1 fell to 0)."""
+    prototxt, caffemodel = make_model(tmp_path)
+    out, table = tmp_path / "q.prototxt", tmp_path / "q.table"
+    code, _, err = run_main(capsys, ["-m", prototxt, "-w", caffemodel, "-q", "-1st", "-c",
+                                     "multiple", "--quiet", "--output", out, "--table", table])
+    assert code == 0, err
+    written = {parts[0]: float(parts[1]) for parts in
+               (line.split() for line in table.read_text().splitlines())
+               if len(parts) == 2 and "_param_" not in parts[0]}
+    fused, plan = quantized_plan(load_model(out, caffemodel).net)
+    assert written and set(written) <= set(plan.layers)
+    for name, scale in written.items():
+        assert float(bottom_scale(plan.layers[name])) == pytest.approx(scale, rel=1e-6), name
+        assert scale != 1.0

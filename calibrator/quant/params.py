@@ -5,7 +5,7 @@ from __future__ import annotations
 from calibrator.caffe import caffe_pb2
 from calibrator.errors import LayerError
 from calibrator.quant.fusion import FusedGraph
-from calibrator.quant.scales import LayerQuant, QuantOptions, QuantPlan
+from calibrator.quant.scales import LayerQuant, QuantOptions, QuantPlan, qmax
 
 
 def to_proto(lq: LayerQuant) -> caffe_pb2.QuantizationParameter:
@@ -62,17 +62,31 @@ def from_proto(fused: FusedGraph) -> QuantPlan:
             raise LayerError(param.name, param.type,
                              f"{len(q.scale_params)} scale_params for {channels} output channels")
         output_int8 = q.bw_layer_out != 32 if q.HasField("bw_layer_out") else True
+        scale_in = float(q.scale_in[0])
+        scale_out = float(q.scale_out[0]) if len(q.scale_out) else 1.0
+        input_unsigned = not q.is_negative_input
         layers[unit.name] = LayerQuant(
-            name=unit.name, scale_in=float(q.scale_in[0]),
-            scale_out=float(q.scale_out[0]) if len(q.scale_out) else 1.0,
+            name=unit.name, scale_in=scale_in, scale_out=scale_out,
             scale_params=[float(s) for s in scale_params],
-            input_unsigned=not q.is_negative_input,
+            input_unsigned=input_unsigned,
             output_unsigned=unit.output_unsigned, output_int8=output_int8,
             force_u8_input=q.force_u8_input, bits=bits, estimator="given",
-            per_channel=len(q.scale_params) > 1)
+            per_channel=len(q.scale_params) > 1,
+            # the thresholds the scales stand for (T = qmax / scale): what a writer for a
+            # runtime with other data types (ncnn's s8 at 127/T) starts from; -fu keeps the
+            # first conv's s8 scale_in (first_conv_force_u8.py)
+            input_threshold=_threshold(scale_in, input_unsigned and not q.force_u8_input,
+                                       bits),
+            output_threshold=(_threshold(scale_out, unit.output_unsigned, bits)
+                              if output_int8 else None))
     for param in fused.net.net_param.layer:
         if param.HasField("quantization_param") and param.name not in {u.name for u in
                                                                         fused.units}:
             raise LayerError(param.name, param.type, "carries quantization_param but is not "
                              "a Convolution/InnerProduct that can run in INT8")
     return QuantPlan(layers, QuantOptions(quantize_fc=True), {})
+
+
+def _threshold(scale: float, unsigned: bool, bits: int) -> float:
+    """T of an activation scale ``qmax / T`` as the prototxt stores it (0: no scale)."""
+    return qmax(unsigned, bits) / scale if scale > 0 else 0.0
