@@ -34,9 +34,9 @@ def test_intel_switches_and_their_meanings():
     assert not ours.search.scale_search and not ours.search.allow_fp32
 
 
-def test_iterations_that_are_not_integers_become_intels_defaults(capsys):
+def test_iterations_that_are_not_integers_become_intels_defaults(caplog):
     config = config_of("-i", "ten", "-s", "2.5")
-    err = capsys.readouterr().err
+    err = caplog.text  # a held warning: the CLI prints it when the command ends
     assert config.iterations == 1000 and config.sampling_iterations == 10
     assert "1000" in err and "10" in err
     assert config_of("-i", "7").iterations == 7
@@ -85,3 +85,15 @@ def test_an_intel_command_line_runs(capsys, tmp_path):
     conv1 = next(l for l in forced.layer if l.name == "conv1").quantization_param
     assert conv1.force_u8_input and list(conv1.scale_params) == list(params["conv1"].scale_params)
     assert (tmp_path / "net_new.caffemodel").exists()
+
+
+def test_the_default_warning_waits_for_the_end_of_the_command(capsys, tmp_path):
+    """Held like every warning: printed when the command succeeds, dropped when it fails
+    (whose one line is then all of stderr)."""
+    prototxt, caffemodel = make_model(tmp_path)
+    code, _, err = run_main(capsys, ["-m", prototxt, "-w", caffemodel, "-q", "-s", "1", "-a",
+                                     "DIRECT", "-i", "x", "--quiet"])
+    assert code == 0 and "set to the default value 1000" in err
+    code, _, err = run_main(capsys, ["-m", tmp_path / "missing.prototxt", "-w", caffemodel,
+                                     "-i", "x"])
+    assert code == 2 and err.count("\n") == 1 and err.startswith("calibrator: error:"), err

@@ -8,7 +8,7 @@ estimators, metrics, targets, runtimes and outputs come from their registries.""
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
 
 from calibrator import pipeline
 from calibrator.cli.common import (add_ap_version_option, add_backend_options,
@@ -25,6 +25,8 @@ from calibrator.quant.scales import QuantOptions
 from calibrator.quant.targets import COUNTERMEASURES
 from calibrator.search import SearchSettings
 from calibrator.writers import writers
+
+log = logging.getLogger(__name__)
 
 INTEL_FLAGS_HELP = "Intel calibrator.py flags (same names and defaults)"
 
@@ -152,13 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def intel_count(value: str, option: str, default: int) -> int:
     """-i / -s as Intel's calibrator.py reads them (scripts/calibrator.py, the ``int()``
-    fallbacks after ``parse_args``): a value that is not an integer gives ``default``, said
-    on stderr; below 1 is refused."""
+    fallbacks after ``parse_args``): a value that is not an integer gives ``default``, with a
+    warning (held, like every warning, until the command ends); below 1 is refused."""
     try:
         count = int(value)
     except (TypeError, ValueError):
-        print(f"calibrator: warning: {option} {value!r} is not an integer: set to the default "
-              f"value {default}, as Intel's calibrator.py does", file=sys.stderr, flush=True)
+        log.warning("%s %r is not an integer: set to the default value %d, as Intel's "
+                    "calibrator.py does", option, value, default)
         return default
     if count < 1:
         raise CalibratorError(f"{option} must be at least 1, got {count}")
