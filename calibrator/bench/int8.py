@@ -68,7 +68,8 @@ def int8(ctx: Context) -> SectionResult:
             ["INT8 / FP32 speed", f"{int8_ips / fp32_ips:.2f}"],
             ["peak resident memory (MB)", f"{_peak_rss_mb():.0f}"]]
     data = {"statistics_seconds": statistics_s, "kl_ms_per_tensor": kl_ms,
-            "tensors": len(tensors), "tracked": len(calibration.stats), "fp32_images_per_s": fp32_ips,
+            "tensors": len(tensors), "tracked": len(calibration.stats),
+            "fp32_images_per_s": fp32_ips,
             "int8_images_per_s": int8_ips, "int8_over_fp32": int8_ips / fp32_ips,
             "peak_rss_mb": _peak_rss_mb()}
     return SectionResult([Table(["figure", "value"], rows)], data)

@@ -122,8 +122,9 @@ def abs_histogram(x: torch.Tensor, absmax: float, bins: int = NUM_BINS,
     ``torch.histc`` counts in float32, exact only below 2^24 per bin, so it runs on chunks
     small enough for that and the counts are summed as int64. Its range starts at the
     smallest positive float32 (a subnormal): an exact zero falls below it and is not
-    counted, every other value lands in the bin it has over [0, absmax] (``v - 2^-149``
-    rounds to ``v`` for every normal ``v``), so no separate pass counts the zeros."""
+    counted, so no separate pass counts the zeros; every other value lands in the bin it has
+    over [0, absmax] (``v - 2^-149`` differs from ``v`` only for values below 2^-124, which
+    are in bin 0 either way unless absmax itself is below about 2^-113)."""
     counts = torch.zeros(bins, dtype=torch.int64, device=x.device)
     if absmax <= 0:
         return counts

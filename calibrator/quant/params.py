@@ -5,7 +5,7 @@ from __future__ import annotations
 from calibrator.caffe import caffe_pb2
 from calibrator.errors import LayerError
 from calibrator.quant.fusion import FusedGraph
-from calibrator.quant.scales import LayerQuant, QuantOptions, QuantPlan, qmax
+from calibrator.quant.scales import LayerQuant, QuantOptions, QuantPlan, activation_threshold
 
 
 def to_proto(lq: LayerQuant) -> caffe_pb2.QuantizationParameter:
@@ -75,9 +75,9 @@ def from_proto(fused: FusedGraph) -> QuantPlan:
             # the thresholds the scales stand for (T = qmax / scale): what a writer for a
             # runtime with other data types (ncnn's s8 at 127/T) starts from; -fu keeps the
             # first conv's s8 scale_in (first_conv_force_u8.py)
-            input_threshold=_threshold(scale_in, input_unsigned and not q.force_u8_input,
-                                       bits),
-            output_threshold=(_threshold(scale_out, unit.output_unsigned, bits)
+            input_threshold=activation_threshold(
+                scale_in, input_unsigned and not q.force_u8_input, bits),
+            output_threshold=(activation_threshold(scale_out, unit.output_unsigned, bits)
                               if output_int8 else None))
     for param in fused.net.net_param.layer:
         if param.HasField("quantization_param") and param.name not in {u.name for u in
@@ -86,7 +86,3 @@ def from_proto(fused: FusedGraph) -> QuantPlan:
                              "a Convolution/InnerProduct that can run in INT8")
     return QuantPlan(layers, QuantOptions(quantize_fc=True), {})
 
-
-def _threshold(scale: float, unsigned: bool, bits: int) -> float:
-    """T of an activation scale ``qmax / T`` as the prototxt stores it (0: no scale)."""
-    return qmax(unsigned, bits) / scale if scale > 0 else 0.0

@@ -114,6 +114,11 @@ def activation_scale(threshold: float, unsigned: bool, bits: int = 8) -> float:
     return as_stored(qmax(unsigned, bits) / threshold, 1.0) if threshold > 0 else 1.0
 
 
+def activation_threshold(scale: float, unsigned: bool, bits: int = 8) -> float:
+    """The threshold an :func:`activation_scale` stands for (0: no scale)."""
+    return qmax(unsigned, bits) / scale if scale > 0 else 0.0
+
+
 def weight_scales(weight: torch.Tensor, per_channel: bool, bits: int = 8,
                   factor: float = 1.0) -> list[float]:
     """qmax/max|W| per output channel (or once for the tensor, repeated); 0 for a zero one."""
