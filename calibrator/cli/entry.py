@@ -13,13 +13,6 @@ from __future__ import annotations
 import signal
 import sys
 
-_pending: list[int] = []
-
-
-def _noted(signum, frame):
-    _pending.append(signum)
-
-
 def _interrupted(signum, frame):
     raise KeyboardInterrupt(signum)
 
@@ -34,12 +27,13 @@ def _stop(signum: int, previous) -> int:
 def entry() -> int:
     """Run the command line of this process; the exit code."""
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    pending: list[int] = []
     for s in previous:
-        signal.signal(s, _noted)
+        signal.signal(s, lambda signum, frame: pending.append(signum))
     from calibrator.cli.main import main  # heavy (torch): see the module docstring
 
-    if _pending:
-        return _stop(_pending[0], previous)
+    if pending:
+        return _stop(pending[0], previous)
     try:
         for s in previous:
             signal.signal(s, _interrupted)
