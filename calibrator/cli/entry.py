@@ -6,20 +6,27 @@ an interpreter traceback. So this module imports nothing heavy at its top: it se
 handlers first, then imports the CLI (the one place in the package that imports at call
 time, for that reason). A signal during that import is noted and acted on once the import
 is over: raised inside it, a KeyboardInterrupt can be swallowed by a library's own
-``except:`` and leave a half-imported module behind (numpy without ``numpy.matrix``)."""
+``except:`` and leave a half-imported module behind (numpy without ``numpy.matrix``).
+Once the command has returned, its outputs are complete or cleaned up: a signal while the
+interpreter shuts down is ignored, not raised inside a library's exit hook as a traceback."""
 
 from __future__ import annotations
 
 import signal
 import sys
 
+
 def _interrupted(signum, frame):
     raise KeyboardInterrupt(signum)
 
 
-def _stop(signum: int, previous) -> int:
-    for s in previous:
+def _ignore(signals) -> None:
+    for s in signals:
         signal.signal(s, signal.SIG_IGN)
+
+
+def _stop(signum: int, previous) -> int:
+    _ignore(previous)
     print("calibrator: interrupted", file=sys.stderr, flush=True)
     return 128 + signum
 
@@ -41,3 +48,5 @@ def entry() -> int:
     except KeyboardInterrupt as exc:
         signum = exc.args[0] if exc.args and isinstance(exc.args[0], int) else signal.SIGINT
         return _stop(signum, previous)
+    finally:
+        _ignore(previous)  # the command is over; the interpreter's shutdown is not the work
