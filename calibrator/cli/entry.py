@@ -15,38 +15,39 @@ from __future__ import annotations
 import signal
 import sys
 
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
 
 def _interrupted(signum, frame):
     raise KeyboardInterrupt(signum)
 
 
-def _ignore(signals) -> None:
-    for s in signals:
+def _ignore() -> None:
+    for s in _SIGNALS:
         signal.signal(s, signal.SIG_IGN)
 
 
-def _stop(signum: int, previous) -> int:
-    _ignore(previous)
+def _stop(signum: int) -> int:
+    _ignore()
     print("calibrator: interrupted", file=sys.stderr, flush=True)
     return 128 + signum
 
 
 def entry() -> int:
     """Run the command line of this process; the exit code."""
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     pending: list[int] = []
-    for s in previous:
+    for s in _SIGNALS:
         signal.signal(s, lambda signum, frame: pending.append(signum))
     from calibrator.cli.main import main  # heavy (torch): see the module docstring
 
     if pending:
-        return _stop(pending[0], previous)
+        return _stop(pending[0])
     try:
-        for s in previous:
+        for s in _SIGNALS:
             signal.signal(s, _interrupted)
         return main()  # sets its own handlers; this try covers the moments around it
     except KeyboardInterrupt as exc:
         signum = exc.args[0] if exc.args and isinstance(exc.args[0], int) else signal.SIGINT
-        return _stop(signum, previous)
+        return _stop(signum)
     finally:
-        _ignore(previous)  # the command is over; the interpreter's shutdown is not the work
+        _ignore()  # the command is over; the interpreter's shutdown is not the work

@@ -85,4 +85,3 @@ def from_proto(fused: FusedGraph) -> QuantPlan:
             raise LayerError(param.name, param.type, "carries quantization_param but is not "
                              "a Convolution/InnerProduct that can run in INT8")
     return QuantPlan(layers, QuantOptions(quantize_fc=True), {})
-

@@ -190,7 +190,7 @@ def collect_sharded(net, fused: FusedGraph, make_batches: Callable[[str], Iterab
         if histograms is None:
             seen.setdefault(state["index"], {})[ref.key] = checked_figures(ref, x, node)
             return
-        at = plans[ref.key].get(state["index"]) if ref.key in plans else None
+        at = plans.get(ref.key, {}).get(state["index"])
         if at is None:
             return
         current, doublings = at
