@@ -117,9 +117,19 @@ def _at(tensor: torch.Tensor, where) -> torch.Tensor:
 
 # -- one unit ----------------------------------------------------------------------------------
 
+def _grouped(values: torch.Tensor, groups: int) -> torch.Tensor:
+    """(P, O) values as (G, P, Og), the layout the grouped products write."""
+    count, out = values.shape
+    return values.float().reshape(count, groups, out // groups).transpose(0, 1).contiguous()
+
+
 class _Unit:
     """One unit's FP32 weights and its INT8 output at the sampled positions for candidate
-    scales (Intel's arithmetic, the output left unrounded)."""
+    scales (Intel's arithmetic, the output left unrounded).
+
+    Everything is held group-major, (G, P, ...), so each candidate batch is one batched
+    matrix product per group whose result is used where it lands (no transposed copies):
+    the weight step writes (G, P, K, Og), the input step (G, K, P, Og)."""
 
     def __init__(self, unit: FusedUnit, lq, patches: torch.Tensor, reference: torch.Tensor,
                  residual: torch.Tensor | None):
@@ -127,59 +137,106 @@ class _Unit:
         self.unit, self.lq = unit, lq
         groups = patches.shape[1]
         out = weight.shape[0]
-        self.weight = weight.reshape(groups, out // groups, -1).float()     # (G, Og, K)
+        self.groups = groups
+        self.weight = weight.reshape(groups, out // groups, -1).float()     # (G, Og, C)
         self.bias = bias.float()
-        self.patches = patches.float()                                      # (P, G, K)
-        self.reference = reference.float()                                  # (P, O)
-        self.residual = None if residual is None else residual.float()
+        self.patches = patches.float().transpose(0, 1).contiguous()         # (G, P, C)
+        self.positions = patches.shape[0]
+        self.extremes = torch.stack([self.patches.min(), self.patches.max()])
+        self.reference = _grouped(reference, groups)                        # (G, P, Og)
+        self.residual = None if residual is None else _grouped(residual, groups)
         self.limit = 2 ** (lq.bits - 1) - 1
         self.qmax_in = qmax(lq.input_unsigned, lq.bits)
+        reference = self.reference.double()
+        self.reference64 = reference
+        self.reference_norms = (reference * reference).sum(1)               # (G, Og)
+        self.reference_norm = float(self.reference_norms.sum())
 
     def _q_in(self, s_in: torch.Tensor) -> torch.Tensor:
+        """(G, K, P, C) quantized patches for K input scales (the clamp skipped where the
+        extreme patches, multiplied and rounded as every element is, already lie in range)."""
         low = 0.0 if self.lq.input_unsigned else -(self.qmax_in + 1)
-        return torch.round(self.patches[None] * s_in[:, None, None, None]).clamp_(
-            low, self.qmax_in)                                               # (K, P, G, C)
+        q = (self.patches[:, None] * s_in[None, :, None, None]).round_()
+        extremes = torch.round(self.extremes[:, None] * s_in[None, :])
+        if float(extremes.min()) < low or float(extremes.max()) > self.qmax_in:
+            q.clamp_(low, self.qmax_in)
+        return q
 
     def _q_w(self, s_w: torch.Tensor) -> torch.Tensor:
+        """(K, G, Og, C) quantized weights for K rows of weight scales."""
         groups, og, _ = self.weight.shape
         w = self.weight[None] * s_w.reshape(-1, groups, og, 1)
-        return torch.round(w).clamp_(-self.limit - 1, self.limit)           # (K, G, Og, C)
+        return torch.round(w).clamp_(-self.limit - 1, self.limit)
 
-    def outputs(self, s_in: torch.Tensor, s_w: torch.Tensor) -> torch.Tensor:
-        """(K, P, O) unit outputs for K candidates: input scales (K,) or one (1,), weight
-        scales (K, O) or one (1, O); the single ones are shared, not repeated."""
+    def weight_outputs(self, q_in: torch.Tensor, s_in: torch.Tensor, s_w: torch.Tensor
+                       ) -> torch.Tensor:
+        """(G, P, K, Og) outputs for K rows of weight scales (K, O) at one input scale (1,)
+        whose quantized patches ``q_in`` (G, P, C) are given."""
+        s_in, s_w = s_in.to(q_in.device), s_w.to(q_in.device)
+        q_w = self._q_w(s_w)                                                   # (K, G, Og, C)
+        count, groups, og, channels = q_w.shape
+        acc = torch.bmm(q_in, q_w.permute(1, 3, 0, 2).reshape(groups, channels, count * og))
+        acc = acc.reshape(groups, self.positions, count, og)
+        residual = None if self.residual is None else self.residual[:, :, None]
+        return self._requantized(acc, s_in[:, None] * s_w, lambda v: v[:, None], residual)
+
+    def input_outputs(self, s_in: torch.Tensor, s_w: torch.Tensor) -> torch.Tensor:
+        """(G, K, P, Og) outputs for K input scales (K,) at one row of weight scales (O,)."""
         device = self.patches.device  # candidates live on the CPU, the data on the model's
         s_in, s_w = s_in.to(device), s_w.to(device)
-        q_in, q_w = self._q_in(s_in), self._q_w(s_w)
-        if len(s_in) == 1:
-            acc = torch.einsum("pgc,kgoc->kpgo", q_in[0], q_w)
-        elif len(s_w) == 1:
-            acc = torch.einsum("kpgc,goc->kpgo", q_in, q_w[0])
-        else:
-            acc = torch.einsum("kpgc,kgoc->kpgo", q_in, q_w)
-        acc = acc.reshape(acc.shape[0], acc.shape[1], -1)
-        scale = s_in[:, None] * s_w                                           # (K, O)
-        q_b = torch.round(self.bias[None] * scale)
-        y = (acc + q_b[:, None, :]) / scale[:, None, :]
-        return self._finish(y)
+        q_in = self._q_in(s_in)                                                # (G, K, P, C)
+        groups, count, positions, channels = q_in.shape
+        q_w = self._q_w(s_w[None])[0].transpose(1, 2)                          # (G, C, Og)
+        acc = torch.bmm(q_in.reshape(groups, count * positions, channels), q_w)
+        acc = acc.reshape(groups, count, positions, -1)
+        residual = None if self.residual is None else self.residual[:, None]
+        return self._requantized(acc, s_in[:, None] * s_w[None], lambda v: v[:, :, None],
+                                 residual)
 
-    def _finish(self, y: torch.Tensor) -> torch.Tensor:
-        if self.residual is not None:
-            y = y + self.residual
+    def _requantized(self, acc: torch.Tensor, scale: torch.Tensor, place, residual
+                     ) -> torch.Tensor:
+        """(acc + q_b) / scale for the (K, O) scales ``s_in x s_w``, q_b = rne(bias x
+        scale) (Intel's bias reorder), then the residual and the ReLU, in place on ``acc``;
+        ``place`` inserts the P axis into a (G, K, Og) tensor where ``acc`` has it."""
+        q_b = torch.round(self.bias[None] * scale)
+        count = scale.shape[0]
+
+        def laid_out(values):
+            return place(values.reshape(count, self.groups, -1).permute(1, 0, 2))
+
+        return self._finish(acc.add_(laid_out(q_b)).div_(laid_out(scale)), residual)
+
+    def _finish(self, y: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """The residual (laid out to broadcast) and the ReLU on a fresh output, in place."""
+        if residual is not None:
+            y.add_(residual)
         slope = self.unit.relu_slope
         if slope is not None:
-            y = torch.where(y > 0, y, y * slope) if slope else y.clamp(min=0)
+            y = torch.where(y > 0, y, y * slope) if slope else y.clamp_(min=0)
         return y
 
     def chunk(self, per_candidate: int) -> int:
-        return max(1, CHUNK_ELEMENTS // max(per_candidate, 1))
+        """Candidates per batch when each needs ``per_candidate`` elements of its own (its
+        quantized weights or patches) beside its (P, O) output and that output in float64."""
+        per = per_candidate + 3 * self.reference.numel()
+        return max(1, CHUNK_ELEMENTS // per)
 
+    def channel_cosines(self, y: torch.Tensor) -> torch.Tensor:
+        """(K, O) cosine of each output channel with the reference, from (G, P, K, Og)."""
+        y = y.double()
+        num = (y * self.reference64[:, :, None]).sum(1)                       # (G, K, Og)
+        cos = num / torch.sqrt((y * y).sum(1) * self.reference_norms[:, None]).clamp(
+            min=1e-300)
+        return cos.permute(1, 0, 2).reshape(y.shape[2], -1)
 
-def _cosine(a: torch.Tensor, b: torch.Tensor, dim) -> torch.Tensor:
-    a, b = a.double(), b.double()
-    num = (a * b).sum(dim)
-    den = torch.sqrt((a * a).sum(dim) * (b * b).sum(dim)).clamp(min=1e-300)
-    return num / den
+    def cosines(self, y: torch.Tensor) -> torch.Tensor:
+        """(K,) cosine of each candidate's whole output with the reference, from
+        (G, K, P, Og)."""
+        groups, count = y.shape[:2]
+        y = y.double().reshape(groups, count, -1)                            # (G, K, P Og)
+        num = torch.bmm(y, self.reference64.reshape(groups, -1, 1)).sum(0)[:, 0]
+        norms = torch.linalg.vector_norm(y, dim=(0, 2)) ** 2
+        return num / torch.sqrt(norms * self.reference_norm).clamp(min=1e-300)
 
 
 def search_weight_scales(layer: _Unit, s_in: float, s_w: torch.Tensor,
@@ -187,12 +244,14 @@ def search_weight_scales(layer: _Unit, s_in: float, s_w: torch.Tensor,
     """Every channel's best weight scale in s_w x grid (its own cosine; ties: the first)."""
     best = torch.full(s_w.shape, -math.inf, dtype=torch.float64)
     chosen = s_w.clone()
-    step = layer.chunk(layer.patches.numel() + layer.reference.numel())
+    scale = torch.tensor([s_in], dtype=torch.float32)
+    q_in = layer._q_in(scale.to(layer.patches.device))[:, 0]   # one input scale: once
+    step = layer.chunk(layer.weight.numel())
     for start in range(0, len(grid), step):
         part = grid[start:start + step]
         candidates = s_w[None] * part[:, None]                                # (k, O)
-        y = layer.outputs(torch.tensor([s_in], dtype=torch.float32), candidates)
-        cos = _cosine(y, layer.reference[None], 1).cpu()                      # (k, O)
+        y = layer.weight_outputs(q_in, scale, candidates)
+        cos = layer.channel_cosines(y).cpu()                                  # (k, O)
         for k in range(len(part)):
             better = cos[k] > best + TIE
             best = torch.where(better, cos[k], best)
@@ -204,12 +263,11 @@ def search_input_scale(layer: _Unit, s_in: float, s_w: torch.Tensor,
                        grid: torch.Tensor) -> float:
     """The best input scale in s_in x grid by the cosine of the whole output."""
     best, chosen = -math.inf, s_in
-    step = layer.chunk(layer.patches.numel() + layer.reference.numel())
+    step = layer.chunk(layer.patches.numel())
     for start in range(0, len(grid), step):
         part = grid[start:start + step]
         candidates = s_in * part
-        y = layer.outputs(candidates, s_w[None])
-        cos = _cosine(y.reshape(len(part), -1), layer.reference.reshape(1, -1), 1).cpu()
+        cos = layer.cosines(layer.input_outputs(candidates, s_w)).cpu()
         for k in range(len(part)):
             if float(cos[k]) > best + TIE:
                 best, chosen = float(cos[k]), float(candidates[k])
@@ -228,8 +286,8 @@ def easyquant_unit(layer: _Unit, settings: LayerwiseSettings) -> tuple[float, to
 
 
 def cosine_of(layer: _Unit, s_in: float, s_w: torch.Tensor) -> float:
-    y = layer.outputs(torch.tensor([s_in], dtype=torch.float32), s_w[None])
-    return float(_cosine(y.reshape(1, -1), layer.reference.reshape(1, -1), 1)[0])
+    y = layer.input_outputs(torch.tensor([s_in], dtype=torch.float32), s_w)
+    return float(layer.cosines(y)[0])
 
 
 def calibration_subset(model, images: int) -> dict:
