@@ -209,6 +209,32 @@ def test_accumulation_beyond_2_24_is_exact(channels, device, monkeypatch):
     assert not np.array_equal(unsplit, ref)
 
 
+@pytest.mark.parametrize("bias", [1000.0, 12_000_000.0])
+def test_the_bias_goes_into_the_convolution_only_where_every_partial_sum_is_exact(bias):
+    """u8 inputs 252..255 and weights 124..127 over 256 channels (s_in = sp = 1): the
+    accumulator reaches 8.3 M, exact in float32 with or without a bias of 1000; a bias of
+    12 M takes partial sums past 2^24, so the simulator adds it after the convolution.
+    Either way the FP32 output is Intel's f32(acc + bias) x multiplier on the int64 sum."""
+    channels = 256
+    rng = np.random.default_rng(4)
+    x = (255 - rng.integers(0, 4, (2, channels, 3, 3))).astype(np.float32)
+    w = (127 - rng.integers(0, 4, (3, channels, 1, 1))).astype(np.float32)
+    b = np.full(3, bias, np.float32)
+    net = TinyNet(input_text((2, channels, 3, 3))
+                  + 'layer { name: "conv" type: "Convolution" bottom: "data" top: "y" '
+                    'convolution_param { num_output: 3 kernel_size: 1 } }\n',
+                  weights={"conv": [w, b]}, batches=[{"data": x}])
+    lq = LayerQuant("conv", 1.0, 1.0, [1.0] * 3, input_unsigned=True, output_unsigned=False,
+                    output_int8=False)
+    plan = QuantPlan({"conv": lq}, QuantOptions(), {})
+    kernel = simulate.Int8Simulator(analyze(net.net), plan).kernels["conv"]
+    assert kernel.split is None and kernel.bias_folds == (bias < 2 ** 23)
+    acc = conv_int64(x.astype(np.int64), w.astype(np.int64))
+    assert acc.max() < 2 ** 24 and (acc.max() + bias > 2 ** 24) == (bias > 2 ** 23)
+    ref = intel_output(acc, quantize_bias(b, 1.0, np.ones(3)), 1.0, np.ones(3), 1.0, None)
+    assert np.array_equal(run_simulation(net, plan)["y"].numpy(), ref)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_fused_residual_net_is_bit_exact(device):
     text = (input_text((2, 4, 6, 6))

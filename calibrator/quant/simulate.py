@@ -185,6 +185,9 @@ class UnitKernel:
     split: int | None             # bits per input digit (0: float64), None: one pass
     target: Target | None = None  # None: exact int32
     cache: dict = field(default_factory=dict, repr=False)
+    #: the int32 bias can go into the float32 convolution itself: exact int32 accumulation
+    #: in one pass with every partial sum, bias included, below 2^24 (see :meth:`biased`)
+    bias_folds: bool = False
 
     def accumulate(self, q_in: torch.Tensor, record: dict | None = None) -> torch.Tensor:
         """The integer accumulator without bias: float32 when exact in one pass (the common
@@ -195,6 +198,13 @@ class UnitKernel:
             if self.target is None:
                 return self.exact_accumulate(q_in)
             return self.target.accumulate(self, q_in, record)
+
+    def biased(self, q_in: torch.Tensor) -> torch.Tensor:
+        """The accumulator with the int32 bias added, in one float32 convolution (only when
+        ``bias_folds``: every partial sum is an integer below 2^24, so the sum is exact in
+        any order and equals the accumulator plus the bias added afterwards, bit for bit)."""
+        with exact_arithmetic():
+            return self.unit.layer.module.run_with(q_in, self.q_weight, self.q_bias)
 
     def exact_accumulate(self, q_in: torch.Tensor,
                          weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -272,10 +282,13 @@ def build_kernel(unit: FusedUnit, lq: LayerQuant, device,
     weight, bias = folded_weights(unit, lq.bias_shift)
     coeff = unit.sum_coefficients[1] if unit.eltwise is not None else 1.0
     q_weight, q_bias, multiplier = intel_constants(weight, bias, lq, device, coeff)
-    weight_l1 = float(q_weight.abs().reshape(q_weight.shape[0], -1).sum(1).max())
+    channel_l1 = q_weight.abs().reshape(q_weight.shape[0], -1).sum(1)
     qmax_in = 2 ** lq.bits - 1 if lq.input_unsigned else 2 ** (lq.bits - 1)
-    return UnitKernel(unit, lq, q_weight, q_bias, multiplier,
-                      _digit_bits(weight_l1, qmax_in), target)
+    split = _digit_bits(float(channel_l1.max()), qmax_in)
+    bias_folds = (target is None and split is None
+                  and float((q_bias.abs() + qmax_in * channel_l1).max()) < EXACT_LIMIT)
+    return UnitKernel(unit, lq, q_weight, q_bias, multiplier, split, target,
+                      bias_folds=bias_folds)
 
 
 # -- data types between the INT8 layers -----------------------------------------------------
@@ -605,6 +618,8 @@ class Int8Simulator(FoldedFP32):
                 q_in = _reorder(x, source, lq)
             else:
                 q_in = quantize(x, lq.scale_in, lq.input_unsigned, lq.bits)
+            if rule is None and kernel.bias_folds:
+                return kernel.biased(q_in)
             return kernel.accumulate(q_in, self.saturation)
 
         return start
@@ -623,7 +638,9 @@ class Int8Simulator(FoldedFP32):
         """Intel's epilogue, float32, in the kernel's order (acc is this unit's buffer)."""
         unit, lq = kernel.unit, kernel.quant
         y = acc if acc.dtype == torch.float32 else acc.float()
-        y.add_(_per_channel(kernel.q_bias, y)).mul_(_per_channel(kernel.multiplier, y))
+        if not kernel.bias_folds:                 # else the start's convolution added it
+            y.add_(_per_channel(kernel.q_bias, y))
+        y.mul_(_per_channel(kernel.multiplier, y))
         form = self.formats.get(unit.output.key, F32)
         if unit.residual is not None:
             residual = self._residual(unit, blobs)
