@@ -387,13 +387,13 @@ def _reorder(x: torch.Tensor, source: Format, lq: LayerQuant) -> torch.Tensor:
     """INT8 data at ``source`` into a conv's input: the stored integers, reordered by
     ``f32(scale_in / s)`` when the scale or the data type differs (``mkldnn_memory.cpp``
     :122-139; an s8 source read as u8 at the same scale is taken as is)."""
-    q = torch.round(x * _f32(source.scale).to(x.device))
+    q = (x * _f32(source.scale).to(x.device)).round_()
     dtype = "u8" if lq.input_unsigned else "s8"
     if np.float32(source.scale) == np.float32(lq.scale_in) and (
             dtype == source.dtype or dtype == "u8"):
         return q.clamp_(*Format(dtype).bounds(lq.bits)) if dtype != source.dtype else q
     factor = _f32(np.float32(lq.scale_in) / np.float32(source.scale)).to(x.device)
-    return torch.round(q * factor).clamp_(*Format(dtype).bounds(lq.bits))
+    return q.mul_(factor).round_().clamp_(*Format(dtype).bounds(lq.bits))
 
 
 def _to_float(q: torch.Tensor, scale: float) -> torch.Tensor:
