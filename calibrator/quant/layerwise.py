@@ -325,7 +325,7 @@ def _quantized_unit(unit: FusedUnit, lq, x: torch.Tensor) -> torch.Tensor:
     scale = np.float32(lq.scale_in) * scales
     q_b = torch.round(bias.float() * scale)
     per = (1, -1) + (1,) * (acc.dim() - 2)
-    return (acc + q_b.reshape(per)) / scale.reshape(per)
+    return acc.add_(q_b.reshape(per)).div_(scale.reshape(per))     # acc is fresh: in place
 
 
 def _fp32_unit(unit: FusedUnit, x: torch.Tensor) -> torch.Tensor:
@@ -434,6 +434,8 @@ def layerwise(net, fused: FusedGraph, stats: dict, options: QuantOptions, choice
             position = stop
             say(f"  {unit.name} ({index + 1}/{len(units)}): cosine "
                 f"{report.cosine_before:.5f} -> {report.cosine_after:.5f}")
+            # the blobs hold what the next units read: the next advance can free the rest
+            del x_fp, x_q, r_fp, r_q, conv_fp, y_fp, conv_q, y_q
     return _single_rounding(fused, stats, options, choices), reports
 
 
