@@ -26,19 +26,30 @@ ONE_CONV = (input_text((6, 4, 7, 7))
             + conv_text("conv", "data", "y", 5, 3, "pad: 1") + relu_text("relu", "y"))
 
 
-def _one_conv(seed=5):
-    net = TinyNet(ONE_CONV, seed=seed, nonnegative_input=True)
+#: one convolution (and its ReLU) per layout the candidate products take: plain, grouped
+#: with several outputs per group, depthwise
+CONVS = {"plain": (ONE_CONV, 1),
+         "grouped": (input_text((6, 4, 7, 7)) + conv_text("conv", "data", "y", 6, 3, "group: 2")
+                     + relu_text("relu", "y"), 2),
+         "depthwise": (input_text((6, 4, 7, 7)) + conv_text("conv", "data", "y", 4, 3,
+                                                            "group: 4")
+                       + relu_text("relu", "y"), 4)}
+
+
+def _one_conv(seed=5, text=ONE_CONV):
+    net = TinyNet(text, seed=seed, nonnegative_input=True)
     net.calibrate(first_conv=True, per_channel=True)
     return net
 
 
-def _brute_force(net, s_in: float, s_w: np.ndarray, grid: np.ndarray, unsigned: bool):
+def _brute_force(net, s_in: float, s_w: np.ndarray, grid: np.ndarray, unsigned: bool,
+                 groups: int = 1):
     """Every candidate run as a whole convolution (no sampling, no stacking): each channel's
     best weight factor at ``s_in``, then the best input factor."""
     low, high = (0, 255) if unsigned else (-128, 127)
     x = net.batches[0]["data"]
     w, b = (torch.from_numpy(a) for a in net.weights["conv"])
-    ref = F.relu(F.conv2d(x, w, b, padding=1)).double()
+    ref = F.relu(F.conv2d(x, w, b, padding=1, groups=groups)).double()
 
     def run(si, sw):
         q_in = torch.round(x * si).clamp(low, high)
@@ -46,7 +57,7 @@ def _brute_force(net, s_in: float, s_w: np.ndarray, grid: np.ndarray, unsigned: 
                           ).clamp(-128, 127)
         scale = torch.tensor(np.float32(si) * sw.astype(np.float32))
         q_b = torch.round(b * scale)
-        acc = F.conv2d(q_in, q_w, padding=1)
+        acc = F.conv2d(q_in, q_w, padding=1, groups=groups)
         return F.relu((acc + q_b[None, :, None, None]) / scale[None, :, None, None]).double()
 
     def channel_cos(y):
@@ -69,8 +80,10 @@ def _brute_force(net, s_in: float, s_w: np.ndarray, grid: np.ndarray, unsigned: 
     return s_in * best_factor, chosen
 
 
-def test_easyquant_finds_the_brute_force_optimum_of_the_grid():
-    net = _one_conv()
+@pytest.mark.parametrize("layout", sorted(CONVS))
+def test_easyquant_finds_the_brute_force_optimum_of_the_grid(layout):
+    text, groups = CONVS[layout]
+    net = _one_conv(text=text)
     options = QuantOptions(first_conv=True, per_channel=True)
     settings = LayerwiseSettings(steps=41, rounds=1, bias_correction=False,
                                  positions=10 ** 6)       # every output position
@@ -80,7 +93,7 @@ def test_easyquant_finds_the_brute_force_optimum_of_the_grid():
     grid = factors(settings).numpy().astype(np.float64)
     s_in, s_w = _brute_force(net, np.float32(lq.scale_in),
                              np.array(lq.scale_params, np.float32), grid.astype(np.float32),
-                             lq.input_unsigned)
+                             lq.input_unsigned, groups)
     choice = choices["conv"]
     assert np.allclose(choice.weight_scales, s_w, rtol=1e-6)
     assert qmax(lq.input_unsigned) / choice.input_threshold == pytest.approx(s_in, rel=1e-5)

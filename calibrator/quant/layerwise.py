@@ -222,11 +222,12 @@ class _Unit:
         return max(1, CHUNK_ELEMENTS // per)
 
     def channel_cosines(self, y: torch.Tensor) -> torch.Tensor:
-        """(K, O) cosine of each output channel with the reference, from (G, P, K, Og)."""
+        """(K, O) cosine of each output channel with the reference, from (G, P, K, Og);
+        NaN where either is all zeros (a dead channel: no candidate beats another, so the
+        searches keep its scale)."""
         y = y.double()
         num = (y * self.reference64[:, :, None]).sum(1)                       # (G, K, Og)
-        cos = num / torch.sqrt((y * y).sum(1) * self.reference_norms[:, None]).clamp(
-            min=1e-300)
+        cos = num / torch.sqrt((y * y).sum(1) * self.reference_norms[:, None])
         return cos.permute(1, 0, 2).reshape(y.shape[2], -1)
 
     def cosines(self, y: torch.Tensor) -> torch.Tensor:
@@ -236,12 +237,13 @@ class _Unit:
         y = y.double().reshape(groups, count, -1)                            # (G, K, P Og)
         num = torch.bmm(y, self.reference64.reshape(groups, -1, 1)).sum(0)[:, 0]
         norms = torch.linalg.vector_norm(y, dim=(0, 2)) ** 2
-        return num / torch.sqrt(norms * self.reference_norm).clamp(min=1e-300)
+        return num / torch.sqrt(norms * self.reference_norm)
 
 
 def search_weight_scales(layer: _Unit, s_in: float, s_w: torch.Tensor,
                          grid: torch.Tensor) -> torch.Tensor:
-    """Every channel's best weight scale in s_w x grid (its own cosine; ties: the first)."""
+    """Every channel's best weight scale in s_w x grid (its own cosine; ties: the first;
+    a channel whose cosine is undefined, NaN, keeps its scale)."""
     best = torch.full(s_w.shape, -math.inf, dtype=torch.float64)
     chosen = s_w.clone()
     scale = torch.tensor([s_in], dtype=torch.float32)
@@ -261,7 +263,8 @@ def search_weight_scales(layer: _Unit, s_in: float, s_w: torch.Tensor,
 
 def search_input_scale(layer: _Unit, s_in: float, s_w: torch.Tensor,
                        grid: torch.Tensor) -> float:
-    """The best input scale in s_in x grid by the cosine of the whole output."""
+    """The best input scale in s_in x grid by the cosine of the whole output (kept when
+    that cosine is undefined: an all-zero reference)."""
     best, chosen = -math.inf, s_in
     step = layer.chunk(layer.patches.numel())
     for start in range(0, len(grid), step):

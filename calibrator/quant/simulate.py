@@ -51,6 +51,9 @@ integer below 2^24. When a layer's worst case (largest input x the largest per-c
 |integer weights|) could pass 2^24 the input is split into digits (4-bit halves, or narrower),
 each convolved exactly, and recombined in float64; when even 1-bit digits could pass it, the
 layer runs in float64. Everything after the accumulation is float32, as in the kernels.
+Where the bias too keeps every partial sum below 2^24 (``UnitKernel.bias_folds``), it goes
+into the convolution itself: f32(acc + q_b) is then exact, the same value as
+f32(acc) + f32(q_b) above, one elementwise pass less.
 
 Exactness is the simulator's own business: every accumulation runs inside
 :func:`exact_arithmetic`, which turns CUDA's TF32 and cuDNN off for its duration (TF32
