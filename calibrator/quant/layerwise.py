@@ -33,7 +33,8 @@ import torch
 from calibrator.data.feed import batches
 from calibrator.quant.folding import folded_weights
 from calibrator.quant.fusion import FusedGraph, FusedUnit
-from calibrator.quant.scales import QuantOptions, UnitChoice, build_plan, qmax
+from calibrator.quant.scales import (QuantOptions, UnitChoice, activation_threshold,
+                                     build_plan, qmax)
 from calibrator.quant.simulate import FoldedFP32, quantize
 from calibrator.quant.targets import WEIGHT_FACTORS
 
@@ -141,14 +142,12 @@ class _Unit:
         self.weight = weight.reshape(groups, out // groups, -1).float()     # (G, Og, C)
         self.bias = bias.float()
         self.patches = patches.float().transpose(0, 1).contiguous()         # (G, P, C)
-        self.positions = patches.shape[0]
         self.extremes = torch.stack([self.patches.min(), self.patches.max()])
-        self.reference = _grouped(reference, groups)                        # (G, P, Og)
         self.residual = None if residual is None else _grouped(residual, groups)
         self.limit = 2 ** (lq.bits - 1) - 1
         self.qmax_in = qmax(lq.input_unsigned, lq.bits)
-        reference = self.reference.double()
-        self.reference64 = reference
+        reference = _grouped(reference, groups).double()
+        self.reference64 = reference                                        # (G, P, Og)
         self.reference_norms = (reference * reference).sum(1)               # (G, Og)
         self.reference_norm = float(self.reference_norms.sum())
 
@@ -176,7 +175,7 @@ class _Unit:
         q_w = self._q_w(s_w)                                                   # (K, G, Og, C)
         count, groups, og, channels = q_w.shape
         acc = torch.bmm(q_in, q_w.permute(1, 3, 0, 2).reshape(groups, channels, count * og))
-        acc = acc.reshape(groups, self.positions, count, og)
+        acc = acc.reshape(groups, q_in.shape[1], count, og)
         residual = None if self.residual is None else self.residual[:, :, None]
         return self._requantized(acc, s_in[:, None] * s_w, lambda v: v[:, None], residual)
 
@@ -218,7 +217,7 @@ class _Unit:
     def chunk(self, per_candidate: int) -> int:
         """Candidates per batch when each needs ``per_candidate`` elements of its own (its
         quantized weights or patches) beside its (P, O) output and that output in float64."""
-        per = per_candidate + 3 * self.reference.numel()
+        per = per_candidate + 3 * self.reference64.numel()
         return max(1, CHUNK_ELEMENTS // per)
 
     def channel_cosines(self, y: torch.Tensor) -> torch.Tensor:
@@ -406,7 +405,8 @@ def layerwise(net, fused: FusedGraph, stats: dict, options: QuantOptions, choice
                                  if lq.saturation_fix in WEIGHT_FACTORS else settings)
                 s_in, s_w = easyquant_unit(layer, unit_settings)
                 report.cosine_after = cosine_of(layer, s_in, s_w)
-                change.update(input_threshold=qmax(lq.input_unsigned, lq.bits) / s_in,
+                change.update(input_threshold=activation_threshold(s_in, lq.input_unsigned,
+                                                                   lq.bits),
                               weight_scales=tuple(float(v) / factor for v in s_w))
                 lq = replace(lq, scale_in=float(np.float32(s_in)),
                              scale_params=[float(np.float32(v)) for v in s_w])
