@@ -245,3 +245,27 @@ def test_early_stopped_evaluations_give_the_complete_verdict(tiny):
             done = fresh.complete(Plan(), {node.index: broken}, result)
             assert done.metric == value and not done.partial
     assert stopped_somewhere
+
+
+def test_an_all_zero_channel_keeps_its_bias_and_the_others_are_still_searched():
+    """Per-channel weights give an all-zero channel the weight scale 0, which Intel's kernel
+    treats apart (bias reordered unscaled, the channel outputs rne(b)): its bias is left as it
+    is, the other channels are corrected, and the input-scale search still sees a defined
+    cosine (one NaN channel made every candidate NaN, and the input scale never moved)."""
+    text = (input_text((4, 3, 8, 8)) + conv_text("c1", "data", "a", 6, 3)
+            + relu_text("r1", "a") + conv_text("c2", "a", "b", 5, 3))
+    weights = TinyNet(text, seed=3).weights
+    w, b = weights["c2"]
+    w[2], b[2] = 0.0, 0.3
+    net = TinyNet(text, weights=dict(weights, c2=[w, b]), seed=3)
+    net.calibrate(first_conv=True, per_channel=True)
+    options = QuantOptions(first_conv=True, per_channel=True)
+    choices, reports = layerwise(net.net, net.fused, net.stats, options, {}, net.batches[0],
+                                 LayerwiseSettings(steps=21))
+    shift = np.array(choices["c2"].bias_shift)
+    assert np.isfinite(shift).all() and shift[2] == 0.0 and np.abs(shift).max() > 0
+    assert choices["c2"].weight_scales[2] == 0.0
+    report = reports["c2"]
+    assert np.isfinite(report.cosine_before) and report.cosine_after >= report.cosine_before
+    lq = net.plan.layers["c2"]
+    assert choices["c2"].input_threshold != pytest.approx(qmax(lq.input_unsigned) / lq.scale_in)

@@ -35,7 +35,7 @@ from calibrator.quant.folding import folded_weights
 from calibrator.quant.fusion import FusedGraph, FusedUnit
 from calibrator.quant.scales import (QuantOptions, UnitChoice, activation_threshold,
                                      build_plan, qmax)
-from calibrator.quant.simulate import FoldedFP32, quantize
+from calibrator.quant.simulate import FoldedFP32, intel_bias, intel_constants, quantize
 from calibrator.quant.targets import WEIGHT_FACTORS
 
 #: elements per temporary tensor of the candidate evaluation (float32: 64 MiB)
@@ -194,16 +194,17 @@ class _Unit:
 
     def _requantized(self, acc: torch.Tensor, scale: torch.Tensor, place, residual
                      ) -> torch.Tensor:
-        """(acc + q_b) / scale for the (K, O) scales ``s_in x s_w``, q_b = rne(bias x
-        scale) (Intel's bias reorder), then the residual and the ReLU, in place on ``acc``;
+        """(acc + q_b) / scale for the (K, O) scales ``s_in x s_w`` (Intel's bias reorder,
+        a zero scale as Intel treats it: ``simulate.intel_bias``), then the residual and the
+        ReLU, in place on ``acc``;
         ``place`` inserts the P axis into a (G, K, Og) tensor where ``acc`` has it."""
-        q_b = torch.round(self.bias[None] * scale)
+        q_b, divisor = intel_bias(self.bias[None], scale)
         count = scale.shape[0]
 
         def laid_out(values):
             return place(values.reshape(count, self.groups, -1).permute(1, 0, 2))
 
-        return self._finish(acc.add_(laid_out(q_b)).div_(laid_out(scale)), residual)
+        return self._finish(acc.add_(laid_out(q_b)).div_(laid_out(divisor)), residual)
 
     def _finish(self, y: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         """The residual (laid out to broadcast) and the ReLU on a fresh output, in place."""
@@ -318,16 +319,13 @@ def _quantized_unit(unit: FusedUnit, lq, x: torch.Tensor) -> torch.Tensor:
     """The unit's output with its input and weights quantized, before the ReLU and residual
     (its accumulator dequantized, unrounded): what bias correction compares."""
     weight, bias = folded_weights(unit, lq.bias_shift)
+    q_w, q_b, _ = intel_constants(weight, bias, lq, weight.device)
     scales = torch.tensor(np.asarray(lq.scale_params, np.float32), device=weight.device)
-    limit = 2 ** (lq.bits - 1) - 1
-    shape = (-1,) + (1,) * (weight.dim() - 1)
-    q_w = torch.round(weight.float() * scales.reshape(shape)).clamp_(-limit - 1, limit)
+    _, divisor = intel_bias(bias.float(), np.float32(lq.scale_in) * scales)
     q_in = quantize(x.float(), lq.scale_in, lq.input_unsigned, lq.bits)
     acc = unit.layer.module.run_with(q_in, q_w, None)
-    scale = np.float32(lq.scale_in) * scales
-    q_b = torch.round(bias.float() * scale)
     per = (1, -1) + (1,) * (acc.dim() - 2)
-    return acc.add_(q_b.reshape(per)).div_(scale.reshape(per))     # acc is fresh: in place
+    return acc.add_(q_b.reshape(per)).div_(divisor.reshape(per))   # acc is fresh: in place
 
 
 def _fp32_unit(unit: FusedUnit, x: torch.Tensor) -> torch.Tensor:
@@ -414,6 +412,9 @@ def layerwise(net, fused: FusedGraph, stats: dict, options: QuantOptions, choice
                 conv_q = _quantized_unit(unit, lq, x_q)
                 dims = [d for d in range(conv_q.dim()) if d != 1]
                 error = (conv_q.double() - conv_fp.double()).mean(dims)
+                # an all-zero channel (weight scale 0) outputs rne(bias) in Intel's kernel: a
+                # shift cannot correct it by less than a whole step, so it is left as it is
+                error[torch.tensor(lq.scale_params, device=error.device) == 0] = 0.0
                 before = np.zeros(len(error)) if lq.bias_shift is None else np.asarray(
                     lq.bias_shift, np.float64)
                 shift = tuple(float(v) for v in before - error.cpu().numpy())

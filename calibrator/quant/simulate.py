@@ -254,6 +254,17 @@ def _digit_bits(weight_l1: float, qmax_in: int) -> int | None:
     return 0
 
 
+def intel_bias(bias: torch.Tensor, product: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q_bias, divisor) for the float32 products ``f32(s_in * s_w)`` (any shape that
+    broadcasts with ``bias``): Intel's int32 bias ``sat_s32(rne(b * product))``, and the
+    divisor that takes ``acc + q_bias`` back to real units; both use 1 where a weight scale is
+    zero (an all-zero channel: its bias is reordered unscaled, so the channel outputs
+    rne(b), ``mkldnn_convolution_layer.cpp`` :537-554)."""
+    divisor = torch.where(product == 0, torch.ones_like(product), product)
+    q_bias = torch.round(bias * divisor).clamp_(-2.0 ** 31, 2.0 ** 31 - 1)
+    return q_bias, divisor
+
+
 def intel_constants(weight: torch.Tensor, bias: torch.Tensor, lq: LayerQuant, device,
                     coeff: float = 1.0):
     """(q_weight, q_bias, multiplier) as Intel Caffe computes them, float32 arithmetic:
@@ -269,12 +280,8 @@ def intel_constants(weight: torch.Tensor, bias: torch.Tensor, lq: LayerQuant, de
     q_weight = torch.round(weight.float().to(device) * scales.reshape(shape)).clamp_(
         -limit - 1, limit)
     product = s_in * scales                                  # f32(s_in * s_w)
-    zero = scales == 0
-    bias_scale = torch.where(zero, torch.ones_like(product), product)
-    q_bias = torch.round(bias.float().to(device) * bias_scale).clamp_(-2.0 ** 31,
-                                                                      2.0 ** 31 - 1)
-    multiplier = torch.where(zero, s_out.expand_as(product),
-                             s_out / torch.where(zero, torch.ones_like(product), product))
+    q_bias, divisor = intel_bias(bias.float().to(device), product)
+    multiplier = torch.where(scales == 0, s_out.expand_as(product), s_out / divisor)
     if coeff != 1.0:
         multiplier = multiplier * _f32(coeff).to(device)
     return q_weight, q_bias, multiplier
