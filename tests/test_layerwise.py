@@ -11,12 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from calibrator.caffe.caffemodel import read_caffemodel, write_caffemodel
+from calibrator.caffe.caffemodel import write_caffemodel
 from calibrator.cli.main import main
 from calibrator.metrics import AccuracyMetric
 from calibrator.model import load_model
+from calibrator.quant import layerwise as layerwise_module
 from calibrator.quant.layerwise import LayerwiseSettings, factors, layerwise
-from calibrator.quant.scales import QuantOptions, UnitChoice, build_plan, qmax
+from calibrator.quant.scales import QuantOptions, build_plan, qmax
 from calibrator.search.evaluator import Evaluator, SearchState
 from tests.netutil import deployable, parse_net, random_weights
 from tests.quant_helpers import TinyNet, bn_scale_text, conv_text, input_text, relu_text
@@ -102,11 +103,55 @@ def test_easyquant_finds_the_brute_force_optimum_of_the_grid(layout):
     assert any(abs(a / b - 1) > 1e-6 for a, b in zip(choice.weight_scales, lq.scale_params))
 
 
-@pytest.mark.parametrize("bits", [8, 7])
-def test_easyquant_never_lowers_the_cosine_and_runs_at_7_bits(bits):
+@pytest.mark.parametrize("unsigned", [True, False])
+def test_the_int8_products_equal_int64_arithmetic(unsigned):
+    if not layerwise_module.INT8_PRODUCTS:
+        pytest.skip("no int8 matrix products in this PyTorch build")
+    rng = np.random.default_rng(3)
+    low, high = (0, 255) if unsigned else (-128, 127)
+    a = rng.integers(low, high + 1, (37, 29))
+    a[0] = high                                     # the extremes of the input range
+    a[1] = low
+    w = rng.integers(-128, 128, (11, 29))           # (N, C): the product reads it transposed
+    product = layerwise_module._IntegerProduct(255 if unsigned else 127)
+    a8 = product.input(torch.tensor(a, dtype=torch.float32))
+    got = product(a8, torch.tensor(w, dtype=torch.int8).t())
+    assert got.dtype == torch.float32
+    assert np.array_equal(got.numpy().astype(np.int64), a @ w.T)
+
+
+def _three_convs():
     net = TinyNet(input_text((4, 3, 9, 9)) + conv_text("c1", "data", "a", 8, 3, "pad: 1")
                   + relu_text("r1", "a") + conv_text("c2", "a", "b", 6, 3)
                   + relu_text("r2", "b") + conv_text("c3", "b", "c", 4, 1), seed=9)
+    return net
+
+
+@pytest.mark.parametrize("bits", [8, 7])
+def test_the_int8_products_make_the_choices_the_float_products_make(bits, monkeypatch):
+    """c1 reads signed data, c2 and c3 unsigned ReLU outputs (shifted by 128 at 8 bits)."""
+    net = _three_convs()
+    net.calibrate(first_conv=True, per_channel=True, bits=bits)
+    options = QuantOptions(first_conv=True, per_channel=True, bits=bits)
+    settings = LayerwiseSettings(steps=21)
+
+    def run():
+        return layerwise(net.net, net.fused, net.stats, options, {}, net.batches[0], settings)
+
+    integer, _ = run()
+    monkeypatch.setattr(layerwise_module, "INT8_PRODUCTS", False)
+    floating, _ = run()
+    assert set(integer) == {"c1", "c2", "c3"}
+    for name in integer:
+        assert integer[name].input_threshold == floating[name].input_threshold
+        assert integer[name].weight_scales == floating[name].weight_scales
+        assert np.allclose(integer[name].bias_shift, floating[name].bias_shift, rtol=0,
+                           atol=1e-9)
+
+
+@pytest.mark.parametrize("bits", [8, 7])
+def test_easyquant_never_lowers_the_cosine_and_runs_at_7_bits(bits):
+    net = _three_convs()
     net.calibrate(first_conv=True, per_channel=True, bits=bits)
     options = QuantOptions(first_conv=True, per_channel=True, bits=bits)
     _, reports = layerwise(net.net, net.fused, net.stats, options, {}, net.batches[0],

@@ -396,3 +396,32 @@ def test_growing_histogram_doubles_its_range_exactly():
     grow.add(torch.tensor([3.0, 0.1]), 3.0)               # [0, 4]: bins of 0.5, merged pairs
     assert grow.range == 4.0
     assert grow.counts.tolist() == [1, 3, 0, 0, 0, 0, 1, 0]
+
+
+def test_statistics_of_a_channels_last_blob_equal_those_of_its_nchw_copy():
+    """The net hands its 4-D CPU blobs over in NHWC memory: the histogram and the figures
+    read them in memory order (no copy) and count exactly what the NCHW tensor holds."""
+    from calibrator.graph.net import in_memory_order
+    from calibrator.quant.statistics import batch_figures
+
+    x = torch.randn(3, 5, 7, 11)
+    x[0, 1] = 0.0                                   # some exact zeros
+    nhwc = x.contiguous(memory_format=torch.channels_last)
+    assert in_memory_order(nhwc).data_ptr() == nhwc.data_ptr()          # a view, not a copy
+    absmax = float(x.abs().max())
+    assert torch.equal(abs_histogram(nhwc, absmax, 64), abs_histogram(x, absmax, 64))
+    assert batch_figures(nhwc) == batch_figures(x)
+    sliced = x[:, 1:4]                               # not dense: read through a copy
+    assert torch.equal(abs_histogram(sliced, absmax, 64),
+                       abs_histogram(sliced.contiguous(), absmax, 64))
+
+
+def test_the_net_runs_its_convolutions_on_channels_last_blobs():
+    net = TinyNet(input_text((2, 3, 9, 9)) + conv_text("c1", "data", "a", 8, 3, "pad: 1")
+                  + relu_text("r1", "a"), seed=4)
+    out = net.net(net.batches[0], outputs=["a"])["a"]
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert not net.batches[0]["data"].is_contiguous(memory_format=torch.channels_last)
+    w, b = (torch.from_numpy(v) for v in net.weights["c1"])
+    expected = torch.relu(torch.nn.functional.conv2d(net.batches[0]["data"], w, b, padding=1))
+    assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5)

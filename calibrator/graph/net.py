@@ -22,6 +22,27 @@ from calibrator.limits import FLOAT32, check_blob, check_memory, elements
 Hook = Callable[["Node", tuple], "tuple | None"]
 
 
+def channels_last(value: torch.Tensor) -> torch.Tensor:
+    """A 4-D float CPU blob in NHWC memory (the same tensor, another stride order): oneDNN's
+    CPU convolutions run about twice as fast on it (a depthwise 3x3 on 50x144x56x56: 19 ms
+    NCHW, 9 ms NHWC), and convolutions and elementwise layers keep the layout, so one
+    conversion of the input carries the whole net. Values are those of NCHW up to float32
+    summation order in the convolutions (exact for the INT8 simulation's integers)."""
+    if (value.dim() == 4 and value.is_floating_point() and value.device.type == "cpu"
+            and not value.is_contiguous(memory_format=torch.channels_last)):
+        return value.contiguous(memory_format=torch.channels_last)
+    return value
+
+
+def in_memory_order(x: torch.Tensor) -> torch.Tensor:
+    """``x`` flattened in the order its elements lie in memory: a view, no copy, for a dense
+    tensor in any dimension order (a channels-last blob; ``reshape(-1)`` would copy it into
+    NCHW order). A histogram does not depend on the order."""
+    order = sorted(range(x.dim()), key=lambda d: -x.stride(d))
+    permuted = x.permute(*order)
+    return permuted.view(-1) if permuted.is_contiguous() else x.reshape(-1)
+
+
 @dataclass
 class Node:
     """One layer of the graph with its connections and inferred top shapes."""
@@ -306,7 +327,7 @@ class CaffeNet(torch.nn.Module):
         ``overrides[node.index](node, blobs)`` runs instead of a node (the INT8 simulation
         uses it): it returns the node's tops, or None to write nothing."""
         wanted = set(self.output_names if outputs is None else outputs)
-        blobs = dict(feeds)
+        blobs = {name: channels_last(value) for name, value in feeds.items()}
         nodes = self.nodes[start:stop]
         if outputs is not None and hook is None and not keep_all:
             needed = self._needed(frozenset(wanted))

@@ -24,6 +24,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from calibrator.graph.net import in_memory_order
+
 NUM_BINS = 2048
 SMOOTH_EPS = 1e-4
 
@@ -128,7 +130,7 @@ def abs_histogram(x: torch.Tensor, absmax: float, bins: int = NUM_BINS,
     counts = torch.zeros(bins, dtype=torch.int64, device=x.device)
     if absmax <= 0:
         return counts
-    flat = x.detach().reshape(-1)
+    flat = in_memory_order(x.detach())
     for chunk in flat.split(_HISTC_CHUNK):
         a = chunk.float() if nonnegative else chunk.abs().float()
         counts += torch.histc(a, bins=bins, min=_SMALLEST, max=float(absmax)).to(torch.int64)

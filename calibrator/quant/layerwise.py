@@ -118,6 +118,45 @@ def _at(tensor: torch.Tensor, where) -> torch.Tensor:
 
 # -- one unit ----------------------------------------------------------------------------------
 
+def _int8_products() -> bool:
+    """Whether int8 x int8 -> int32 matrix products (``torch._int_mm``) run here."""
+    try:
+        a = torch.ones(17, 8, dtype=torch.int8)
+        return bool(torch._int_mm(a, a.t().contiguous()).eq(8).all())
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+#: int8 products on the CPU: exact int32 accumulation, several times the float32 matrix
+#: product's speed where the CPU has int8 dot-product instructions (AVX-512 VNNI, AMX)
+INT8_PRODUCTS = _int8_products()
+
+
+class _IntegerProduct:
+    """``q_in @ q_w`` for integer-valued float32 operands, by int8 x int8 -> int32 products:
+    an unsigned input in [0, 255] is shifted into int8 range, ``(q_in - 128) @ q_w``, and
+    ``128 x`` the column sums of ``q_w`` added back in int32. The accumulation is exact in
+    int32; the float32 result is the exact sum correctly rounded (the float32 product is
+    the same value wherever its partial sums stay below 2^24, as the simulation's bound
+    keeps them)."""
+
+    def __init__(self, qmax_in: int):
+        self.offset = 128 if qmax_in > 127 else 0
+
+    def input(self, q_in: torch.Tensor) -> torch.Tensor:
+        """(M, C) integer-valued floats as the int8 left operand (consumes ``q_in``)."""
+        if self.offset:
+            q_in = q_in.sub_(self.offset)
+        return q_in.to(torch.int8)
+
+    def __call__(self, a8: torch.Tensor, q_w8: torch.Tensor) -> torch.Tensor:
+        """(M, N) float32 product of an :meth:`input` (M, C) and int8 weights (C, N)."""
+        acc = torch._int_mm(a8, q_w8)
+        if self.offset:
+            acc += self.offset * q_w8.sum(0, dtype=torch.int32)
+        return acc.float()
+
+
 def _grouped(values: torch.Tensor, groups: int) -> torch.Tensor:
     """(P, O) values as (G, P, Og), the layout the grouped products write."""
     count, out = values.shape
@@ -146,6 +185,9 @@ class _Unit:
         self.residual = None if residual is None else _grouped(residual, groups)
         self.limit = 2 ** (lq.bits - 1) - 1
         self.qmax_in = qmax(lq.input_unsigned, lq.bits)
+        # one group on the CPU (the dense layers, where the products are the work): int8
+        self.integer = (_IntegerProduct(self.qmax_in) if INT8_PRODUCTS and groups == 1
+                        and lq.bits <= 8 and self.patches.device.type == "cpu" else None)
         reference = _grouped(reference, groups).double()
         self.reference64 = reference                                        # (G, P, Og)
         self.reference_norms = (reference * reference).sum(1)               # (G, Og)
@@ -167,15 +209,28 @@ class _Unit:
         w = self.weight[None] * s_w.reshape(-1, groups, og, 1)
         return torch.round(w).clamp_(-self.limit - 1, self.limit)
 
+    def weight_input(self, s_in: torch.Tensor) -> torch.Tensor:
+        """The quantized patches at one input scale (1,), as :meth:`weight_outputs` takes
+        them: (G, P, C), or (P, C) int8 for the integer products."""
+        q_in = self._q_in(s_in.to(self.patches.device))[:, 0]
+        if self.integer is not None:
+            return self.integer.input(q_in[0])
+        return q_in
+
     def weight_outputs(self, q_in: torch.Tensor, s_in: torch.Tensor, s_w: torch.Tensor
                        ) -> torch.Tensor:
         """(G, P, K, Og) outputs for K rows of weight scales (K, O) at one input scale (1,)
-        whose quantized patches ``q_in`` (G, P, C) are given."""
+        whose quantized patches ``q_in`` (:meth:`weight_input`) are given."""
         s_in, s_w = s_in.to(q_in.device), s_w.to(q_in.device)
         q_w = self._q_w(s_w)                                                   # (K, G, Og, C)
         count, groups, og, channels = q_w.shape
-        acc = torch.bmm(q_in, q_w.permute(1, 3, 0, 2).reshape(groups, channels, count * og))
-        acc = acc.reshape(groups, q_in.shape[1], count, og)
+        if self.integer is not None:   # q_in: (P, C) int8 (see weight_input)
+            acc = self.integer(q_in, q_w.to(torch.int8).reshape(count * og, channels).t())
+            acc = acc.reshape(1, -1, count, og)
+        else:
+            acc = torch.bmm(q_in, q_w.permute(1, 3, 0, 2).reshape(groups, channels,
+                                                                  count * og))
+            acc = acc.reshape(groups, q_in.shape[1], count, og)
         residual = None if self.residual is None else self.residual[:, :, None]
         return self._requantized(acc, s_in[:, None] * s_w, lambda v: v[:, None], residual)
 
@@ -186,7 +241,11 @@ class _Unit:
         q_in = self._q_in(s_in)                                                # (G, K, P, C)
         groups, count, positions, channels = q_in.shape
         q_w = self._q_w(s_w[None])[0].transpose(1, 2)                          # (G, C, Og)
-        acc = torch.bmm(q_in.reshape(groups, count * positions, channels), q_w)
+        if self.integer is not None:
+            a8 = self.integer.input(q_in.reshape(count * positions, channels))
+            acc = self.integer(a8, q_w[0].to(torch.int8))
+        else:
+            acc = torch.bmm(q_in.reshape(groups, count * positions, channels), q_w)
         acc = acc.reshape(groups, count, positions, -1)
         residual = None if self.residual is None else self.residual[:, None]
         return self._requantized(acc, s_in[:, None] * s_w[None], lambda v: v[:, :, None],
@@ -247,7 +306,7 @@ def search_weight_scales(layer: _Unit, s_in: float, s_w: torch.Tensor,
     best = torch.full(s_w.shape, -math.inf, dtype=torch.float64)
     chosen = s_w.clone()
     scale = torch.tensor([s_in], dtype=torch.float32)
-    q_in = layer._q_in(scale.to(layer.patches.device))[:, 0]   # one input scale: once
+    q_in = layer.weight_input(scale)                            # one input scale: once
     step = layer.chunk(layer.weight.numel())
     for start in range(0, len(grid), step):
         part = grid[start:start + step]
@@ -411,7 +470,10 @@ def layerwise(net, fused: FusedGraph, stats: dict, options: QuantOptions, choice
             if settings.bias_correction:
                 conv_q = _quantized_unit(unit, lq, x_q)
                 dims = [d for d in range(conv_q.dim()) if d != 1]
-                error = (conv_q.double() - conv_fp.double()).mean(dims)
+                # the mean error per channel, the differences summed in float64 (no float64
+                # copies of the two outputs: conv_q is fresh and recomputed below)
+                error = conv_q.sub_(conv_fp).sum(dims, dtype=torch.float64) / (
+                    conv_q.numel() // conv_q.shape[1])
                 # an all-zero channel (weight scale 0) outputs rne(bias) in Intel's kernel: a
                 # shift cannot correct it by less than a whole step, so it is left as it is
                 error[torch.tensor(lq.scale_params, device=error.device) == 0] = 0.0

@@ -24,6 +24,7 @@ import torch
 
 from calibrator import distributed
 from calibrator.errors import CalibratorError, LayerError, shorten
+from calibrator.graph.net import in_memory_order
 from calibrator.quant.estimators import HISTOGRAM, TensorStats
 from calibrator.quant.fusion import BlobRef, FusedGraph
 from calibrator.quant.histogram import FINE_BINS, GrowingHistogram
@@ -44,10 +45,11 @@ def batch_figures(x: torch.Tensor, zeros: bool = True) -> tuple[float, float, fl
     """One batch's figures for a tensor: (min, max, max|x|, elements, zeros); without
     ``zeros`` the zeros are left at 0 for the caller to count (a histogram of the batch
     counts them on the way: see :func:`~calibrator.quant.kl.abs_histogram`)."""
-    lo, hi = (float(v) for v in torch.aminmax(x))
+    flat = in_memory_order(x)   # (reductions of a channels-last blob would copy it first)
+    lo, hi = (float(v) for v in torch.aminmax(flat))
     count = x.numel()
     return (lo, hi, max(abs(lo), abs(hi)), count,
-            count - int(torch.count_nonzero(x)) if zeros else 0)
+            count - int(torch.count_nonzero(flat)) if zeros else 0)
 
 
 def checked_figures(ref: BlobRef, x: torch.Tensor, node=None, zeros: bool = True) -> tuple:
