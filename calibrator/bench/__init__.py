@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,22 @@ SECTION_MODULES = ("calibrator.bench.fp32", "calibrator.bench.int8", "calibrator
                    "calibrator.bench.gpu")
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (MB): the high-water mark of its own address
+    space (Linux ``VmHWM``). ``getrusage(RUSAGE_SELF).ru_maxrss`` is not that in a process
+    the bench starts: Linux keeps the larger of the old and new address spaces' marks
+    across exec, and the child of a ``subprocess`` call runs on its parent's memory until
+    exec (vfork), so a child of a 3 GB bench process reported 3 GB whatever it used."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 @dataclass

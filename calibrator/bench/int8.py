@@ -4,23 +4,18 @@ INT8 images/s against FP32 on the same batches, on the shared MobileNetV2 (the w
 
 from __future__ import annotations
 
-import resource
 import time
 
 import torch
 
 from calibrator.backends import make_backend
-from calibrator.bench import Context, SectionResult, Table, section
+from calibrator.bench import Context, SectionResult, Table, peak_rss_mb, section
 from calibrator.bench.fp32 import BATCHES, IMAGES_PER_BATCH, _files
 from calibrator.model import load_model
 from calibrator.quant.calibrate import calibrate
 from calibrator.quant.estimators import threshold
 from calibrator.quant.scales import QuantOptions
 from calibrator.quant.simulate import FoldedFP32
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 @section("int8", "INT8 calibration and simulation, shared MobileNetV2")
@@ -66,10 +61,10 @@ def int8(ctx: Context) -> SectionResult:
             ["FP32 forward (images/s)", f"{fp32_ips:.1f}"],
             ["simulated INT8 forward (images/s)", f"{int8_ips:.1f}"],
             ["INT8 / FP32 speed", f"{int8_ips / fp32_ips:.2f}"],
-            ["peak resident memory (MB)", f"{_peak_rss_mb():.0f}"]]
+            ["peak resident memory (MB)", f"{peak_rss_mb():.0f}"]]
     data = {"statistics_seconds": statistics_s, "kl_ms_per_tensor": kl_ms,
             "tensors": len(tensors), "tracked": len(calibration.stats),
             "fp32_images_per_s": fp32_ips,
             "int8_images_per_s": int8_ips, "int8_over_fp32": int8_ips / fp32_ips,
-            "peak_rss_mb": _peak_rss_mb()}
+            "peak_rss_mb": peak_rss_mb()}
     return SectionResult([Table(["figure", "value"], rows)], data)

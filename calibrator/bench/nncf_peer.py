@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import time
 
 import numpy as np
+
+from calibrator.bench import peak_rss_mb
 
 
 def _session(model, threads):
@@ -71,7 +72,7 @@ def main(argv=None) -> int:
         drop_type=nncf.DropType.ABSOLUTE, subset_size=int(labels.size))
     record["accuracy_control_seconds"] = time.perf_counter() - started
     record["accuracy_control_top1"] = _top1(controlled, images, labels, args.threads)
-    record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    record["peak_rss_mb"] = peak_rss_mb()
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(record, f, indent=2)
     return 0

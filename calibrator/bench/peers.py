@@ -25,9 +25,9 @@ from calibrator.quant.fusion import analyze
 from calibrator.quant.simulate import FoldedFP32
 
 #: runs the CLI and records its own peak resident memory (MB) beside its exit code
-_CHILD = ("import json, resource, sys; from calibrator.cli.main import main; "
-          "code = main(sys.argv[2:]); json.dump({'code': code, 'peak_rss_mb': "
-          "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, open(sys.argv[1], 'w'))")
+_CHILD = ("import json, sys; from calibrator.bench import peak_rss_mb; "
+          "from calibrator.cli.main import main; code = main(sys.argv[2:]); "
+          "json.dump({'code': code, 'peak_rss_mb': peak_rss_mb()}, open(sys.argv[1], 'w'))")
 
 
 def _env(ctx: Context) -> dict:

@@ -1,0 +1,34 @@
+"""The bench's own measurements (the figures themselves live in ``make bench``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux /proc only")
+def test_a_child_process_reports_its_own_peak_memory_not_its_parents():
+    """ru_maxrss of a subprocess carries the parent's high-water mark across fork/exec: the
+    peers section's children reported the bench process's 3 GB as their own peak."""
+    held = bytearray(600 * 2 ** 20)
+    held[::4096] = b"\1" * len(held[::4096])         # resident, not just reserved
+    code = ("import json, resource; from calibrator.bench import peak_rss_mb; "
+            "print(json.dumps([peak_rss_mb(), "
+            "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]))")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, check=True)
+    own, inherited = json.loads(done.stdout)
+    assert own < 500                                 # the child imports torch, holds no 600 MB
+    assert own > 10
+    del held
+    if inherited < 600:                              # a kernel without the carry-over
+        pytest.skip("ru_maxrss is the child's own here")
+    assert inherited > own
