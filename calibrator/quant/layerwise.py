@@ -40,6 +40,8 @@ from calibrator.quant.targets import WEIGHT_FACTORS
 
 #: elements per temporary tensor of the candidate evaluation (float32: 64 MiB)
 CHUNK_ELEMENTS = 1 << 24
+#: quantized patches per group slice of the input step (float32: 16 MiB, in cache)
+SLICE_ELEMENTS = 1 << 22
 #: cosines closer than this are a tie (candidates with the same integers give the same
 #: cosine up to the summation order): the first candidate keeps it
 TIE = 1e-12
@@ -193,11 +195,12 @@ class _Unit:
         self.reference_norms = (reference * reference).sum(1)               # (G, Og)
         self.reference_norm = float(self.reference_norms.sum())
 
-    def _q_in(self, s_in: torch.Tensor) -> torch.Tensor:
-        """(G, K, P, C) quantized patches for K input scales (the clamp skipped where the
-        extreme patches, multiplied and rounded as every element is, already lie in range)."""
+    def _q_in(self, s_in: torch.Tensor, groups: slice = slice(None)) -> torch.Tensor:
+        """(G, K, P, C) quantized patches (of the ``groups`` given) for K input scales (the
+        clamp skipped where the extreme patches, multiplied and rounded as every element
+        is, already lie in range)."""
         low = 0.0 if self.lq.input_unsigned else -(self.qmax_in + 1)
-        q = (self.patches[:, None] * s_in[None, :, None, None]).round_()
+        q = (self.patches[groups, None] * s_in[None, :, None, None]).round_()
         extremes = torch.round(self.extremes[:, None] * s_in[None, :])
         if float(extremes.min()) < low or float(extremes.max()) > self.qmax_in:
             q.clamp_(low, self.qmax_in)
@@ -234,22 +237,42 @@ class _Unit:
         residual = None if self.residual is None else self.residual[:, :, None]
         return self._requantized(acc, s_in[:, None] * s_w, lambda v: v[:, None], residual)
 
-    def input_outputs(self, s_in: torch.Tensor, s_w: torch.Tensor) -> torch.Tensor:
-        """(G, K, P, Og) outputs for K input scales (K,) at one row of weight scales (O,)."""
+    def input_outputs(self, s_in: torch.Tensor, s_w: torch.Tensor,
+                      groups: slice = slice(None)) -> torch.Tensor:
+        """(G, K, P, Og) outputs for K input scales (K,) at one row of weight scales (O,)
+        (of the ``groups`` given: G of them)."""
         device = self.patches.device  # candidates live on the CPU, the data on the model's
         s_in, s_w = s_in.to(device), s_w.to(device)
-        q_in = self._q_in(s_in)                                                # (G, K, P, C)
-        groups, count, positions, channels = q_in.shape
-        q_w = self._q_w(s_w[None])[0].transpose(1, 2)                          # (G, C, Og)
+        q_in = self._q_in(s_in, groups)                                        # (G, K, P, C)
+        part, count, positions, channels = q_in.shape
+        q_w = self._q_w(s_w[None])[0, groups].transpose(1, 2)                  # (G, C, Og)
         if self.integer is not None:
             a8 = self.integer.input(q_in.reshape(count * positions, channels))
             acc = self.integer(a8, q_w[0].to(torch.int8))
         else:
-            acc = torch.bmm(q_in.reshape(groups, count * positions, channels), q_w)
-        acc = acc.reshape(groups, count, positions, -1)
-        residual = None if self.residual is None else self.residual[:, None]
-        return self._requantized(acc, s_in[:, None] * s_w[None], lambda v: v[:, :, None],
-                                 residual)
+            acc = torch.bmm(q_in.reshape(part, count * positions, channels), q_w)
+        acc = acc.reshape(part, count, positions, -1)
+        residual = None if self.residual is None else self.residual[groups, None]
+        return self._requantized(acc, s_in[:, None] * s_w[None],
+                                 lambda v: v[groups, :, None], residual)
+
+    def input_cosines(self, s_in: torch.Tensor, s_w: torch.Tensor) -> torch.Tensor:
+        """(K,) cosine of each input scale's whole output with the reference (the
+        candidates' outputs evaluated a few groups at a time, ``SLICE_ELEMENTS`` of
+        quantized patches each, so that a depthwise layer's candidates are quantized,
+        multiplied and scored while they are in cache; one group: all at once)."""
+        groups, positions, channels = self.patches.shape
+        step = max(1, SLICE_ELEMENTS // (len(s_in) * positions * channels))
+        num = torch.zeros(len(s_in), dtype=torch.float64, device=self.patches.device)
+        norms = torch.zeros_like(num)
+        for start in range(0, groups, step):
+            part = slice(start, start + step)
+            y = self.input_outputs(s_in, s_w, part).double()                  # (g, K, P, Og)
+            y = y.reshape(y.shape[0], y.shape[1], -1)
+            reference = self.reference64[part].reshape(y.shape[0], -1, 1)
+            num += torch.bmm(y, reference).sum(0)[:, 0]
+            norms += (y * y).sum((0, 2))
+        return num / torch.sqrt(norms * self.reference_norm)
 
     def _requantized(self, acc: torch.Tensor, scale: torch.Tensor, place, residual
                      ) -> torch.Tensor:
@@ -274,10 +297,13 @@ class _Unit:
             y = torch.where(y > 0, y, y * slope) if slope else y.clamp_(min=0)
         return y
 
-    def chunk(self, per_candidate: int) -> int:
+    def chunk(self, per_candidate: int, groups: int | None = None) -> int:
         """Candidates per batch when each needs ``per_candidate`` elements of its own (its
-        quantized weights or patches) beside its (P, O) output and that output in float64."""
+        quantized weights or patches) beside its (P, O) output and that output in float64,
+        all of them or (``groups``) that many of the G groups at a time."""
         per = per_candidate + 3 * self.reference64.numel()
+        if groups is not None:
+            per = -(-per * groups // self.groups)
         return max(1, CHUNK_ELEMENTS // per)
 
     def channel_cosines(self, y: torch.Tensor) -> torch.Tensor:
@@ -288,15 +314,6 @@ class _Unit:
         num = (y * self.reference64[:, :, None]).sum(1)                       # (G, K, Og)
         cos = num / torch.sqrt((y * y).sum(1) * self.reference_norms[:, None])
         return cos.permute(1, 0, 2).reshape(y.shape[2], -1)
-
-    def cosines(self, y: torch.Tensor) -> torch.Tensor:
-        """(K,) cosine of each candidate's whole output with the reference, from
-        (G, K, P, Og)."""
-        groups, count = y.shape[:2]
-        y = y.double().reshape(groups, count, -1)                            # (G, K, P Og)
-        num = torch.bmm(y, self.reference64.reshape(groups, -1, 1)).sum(0)[:, 0]
-        norms = torch.linalg.vector_norm(y, dim=(0, 2)) ** 2
-        return num / torch.sqrt(norms * self.reference_norm)
 
 
 def search_weight_scales(layer: _Unit, s_in: float, s_w: torch.Tensor,
@@ -325,11 +342,11 @@ def search_input_scale(layer: _Unit, s_in: float, s_w: torch.Tensor,
     """The best input scale in s_in x grid by the cosine of the whole output (kept when
     that cosine is undefined: an all-zero reference)."""
     best, chosen = -math.inf, s_in
-    step = layer.chunk(layer.patches.numel())
+    step = layer.chunk(layer.patches.numel(), groups=1)   # input_cosines: groups in slices
     for start in range(0, len(grid), step):
         part = grid[start:start + step]
         candidates = s_in * part
-        cos = layer.cosines(layer.input_outputs(candidates, s_w)).cpu()
+        cos = layer.input_cosines(candidates, s_w).cpu()
         for k in range(len(part)):
             if float(cos[k]) > best + TIE:
                 best, chosen = float(cos[k]), float(candidates[k])
@@ -348,8 +365,7 @@ def easyquant_unit(layer: _Unit, settings: LayerwiseSettings) -> tuple[float, to
 
 
 def cosine_of(layer: _Unit, s_in: float, s_w: torch.Tensor) -> float:
-    y = layer.input_outputs(torch.tensor([s_in], dtype=torch.float32), s_w)
-    return float(layer.cosines(y)[0])
+    return float(layer.input_cosines(torch.tensor([s_in], dtype=torch.float32), s_w)[0])
 
 
 def calibration_subset(model, images: int) -> dict:
