@@ -35,6 +35,10 @@ CONVS = {"plain": (ONE_CONV, 1),
          "depthwise": (input_text((6, 4, 7, 7)) + conv_text("conv", "data", "y", 4, 3,
                                                             "group: 4")
                        + relu_text("relu", "y"), 4)}
+#: without a ReLU the unit's output is affine in its weights: the weight step scores the
+#: candidates from moments of the patches (``_WeightMoments``), not from their outputs
+CONVS.update({f"{name} linear": (text[:text.index('layer { name: "relu"')], groups)
+              for name, (text, groups) in list(CONVS.items())})
 
 
 def _one_conv(seed=5, text=ONE_CONV):
@@ -44,13 +48,14 @@ def _one_conv(seed=5, text=ONE_CONV):
 
 
 def _brute_force(net, s_in: float, s_w: np.ndarray, grid: np.ndarray, unsigned: bool,
-                 groups: int = 1):
+                 groups: int = 1, relu: bool = True):
     """Every candidate run as a whole convolution (no sampling, no stacking): each channel's
     best weight factor at ``s_in``, then the best input factor."""
     low, high = (0, 255) if unsigned else (-128, 127)
     x = net.batches[0]["data"]
     w, b = (torch.from_numpy(a) for a in net.weights["conv"])
-    ref = F.relu(F.conv2d(x, w, b, padding=1, groups=groups)).double()
+    activation = F.relu if relu else (lambda v: v)
+    ref = activation(F.conv2d(x, w, b, padding=1, groups=groups)).double()
 
     def run(si, sw):
         q_in = torch.round(x * si).clamp(low, high)
@@ -59,7 +64,8 @@ def _brute_force(net, s_in: float, s_w: np.ndarray, grid: np.ndarray, unsigned: 
         scale = torch.tensor(np.float32(si) * sw.astype(np.float32))
         q_b = torch.round(b * scale)
         acc = F.conv2d(q_in, q_w, padding=1, groups=groups)
-        return F.relu((acc + q_b[None, :, None, None]) / scale[None, :, None, None]).double()
+        return activation((acc + q_b[None, :, None, None]) / scale[None, :, None, None]
+                          ).double()
 
     def channel_cos(y):
         a, r = y.transpose(0, 1).reshape(y.shape[1], -1), ref.transpose(0, 1).reshape(
@@ -94,7 +100,7 @@ def test_easyquant_finds_the_brute_force_optimum_of_the_grid(layout):
     grid = factors(settings).numpy().astype(np.float64)
     s_in, s_w = _brute_force(net, np.float32(lq.scale_in),
                              np.array(lq.scale_params, np.float32), grid.astype(np.float32),
-                             lq.input_unsigned, groups)
+                             lq.input_unsigned, groups, relu="linear" not in layout)
     choice = choices["conv"]
     assert np.allclose(choice.weight_scales, s_w, rtol=1e-6)
     assert qmax(lq.input_unsigned) / choice.input_threshold == pytest.approx(s_in, rel=1e-5)

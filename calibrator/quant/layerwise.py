@@ -316,6 +316,55 @@ class _Unit:
         return cos.permute(1, 0, 2).reshape(y.shape[2], -1)
 
 
+class _WeightMoments:
+    """The weight step's channel cosines from moments of the quantized patches, for a unit
+    whose output is affine in its integer weights (no ReLU, no residual). With x_p the
+    patch at position p, a a channel's integer weights, b its int32 bias and d its divisor
+    (``simulate.intel_bias``), y_p = (a.x_p + b) / d, so
+
+        sum_p y_p r_p = (a.V + b R) / d        sum_p y_p^2 = (a'Ma + 2b a.S + P b^2) / d^2
+
+    with M = sum_p x_p x_p', S = sum_p x_p, V = sum_p x_p r_p, R = sum_p r_p taken once per
+    input scale: a candidate costs C^2 products instead of P x C (a depthwise 3x3: 81
+    against 9216). Everything is float64 from integers, so a candidate's cosine is the exact
+    one up to float64 rounding (the products' way rounds each output to float32 first)."""
+
+    def __init__(self, layer: _Unit, q_in: torch.Tensor):
+        x = q_in.double()                                                   # (G, P, C)
+        self.layer = layer
+        self.positions = x.shape[1]
+        self.m = torch.bmm(x.transpose(1, 2), x)                            # (G, C, C)
+        self.s = x.sum(1)                                                   # (G, C)
+        self.v = torch.bmm(layer.reference64.transpose(1, 2), x)            # (G, Og, C)
+        self.r = layer.reference64.sum(1)                                   # (G, Og)
+
+    @staticmethod
+    def applies(layer: _Unit) -> bool:
+        """Affine output, and patches short enough for C^2 to beat P x C."""
+        groups, positions, channels = layer.patches.shape
+        return (layer.unit.relu_slope is None and layer.residual is None
+                and 8 * channels <= positions)
+
+    def chunk(self) -> int:
+        return max(1, CHUNK_ELEMENTS // (4 * self.layer.weight.numel()))
+
+    def channel_cosines(self, s_in: torch.Tensor, s_w: torch.Tensor) -> torch.Tensor:
+        """(K, O) cosines for K rows of weight scales (K, O) at the input scale (1,)."""
+        layer = self.layer
+        count = s_w.shape[0]
+        groups, og, _ = layer.weight.shape
+        a = layer._q_w(s_w.to(layer.weight.device)).double()                 # (K, G, Og, C)
+        q_b, divisor = intel_bias(layer.bias[None], s_in.to(s_w.device)[:, None] * s_w)
+        b = q_b.double().reshape(count, groups, og).to(a.device)
+        d = divisor.double().reshape(count, groups, og).to(a.device)
+        ama = (a * torch.einsum("gcd,kgod->kgoc", self.m, a)).sum(-1)          # (K, G, Og)
+        num = ((a * self.v[None]).sum(-1) + b * self.r[None]) / d
+        squares = (ama + 2 * b * (a * self.s[None, :, None]).sum(-1)
+                   + self.positions * b * b) / (d * d)
+        cos = num / torch.sqrt(squares * layer.reference_norms[None])
+        return cos.reshape(count, -1)
+
+
 def search_weight_scales(layer: _Unit, s_in: float, s_w: torch.Tensor,
                          grid: torch.Tensor) -> torch.Tensor:
     """Every channel's best weight scale in s_w x grid (its own cosine; ties: the first;
@@ -323,13 +372,21 @@ def search_weight_scales(layer: _Unit, s_in: float, s_w: torch.Tensor,
     best = torch.full(s_w.shape, -math.inf, dtype=torch.float64)
     chosen = s_w.clone()
     scale = torch.tensor([s_in], dtype=torch.float32)
-    q_in = layer.weight_input(scale)                            # one input scale: once
-    step = layer.chunk(layer.weight.numel())
+    moments = None
+    if _WeightMoments.applies(layer):
+        moments = _WeightMoments(layer, layer._q_in(scale.to(layer.patches.device))[:, 0])
+        step = moments.chunk()
+    else:
+        q_in = layer.weight_input(scale)                        # one input scale: once
+        step = layer.chunk(layer.weight.numel())
     for start in range(0, len(grid), step):
         part = grid[start:start + step]
         candidates = s_w[None] * part[:, None]                                # (k, O)
-        y = layer.weight_outputs(q_in, scale, candidates)
-        cos = layer.channel_cosines(y).cpu()                                  # (k, O)
+        if moments is not None:
+            cos = moments.channel_cosines(scale, candidates).cpu()
+        else:
+            y = layer.weight_outputs(q_in, scale, candidates)
+            cos = layer.channel_cosines(y).cpu()                              # (k, O)
         for k in range(len(part)):
             better = cos[k] > best + TIE
             best = torch.where(better, cos[k], best)
