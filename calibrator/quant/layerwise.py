@@ -10,7 +10,11 @@ FP32 output, on a calibration subset (the paper: 50 images). Each output channel
 depends only on its own weight scale, so the weight step picks every channel's best factor
 at once; the activation step scores the whole output. Both steps evaluate every candidate
 in a few batched matrix products (the candidates stacked, in chunks bounded in memory) on
-a fixed random sample of the unit's output positions.
+a fixed random sample of the unit's output positions: int8 x int8 -> int32 products for a
+one-group layer on the CPU (exact), the input step of a many-group (depthwise) layer a few
+groups at a time, in cache; where the unit's output is affine in its weights (no ReLU, no
+residual) the weight step scores the candidates from moments of the patches instead
+(:class:`_WeightMoments`).
 
 Bias correction (Nagel et al. 2019; NNCF's "fast bias correction"): per output channel, the
 mean error of the unit's INT8 output (before its ReLU and residual add) against FP32 over
