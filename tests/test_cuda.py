@@ -154,3 +154,29 @@ def test_torchrun_on_two_gpus_writes_the_bytes_of_one_gpu(tiny, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     for name in OUTPUTS:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+
+
+def test_the_layerwise_pass_on_cuda_makes_the_cpus_choices():
+    """On the GPU the candidates are scored with float products (no int8 products) and the
+    data live on the device: the same thresholds and weight scales as on the CPU, for a unit
+    with a ReLU (scored from outputs) and units without (scored from moments)."""
+    from calibrator.quant.layerwise import LayerwiseSettings, layerwise
+    from calibrator.quant.scales import QuantOptions
+
+    text = (input_text((4, 3, 9, 9)) + conv_text("c1", "data", "a", 8, 3, "pad: 1")
+            + relu_text("r1", "a") + conv_text("c2", "a", "b", 6, 3)
+            + conv_text("c3", "b", "c", 4, 1))
+    options = QuantOptions(first_conv=True, per_channel=True)
+    settings = LayerwiseSettings(steps=21, positions=32)
+    chosen = {}
+    for device in ("cpu", "cuda"):
+        net = TinyNet(text, seed=9)
+        net.net.to(device)
+        net.batches = [{k: v.to(device) for k, v in b.items()} for b in net.batches]
+        net.calibrate(first_conv=True, per_channel=True)
+        chosen[device], _ = layerwise(net.net, net.fused, net.stats, options, {},
+                                      net.batches[0], settings)
+    for name, choice in chosen["cpu"].items():
+        assert choice.input_threshold == pytest.approx(chosen["cuda"][name].input_threshold,
+                                                       rel=1e-6)
+        assert np.allclose(choice.weight_scales, chosen["cuda"][name].weight_scales, rtol=1e-6)

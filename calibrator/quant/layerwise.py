@@ -355,12 +355,14 @@ class _WeightMoments:
     def channel_cosines(self, s_in: torch.Tensor, s_w: torch.Tensor) -> torch.Tensor:
         """(K, O) cosines for K rows of weight scales (K, O) at the input scale (1,)."""
         layer = self.layer
+        device = layer.weight.device  # candidates live on the CPU, the data on the model's
+        s_in, s_w = s_in.to(device), s_w.to(device)
         count = s_w.shape[0]
         groups, og, _ = layer.weight.shape
-        a = layer._q_w(s_w.to(layer.weight.device)).double()                 # (K, G, Og, C)
-        q_b, divisor = intel_bias(layer.bias[None], s_in.to(s_w.device)[:, None] * s_w)
-        b = q_b.double().reshape(count, groups, og).to(a.device)
-        d = divisor.double().reshape(count, groups, og).to(a.device)
+        a = layer._q_w(s_w).double()                                          # (K, G, Og, C)
+        q_b, divisor = intel_bias(layer.bias[None], s_in[:, None] * s_w)
+        b = q_b.double().reshape(count, groups, og)
+        d = divisor.double().reshape(count, groups, og)
         ama = (a * torch.einsum("gcd,kgod->kgoc", self.m, a)).sum(-1)          # (K, G, Og)
         num = ((a * self.v[None]).sum(-1) + b * self.r[None]) / d
         squares = (ama + 2 * b * (a * self.s[None, :, None]).sum(-1)
