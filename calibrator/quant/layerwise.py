@@ -241,15 +241,14 @@ class _Unit:
         residual = None if self.residual is None else self.residual[:, :, None]
         return self._requantized(acc, s_in[:, None] * s_w, lambda v: v[:, None], residual)
 
-    def input_outputs(self, s_in: torch.Tensor, s_w: torch.Tensor,
+    def input_outputs(self, s_in: torch.Tensor, s_w: torch.Tensor, q_w: torch.Tensor,
                       groups: slice = slice(None)) -> torch.Tensor:
-        """(G, K, P, Og) outputs for K input scales (K,) at one row of weight scales (O,)
-        (of the ``groups`` given: G of them)."""
-        device = self.patches.device  # candidates live on the CPU, the data on the model's
-        s_in, s_w = s_in.to(device), s_w.to(device)
+        """(G, K, P, Og) outputs for K input scales (K,) at one row of weight scales (O,),
+        whose quantized weights ``q_w`` (G, C, Og) are given, for the ``groups`` given (all
+        candidates on the model's device)."""
         q_in = self._q_in(s_in, groups)                                        # (G, K, P, C)
         part, count, positions, channels = q_in.shape
-        q_w = self._q_w(s_w[None])[0, groups].transpose(1, 2)                  # (G, C, Og)
+        q_w = q_w[groups]
         if self.integer is not None:
             a8 = self.integer.input(q_in.reshape(count * positions, channels))
             acc = self.integer(a8, q_w[0].to(torch.int8))
@@ -266,12 +265,15 @@ class _Unit:
         quantized patches each, so that a depthwise layer's candidates are quantized,
         multiplied and scored while they are in cache; one group: all at once)."""
         groups, positions, channels = self.patches.shape
+        device = self.patches.device  # candidates live on the CPU, the data on the model's
+        s_in, s_w = s_in.to(device), s_w.to(device)
+        q_w = self._q_w(s_w[None])[0].transpose(1, 2)                         # (G, C, Og)
         step = max(1, SLICE_ELEMENTS // (len(s_in) * positions * channels))
-        num = torch.zeros(len(s_in), dtype=torch.float64, device=self.patches.device)
+        num = torch.zeros(len(s_in), dtype=torch.float64, device=device)
         norms = torch.zeros_like(num)
         for start in range(0, groups, step):
             part = slice(start, start + step)
-            y = self.input_outputs(s_in, s_w, part).double()                  # (g, K, P, Og)
+            y = self.input_outputs(s_in, s_w, q_w, part).double()             # (g, K, P, Og)
             y = y.reshape(y.shape[0], y.shape[1], -1)
             reference = self.reference64[part].reshape(y.shape[0], -1, 1)
             num += torch.bmm(y, reference).sum(0)[:, 0]
@@ -290,16 +292,8 @@ class _Unit:
         def laid_out(values):
             return place(values.reshape(count, self.groups, -1).permute(1, 0, 2))
 
-        return self._finish(acc.add_(laid_out(q_b)).div_(laid_out(divisor)), residual)
-
-    def _finish(self, y: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-        """The residual (laid out to broadcast) and the ReLU on a fresh output, in place."""
-        if residual is not None:
-            y.add_(residual)
-        slope = self.unit.relu_slope
-        if slope is not None:
-            y = torch.where(y > 0, y, y * slope) if slope else y.clamp_(min=0)
-        return y
+        return _finish(self.unit, acc.add_(laid_out(q_b)).div_(laid_out(divisor)), residual,
+                       in_place=True)
 
     def chunk(self, per_candidate: int, groups: int | None = None) -> int:
         """Candidates per batch when each needs ``per_candidate`` elements of its own (its
@@ -320,6 +314,22 @@ class _Unit:
         return cos.permute(1, 0, 2).reshape(y.shape[2], -1)
 
 
+class _WeightProducts:
+    """The weight step's channel cosines from the candidates' outputs at the sampled
+    positions (matrix products), at one input scale (1,)."""
+
+    def __init__(self, layer: _Unit, s_in: torch.Tensor):
+        self.layer, self.s_in = layer, s_in
+        self.q_in = layer.weight_input(s_in)                    # one input scale: once
+
+    def chunk(self) -> int:
+        return self.layer.chunk(self.layer.weight.numel())
+
+    def channel_cosines(self, s_w: torch.Tensor) -> torch.Tensor:
+        """(K, O) cosines for K rows of weight scales (K, O)."""
+        return self.layer.channel_cosines(self.layer.weight_outputs(self.q_in, self.s_in, s_w))
+
+
 class _WeightMoments:
     """The weight step's channel cosines from moments of the quantized patches, for a unit
     whose output is affine in its integer weights (no ReLU, no residual). With x_p the
@@ -333,9 +343,9 @@ class _WeightMoments:
     against 9216). Everything is float64 from integers, so a candidate's cosine is the exact
     one up to float64 rounding (the products' way rounds each output to float32 first)."""
 
-    def __init__(self, layer: _Unit, q_in: torch.Tensor):
-        x = q_in.double()                                                   # (G, P, C)
-        self.layer = layer
+    def __init__(self, layer: _Unit, s_in: torch.Tensor):
+        self.layer, self.s_in = layer, s_in.to(layer.weight.device)
+        x = layer._q_in(s_in.to(layer.patches.device))[:, 0].double()       # (G, P, C)
         self.positions = x.shape[1]
         self.m = torch.bmm(x.transpose(1, 2), x)                            # (G, C, C)
         self.s = x.sum(1)                                                   # (G, C)
@@ -352,11 +362,10 @@ class _WeightMoments:
     def chunk(self) -> int:
         return max(1, CHUNK_ELEMENTS // (4 * self.layer.weight.numel()))
 
-    def channel_cosines(self, s_in: torch.Tensor, s_w: torch.Tensor) -> torch.Tensor:
-        """(K, O) cosines for K rows of weight scales (K, O) at the input scale (1,)."""
-        layer = self.layer
-        device = layer.weight.device  # candidates live on the CPU, the data on the model's
-        s_in, s_w = s_in.to(device), s_w.to(device)
+    def channel_cosines(self, s_w: torch.Tensor) -> torch.Tensor:
+        """(K, O) cosines for K rows of weight scales (K, O)."""
+        layer, s_in = self.layer, self.s_in
+        s_w = s_w.to(layer.weight.device)  # candidates live on the CPU, the data on the model's
         count = s_w.shape[0]
         groups, og, _ = layer.weight.shape
         a = layer._q_w(s_w).double()                                          # (K, G, Og, C)
@@ -378,21 +387,13 @@ def search_weight_scales(layer: _Unit, s_in: float, s_w: torch.Tensor,
     best = torch.full(s_w.shape, -math.inf, dtype=torch.float64)
     chosen = s_w.clone()
     scale = torch.tensor([s_in], dtype=torch.float32)
-    moments = None
-    if _WeightMoments.applies(layer):
-        moments = _WeightMoments(layer, layer._q_in(scale.to(layer.patches.device))[:, 0])
-        step = moments.chunk()
-    else:
-        q_in = layer.weight_input(scale)                        # one input scale: once
-        step = layer.chunk(layer.weight.numel())
+    scorer = (_WeightMoments if _WeightMoments.applies(layer) else _WeightProducts)(layer,
+                                                                                     scale)
+    step = scorer.chunk()
     for start in range(0, len(grid), step):
         part = grid[start:start + step]
         candidates = s_w[None] * part[:, None]                                # (k, O)
-        if moments is not None:
-            cos = moments.channel_cosines(scale, candidates).cpu()
-        else:
-            y = layer.weight_outputs(q_in, scale, candidates)
-            cos = layer.channel_cosines(y).cpu()                              # (k, O)
+        cos = scorer.channel_cosines(candidates).cpu()                        # (k, O)
         for k in range(len(part)):
             better = cos[k] > best + TIE
             best = torch.where(better, cos[k], best)
@@ -471,12 +472,18 @@ def _fp32_unit(unit: FusedUnit, x: torch.Tensor) -> torch.Tensor:
     return unit.layer.module.run_with(x.float(), weight.float(), bias.float())
 
 
-def _finish(unit: FusedUnit, y: torch.Tensor, residual) -> torch.Tensor:
+def _finish(unit: FusedUnit, y: torch.Tensor, residual, in_place: bool = False
+            ) -> torch.Tensor:
+    """The unit's residual add (``residual`` laid out to broadcast) and its ReLU after the
+    accumulation; ``in_place``: on ``y`` itself (a fresh buffer nobody else reads)."""
     if residual is not None:
-        y = y + residual
+        y = y.add_(residual) if in_place else y + residual
     slope = unit.relu_slope
     if slope is not None:
-        y = torch.where(y > 0, y, y * slope) if slope else y.clamp(min=0)
+        if slope:
+            y = torch.where(y > 0, y, y * slope)
+        else:
+            y = y.clamp_(min=0) if in_place else y.clamp(min=0)
     return y
 
 
@@ -569,7 +576,7 @@ def layerwise(net, fused: FusedGraph, stats: dict, options: QuantOptions, choice
             # through the unit: FP32 in the FP32 net, quantized (unrounded output) in the other
             lq = build_plan(fused, stats, options, choices).layers[unit.name]
             conv_q = _quantized_unit(unit, lq, x_q)
-            y_q = _finish(unit, conv_q, r_q)
+            y_q = _finish(unit, conv_q, r_q, in_place=True)           # conv_q is fresh
             stop = unit.last.index + 1
             fp_blobs = {k: v for k, v in fp_blobs.items()
                         if any(i >= stop for i in reads_from.get(k, ()))}

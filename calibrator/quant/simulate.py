@@ -188,8 +188,9 @@ class UnitKernel:
     split: int | None             # bits per input digit (0: float64), None: one pass
     target: Target | None = None  # None: exact int32
     cache: dict = field(default_factory=dict, repr=False)
-    #: the int32 bias can go into the float32 convolution itself: exact int32 accumulation
-    #: in one pass with every partial sum, bias included, below 2^24 (see :meth:`biased`)
+    #: the int32 bias goes into the float32 convolution itself: exact int32 accumulation in
+    #: one pass with every partial sum, bias included, below 2^24 (see :meth:`biased`);
+    #: False where a runtime's requantization adds the bias its own way
     bias_folds: bool = False
 
     def accumulate(self, q_in: torch.Tensor, record: dict | None = None) -> torch.Tensor:
@@ -529,6 +530,9 @@ class Int8Simulator(FoldedFP32):
         self.kernels = {name: build_kernel(fused.by_name[name], lq, device,
                                            None if name in exact_units else kernel_target)
                         for name, lq in plan.layers.items() if name not in self.fp32_units}
+        for name in self.requant:     # a runtime's own epilogue adds its own bias
+            if name in self.kernels:
+                self.kernels[name].bias_folds = False
         super().__init__(fused, [u for u in fused.units if u.name not in self.kernels])
         for kernel in self.kernels.values():
             self._install(kernel.unit, self._make_int8_start(kernel),
@@ -628,7 +632,7 @@ class Int8Simulator(FoldedFP32):
                 q_in = _reorder(x, source, lq)
             else:
                 q_in = quantize(x, lq.scale_in, lq.input_unsigned, lq.bits)
-            if rule is None and kernel.bias_folds:
+            if kernel.bias_folds:
                 return kernel.biased(q_in)
             return kernel.accumulate(q_in, self.saturation)
 
