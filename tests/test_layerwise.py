@@ -180,7 +180,10 @@ def test_bias_correction_zeroes_each_channels_mean_error():
                                  LayerwiseSettings(easyquant=False))
     plan = build_plan(net.fused, net.stats, options, choices)
     assert plan.layers["c2"].bias_shift is not None and reports["c2"].bias_shift > 0
-    from calibrator.quant.layerwise import _fp32_unit, _quantized_unit
+    from calibrator.quant.layerwise import _accumulator, _dequantized, _fp32_unit
+
+    def _quantized_unit(unit, lq, x):
+        return _dequantized(unit, lq, _accumulator(unit, lq, x), in_place=True)
 
     x = net.batches[0]["data"]
     unit1, unit2 = net.fused.by_name["c1"], net.fused.by_name["c2"]
@@ -320,3 +323,24 @@ def test_an_all_zero_channel_keeps_its_bias_and_the_others_are_still_searched():
     assert np.isfinite(report.cosine_before) and report.cosine_after >= report.cosine_before
     lq = net.plan.layers["c2"]
     assert choices["c2"].input_threshold != pytest.approx(qmax(lq.input_unsigned) / lq.scale_in)
+
+
+@pytest.mark.parametrize("extra", ["stride: 2 dilation: 2", "stride: 1 group: 2"])
+def test_patches_are_the_convolutions_input_windows(extra):
+    """The sampled patches are the columns F.unfold takes for the convolution: zero where a
+    tap falls in the padding (no padded copy is made), stride and dilation as the layer's."""
+    text = input_text((3, 4, 9, 8)) + conv_text("conv", "data", "y", 6, 3, extra)
+    net = TinyNet(text, seed=1)
+    net.calibrate(first_conv=True)
+    unit = net.fused.by_name["conv"]
+    module = unit.layer.module
+    x = torch.randn(3, 4, 9, 8)
+    y = net.net({"data": x}, outputs=["y"])["y"]
+    where = layerwise_module._sample_positions(unit, tuple(y.shape), 40, seed=0)
+    patches = layerwise_module._patches(unit, x, where)
+    columns = F.unfold(x, module.kernel, dilation=module.dilation, padding=module.pad,
+                       stride=module.stride)                      # (N, C*kh*kw, L)
+    n_idx, r_idx, c_idx = where
+    expected = columns[n_idx, :, r_idx * y.shape[3] + c_idx]       # (P, C*kh*kw)
+    assert (patches.reshape(len(n_idx), -1) == 0).any()           # some taps in the padding
+    assert torch.equal(patches.reshape(len(n_idx), -1), expected)

@@ -148,3 +148,24 @@ def test_same_inputs_give_byte_identical_outputs(tiny, tmp_path):
     _run(tiny, tmp_path / "y")
     for name in ("q.prototxt", "q.json", "q.table"):
         assert (tmp_path / "x" / name).read_bytes() == (tmp_path / "y" / name).read_bytes()
+
+
+def test_the_probe_is_made_once_and_only_when_the_search_needs_it(tiny, tmp_path,
+                                                                   monkeypatch):
+    """The probe (FP32 activations of a few images at every cut) is made when the search
+    first ranks layers and then reused; a search met by its whole-net adjustment never
+    makes it."""
+    from calibrator.quant.scales import with_choice
+    from calibrator.search import loop
+
+    made = []
+    real = loop.make_probe
+    monkeypatch.setattr(loop, "make_probe", lambda *a, **k: made.append(1) or real(*a, **k))
+    assert _run(tiny, tmp_path / "ranked") == 0
+    assert made == [1]          # ranking, adjustments and bisection on one probe
+    made.clear()
+    monkeypatch.setattr(loop.Search, "_whole_net",   # an adjustment that meets -l
+                        lambda self, choices, outcome: with_choice(choices, "conv2", fp32=True))
+    assert _run(tiny, tmp_path / "adjusted") == 0
+    record = json.loads((tmp_path / "adjusted/q.json").read_text())["search"]
+    assert record["met"] and made == []

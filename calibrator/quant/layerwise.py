@@ -44,8 +44,9 @@ from calibrator.quant.targets import WEIGHT_FACTORS
 
 #: elements per temporary tensor of the candidate evaluation (float32: 64 MiB)
 CHUNK_ELEMENTS = 1 << 24
-#: quantized patches per group slice of the input step (float32: 16 MiB, in cache)
-SLICE_ELEMENTS = 1 << 22
+#: quantized patches per group slice of the input step (float32: 8 MiB; a depthwise
+#: layer's per-tap values, a ninth of it: in the core's cache)
+SLICE_ELEMENTS = 1 << 21
 #: cosines closer than this are a tie (candidates with the same integers give the same
 #: cosine up to the summation order): the first candidate keeps it
 TIE = 1e-12
@@ -105,11 +106,16 @@ def _patches(unit: FusedUnit, x: torch.Tensor, where) -> torch.Tensor:
     ph, pw = module.pad
     sh, sw = module.stride
     dh, dw = module.dilation
-    padded = torch.nn.functional.pad(x, (pw, pw, ph, ph))
-    rows = r_idx[:, None] * sh + torch.arange(kh)[None, :] * dh          # (P, kh)
-    cols = c_idx[:, None] * sw + torch.arange(kw)[None, :] * dw          # (P, kw)
-    patches = padded[n_idx[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None],
-                     rows[:, None, :, None], cols[:, None, None, :]]     # (P, C, kh, kw)
+    height, width = x.shape[2:]
+    rows = r_idx[:, None] * sh - ph + torch.arange(kh)[None, :] * dh     # (P, kh)
+    cols = c_idx[:, None] * sw - pw + torch.arange(kw)[None, :] * dw     # (P, kw)
+    # the zero padding where a tap falls outside (no padded copy of the whole input)
+    inside = (((rows >= 0) & (rows < height))[:, None, :, None]
+              & ((cols >= 0) & (cols < width))[:, None, None, :])       # (P, 1, kh, kw)
+    patches = x[n_idx[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None],
+                rows.clamp(0, height - 1)[:, None, :, None],
+                cols.clamp(0, width - 1)[:, None, None, :]]              # (P, C, kh, kw)
+    patches = torch.where(inside.to(patches.device), patches, patches.new_zeros(()))
     groups = module.group
     return patches.reshape(len(n_idx), groups, -1)
 
@@ -186,7 +192,12 @@ class _Unit:
         self.groups = groups
         self.weight = weight.reshape(groups, out // groups, -1).float()     # (G, Og, C)
         self.bias = bias.float()
-        self.patches = patches.float().transpose(0, 1).contiguous()         # (G, P, C)
+        patches = patches.float().transpose(0, 1)                           # (G, P, C)
+        # a depthwise layer (one output per group) holds its patches tap-major, (G, C, P):
+        # its input step sums tap by tap (``_tap_sums``); ``patches`` is a view of them
+        self.taps = (patches.transpose(1, 2).contiguous() if groups > 1 and out == groups
+                     else None)
+        self.patches = patches.contiguous() if self.taps is None else self.taps.transpose(1, 2)
         self.extremes = torch.stack([self.patches.min(), self.patches.max()])
         self.residual = None if residual is None else _grouped(residual, groups)
         self.limit = 2 ** (lq.bits - 1) - 1
@@ -203,12 +214,32 @@ class _Unit:
         """(G, K, P, C) quantized patches (of the ``groups`` given) for K input scales (the
         clamp skipped where the extreme patches, multiplied and rounded as every element
         is, already lie in range)."""
-        low = 0.0 if self.lq.input_unsigned else -(self.qmax_in + 1)
         q = (self.patches[groups, None] * s_in[None, :, None, None]).round_()
+        return q if (bounds := self._clamp(s_in)) is None else q.clamp_(*bounds)
+
+    def _clamp(self, s_in: torch.Tensor) -> tuple[float, int] | None:
+        """The integer range when some patch leaves it at one of the K input scales (the
+        extreme patches, multiplied and rounded as every element is, tell); None: none."""
+        low = 0.0 if self.lq.input_unsigned else -(self.qmax_in + 1)
         extremes = torch.round(self.extremes[:, None] * s_in[None, :])
         if float(extremes.min()) < low or float(extremes.max()) > self.qmax_in:
-            q.clamp_(low, self.qmax_in)
-        return q
+            return low, self.qmax_in
+        return None
+
+    def _tap_sums(self, s_in: torch.Tensor, q_w: torch.Tensor, groups: slice) -> torch.Tensor:
+        """(g, K, P, 1) accumulators of a depthwise layer for K input scales, one tap at a
+        time: each tap's (g, K, P) quantized values are made and added while in cache (a
+        batched matrix-vector product per group is three times slower). Exact: integers
+        below 2^24, so every order of summation gives the same float32."""
+        taps, q_w = self.taps[groups], q_w[groups]                           # (g, C, P), (g, C, 1)
+        bounds = self._clamp(s_in)
+        acc = taps.new_zeros(taps.shape[0], len(s_in), taps.shape[2])
+        for j in range(taps.shape[1]):
+            q = (taps[:, j, None, :] * s_in[None, :, None]).round_()
+            if bounds is not None:
+                q.clamp_(*bounds)
+            acc.addcmul_(q, q_w[:, j, None])
+        return acc[..., None]
 
     def _q_w(self, s_w: torch.Tensor) -> torch.Tensor:
         """(K, G, Og, C) quantized weights for K rows of weight scales."""
@@ -239,25 +270,29 @@ class _Unit:
                                                                   count * og))
             acc = acc.reshape(groups, q_in.shape[1], count, og)
         residual = None if self.residual is None else self.residual[:, :, None]
-        return self._requantized(acc, s_in[:, None] * s_w, lambda v: v[:, None], residual)
+        q_b, divisor = self._bias_terms(s_in[:, None] * s_w)                 # (G, K, Og)
+        return self._requantized(acc, q_b[:, None], divisor[:, None], residual)
 
-    def input_outputs(self, s_in: torch.Tensor, s_w: torch.Tensor, q_w: torch.Tensor,
+    def input_outputs(self, s_in: torch.Tensor, q_w: torch.Tensor, terms,
                       groups: slice = slice(None)) -> torch.Tensor:
-        """(G, K, P, Og) outputs for K input scales (K,) at one row of weight scales (O,),
-        whose quantized weights ``q_w`` (G, C, Og) are given, for the ``groups`` given (all
-        candidates on the model's device)."""
-        q_in = self._q_in(s_in, groups)                                        # (G, K, P, C)
-        part, count, positions, channels = q_in.shape
-        q_w = q_w[groups]
-        if self.integer is not None:
-            a8 = self.integer.input(q_in.reshape(count * positions, channels))
-            acc = self.integer(a8, q_w[0].to(torch.int8))
+        """(G, K, P, Og) outputs for K input scales (K,) at one row of weight scales,
+        whose quantized weights ``q_w`` (G, C, Og) and bias terms (:meth:`_bias_terms`) are
+        given, for the ``groups`` given (all candidates on the model's device)."""
+        if self.taps is not None:
+            acc = self._tap_sums(s_in, q_w, groups)
         else:
-            acc = torch.bmm(q_in.reshape(part, count * positions, channels), q_w)
-        acc = acc.reshape(part, count, positions, -1)
+            q_in = self._q_in(s_in, groups)                                    # (G, K, P, C)
+            part, count, positions, channels = q_in.shape
+            q_w = q_w[groups]
+            if self.integer is not None:
+                a8 = self.integer.input(q_in.reshape(count * positions, channels))
+                acc = self.integer(a8, q_w[0].to(torch.int8))
+            else:
+                acc = torch.bmm(q_in.reshape(part, count * positions, channels), q_w)
+            acc = acc.reshape(part, count, positions, -1)
         residual = None if self.residual is None else self.residual[groups, None]
-        return self._requantized(acc, s_in[:, None] * s_w[None],
-                                 lambda v: v[groups, :, None], residual)
+        q_b, divisor = terms
+        return self._requantized(acc, q_b[groups, :, None], divisor[groups, :, None], residual)
 
     def input_cosines(self, s_in: torch.Tensor, s_w: torch.Tensor) -> torch.Tensor:
         """(K,) cosine of each input scale's whole output with the reference (the
@@ -268,32 +303,31 @@ class _Unit:
         device = self.patches.device  # candidates live on the CPU, the data on the model's
         s_in, s_w = s_in.to(device), s_w.to(device)
         q_w = self._q_w(s_w[None])[0].transpose(1, 2)                         # (G, C, Og)
+        terms = self._bias_terms(s_in[:, None] * s_w[None])                  # once, sliced
         step = max(1, SLICE_ELEMENTS // (len(s_in) * positions * channels))
         num = torch.zeros(len(s_in), dtype=torch.float64, device=device)
         norms = torch.zeros_like(num)
         for start in range(0, groups, step):
             part = slice(start, start + step)
-            y = self.input_outputs(s_in, s_w, q_w, part).double()             # (g, K, P, Og)
+            y = self.input_outputs(s_in, q_w, terms, part).double()           # (g, K, P, Og)
             y = y.reshape(y.shape[0], y.shape[1], -1)
             reference = self.reference64[part].reshape(y.shape[0], -1, 1)
             num += torch.bmm(y, reference).sum(0)[:, 0]
             norms += (y * y).sum((0, 2))
         return num / torch.sqrt(norms * self.reference_norm)
 
-    def _requantized(self, acc: torch.Tensor, scale: torch.Tensor, place, residual
-                     ) -> torch.Tensor:
-        """(acc + q_b) / scale for the (K, O) scales ``s_in x s_w`` (Intel's bias reorder,
-        a zero scale as Intel treats it: ``simulate.intel_bias``), then the residual and the
-        ReLU, in place on ``acc``;
-        ``place`` inserts the P axis into a (G, K, Og) tensor where ``acc`` has it."""
+    def _bias_terms(self, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q_b, divisor), each (G, K, Og), for the (K, O) scales ``s_in x s_w``: Intel's
+        bias reorder and a zero scale as Intel treats it (``simulate.intel_bias``)."""
         q_b, divisor = intel_bias(self.bias[None], scale)
         count = scale.shape[0]
+        return tuple(v.reshape(count, self.groups, -1).permute(1, 0, 2) for v in (q_b, divisor))
 
-        def laid_out(values):
-            return place(values.reshape(count, self.groups, -1).permute(1, 0, 2))
-
-        return _finish(self.unit, acc.add_(laid_out(q_b)).div_(laid_out(divisor)), residual,
-                       in_place=True)
+    def _requantized(self, acc: torch.Tensor, q_b: torch.Tensor, divisor: torch.Tensor,
+                     residual) -> torch.Tensor:
+        """(acc + q_b) / divisor (the bias terms laid out to broadcast with ``acc``), then
+        the residual and the ReLU, in place on ``acc``."""
+        return _finish(self.unit, acc.add_(q_b).div_(divisor), residual, in_place=True)
 
     def chunk(self, per_candidate: int, groups: int | None = None) -> int:
         """Candidates per batch when each needs ``per_candidate`` elements of its own (its
@@ -454,17 +488,32 @@ def calibration_subset(model, images: int) -> dict:
 
 # -- the pass ----------------------------------------------------------------------------------
 
-def _quantized_unit(unit: FusedUnit, lq, x: torch.Tensor) -> torch.Tensor:
-    """The unit's output with its input and weights quantized, before the ReLU and residual
-    (its accumulator dequantized, unrounded): what bias correction compares."""
+def _accumulator(unit: FusedUnit, lq, x: torch.Tensor) -> torch.Tensor:
+    """The unit's integer accumulator, without its bias, with its input and weights
+    quantized (the weights do not depend on the bias shift: one for measuring bias
+    correction and for running on with it)."""
     weight, bias = folded_weights(unit, lq.bias_shift)
-    q_w, q_b, _ = intel_constants(weight, bias, lq, weight.device)
+    q_w, _, _ = intel_constants(weight, bias, lq, weight.device)
+    q_in = quantize(x.float(), lq.scale_in, lq.input_unsigned, lq.bits)
+    return unit.layer.module.run_with(q_in, q_w, None)
+
+
+def _quantized_as(lq) -> tuple:
+    """What :func:`_accumulator` reads of a unit's quantization."""
+    return lq.scale_in, tuple(lq.scale_params), lq.input_unsigned, lq.bits
+
+
+def _dequantized(unit: FusedUnit, lq, acc: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """The unit's output before the ReLU and residual from its accumulator (Intel's int32
+    bias at ``lq``'s bias shift added, divided by the scales, unrounded): what bias
+    correction compares; ``in_place``: on ``acc`` itself."""
+    weight, bias = folded_weights(unit, lq.bias_shift)
+    _, q_b, _ = intel_constants(weight, bias, lq, weight.device)
     scales = torch.tensor(np.asarray(lq.scale_params, np.float32), device=weight.device)
     _, divisor = intel_bias(bias.float(), np.float32(lq.scale_in) * scales)
-    q_in = quantize(x.float(), lq.scale_in, lq.input_unsigned, lq.bits)
-    acc = unit.layer.module.run_with(q_in, q_w, None)
     per = (1, -1) + (1,) * (acc.dim() - 2)
-    return acc.add_(q_b.reshape(per)).div_(divisor.reshape(per))   # acc is fresh: in place
+    out = acc.add_(q_b.reshape(per)) if in_place else acc + q_b.reshape(per)
+    return out.div_(divisor.reshape(per))
 
 
 def _fp32_unit(unit: FusedUnit, x: torch.Tensor) -> torch.Tensor:
@@ -553,13 +602,15 @@ def layerwise(net, fused: FusedGraph, stats: dict, options: QuantOptions, choice
                               weight_scales=tuple(float(v) / factor for v in s_w))
                 lq = replace(lq, scale_in=float(np.float32(s_in)),
                              scale_params=[float(np.float32(v)) for v in s_w])
+            acc = _accumulator(unit, lq, x_q)          # EasyQuant's scales: fixed from here
             if settings.bias_correction:
-                conv_q = _quantized_unit(unit, lq, x_q)
+                conv_q = _dequantized(unit, lq, acc, in_place=False)
                 dims = [d for d in range(conv_q.dim()) if d != 1]
                 # the mean error per channel, the differences summed in float64 (no float64
-                # copies of the two outputs: conv_q is fresh and recomputed below)
+                # copies of the two outputs: conv_q is fresh)
                 error = conv_q.sub_(conv_fp).sum(dims, dtype=torch.float64) / (
                     conv_q.numel() // conv_q.shape[1])
+                del conv_q
                 # an all-zero channel (weight scale 0) outputs rne(bias) in Intel's kernel: a
                 # shift cannot correct it by less than a whole step, so it is left as it is
                 error[torch.tensor(lq.scale_params, device=error.device) == 0] = 0.0
@@ -574,9 +625,11 @@ def layerwise(net, fused: FusedGraph, stats: dict, options: QuantOptions, choice
                 choices[unit.name] = replace(choices.get(unit.name, UnitChoice()), **change)
             reports[unit.name] = report
             # through the unit: FP32 in the FP32 net, quantized (unrounded output) in the other
-            lq = build_plan(fused, stats, options, choices).layers[unit.name]
-            conv_q = _quantized_unit(unit, lq, x_q)
-            y_q = _finish(unit, conv_q, r_q, in_place=True)           # conv_q is fresh
+            final = build_plan(fused, stats, options, choices).layers[unit.name]
+            if _quantized_as(final) != _quantized_as(lq):  # a threshold's scale rounded apart
+                acc = _accumulator(unit, final, x_q)
+            y_q = _finish(unit, _dequantized(unit, final, acc, in_place=True), r_q,
+                          in_place=True)
             stop = unit.last.index + 1
             fp_blobs = {k: v for k, v in fp_blobs.items()
                         if any(i >= stop for i in reads_from.get(k, ()))}
@@ -587,7 +640,7 @@ def layerwise(net, fused: FusedGraph, stats: dict, options: QuantOptions, choice
             say(f"  {unit.name} ({index + 1}/{len(units)}): cosine "
                 f"{report.cosine_before:.5f} -> {report.cosine_after:.5f}")
             # the blobs hold what the next units read: the next advance can free the rest
-            del x_fp, x_q, r_fp, r_q, conv_fp, y_fp, conv_q, y_q
+            del x_fp, x_q, r_fp, r_q, conv_fp, y_fp, acc, y_q
     return _single_rounding(fused, stats, options, choices), reports
 
 

@@ -28,6 +28,7 @@ from calibrator.metrics import loss
 from calibrator.quant.layerwise import LayerwiseSettings, calibration_subset, layerwise
 from calibrator.quant.scales import QuantPlan, with_choice
 from calibrator.quant.simulate import FoldedFP32
+from calibrator.runtime import release_memory
 from calibrator.search.adjust import Adjustment, adjust_layers
 from calibrator.search.countermeasures import (choose_countermeasures, forced_choices,
                                                rank_with_saturation)
@@ -90,6 +91,19 @@ class SearchSettings:
 class _Budget(Exception):
     def __init__(self, why):
         self.why = why
+
+
+class _Lazy:
+    """A value made by ``make`` on the first call, then kept (the probe's FP32 activations
+    of a few images at every cut: hundreds of MB that a search met early never needs)."""
+
+    def __init__(self, make):
+        self._make, self._value = make, None
+
+    def __call__(self):
+        if self._make is not None:
+            self._value, self._make = self._make(), None
+        return self._value
 
 
 class Search:
@@ -230,6 +244,7 @@ class Search:
             adjusted, reports = layerwise(self.model.net, self.fused, self.calibration.stats,
                                           options, adjusted, feeds, layerwise_settings)
             outcome.layerwise = reports
+            release_memory()
         return adjusted
 
     def _bisect(self, outcome: SearchResult) -> None:
@@ -239,7 +254,7 @@ class Search:
         current = self.evaluate(plan, "all INT8", verdict_only=False)
         if self.met(current):
             return
-        probe = self._probe()
+        probe = _Lazy(self._probe)  # made when first needed: often never (-l met before)
         # 1. whole-net adjustments (and, where the target saturates, the counter-measures
         #    chosen on the probe), confirmed by one full evaluation
         fixes: list[Adjustment] = []
@@ -247,11 +262,11 @@ class Search:
         if backend.target.pair_saturation and self.settings.saturation_fix == "auto":
             # probe results: rank 0's on every rank (distributed.agree): no divergence
             sensitivity, saturating = distributed.agree(
-                rank_with_saturation(net, self.fused, probe, plan, backend))
+                rank_with_saturation(net, self.fused, probe(), plan, backend))
             outcome.saturating = dict(saturating)
             if saturating:
                 with_fixes, fixes = distributed.agree(choose_countermeasures(
-                    net, self.fused, probe, calibration.plan, choices, backend, sensitivity,
+                    net, self.fused, probe(), calibration.plan, choices, backend, sensitivity,
                     saturating))
                 self.say(f"{len(saturating)} layer(s) saturate on {backend.target.name}; "
                          f"counter-measures kept on {len(fixes)}")
@@ -282,14 +297,14 @@ class Search:
         # 2. the ranking of the adjusted plan; cheaper fixes on its worst layers
         plan = calibration.plan(choices)
         sensitivity, saturating = distributed.agree(
-            rank_with_saturation(net, self.fused, probe, plan, backend))
+            rank_with_saturation(net, self.fused, probe(), plan, backend))
         outcome.sensitivity = dict(sensitivity)
         outcome.saturating = outcome.saturating or dict(saturating)
         ranked = self._ranking(sensitivity)
         self.say("most sensitive: " + ", ".join(f"{n} ({sensitivity[n]:.3g})"
                                                 for n in ranked[:5]))
         adjusted, kept = distributed.agree(adjust_layers(
-            net, self.fused, probe, calibration.plan, choices, ranked[:ADJUST_WORST],
+            net, self.fused, probe(), calibration.plan, choices, ranked[:ADJUST_WORST],
             sensitivity, backend,
             per_channel_default=calibration.options.per_channel or outcome.whole_net))
         for adjustment in kept:
