@@ -20,6 +20,7 @@ from calibrator.caffe.types import DATA_LAYER_TYPES
 from calibrator.data.transform import SampleError, Transform
 from calibrator.errors import CalibratorError, LayerError, shorten
 from calibrator.limits import check_blob, check_memory
+from calibrator.runtime import release_memory
 
 _BUILDERS: dict[str, Callable] = {}
 
@@ -141,7 +142,9 @@ class DataSource:
         first = self._images([ordered[0]])[0]
         check_memory(len(ordered) * first.nbytes, f"keeping the {len(ordered)} decoded "
                      f"samples of {len(indices)} batch(es) in memory", self.error)
-        self._images(ordered)
+        if any(s not in self._cache for s in ordered):
+            self._images(ordered)
+            release_memory()  # the decoding threads' temporaries (whole images) go back
 
     def batch(self, index: int) -> dict[str, torch.Tensor]:
         if index < 0:

@@ -8,6 +8,7 @@ simulation its fake-quantizers. Blobs are freed after their last use unless aske
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -32,6 +33,19 @@ def channels_last(value: torch.Tensor) -> torch.Tensor:
             and not value.is_contiguous(memory_format=torch.channels_last)):
         return value.contiguous(memory_format=torch.channels_last)
     return value
+
+
+def _storage_users(x: torch.Tensor) -> int | None:
+    """How many tensors share ``x``'s memory (views included), plus the storage object asked
+    (None where this torch cannot tell)."""
+    try:
+        return torch._C._storage_Use_Count(x.untyped_storage()._cdata)
+    except (AttributeError, RuntimeError):  # pragma: no cover (another torch)
+        return None
+
+
+#: what :func:`_storage_users` says of a tensor whose memory nobody else shares
+_SOLE = _storage_users(torch.empty(1))
 
 
 def in_memory_order(x: torch.Tensor) -> torch.Tensor:
@@ -297,6 +311,23 @@ class CaffeNet(torch.nn.Module):
             cache[wanted] = needed
         return cache[wanted]
 
+    def _overwritable(self, node: Node, blobs: dict, wanted: set, keep_all: bool) -> bool:
+        """Whether an activation may run in place on its bottom (same values, no new
+        buffer): the layer can; the bottom's value is read by no one after it (an in-place
+        layer's own name, or the bottom's last use, not asked for); and this forward alone
+        holds it: no other reference (the caller's feeds, a simulator's stash, a hook that
+        kept what it saw) and no other tensor on its memory (a view)."""
+        if not getattr(node.module, "in_place", False) or _SOLE is None:
+            return False
+        bottom = node.bottoms[0]
+        if bottom not in node.tops and (keep_all or bottom in wanted
+                                        or self._last_use.get(bottom) != node.index):
+            return False
+        x = blobs[bottom]
+        # references: the blobs dict, ``x`` and getrefcount's argument
+        return (sys.getrefcount(x) == 3 and not x.requires_grad
+                and _storage_users(x) == _SOLE)
+
     # -- queries -----------------------------------------------------------------------------
     def node(self, name: str) -> Node:
         for node in self.nodes:
@@ -319,15 +350,19 @@ class CaffeNet(torch.nn.Module):
     def forward(self, feeds: Mapping[str, torch.Tensor], *, outputs: Iterable[str] | None = None,
                 start: int = 0, stop: int | None = None, hook: Hook | None = None,
                 overrides: Mapping[int, Callable] | None = None,
-                keep_all: bool = False) -> dict[str, torch.Tensor]:
+                keep_all: bool = False, consume: bool = False) -> dict[str, torch.Tensor]:
         """Run nodes ``start``..``stop`` (exclusive) from the blobs in ``feeds``.
 
         Returns the ``outputs`` blobs (default: the net's outputs) or, with ``keep_all``,
         every blob's final version. ``hook(node, tops)`` may return replacement tops.
         ``overrides[node.index](node, blobs)`` runs instead of a node (the INT8 simulation
-        uses it): it returns the node's tops, or None to write nothing."""
+        uses it): it returns the node's tops, or None to write nothing. ``consume``: the
+        caller gives up ``feeds`` (a dict, emptied here), so the pass may free or overwrite
+        its tensors as it does its own."""
         wanted = set(self.output_names if outputs is None else outputs)
         blobs = {name: channels_last(value) for name, value in feeds.items()}
+        if consume:
+            feeds.clear()
         nodes = self.nodes[start:stop]
         if outputs is not None and hook is None and not keep_all:
             needed = self._needed(frozenset(wanted))
@@ -337,6 +372,8 @@ class CaffeNet(torch.nn.Module):
             try:
                 if override is not None:
                     tops = override(node, blobs)
+                elif self._overwritable(node, blobs, wanted, keep_all):
+                    tops = (node.module.apply_(blobs[node.bottoms[0]]),)
                 else:
                     tops = node.module(*[blobs[b] for b in node.bottoms])
             except KeyError as exc:
@@ -349,6 +386,7 @@ class CaffeNet(torch.nn.Module):
                     tops = replaced
             for top, value in zip(node.tops, tops):
                 blobs[top] = value
+            tops = value = None  # the blobs dict alone holds them (see _overwritable)
             if not keep_all:
                 for bottom in node.bottoms:
                     if (self._last_use.get(bottom) == node.index and bottom not in wanted

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from functools import partial
 
 import numpy as np
 import torch
@@ -488,14 +489,27 @@ def calibration_subset(model, images: int) -> dict:
 
 # -- the pass ----------------------------------------------------------------------------------
 
-def _accumulator(unit: FusedUnit, lq, x: torch.Tensor) -> torch.Tensor:
-    """The unit's integer accumulator, without its bias, with its input and weights
-    quantized (the weights do not depend on the bias shift: one for measuring bias
-    correction and for running on with it)."""
+def _quantized_input(lq, x: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """The unit's input quantized at ``lq`` (``in_place``: on ``x``, which nobody reads
+    after)."""
+    return quantize(x.float(), lq.scale_in, lq.input_unsigned, lq.bits, in_place=in_place)
+
+
+def _accumulator(unit: FusedUnit, lq, q_in: torch.Tensor) -> torch.Tensor:
+    """The unit's integer accumulator, without its bias, from its quantized input and
+    weights (the weights do not depend on the bias shift)."""
     weight, bias = folded_weights(unit, lq.bias_shift)
     q_w, _, _ = intel_constants(weight, bias, lq, weight.device)
-    q_in = quantize(x.float(), lq.scale_in, lq.input_unsigned, lq.bits)
     return unit.layer.module.run_with(q_in, q_w, None)
+
+
+def _channel_sums(values: torch.Tensor) -> torch.Tensor:
+    """The float64 sum of each channel (dim 1) of a float32 tensor, a few samples at a time:
+    a float64 copy of the whole (what ``sum(dtype=float64)`` makes) would be the pass's
+    largest temporary at a 112x112 layer (480 MB for 50 samples of 96 channels)."""
+    dims = [d for d in range(values.dim()) if d != 1]
+    step = max(1, CHUNK_ELEMENTS // max(1, values[0].numel()))
+    return sum(part.sum(dims, dtype=torch.float64) for part in values.split(step))
 
 
 def _quantized_as(lq) -> tuple:
@@ -562,8 +576,9 @@ def layerwise(net, fused: FusedGraph, stats: dict, options: QuantOptions, choice
             reads_from.setdefault(bottom, []).append(node.index)
     fp_blobs, q_blobs, position = dict(feeds), dict(feeds), 0
 
-    def advance(blobs, stop):
-        out = net(blobs, start=position, stop=stop, overrides=folded, keep_all=True)
+    def advance(blobs, stop):  # consumes ``blobs``: the activations run in place on them
+        out = net(blobs, start=position, stop=stop, overrides=folded, keep_all=True,
+                  consume=True)
         return {name: value for name, value in out.items()
                 if any(index >= stop for index in reads_from.get(name, ()))}
 
@@ -574,74 +589,99 @@ def layerwise(net, fused: FusedGraph, stats: dict, options: QuantOptions, choice
                 continue  # other layers run inside the unit: left as calibrated
             fp_blobs = advance(fp_blobs, unit.layer.index)
             q_blobs = advance(q_blobs, unit.layer.index)
-            lq = build_plan(fused, stats, options, choices).layers[unit.name]
+            stop = unit.last.index + 1
             bottom = unit.layer.bottoms[0]
-            x_fp, x_q = fp_blobs[bottom], q_blobs[bottom]
-            residual_name = _residual_name(unit, fused)
-            r_fp = fp_blobs.get(residual_name) if residual_name else None
-            r_q = q_blobs.get(residual_name) if residual_name else None
-            conv_fp = _fp32_unit(unit, x_fp)
-            y_fp = _finish(unit, conv_fp, r_fp)
-            change = {}
-            report = LayerReport(unit.name, float("nan"), float("nan"))
-            if settings.easyquant:
-                where = _sample_positions(unit, tuple(y_fp.shape), settings.positions,
-                                          settings.seed)
-                layer = _Unit(unit, lq, _patches(unit, x_q, where), _at(y_fp, where),
-                              None if r_q is None else _at(r_q, where))
-                s_w0 = torch.tensor(lq.scale_params, dtype=torch.float32)
-                report.cosine_before = cosine_of(layer, lq.scale_in, s_w0)
-                # a saturation counter-measure bounds the weights: never scale them up
-                factor = WEIGHT_FACTORS.get(lq.saturation_fix, 1.0)
-                unit_settings = (replace(settings, high=min(settings.high, 1.0))
-                                 if lq.saturation_fix in WEIGHT_FACTORS else settings)
-                s_in, s_w = easyquant_unit(layer, unit_settings)
-                report.cosine_after = cosine_of(layer, s_in, s_w)
-                change.update(input_threshold=activation_threshold(s_in, lq.input_unsigned,
-                                                                   lq.bits),
-                              weight_scales=tuple(float(v) / factor for v in s_w))
-                lq = replace(lq, scale_in=float(np.float32(s_in)),
-                             scale_params=[float(np.float32(v)) for v in s_w])
-            acc = _accumulator(unit, lq, x_q)          # EasyQuant's scales: fixed from here
-            if settings.bias_correction:
-                conv_q = _dequantized(unit, lq, acc, in_place=False)
-                dims = [d for d in range(conv_q.dim()) if d != 1]
-                # the mean error per channel, the differences summed in float64 (no float64
-                # copies of the two outputs: conv_q is fresh)
-                error = conv_q.sub_(conv_fp).sum(dims, dtype=torch.float64) / (
-                    conv_q.numel() // conv_q.shape[1])
-                del conv_q
-                # an all-zero channel (weight scale 0) outputs rne(bias) in Intel's kernel: a
-                # shift cannot correct it by less than a whole step, so it is left as it is
-                error[torch.tensor(lq.scale_params, device=error.device) == 0] = 0.0
-                before = np.zeros(len(error)) if lq.bias_shift is None else np.asarray(
-                    lq.bias_shift, np.float64)
-                shift = tuple(float(v) for v in before - error.cpu().numpy())
-                change["bias_shift"] = shift
-                _, bias = folded_weights(unit)
-                report.bias_shift = float(error.abs().max() / max(float(bias.abs().max()),
-                                                                  1e-12))
+            # the unit's input is the pass's to drop (or overwrite) when nothing after the
+            # unit reads it and the caller did not give it (a feed)
+            owned = bottom not in feeds and all(i < stop for i in reads_from.get(bottom, ()))
+
+            y_fp, y_q, change, reports[unit.name] = _through_unit(
+                unit, fused, fp_blobs, q_blobs, owned,
+                partial(_deployed, fused, stats, options, choices, unit.name), settings)
             if change:
                 choices[unit.name] = replace(choices.get(unit.name, UnitChoice()), **change)
-            reports[unit.name] = report
-            # through the unit: FP32 in the FP32 net, quantized (unrounded output) in the other
-            final = build_plan(fused, stats, options, choices).layers[unit.name]
-            if _quantized_as(final) != _quantized_as(lq):  # a threshold's scale rounded apart
-                acc = _accumulator(unit, final, x_q)
-            y_q = _finish(unit, _dequantized(unit, final, acc, in_place=True), r_q,
-                          in_place=True)
-            stop = unit.last.index + 1
             fp_blobs = {k: v for k, v in fp_blobs.items()
                         if any(i >= stop for i in reads_from.get(k, ()))}
             q_blobs = {k: v for k, v in q_blobs.items()
                        if any(i >= stop for i in reads_from.get(k, ()))}
             fp_blobs[unit.output.name], q_blobs[unit.output.name] = y_fp, y_q
+            del y_fp, y_q  # the blobs hold what the next units read
             position = stop
+            report = reports[unit.name]
             say(f"  {unit.name} ({index + 1}/{len(units)}): cosine "
                 f"{report.cosine_before:.5f} -> {report.cosine_after:.5f}")
-            # the blobs hold what the next units read: the next advance can free the rest
-            del x_fp, x_q, r_fp, r_q, conv_fp, y_fp, acc, y_q
     return _single_rounding(fused, stats, options, choices), reports
+
+
+def _deployed(fused: FusedGraph, stats: dict, options: QuantOptions, choices: dict, name: str,
+              change: dict):
+    """Unit ``name``'s LayerQuant in the plan of ``choices`` with ``change`` to its choice."""
+    if change:
+        choices = {**choices, name: replace(choices.get(name, UnitChoice()), **change)}
+    return build_plan(fused, stats, options, choices).layers[name]
+
+
+def _through_unit(unit: FusedUnit, fused: FusedGraph, fp_blobs: dict, q_blobs: dict,
+                  owned: bool, deployed, settings: LayerwiseSettings):
+    """EasyQuant and bias correction of one unit; (its FP32 output, its quantized output
+    (unrounded), the change to its choice, its report). ``owned``: the unit's input is
+    taken out of the blobs (its FP32 copy freed once used, its quantized copy quantized in
+    place); ``deployed(change)``: the unit's LayerQuant in the plan with ``change``."""
+    lq = deployed({})
+    bottom = unit.layer.bottoms[0]
+    residual_name = _residual_name(unit, fused)
+    owned = owned and residual_name != bottom   # (x + f(x): x is the residual too)
+    take = dict.pop if owned else dict.get
+    r_fp = fp_blobs.get(residual_name) if residual_name else None
+    r_q = q_blobs.get(residual_name) if residual_name else None
+    conv_fp = _fp32_unit(unit, take(fp_blobs, bottom))
+    y_fp = _finish(unit, conv_fp, r_fp)
+    x_q = take(q_blobs, bottom)
+    change = {}
+    report = LayerReport(unit.name, float("nan"), float("nan"))
+    if settings.easyquant:
+        where = _sample_positions(unit, tuple(y_fp.shape), settings.positions, settings.seed)
+        layer = _Unit(unit, lq, _patches(unit, x_q, where), _at(y_fp, where),
+                      None if r_q is None else _at(r_q, where))
+        s_w0 = torch.tensor(lq.scale_params, dtype=torch.float32)
+        report.cosine_before = cosine_of(layer, lq.scale_in, s_w0)
+        # a saturation counter-measure bounds the weights: never scale them up
+        factor = WEIGHT_FACTORS.get(lq.saturation_fix, 1.0)
+        unit_settings = (replace(settings, high=min(settings.high, 1.0))
+                         if lq.saturation_fix in WEIGHT_FACTORS else settings)
+        s_in, s_w = easyquant_unit(layer, unit_settings)
+        report.cosine_after = cosine_of(layer, s_in, s_w)
+        del layer
+        change.update(input_threshold=activation_threshold(s_in, lq.input_unsigned, lq.bits),
+                      weight_scales=tuple(float(v) / factor for v in s_w))
+        lq = replace(lq, scale_in=float(np.float32(s_in)),
+                     scale_params=[float(np.float32(v)) for v in s_w])
+    # what the plan deploys: EasyQuant's scales as the thresholds give them back
+    final = deployed(change) if change else lq
+    same = _quantized_as(final) == _quantized_as(lq)
+    q_in = _quantized_input(lq, x_q, in_place=owned and same)
+    q_final = q_in if same else _quantized_input(final, x_q, in_place=False)
+    del x_q
+    if settings.bias_correction:
+        conv_q = _dequantized(unit, lq, _accumulator(unit, lq, q_in), in_place=True)
+        # the mean error per channel, the float32 differences summed in float64
+        error = _channel_sums(conv_q.sub_(conv_fp)) / (conv_q.numel() // conv_q.shape[1])
+        del conv_q
+        # an all-zero channel (weight scale 0) outputs rne(bias) in Intel's kernel: a shift
+        # cannot correct it by less than a whole step, so it is left as it is
+        error[torch.tensor(lq.scale_params, device=error.device) == 0] = 0.0
+        before = np.zeros(len(error)) if lq.bias_shift is None else np.asarray(
+            lq.bias_shift, np.float64)
+        shift = tuple(float(v) for v in before - error.cpu().numpy())
+        change["bias_shift"] = shift
+        final = replace(final, bias_shift=list(shift))
+        _, bias = folded_weights(unit)
+        report.bias_shift = float(error.abs().max() / max(float(bias.abs().max()), 1e-12))
+    del conv_fp, q_in
+    # through the unit: the quantized net's output at the deployed quantization
+    acc = _accumulator(unit, final, q_final)
+    y_q = _finish(unit, _dequantized(unit, final, acc, in_place=True), r_q, in_place=True)
+    return y_fp, y_q, change, report
 
 
 def _single_rounding(fused: FusedGraph, stats: dict, options: QuantOptions,

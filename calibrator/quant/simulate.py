@@ -99,9 +99,10 @@ def exact_arithmetic():
         torch.backends.cudnn.enabled = cudnn_enabled
 
 
-def quantize(x: torch.Tensor, scale: float, unsigned: bool, bits: int = 8) -> torch.Tensor:
-    """Integer values (as float tensors) of x at ``scale``."""
-    q = (x * scale).round_()
+def quantize(x: torch.Tensor, scale: float, unsigned: bool, bits: int = 8,
+             in_place: bool = False) -> torch.Tensor:
+    """Integer values (as float tensors) of x at ``scale`` (``in_place``: in ``x``)."""
+    q = (x.mul_(scale) if in_place else x * scale).round_()
     if unsigned:
         return q.clamp_(0, 2 ** bits - 1)
     return q.clamp_(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)

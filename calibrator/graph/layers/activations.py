@@ -22,6 +22,12 @@ class _Elementwise(Layer):
     def apply(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    #: :meth:`apply_` computes what :meth:`apply` does, on ``x`` itself
+    in_place = False
+
+    def apply_(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
 
 @register("ReLU")
 class ReLU(_Elementwise):
@@ -31,18 +37,30 @@ class ReLU(_Elementwise):
         super().__init__(param, bottom_shapes)
         self.negative_slope = float(np.float32(param.relu_param.negative_slope))
 
+    @property
+    def in_place(self) -> bool:
+        return self.negative_slope == 0
+
     def apply(self, x):
         if self.negative_slope == 0:
             return torch.relu(x)
         return torch.clamp(x, min=0) + self.negative_slope * torch.clamp(x, max=0)
+
+    def apply_(self, x):
+        return torch.relu_(x)
 
 
 @register("ReLU6")
 class ReLU6(_Elementwise):
     """min(max(x, 0), 6), as in the MobileNet forks of Caffe."""
 
+    in_place = True
+
     def apply(self, x):
         return torch.clamp(x, 0.0, 6.0)
+
+    def apply_(self, x):
+        return x.clamp_(0.0, 6.0)
 
 
 @register("Clip")
@@ -56,8 +74,13 @@ class Clip(_Elementwise):
             raise self.error("clip_param needs both min and max")
         self.low, self.high = float(np.float32(clip.min)), float(np.float32(clip.max))
 
+    in_place = True
+
     def apply(self, x):
         return torch.clamp(torch.clamp(x, max=self.high), min=self.low)
+
+    def apply_(self, x):
+        return x.clamp_(max=self.high).clamp_(min=self.low)
 
 
 @register("PReLU")

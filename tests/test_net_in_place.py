@@ -1,0 +1,107 @@
+"""Activations run in place on blobs nobody reads after them (calibrator.graph.net): the same
+values as a fresh output, and never on a tensor someone else still holds."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from calibrator.graph.layers.activations import ReLU6
+from calibrator.graph.net import CaffeNet
+from tests.netutil import parse_net, random_weights
+from tests.quant_helpers import conv_text, input_text
+
+SHAPE = (2, 3, 6, 6)
+
+
+def _net(text: str) -> CaffeNet:
+    param = parse_net(input_text(SHAPE) + text)
+    return CaffeNet(param, random_weights(param, seed=2)).eval()
+
+
+def _relu6(name, bottom, top):
+    return f'layer {{ name: "{name}" type: "ReLU6" bottom: "{bottom}" top: "{top}" }}\n'
+
+
+def _conv(net: CaffeNet, x: torch.Tensor) -> torch.Tensor:
+    module = net.node("c").module
+    return F.conv2d(x, module.weight, module.bias, padding=module.pad)
+
+
+def _counting(monkeypatch) -> list:
+    calls = []
+    real = ReLU6.apply_
+    monkeypatch.setattr(ReLU6, "apply_", lambda self, x: calls.append(1) or real(self, x))
+    return calls
+
+
+def test_an_in_place_activation_gives_the_fresh_outputs_values(monkeypatch):
+    net = _net(conv_text("c", "data", "c", 4, 3) + _relu6("r", "c", "c"))
+    calls = _counting(monkeypatch)
+    x = torch.randn(SHAPE) * 3
+    kept = x.clone()
+    with torch.no_grad():
+        y = net({"data": x}, outputs=["c"])["c"]
+        expected = _conv(net, x).clamp(0, 6)
+    assert calls == [1]                               # it did run in place
+    assert torch.allclose(y, expected, atol=1e-5) and (expected == 6).any()
+    assert torch.equal(x, kept)                        # the caller's feed untouched
+
+
+def test_a_blob_read_later_or_kept_is_not_overwritten(monkeypatch):
+    """``r = relu6(c)`` under a new name while an Eltwise reads ``c`` after it: ``c`` keeps
+    its negative values (the sum is r + c); and a hook that keeps what it saw sees it
+    unchanged."""
+    text = (conv_text("c", "data", "c", 4, 3) + _relu6("r", "c", "r")
+            + 'layer { name: "s" type: "Eltwise" bottom: "r" bottom: "c" top: "s" }\n')
+    net = _net(text)
+    calls = _counting(monkeypatch)
+    x = torch.randn(SHAPE) * 3
+    with torch.no_grad():
+        c = _conv(net, x)
+        s = net({"data": x}, outputs=["s"])["s"]
+        assert calls == []
+        assert torch.allclose(s, c.clamp(0, 6) + c, atol=1e-5) and (c < 0).any()
+        seen = {}
+
+        def keep(node, tops):
+            seen.setdefault(node.name, tops[0])
+
+        single = _net(conv_text("c", "data", "c", 4, 3) + _relu6("r", "c", "c"))
+        single({"data": x}, outputs=["c"], hook=keep)
+        assert calls == [] and (seen["c"] < 0).any()   # kept: not clamped under the hook
+
+
+def test_a_view_of_the_bottom_keeps_its_values(monkeypatch):
+    """A Reshape of ``c`` (a view of its memory) is read after the ReLU6 on ``c``: the
+    ReLU6 makes a fresh output, the view keeps the negative values."""
+    text = ('layer { name: "c" type: "InnerProduct" bottom: "data" top: "c" '
+            'inner_product_param { num_output: 8 } }\n'
+            'layer { name: "f" type: "Reshape" bottom: "c" top: "f" '
+            'reshape_param { shape { dim: 0 dim: 2 dim: 4 } } }\n'
+            + _relu6("r", "c", "c"))
+    net = _net(text)
+    calls = _counting(monkeypatch)
+    x = torch.randn(SHAPE) * 3
+    module = net.node("c").module
+    with torch.no_grad():
+        out = net({"data": x}, outputs=["f", "c"])
+        c = F.linear(x.flatten(1), module.weight, module.bias)
+    assert calls == []
+    assert torch.allclose(out["f"], c.reshape(2, 2, 4), atol=1e-5) and (out["f"] < 0).any()
+    assert torch.allclose(out["c"], c.clamp(0, 6), atol=1e-5)
+
+
+def test_consumed_feeds_are_the_passes_to_overwrite(monkeypatch):
+    """``consume``: the caller gives its dict up (emptied); a ReLU6 on a fed blob then runs
+    in place; without it the fed tensor is never written."""
+    net = _net(_relu6("r", "data", "data"))
+    calls = _counting(monkeypatch)
+    x = torch.randn(SHAPE).contiguous(memory_format=torch.channels_last) * 8
+    feeds = {"data": x.clone(memory_format=torch.channels_last)}
+    with torch.no_grad():
+        y = net(feeds, outputs=["data"], keep_all=True, consume=True)["data"]
+        assert feeds == {} and calls == [1] and torch.equal(y, x.clamp(0, 6))
+        mine = {"data": x}
+        net(mine, outputs=["data"])
+    assert calls == [1] and torch.equal(mine["data"], x) and (x < 0).any()
