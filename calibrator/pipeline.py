@@ -32,7 +32,6 @@ from calibrator.quant.layerwise import calibration_subset, layerwise
 from calibrator.quant.scales import eligible_units, kept_fp32
 from calibrator.report import (REPORT_FILES, layer_table, trace_table, unit_cosines,
                                write_report)
-from calibrator.runtime import release_memory
 from calibrator.search import Evaluator, Search, SearchState
 from calibrator.search.adjust import ESTIMATORS as ADJUST_ESTIMATORS
 from calibrator.search.countermeasures import forced_choices
@@ -188,7 +187,6 @@ class Pipeline:
                                 estimators=() if config.quantize_only else ADJUST_ESTIMATORS,
                                 metric=metric, iterations=config.iterations,
                                 single=config.sampling_single)
-        release_memory()
         self.warn_kept_fp32(calibration.fused)
         if config.quantize_only:
             choices = {}
@@ -219,10 +217,8 @@ class Pipeline:
                                                    ("bias correction", bias_correction)) if on)
         self.say(f"{what} on {settings.images} calibration images")
         feeds = calibration_subset(model, settings.images)
-        done = layerwise(model.net, calibration.fused, calibration.stats, calibration.options,
+        return layerwise(model.net, calibration.fused, calibration.stats, calibration.options,
                          choices, feeds, settings)
-        release_memory()
-        return done
 
     def evaluate_force_u8(self, prototxt: Path, backend, metric, result) -> float:
         """The -fu model's metric, which Intel's tool never measured: the written prototxt

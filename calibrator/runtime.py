@@ -4,16 +4,12 @@ decides for itself)."""
 from __future__ import annotations
 
 import ctypes
-import gc
 import sys
 
 import torch
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-
-
-_TUNED = []  # the allocator was tuned (the heap keeps what is freed): release_memory trims
 
 
 def tune_allocator() -> None:
@@ -28,21 +24,9 @@ def tune_allocator() -> None:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
         libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1)
-        _TUNED[:] = [libc]
     except (OSError, AttributeError):  # not glibc: nothing to tune
         pass
 
-
-def release_memory() -> None:
-    """Between two phases of a run (the statistics pass, an evaluation, the layer-wise
-    pass), give the heap's free pages back to the OS (``malloc_trim``, after a garbage
-    collection) where :func:`tune_allocator` made the heap keep them: each phase's
-    temporaries come in other sizes, so a heap that keeps everything grows by a phase's
-    working set at each phase (MobileNetV2's ``-l 0.01``: 1.8-2.0 GB), one trimmed between
-    phases peaks at the largest phase. Costs one round of page faults per phase."""
-    if _TUNED:
-        gc.collect()
-        _TUNED[0].malloc_trim(0)
 
 
 def deterministic_cuda() -> None:

@@ -20,7 +20,6 @@ from calibrator.caffe.types import DATA_LAYER_TYPES
 from calibrator.data.transform import SampleError, Transform
 from calibrator.errors import CalibratorError, LayerError, shorten
 from calibrator.limits import check_blob, check_memory
-from calibrator.runtime import release_memory
 
 _BUILDERS: dict[str, Callable] = {}
 
@@ -142,9 +141,7 @@ class DataSource:
         first = self._images([ordered[0]])[0]
         check_memory(len(ordered) * first.nbytes, f"keeping the {len(ordered)} decoded "
                      f"samples of {len(indices)} batch(es) in memory", self.error)
-        if any(s not in self._cache for s in ordered):
-            self._images(ordered)
-            release_memory()  # the decoding threads' temporaries (whole images) go back
+        self._images(ordered)
 
     def batch(self, index: int) -> dict[str, torch.Tensor]:
         if index < 0:

@@ -33,7 +33,6 @@ from calibrator import distributed
 from calibrator.errors import CalibratorError
 from calibrator.fileio import atomic_write, read_bytes
 from calibrator.metrics import BatchOutcome, Metric, measure
-from calibrator.runtime import release_memory
 
 STATE_VERSION = 1
 
@@ -196,7 +195,6 @@ class Evaluator:
 
         outcomes = measure(self.model, [self.metric], self.iterations, overrides=overrides,
                            reference=fp32, desc=desc, quiet=self.quiet, stop=stop)[0]
-        release_memory()
         if "bound" in verdict:
             outcomes = _Partial(outcomes, verdict["bound"])
         return outcomes, "bound" in verdict

@@ -28,7 +28,6 @@ from calibrator.metrics import loss
 from calibrator.quant.layerwise import LayerwiseSettings, calibration_subset, layerwise
 from calibrator.quant.scales import QuantPlan, with_choice
 from calibrator.quant.simulate import FoldedFP32
-from calibrator.runtime import release_memory
 from calibrator.search.adjust import Adjustment, adjust_layers
 from calibrator.search.countermeasures import (choose_countermeasures, forced_choices,
                                                rank_with_saturation)
@@ -244,7 +243,6 @@ class Search:
             adjusted, reports = layerwise(self.model.net, self.fused, self.calibration.stats,
                                           options, adjusted, feeds, layerwise_settings)
             outcome.layerwise = reports
-            release_memory()
         return adjusted
 
     def _bisect(self, outcome: SearchResult) -> None:
