@@ -28,7 +28,6 @@ def tune_allocator() -> None:
         pass
 
 
-
 def deterministic_cuda() -> None:
     """CUDA as the command line runs it (``--gpu``): the same bits on every run and every
     rank, and FP32 convolutions and matrix products in full float32 as Caffe computes them.
