@@ -3,7 +3,8 @@
 Blobs are named as in Caffe. In-place layers (top == bottom) overwrite the blob name, so
 every *version* of a blob is identified by the node that produced it; hooks see each node's
 tops as they are produced, which is where calibration hangs its observers and the INT8
-simulation its fake-quantizers. Blobs are freed after their last use unless asked for."""
+simulation its fake-quantizers. Blobs are freed after their last use unless asked for, and
+an activation overwrites a bottom nobody reads after it (``CaffeNet._overwritable``)."""
 
 from __future__ import annotations
 
