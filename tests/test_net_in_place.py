@@ -105,3 +105,44 @@ def test_consumed_feeds_are_the_passes_to_overwrite(monkeypatch):
         mine = {"data": x}
         net(mine, outputs=["data"])
     assert calls == [1] and torch.equal(mine["data"], x) and (x < 0).any()
+
+
+def test_the_int8_simulation_quantizes_a_dead_input_in_place_with_the_same_outputs(
+        monkeypatch):
+    """A quantized unit whose input nobody reads after it quantizes that tensor in place
+    (``graph.net.OWNED``); the outputs are those of the same simulation kept from
+    overwriting anything, bit for bit. A fed batch is written only where the forward made
+    its own copy (to NHWC), never where it holds the caller's tensor."""
+    from calibrator.graph import net as net_module
+    from calibrator.quant import simulate
+    from calibrator.quant.simulate import Int8Simulator
+    from tests.quant_helpers import TinyNet, relu_text
+
+    text = (input_text((4, 3, 8, 8)) + conv_text("c1", "data", "a", 6, 3)
+            + relu_text("r1", "a") + conv_text("c2", "a", "b", 5, 3)
+            + relu_text("r2", "b") + conv_text("c3", "b", "c", 4, 1))
+    tiny = TinyNet(text, seed=4)
+    tiny.calibrate(first_conv=True)               # c1 quantizes the batch, c2 and c3 reorder
+    overrides = Int8Simulator(tiny.fused, tiny.plan).overrides
+    flags = []
+    for name in ("quantize", "_reorder"):
+        real = getattr(simulate, name)
+
+        def recording(x, *args, in_place=False, real=real, **kwargs):
+            flags.append(in_place)
+            return real(x, *args, in_place=in_place, **kwargs)
+
+        monkeypatch.setattr(simulate, name, recording)
+    nchw = tiny.batches[0]["data"]
+    nhwc = nchw.contiguous(memory_format=torch.channels_last)
+    kept = nhwc.clone()
+    with torch.no_grad():
+        fast = tiny.net({"data": nchw}, outputs=["c"], overrides=overrides)["c"]
+        assert flags == [True, True, True]        # the batch's NHWC copy, a and b
+        held = tiny.net({"data": nhwc}, outputs=["c"], overrides=overrides)["c"]
+        assert flags[3:] == [False, True, True]   # the caller's NHWC batch: not written
+        monkeypatch.setattr(net_module, "_SOLE", None)          # nothing in place
+        slow = tiny.net({"data": nchw}, outputs=["c"], overrides=overrides)["c"]
+    assert flags[6:] == [False, False, False]
+    assert torch.equal(fast, slow) and torch.equal(held, slow)
+    assert torch.equal(nhwc, kept) and (kept != torch.round(kept)).any()

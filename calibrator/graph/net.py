@@ -48,6 +48,10 @@ def _storage_users(x: torch.Tensor) -> int | None:
 #: what :func:`_storage_users` says of a tensor whose memory nobody else shares
 _SOLE = _storage_users(torch.empty(1))
 
+#: the key under which ``CaffeNet.forward`` tells an override that it may overwrite its first
+#: bottom (``blobs[OWNED]`` is that bottom's name: nobody reads the tensor after the node)
+OWNED = "\0owned"
+
 
 def in_memory_order(x: torch.Tensor) -> torch.Tensor:
     """``x`` flattened in the order its elements lie in memory: a view, no copy, for a dense
@@ -313,20 +317,20 @@ class CaffeNet(torch.nn.Module):
         return cache[wanted]
 
     def _overwritable(self, node: Node, blobs: dict, wanted: set, keep_all: bool) -> bool:
-        """Whether an activation may run in place on its bottom (same values, no new
-        buffer): the layer can; the bottom's value is read by no one after it (an in-place
-        layer's own name, or the bottom's last use, not asked for); and this forward alone
-        holds it: no other reference (the caller's feeds, a simulator's stash, a hook that
-        kept what it saw) and no other tensor on its memory (a view)."""
-        if not getattr(node.module, "in_place", False) or _SOLE is None:
+        """Whether ``node`` may overwrite its first bottom (an activation in place, an
+        override quantizing it in place): the bottom's value is read by no one after it (an
+        in-place layer's own name, or the bottom's last use, not asked for); and this
+        forward alone holds it: no other reference (the caller's feeds, a simulator's
+        stash, a hook that kept what it saw) and no other tensor on its memory (a view)."""
+        if _SOLE is None or not node.bottoms:
             return False
         bottom = node.bottoms[0]
         if bottom not in node.tops and (keep_all or bottom in wanted
                                         or self._last_use.get(bottom) != node.index):
             return False
-        x = blobs[bottom]
+        x = blobs.get(bottom)   # (absent: a fused unit's inner node, which an override skips)
         # references: the blobs dict, ``x`` and getrefcount's argument
-        return (sys.getrefcount(x) == 3 and not x.requires_grad
+        return (x is not None and sys.getrefcount(x) == 3 and not x.requires_grad
                 and _storage_users(x) == _SOLE)
 
     # -- queries -----------------------------------------------------------------------------
@@ -357,7 +361,8 @@ class CaffeNet(torch.nn.Module):
         Returns the ``outputs`` blobs (default: the net's outputs) or, with ``keep_all``,
         every blob's final version. ``hook(node, tops)`` may return replacement tops.
         ``overrides[node.index](node, blobs)`` runs instead of a node (the INT8 simulation
-        uses it): it returns the node's tops, or None to write nothing. ``consume``: the
+        uses it): it returns the node's tops, or None to write nothing; ``blobs[OWNED]``
+        names its first bottom when nobody reads that tensor after it. ``consume``: the
         caller gives up ``feeds`` (a dict, emptied here), so the pass may free or overwrite
         its tensors as it does its own."""
         wanted = set(self.output_names if outputs is None else outputs)
@@ -372,8 +377,12 @@ class CaffeNet(torch.nn.Module):
             override = overrides.get(node.index) if overrides else None
             try:
                 if override is not None:
+                    if self._overwritable(node, blobs, wanted, keep_all):
+                        blobs[OWNED] = node.bottoms[0]
                     tops = override(node, blobs)
-                elif self._overwritable(node, blobs, wanted, keep_all):
+                    blobs.pop(OWNED, None)
+                elif (getattr(node.module, "in_place", False)
+                      and self._overwritable(node, blobs, wanted, keep_all)):
                     tops = (node.module.apply_(blobs[node.bottoms[0]]),)
                 else:
                     tops = node.module(*[blobs[b] for b in node.bottoms])

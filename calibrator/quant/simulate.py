@@ -70,6 +70,7 @@ import numpy as np
 import torch
 
 from calibrator.graph.layers.pooling import caffe_ave_pool_parts
+from calibrator.graph.net import OWNED
 from calibrator.quant.folding import folded_weights
 from calibrator.quant.fusion import FusedGraph, FusedUnit
 from calibrator.quant.scales import LayerQuant, QuantPlan
@@ -395,11 +396,14 @@ def intel_formats(fused: FusedGraph, plan: QuantPlan) -> tuple[dict, set]:
     return formats, fp32_units
 
 
-def _reorder(x: torch.Tensor, source: Format, lq: LayerQuant) -> torch.Tensor:
+def _reorder(x: torch.Tensor, source: Format, lq: LayerQuant, in_place: bool = False
+             ) -> torch.Tensor:
     """INT8 data at ``source`` into a conv's input: the stored integers, reordered by
     ``f32(scale_in / s)`` when the scale or the data type differs (``mkldnn_memory.cpp``
-    :122-139; an s8 source read as u8 at the same scale is taken as is)."""
-    q = (x * _f32(source.scale).to(x.device)).round_()
+    :122-139; an s8 source read as u8 at the same scale is taken as is); ``in_place``:
+    in ``x``."""
+    scale = _f32(source.scale).to(x.device)
+    q = (x.mul_(scale) if in_place else x * scale).round_()
     dtype = "u8" if lq.input_unsigned else "s8"
     if np.float32(source.scale) == np.float32(lq.scale_in) and (
             dtype == source.dtype or dtype == "u8"):
@@ -438,8 +442,9 @@ class FoldedFP32:
             self._install(unit, self._fp32_start, self._fp32_finish)
 
     def _install(self, unit: FusedUnit, start, finish) -> None:
-        """``start(unit, x) -> value`` at the layer node, ``finish(unit, value, blobs) ->
-        output`` at the last node."""
+        """``start(unit, x, owned) -> value`` at the layer node (``owned``: nobody reads
+        ``x`` after it, ``graph.net.OWNED``), ``finish(unit, value, blobs) -> output`` at the
+        last node."""
         key = f"\0acc:{unit.name}"
         single = unit.last is unit.layer
         for node in unit.nodes:
@@ -448,7 +453,8 @@ class FoldedFP32:
             self.overrides[unit.eltwise.index] = self._make_stash(unit)
 
         def on_layer(node, blobs):
-            value = start(unit, blobs[node.bottoms[0]])
+            bottom = node.bottoms[0]
+            value = start(unit, blobs[bottom], blobs.get(OWNED) == bottom)
             if single:
                 return (finish(unit, value, blobs),)
             blobs[key] = value
@@ -486,7 +492,7 @@ class FoldedFP32:
                 return i
         raise AssertionError("residual not found")  # pragma: no cover
 
-    def _fp32_start(self, unit: FusedUnit, x: torch.Tensor) -> torch.Tensor:
+    def _fp32_start(self, unit: FusedUnit, x: torch.Tensor, owned: bool) -> torch.Tensor:
         if unit.name not in self._weights:
             weight, bias = folded_weights(unit)
             self._weights[unit.name] = (weight.to(x.device), bias.to(x.device))
@@ -624,15 +630,15 @@ class Int8Simulator(FoldedFP32):
         lq = kernel.quant
         source = self.formats.get(kernel.unit.input.key, F32)
 
-        def start(unit, x):
+        def start(unit, x, owned):  # owned: quantized in place (nobody reads x after)
             if rule is not None:
                 q_in = runtime_quantize(x, rule)
             elif lq.force_u8_input:       # reorder scale 1.0: the data are u8 values already
-                q_in = quantize(x, 1.0, True, lq.bits)
+                q_in = quantize(x, 1.0, True, lq.bits, in_place=owned)
             elif source.int8:
-                q_in = _reorder(x, source, lq)
+                q_in = _reorder(x, source, lq, in_place=owned)
             else:
-                q_in = quantize(x, lq.scale_in, lq.input_unsigned, lq.bits)
+                q_in = quantize(x, lq.scale_in, lq.input_unsigned, lq.bits, in_place=owned)
             if kernel.bias_folds:
                 return kernel.biased(q_in)
             return kernel.accumulate(q_in, self.saturation)
