@@ -11,17 +11,19 @@ depends only on its own weight scale, so the weight step picks every channel's b
 at once; the activation step scores the whole output. Both steps evaluate every candidate
 in a few batched matrix products (the candidates stacked, in chunks bounded in memory) on
 a fixed random sample of the unit's output positions: int8 x int8 -> int32 products for a
-one-group layer on the CPU (exact), the input step of a many-group (depthwise) layer a few
-groups at a time, in cache; where the unit's output is affine in its weights (no ReLU, no
-residual) the weight step scores the candidates from moments of the patches instead
-(:class:`_WeightMoments`).
+one-group layer on the CPU (exact), the input step of a many-group layer a few groups at a
+time, in cache (a depthwise layer's tap by tap, :meth:`_Unit._tap_sums`); where the unit's
+output is affine in its weights (no ReLU, no residual) the weight step scores the candidates
+from moments of the patches instead (:class:`_WeightMoments`).
 
 Bias correction (Nagel et al. 2019; NNCF's "fast bias correction"): per output channel, the
 mean error of the unit's INT8 output (before its ReLU and residual add) against FP32 over
 the calibration images, measured with the quantized upstream, is subtracted from the bias.
 
 During the pass the quantized units write unrounded (FP32) outputs, so each unit's input is
-rounded once, at the input scale being searched; afterwards a unit whose output feeds only
+rounded once, at the input scale being searched; a unit's input that nothing after it reads
+is dropped once used (its quantized copy quantized in place), so the pass holds about one
+layer's activations of each net at a time. Afterwards a unit whose output feeds only
 one quantized consumer takes that consumer's input threshold as its output threshold (one
 rounding in the final plan too).
 """
