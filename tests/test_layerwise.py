@@ -180,12 +180,11 @@ def test_bias_correction_zeroes_each_channels_mean_error():
                                  LayerwiseSettings(easyquant=False))
     plan = build_plan(net.fused, net.stats, options, choices)
     assert plan.layers["c2"].bias_shift is not None and reports["c2"].bias_shift > 0
-    from calibrator.quant.layerwise import (_accumulator, _dequantized, _fp32_unit,
+    from calibrator.quant.layerwise import (_constants, _dequantized, _fp32_unit,
                                             _quantized_input)
 
     def _quantized_unit(unit, lq, x):
-        q_in = _quantized_input(lq, x, in_place=False)
-        return _dequantized(unit, lq, _accumulator(unit, lq, q_in), in_place=True)
+        return _dequantized(unit, _constants(unit, lq), _quantized_input(lq, x, False))
 
     x = net.batches[0]["data"]
     unit1, unit2 = net.fused.by_name["c1"], net.fused.by_name["c2"]

@@ -497,12 +497,24 @@ def _quantized_input(lq, x: torch.Tensor, in_place: bool) -> torch.Tensor:
     return quantize(x.float(), lq.scale_in, lq.input_unsigned, lq.bits, in_place=in_place)
 
 
-def _accumulator(unit: FusedUnit, lq, q_in: torch.Tensor) -> torch.Tensor:
-    """The unit's integer accumulator, without its bias, from its quantized input and
-    weights (the weights do not depend on the bias shift)."""
+def _constants(unit: FusedUnit, lq) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(integer weights, Intel's int32 bias at ``lq``'s bias shift, the divisor that takes
+    ``acc + bias`` back to real units) of a unit quantized at ``lq``."""
     weight, bias = folded_weights(unit, lq.bias_shift)
-    q_w, _, _ = intel_constants(weight, bias, lq, weight.device)
-    return unit.layer.module.run_with(q_in, q_w, None)
+    q_w, q_b, _ = intel_constants(weight, bias, lq, weight.device)
+    scales = torch.tensor(np.asarray(lq.scale_params, np.float32), device=weight.device)
+    _, divisor = intel_bias(bias.float(), np.float32(lq.scale_in) * scales)
+    return q_w, q_b, divisor
+
+
+def _dequantized(unit: FusedUnit, constants, q_in: torch.Tensor) -> torch.Tensor:
+    """The unit's output before the ReLU and residual from its quantized input: the integer
+    accumulator, Intel's int32 bias added, divided by the scales, unrounded (what bias
+    correction compares); ``constants``: :func:`_constants`."""
+    q_w, q_b, divisor = constants
+    acc = unit.layer.module.run_with(q_in, q_w, None)
+    per = (1, -1) + (1,) * (acc.dim() - 2)
+    return acc.add_(q_b.reshape(per)).div_(divisor.reshape(per))   # acc is fresh: in place
 
 
 def _channel_sums(values: torch.Tensor) -> torch.Tensor:
@@ -515,21 +527,8 @@ def _channel_sums(values: torch.Tensor) -> torch.Tensor:
 
 
 def _quantized_as(lq) -> tuple:
-    """What :func:`_accumulator` reads of a unit's quantization."""
+    """What a unit's quantized input and integer weights depend on (not its bias)."""
     return lq.scale_in, tuple(lq.scale_params), lq.input_unsigned, lq.bits
-
-
-def _dequantized(unit: FusedUnit, lq, acc: torch.Tensor, in_place: bool) -> torch.Tensor:
-    """The unit's output before the ReLU and residual from its accumulator (Intel's int32
-    bias at ``lq``'s bias shift added, divided by the scales, unrounded): what bias
-    correction compares; ``in_place``: on ``acc`` itself."""
-    weight, bias = folded_weights(unit, lq.bias_shift)
-    _, q_b, _ = intel_constants(weight, bias, lq, weight.device)
-    scales = torch.tensor(np.asarray(lq.scale_params, np.float32), device=weight.device)
-    _, divisor = intel_bias(bias.float(), np.float32(lq.scale_in) * scales)
-    per = (1, -1) + (1,) * (acc.dim() - 2)
-    out = acc.add_(q_b.reshape(per)) if in_place else acc + q_b.reshape(per)
-    return out.div_(divisor.reshape(per))
 
 
 def _fp32_unit(unit: FusedUnit, x: torch.Tensor) -> torch.Tensor:
@@ -665,7 +664,7 @@ def _through_unit(unit: FusedUnit, fused: FusedGraph, fp_blobs: dict, q_blobs: d
     q_final = q_in if same else _quantized_input(final, x_q, in_place=False)
     del x_q
     if settings.bias_correction:
-        conv_q = _dequantized(unit, lq, _accumulator(unit, lq, q_in), in_place=True)
+        conv_q = _dequantized(unit, _constants(unit, lq), q_in)
         # the mean error per channel, the float32 differences summed in float64
         error = _channel_sums(conv_q.sub_(conv_fp)) / (conv_q.numel() // conv_q.shape[1])
         del conv_q
@@ -681,8 +680,8 @@ def _through_unit(unit: FusedUnit, fused: FusedGraph, fp_blobs: dict, q_blobs: d
         report.bias_shift = float(error.abs().max() / max(float(bias.abs().max()), 1e-12))
     del conv_fp, q_in
     # through the unit: the quantized net's output at the deployed quantization
-    acc = _accumulator(unit, final, q_final)
-    y_q = _finish(unit, _dequantized(unit, final, acc, in_place=True), r_q, in_place=True)
+    y_q = _finish(unit, _dequantized(unit, _constants(unit, final), q_final), r_q,
+                  in_place=True)
     return y_fp, y_q, change, report
 
 

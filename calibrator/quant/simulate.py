@@ -100,10 +100,15 @@ def exact_arithmetic():
         torch.backends.cudnn.enabled = cudnn_enabled
 
 
+def _rounded(x: torch.Tensor, scale, in_place: bool) -> torch.Tensor:
+    """rne(x * scale), a new tensor or (``in_place``) ``x`` itself."""
+    return (x.mul_(scale) if in_place else x * scale).round_()
+
+
 def quantize(x: torch.Tensor, scale: float, unsigned: bool, bits: int = 8,
              in_place: bool = False) -> torch.Tensor:
     """Integer values (as float tensors) of x at ``scale`` (``in_place``: in ``x``)."""
-    q = (x.mul_(scale) if in_place else x * scale).round_()
+    q = _rounded(x, scale, in_place)
     if unsigned:
         return q.clamp_(0, 2 ** bits - 1)
     return q.clamp_(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
@@ -402,8 +407,7 @@ def _reorder(x: torch.Tensor, source: Format, lq: LayerQuant, in_place: bool = F
     ``f32(scale_in / s)`` when the scale or the data type differs (``mkldnn_memory.cpp``
     :122-139; an s8 source read as u8 at the same scale is taken as is); ``in_place``:
     in ``x``."""
-    scale = _f32(source.scale).to(x.device)
-    q = (x.mul_(scale) if in_place else x * scale).round_()
+    q = _rounded(x, _f32(source.scale).to(x.device), in_place)
     dtype = "u8" if lq.input_unsigned else "s8"
     if np.float32(source.scale) == np.float32(lq.scale_in) and (
             dtype == source.dtype or dtype == "u8"):

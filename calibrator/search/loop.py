@@ -19,6 +19,7 @@ the probe (batch 0) runs on every rank and its results are rank 0's everywhere.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field, replace
 
@@ -90,19 +91,6 @@ class SearchSettings:
 class _Budget(Exception):
     def __init__(self, why):
         self.why = why
-
-
-class _Lazy:
-    """A value made by ``make`` on the first call, then kept (the probe's FP32 activations
-    of a few images at every cut: hundreds of MB that a search met early never needs)."""
-
-    def __init__(self, make):
-        self._make, self._value = make, None
-
-    def __call__(self):
-        if self._make is not None:
-            self._value, self._make = self._make(), None
-        return self._value
 
 
 class Search:
@@ -252,7 +240,9 @@ class Search:
         current = self.evaluate(plan, "all INT8", verdict_only=False)
         if self.met(current):
             return
-        probe = _Lazy(self._probe)  # made when first needed: often never (-l met before)
+        # the probe (FP32 activations of a few images at every cut, hundreds of MB) is made
+        # when first needed, then kept: a search met by its whole-net step never makes it
+        probe = functools.cache(self._probe)
         # 1. whole-net adjustments (and, where the target saturates, the counter-measures
         #    chosen on the probe), confirmed by one full evaluation
         fixes: list[Adjustment] = []
