@@ -1,0 +1,77 @@
+"""The fast bin counts against ``torch.histc`` itself (the reference the growing histograms
+and the KL tests were written against), on values placed where float32 rounding decides the
+bin: each bin edge and its neighbouring floats, for ranges of every magnitude."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from calibrator.quant import counting
+from calibrator.quant.counting import bin_counts
+from calibrator.quant.kl import _SMALLEST
+
+
+def histc(values: torch.Tensor, bins: int, high: float, absolute: bool) -> torch.Tensor:
+    """torch.histc's own counts as int64 (``values`` small enough for exact float counts)."""
+    x = values.abs() if absolute else values
+    return torch.histc(x, bins=bins, min=_SMALLEST, max=high).to(torch.int64)
+
+
+def edge_values(bins: int, high: float, rng: np.random.Generator) -> np.ndarray:
+    """Each bin edge k * high / bins and the two floats either side of it, random values,
+    exact zeros, the smallest positive float, and high itself."""
+    edges = (np.arange(bins + 1, dtype=np.float64) * high / bins).astype(np.float32)
+    around = np.concatenate([edges, np.nextafter(edges, np.float32(0)),
+                             np.nextafter(edges, np.float32(np.inf))])
+    around = around[(around >= 0) & (around <= np.float32(high))]
+    rand = (rng.random(50_000) * high).astype(np.float32)
+    special = np.array([0.0, 0.0, _SMALLEST, np.float32(high)], np.float32)
+    return np.concatenate([around, rand, special]).astype(np.float32)
+
+
+@pytest.mark.parametrize("high", [1e-30, 3.0e-3, 0.7, 1.0, 6.0, 35.1, 4095.0, 1e5])
+@pytest.mark.parametrize("bins", [64, 2048, 65536])
+def test_counts_equal_torch_histc_at_every_bin_edge(high, bins):
+    rng = np.random.default_rng(bins)
+    values = torch.from_numpy(edge_values(bins, high, rng))
+    signed = values * torch.from_numpy(np.where(rng.random(values.numel()) < 0.5, -1, 1)
+                                       .astype(np.float32))
+    for absolute, x in ((False, values), (True, signed)):
+        got = bin_counts(x, bins, _SMALLEST, float(np.float32(high)), absolute)
+        want = histc(x, bins, float(np.float32(high)), absolute)
+        assert got.dtype == torch.int64
+        assert torch.equal(got, want), (high, bins, absolute)
+        assert int(got.sum()) == int((x != 0).sum())      # the zeros are not counted
+
+
+def test_many_slices_on_several_threads_count_what_one_slice_counts(monkeypatch):
+    """Split into many slices, counted on a pool of threads and summed: the same counts as
+    histc; and the same on one thread."""
+    rng = np.random.default_rng(3)
+    x = torch.from_numpy(np.maximum(rng.standard_normal(300_001), 0).astype(np.float32))
+    high = float(x.max())
+    want = histc(x, 2048, high, False)
+    monkeypatch.setattr(counting, "SLICE", 4096)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            assert torch.equal(bin_counts(x, 2048, _SMALLEST, high, False), want)
+            assert torch.get_num_threads() == n          # the caller's setting is restored
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_ranges_past_the_exact_route_fall_back_to_histc(monkeypatch):
+    """A range of 2 x bins or more would round a zero's key to -0 (bin 0): histc counts it."""
+    calls = []
+    real = torch.histc
+    monkeypatch.setattr(torch, "histc", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.tensor([0.0, 1.0, 500.0, 1000.0])
+    counts = bin_counts(x, 64, _SMALLEST, 1000.0, False)
+    assert calls and int(counts.sum()) == 3 and int(counts[0]) == 1 and int(counts[-1]) == 1
+    calls.clear()
+    bin_counts(x, 1024, _SMALLEST, 1000.0, False)
+    assert not calls
