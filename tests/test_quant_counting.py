@@ -31,7 +31,8 @@ def edge_values(bins: int, high: float, rng: np.random.Generator) -> np.ndarray:
     return np.concatenate([around, rand, special]).astype(np.float32)
 
 
-@pytest.mark.parametrize("high", [1e-30, 3.0e-3, 0.7, 1.0, 6.0, 35.1, 4095.0, 1e5])
+@pytest.mark.parametrize("high", [3e-45, 1e-42, 1e-39, 1e-30, 3.0e-3, 0.7, 1.0, 6.0, 35.1,
+                                  4095.0, 1e5])
 @pytest.mark.parametrize("bins", [64, 2048, 65536])
 def test_counts_equal_torch_histc_at_every_bin_edge(high, bins):
     rng = np.random.default_rng(bins)
@@ -65,7 +66,8 @@ def test_many_slices_on_several_threads_count_what_one_slice_counts(monkeypatch)
 
 
 def test_ranges_past_the_exact_route_fall_back_to_histc(monkeypatch):
-    """A range of 2 x bins or more would round a zero's key to -0 (bin 0): histc counts it."""
+    """A range of 2 x bins or more would round a zero's key to -0 (bin 0), a subnormal one
+    put it below -1: histc counts those."""
     calls = []
     real = torch.histc
     monkeypatch.setattr(torch, "histc", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -75,3 +77,6 @@ def test_ranges_past_the_exact_route_fall_back_to_histc(monkeypatch):
     calls.clear()
     bin_counts(x, 1024, _SMALLEST, 1000.0, False)
     assert not calls
+    tiny = torch.tensor([0.0, 1e-43, 2e-43])                 # subnormal: quotient below -1
+    counts = bin_counts(tiny, 256, _SMALLEST, 2e-43, False)
+    assert calls and torch.equal(counts, histc(tiny, 256, 2e-43, False)) and int(counts.sum()) == 2

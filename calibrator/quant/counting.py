@@ -4,31 +4,30 @@
 ``histogramdd_cpu_contiguous`` with ``LINEAR_INTERPOLATION``, the histc code path) puts an
 element ``e`` with ``low <= e <= high`` in bin ``int((e - low) * bins / (high - low))``,
 every operation in float32, the element equal to ``high`` in the last bin, the others
-skipped; it spends about 35 cycles an element on that scalar loop. Here the same float32
+skipped, in a scalar loop. Here the same float32
 operations run as vectorised tensor operations on slices of half a million elements
 (``floor`` of the quotient, plus one, so that an element below ``low`` lands in an extra
 bin 0 of its own), and the bin numbers are counted by ``torch.bincount`` in int64: the
-slices are shared among as many threads as torch has, each counting its own on one core.
+slices are shared among torch's threads (:func:`calibrator.threads.on_cores`), one core each.
 The counts are integers, so they are the same in any order, on any number of threads.
 
 Only for what the calibrator histograms: |x| or a tensor without negative values, finite,
 no value above ``high``, ``low`` the smallest positive float32 (so nothing but exact zeros
-lies below it). Outside that (``high`` so large that ``-low * bins / (high - low)`` would
-round to -0 and a zero would join bin 0), :func:`bin_counts` falls back to ``torch.histc``.
+lies below it). A zero's quotient ``-low * bins / (high - low)`` must lie in [-1, 0): where
+``high`` is so large that it would round to -0 (and a zero would join bin 0), or so small
+(subnormal) that it would fall below -1, :func:`bin_counts` falls back to ``torch.histc``.
 """
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import torch
+
+from calibrator.threads import on_cores
 
 #: elements per slice: large enough that the per-operation overhead is small, small enough
 #: that a slice's temporaries stay in the core's cache
 SLICE = 1 << 19
-
-_pools: dict[int, ThreadPoolExecutor] = {}
 
 
 def bin_counts(flat: torch.Tensor, bins: int, low: float, high: float,
@@ -37,27 +36,15 @@ def bin_counts(flat: torch.Tensor, bins: int, low: float, high: float,
     [``low``, ``high``], exactly as ``torch.histc`` counts them (see the module's text for
     what ``flat`` may hold). ``flat``: a 1-D float tensor."""
     width = float(np.float32(high) - np.float32(low))
-    if flat.device.type != "cpu" or not 0 < width < 2 * bins or low <= 0:
+    if flat.device.type != "cpu" or low <= 0 or not low * bins <= width < 2 * bins:
         return _histc(flat, bins, low, high, absolute)
     slices = flat.split(SLICE)
-    threads = min(torch.get_num_threads(), len(slices))
-    if threads <= 1:
-        counts = _count_all(slices, bins, low, width, absolute)
-    else:
-        pool = _pools.get(threads)
-        if pool is None:
-            pool = _pools[threads] = ThreadPoolExecutor(threads, "calibrator-bincount")
-        shares = [slices[i::threads] for i in range(threads)]
-        outer = torch.get_num_threads()
-        torch.set_num_threads(1)   # each thread counts its share on one core
-        try:
-            parts = list(pool.map(lambda share: _count_all(share, bins, low, width, absolute),
-                                  shares))
-        finally:
-            torch.set_num_threads(outer)
-        counts = parts[0]
-        for part in parts[1:]:
-            counts += part
+    shares = min(torch.get_num_threads(), len(slices))
+    parts = on_cores(lambda share: _count_all(share, bins, low, width, absolute),
+                     [slices[i::shares] for i in range(shares)])
+    counts = parts[0]
+    for part in parts[1:]:
+        counts += part
     counts[bins] += counts[bins + 1]   # the elements equal to high: the last bin
     return counts[1:bins + 1]
 
