@@ -3,10 +3,9 @@
 Some of the calibrator's work is many small torch operations on independent pieces (the bin
 counts of a tensor's slices, :mod:`calibrator.quant.counting`): torch runs each operation on
 all its threads but gains little on pieces that small, and some (``torch.bincount``) run on
-one.
-:func:`on_cores` hands the pieces to as many Python threads as torch has (torch releases the
-GIL inside its operations), each running its operations on one core. The results are each
-piece's own, so they do not depend on the number of threads."""
+one. :func:`on_cores` hands the pieces to as many Python threads as torch has (torch releases
+the GIL inside its operations), each running its operations on one core. The results are
+each piece's own, so they do not depend on the number of threads."""
 
 from __future__ import annotations
 
@@ -27,7 +26,8 @@ def on_cores(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
     """``[fn(item) for item in items]``, the calls shared among torch's threads, each
     thread's torch operations on one core while they run (torch's setting is restored)."""
     items = list(items)
-    threads = min(torch.get_num_threads(), len(items))
+    outer = torch.get_num_threads()
+    threads = min(outer, len(items))
     if threads <= 1 or threading.current_thread().name.startswith(_NAME):  # (nested: here)
         return [fn(item) for item in items]
     pool = _pools.get(threads)
@@ -37,4 +37,4 @@ def on_cores(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
     try:
         return list(pool.map(fn, items))
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(outer)

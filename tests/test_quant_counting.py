@@ -80,3 +80,18 @@ def test_ranges_past_the_exact_route_fall_back_to_histc(monkeypatch):
     tiny = torch.tensor([0.0, 1e-43, 2e-43])                 # subnormal: quotient below -1
     counts = bin_counts(tiny, 256, _SMALLEST, 2e-43, False)
     assert calls and torch.equal(counts, histc(tiny, 256, 2e-43, False)) and int(counts.sum()) == 2
+
+
+def test_fewer_pieces_than_threads_restore_the_callers_thread_count():
+    """Two pieces on four threads: two worker threads, and torch's four threads afterwards
+    (the count of pieces must not become the caller's setting)."""
+    from calibrator.threads import on_cores
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        seen = on_cores(lambda n: (n, torch.get_num_threads()), [1, 2])
+        assert seen == [(1, 1), (2, 1)]                   # each piece on one core
+        assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(threads)

@@ -4,12 +4,12 @@
 ``histogramdd_cpu_contiguous`` with ``LINEAR_INTERPOLATION``, the histc code path) puts an
 element ``e`` with ``low <= e <= high`` in bin ``int((e - low) * bins / (high - low))``,
 every operation in float32, the element equal to ``high`` in the last bin, the others
-skipped, in a scalar loop. Here the same float32
-operations run as vectorised tensor operations on slices of half a million elements
-(``floor`` of the quotient, plus one, so that an element below ``low`` lands in an extra
-bin 0 of its own), and the bin numbers are counted by ``torch.bincount`` in int64: the
-slices are shared among torch's threads (:func:`calibrator.threads.on_cores`), one core each.
-The counts are integers, so they are the same in any order, on any number of threads.
+skipped, in a scalar loop. Here the same float32 operations run as vectorised tensor
+operations on slices of half a million elements (``floor`` of the quotient, plus one, so
+that an element below ``low`` lands in an extra bin 0 of its own), and the bin numbers are
+counted by ``torch.bincount`` in int64, the slices shared among torch's threads
+(:func:`calibrator.threads.on_cores`), one core each. The counts are integers: the same in
+any order, on any number of threads.
 
 Only for what the calibrator histograms: |x| or a tensor without negative values, finite,
 no value above ``high``, ``low`` the smallest positive float32 (so nothing but exact zeros

@@ -123,7 +123,7 @@ def abs_histogram(x: torch.Tensor, absmax: float, bins: int = NUM_BINS,
     ``nonnegative``: ``x`` has no negative value (a ReLU's output), |x| is x itself.
 
     The bins are ``torch.histc``'s (counted by :func:`~calibrator.quant.counting.bin_counts`,
-    the same counts faster). Its range starts at the smallest positive float32 (a
+    the same counts faster). The range starts at the smallest positive float32 (a
     subnormal): an exact zero falls below it and is not counted, so no separate pass counts
     the zeros; every other value lands in the bin it has over [0, absmax] (``v - 2^-149``
     differs from ``v`` only for values below 2^-124, which are in bin 0 either way unless
