@@ -110,7 +110,7 @@ def test_consumed_feeds_are_the_passes_to_overwrite(monkeypatch):
 def test_the_int8_simulation_quantizes_a_dead_input_in_place_with_the_same_outputs(
         monkeypatch):
     """A quantized unit whose input nobody reads after it quantizes that tensor in place
-    (``graph.net.OWNED``); the outputs are those of the same simulation kept from
+    (``graph.net.Blobs.owned``); the outputs are those of the same simulation kept from
     overwriting anything, bit for bit. A fed batch is written only where the forward made
     its own copy (to NHWC), never where it holds the caller's tensor."""
     from calibrator.graph import net as net_module

@@ -48,9 +48,12 @@ def _storage_users(x: torch.Tensor) -> int | None:
 #: what :func:`_storage_users` says of a tensor whose memory nobody else shares
 _SOLE = _storage_users(torch.empty(1))
 
-#: the key under which ``CaffeNet.forward`` tells an override that it may overwrite its first
-#: bottom (``blobs[OWNED]`` is that bottom's name: nobody reads the tensor after the node)
-OWNED = "\0owned"
+class Blobs(dict):
+    """The blobs of one forward pass, by name. ``owned``: while an override runs, its first
+    bottom's name when nobody reads that tensor after the node (the override may overwrite
+    it), else None; a copy of the dict (``dict(blobs)``) carries no such permission."""
+
+    owned: str | None = None
 
 
 def in_memory_order(x: torch.Tensor) -> torch.Tensor:
@@ -361,12 +364,12 @@ class CaffeNet(torch.nn.Module):
         Returns the ``outputs`` blobs (default: the net's outputs) or, with ``keep_all``,
         every blob's final version. ``hook(node, tops)`` may return replacement tops.
         ``overrides[node.index](node, blobs)`` runs instead of a node (the INT8 simulation
-        uses it): it returns the node's tops, or None to write nothing; ``blobs[OWNED]``
-        names its first bottom when nobody reads that tensor after it. ``consume``: the
-        caller gives up ``feeds`` (a dict, emptied here), so the pass may free or overwrite
-        its tensors as it does its own."""
+        uses it): it returns the node's tops, or None to write nothing; ``blobs.owned``
+        (:class:`Blobs`) names its first bottom when nobody reads that tensor after it.
+        ``consume``: the caller gives up ``feeds`` (a dict, emptied here), so the pass may
+        free or overwrite its tensors as it does its own."""
         wanted = set(self.output_names if outputs is None else outputs)
-        blobs = {name: channels_last(value) for name, value in feeds.items()}
+        blobs = Blobs({name: channels_last(value) for name, value in feeds.items()})
         if consume:
             feeds.clear()
         nodes = self.nodes[start:stop]
@@ -378,9 +381,9 @@ class CaffeNet(torch.nn.Module):
             try:
                 if override is not None:
                     if self._overwritable(node, blobs, wanted, keep_all):
-                        blobs[OWNED] = node.bottoms[0]
+                        blobs.owned = node.bottoms[0]
                     tops = override(node, blobs)
-                    blobs.pop(OWNED, None)
+                    blobs.owned = None
                 elif (getattr(node.module, "in_place", False)
                       and self._overwritable(node, blobs, wanted, keep_all)):
                     tops = (node.module.apply_(blobs[node.bottoms[0]]),)

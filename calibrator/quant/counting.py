@@ -40,20 +40,14 @@ def bin_counts(flat: torch.Tensor, bins: int, low: float, high: float,
         return _histc(flat, bins, low, high, absolute)
     slices = flat.split(SLICE)
     shares = min(torch.get_num_threads(), len(slices))
-    parts = on_cores(lambda share: _count_all(share, bins, low, width, absolute),
-                     [slices[i::shares] for i in range(shares)])
-    counts = parts[0]
-    for part in parts[1:]:
-        counts += part
+    counts = sum(on_cores(lambda share: _count_all(share, bins, low, width, absolute),
+                          [slices[i::shares] for i in range(shares)]))
     counts[bins] += counts[bins + 1]   # the elements equal to high: the last bin
     return counts[1:bins + 1]
 
 
 def _count_all(slices, bins: int, low: float, width: float, absolute: bool) -> torch.Tensor:
-    counts = _count(slices[0], bins, low, width, absolute)
-    for piece in slices[1:]:
-        counts += _count(piece, bins, low, width, absolute)
-    return counts
+    return sum(_count(piece, bins, low, width, absolute) for piece in slices)
 
 
 def _count(piece: torch.Tensor, bins: int, low: float, width: float,

@@ -70,7 +70,6 @@ import numpy as np
 import torch
 
 from calibrator.graph.layers.pooling import caffe_ave_pool_parts
-from calibrator.graph.net import OWNED
 from calibrator.quant.folding import folded_weights
 from calibrator.quant.fusion import FusedGraph, FusedUnit
 from calibrator.quant.scales import LayerQuant, QuantPlan
@@ -447,7 +446,7 @@ class FoldedFP32:
 
     def _install(self, unit: FusedUnit, start, finish) -> None:
         """``start(unit, x, owned) -> value`` at the layer node (``owned``: nobody reads
-        ``x`` after it, ``graph.net.OWNED``), ``finish(unit, value, blobs) -> output`` at the
+        ``x`` after it, ``graph.net.Blobs.owned``), ``finish(unit, value, blobs) -> output`` at the
         last node."""
         key = f"\0acc:{unit.name}"
         single = unit.last is unit.layer
@@ -458,7 +457,7 @@ class FoldedFP32:
 
         def on_layer(node, blobs):
             bottom = node.bottoms[0]
-            value = start(unit, blobs[bottom], blobs.get(OWNED) == bottom)
+            value = start(unit, blobs[bottom], getattr(blobs, "owned", None) == bottom)
             if single:
                 return (finish(unit, value, blobs),)
             blobs[key] = value

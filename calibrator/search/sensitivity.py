@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import torch
 
-from calibrator.graph.net import OWNED
 from calibrator.quant.scales import QuantPlan
 
 
@@ -55,7 +54,7 @@ def make_probe(net, fused, feeds: dict, outputs: list[str], classifier: bool = T
     snapshots = {}
 
     def snapshot_then_run(node, blobs):
-        snapshots[cut_nodes[node.index]] = {k: v for k, v in blobs.items() if k != OWNED}
+        snapshots[cut_nodes[node.index]] = dict(blobs)
         return node.module(*[blobs[b] for b in node.bottoms])
 
     with torch.no_grad():  # a hook: every node runs, so every unit gets its snapshot
