@@ -14,9 +14,9 @@ import torch
 import calibrator.quant.simulate as simulate
 from calibrator.quant.fusion import analyze
 from calibrator.quant.scales import LayerQuant, QuantOptions, QuantPlan
-from tests.quant_helpers import (TinyNet, as_integers, conv_int64, dequantized, input_text,
-                                 intel_output, quantize_bias, quantize_input, quantize_weights,
-                                 relu_text)
+from tests.quant_helpers import (TinyNet, as_integers, conv_int64, conv_text, dequantized,
+                                 input_text, intel_output, quantize_bias, quantize_input,
+                                 quantize_weights, relu_text)
 
 
 class Case:
@@ -70,7 +70,12 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
 def run_simulation(net: TinyNet, plan: QuantPlan, captured=None, device="cpu"):
     """The simulated outputs (on the CPU) of the first batch; ``captured`` gets each
     node's first top. On CUDA nothing is set beforehand: the simulator turns TF32 off for its
-    own accumulations."""
+    own accumulations.
+
+    The outputs come from a run without a hook, where the units hand each other the stored
+    integers (``simulate.StoredIntegers``); the captured tops from a second run with a hook,
+    which sees every top's values, so each unit there reads what Caffe reads: both runs must
+    give the same outputs, bit for bit."""
     net.net.to(device)
     try:
         sim = simulate.Int8Simulator(analyze(net.net), plan)
@@ -81,7 +86,11 @@ def run_simulation(net: TinyNet, plan: QuantPlan, captured=None, device="cpu"):
 
         feeds = {k: v.to(device) for k, v in net.batches[0].items()}
         with torch.no_grad():
-            out = net.net(feeds, overrides=sim.overrides, hook=hook)
+            out = net.net(dict(feeds), overrides=sim.overrides)
+            seen = net.net(dict(feeds), overrides=sim.overrides, hook=hook)
+        assert out.keys() == seen.keys()
+        for name in out:
+            assert torch.equal(out[name], seen[name]), name
         return {k: v.cpu() for k, v in out.items()}
     finally:
         net.net.to("cpu")
@@ -285,3 +294,48 @@ def test_fused_residual_net_is_bit_exact(device):
     # and it is an approximation of the FP32 net
     fp32 = net.net(net.batches[0])["c"].numpy()
     assert np.abs(out - fp32).max() < 0.1 * np.abs(fp32).max()
+
+
+def test_linear_bottleneck_with_its_sum_last_is_bit_exact():
+    """MobileNetV2's residual block: conv_0 (ReLU) -> conv_a (linear: s8 out) -> conv_b + a
+    (the sum fused into conv_b, its last node: s8 out) -> conv_c. conv_b reads its residual
+    as the stored integers conv_a handed on (``simulate.StoredIntegers``), conv_c the stored
+    sum; the integers equal the numpy reference's."""
+    text = (input_text((2, 4, 6, 6))
+            + conv_text("conv_0", "data", "z", 8, 3) + relu_text("relu_0", "z")
+            + conv_text("conv_a", "z", "a", 8, 1)
+            + conv_text("conv_b", "a", "b", 8, 3)
+            + 'layer { name: "add" type: "Eltwise" bottom: "a" bottom: "b" top: "s" }\n'
+            + conv_text("conv_c", "s", "c", 4, 1) + relu_text("relu_c", "c"))
+    net = TinyNet(text, seed=5)
+    plan = net.calibrate(first_conv=True, estimator="MAXP")
+    unit = net.fused.by_name["conv_b"]
+    assert unit.last is unit.eltwise
+    zero, a, b, c = (plan.layers[n] for n in ("conv_0", "conv_a", "conv_b", "conv_c"))
+    assert zero.output_int8 and a.output_int8 and b.output_int8 and not c.output_int8
+    assert not a.output_unsigned and not b.input_unsigned and not c.input_unsigned
+    captured = {}
+    out = run_simulation(net, plan, captured)["c"].numpy()
+
+    def layer(name, lq, x_float, pad):
+        w, bias = net.weights[name]
+        sp = np.array(lq.scale_params)
+        q_in = quantize_input(x_float, lq.scale_in, lq.input_unsigned)
+        acc = conv_int64(q_in, quantize_weights(w, sp), pad=(pad, pad))
+        return q_in, acc, quantize_bias(bias, lq.scale_in, sp), sp
+
+    x = net.batches[0]["data"].numpy()
+    _, acc, bias, sp = layer("conv_0", zero, x, 1)
+    q_0 = intel_output(acc, bias, zero.scale_in, sp, zero.scale_out, "u8", 0.0)
+    _, acc, bias, sp = layer("conv_a", a, dequantized(q_0, zero.scale_out), 0)
+    q_a = intel_output(acc, bias, a.scale_in, sp, a.scale_out, "s8")
+    q_in_b, acc, bias, sp = layer("conv_b", b, dequantized(q_a, a.scale_out), 1)
+    assert b.scale_in == a.scale_out and np.array_equal(q_in_b, q_a)
+    q_b = intel_output(acc, bias, b.scale_in, sp, b.scale_out, "s8", q_res=q_a,
+                       res_scale=a.scale_out)
+    _, acc, bias, sp = layer("conv_c", c, dequantized(q_b, b.scale_out), 0)
+    ref_c = intel_output(acc, bias, c.scale_in, sp, 1.0, None, 0.0)
+    assert np.array_equal(as_integers(captured["conv_a"], a.scale_out), q_a)
+    assert np.array_equal(as_integers(captured["add"], b.scale_out), q_b)
+    assert (q_a < 0).any() and (q_b < 0).any()          # the signed range is used
+    assert np.array_equal(out, ref_c)

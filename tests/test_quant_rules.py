@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from calibrator.quant.params import to_proto
+from calibrator.quant.scales import build_plan
 from calibrator.quant.simulate import Int8Simulator
 from tests.quant_helpers import (TinyNet, bn_scale_text, conv_text, fold_bn_scale, input_text,
                                  relu_text)
@@ -332,3 +333,19 @@ def test_weight_scales_from_hand_folded_weights(per_channel):
     # the unfolded weights would give other scales: the folding matters
     raw = np.abs(weights["conv2"][0]).reshape(5, -1).max(1)
     assert not np.allclose(raw[raw > 0], maxima[maxima > 0], rtol=1e-2)
+
+
+def test_plans_recompute_weight_scales_when_the_weights_change():
+    """The plans' cache of weight scales (per fused graph) follows the weights: a weight
+    changed in place after a plan gives the next plan its new scales."""
+    net = TinyNet(input_text((2, 3, 6, 6)) + conv_text("c1", "data", "a", 4, 3)
+                  + relu_text("r1", "a") + conv_text("c2", "a", "b", 4, 1), seed=4)
+    plan = net.calibrate(first_conv=True, per_channel=True)
+    before = list(plan.layers["c2"].scale_params)
+    assert build_plan(net.fused, net.stats, plan.options).layers["c2"].scale_params == before
+    with torch.no_grad():
+        net.net.node("c2").module.weight.mul_(2)
+    after = build_plan(net.fused, net.stats, plan.options).layers["c2"].scale_params
+    assert after == pytest.approx([s / 2 for s in before], rel=1e-6)
+    assert build_plan(net.fused, net.stats, plan.options).layers["c1"].scale_params == list(
+        plan.layers["c1"].scale_params)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -48,12 +48,36 @@ def _storage_users(x: torch.Tensor) -> int | None:
 #: what :func:`_storage_users` says of a tensor whose memory nobody else shares
 _SOLE = _storage_users(torch.empty(1))
 
+class Encoded(NamedTuple):
+    """A top an override stores in a code of its own (the INT8 simulation: the stored
+    integers, not their real values): ``code.decode(value)`` gives the blob's values (it may
+    work in place on ``value``)."""
+
+    value: torch.Tensor
+    code: object
+
+
 class Blobs(dict):
     """The blobs of one forward pass, by name. ``owned``: while an override runs, its first
     bottom's name when nobody reads that tensor after the node (the override may overwrite
-    it), else None; a copy of the dict (``dict(blobs)``) carries no such permission."""
+    it), else None; a copy of the dict (``dict(blobs)``) carries no such permission.
+
+    ``codes``: the blobs held in an override's code (:class:`Encoded`), by name. Only an
+    override that says it reads codes (its attribute ``reads_codes``) sees them as they are;
+    for every other reader (a layer, a hook, the caller) the forward decodes them first."""
 
     owned: str | None = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.codes: dict[str, object] = {}
+
+    def decoded(self, name: str) -> torch.Tensor:
+        """Blob ``name``'s values, decoding it for good (in place) if it is held in a code."""
+        code = self.codes.pop(name, None)
+        if code is not None:
+            self[name] = code.decode(self[name])
+        return self[name]
 
 
 def in_memory_order(x: torch.Tensor) -> torch.Tensor:
@@ -378,6 +402,10 @@ class CaffeNet(torch.nn.Module):
             nodes = [n for n in nodes if n.index in needed]
         for node in nodes:
             override = overrides.get(node.index) if overrides else None
+            if blobs.codes and not getattr(override, "reads_codes", False):
+                for bottom in node.bottoms:
+                    if bottom in blobs.codes:
+                        blobs.decoded(bottom)
             try:
                 if override is not None:
                     if self._overwritable(node, blobs, wanted, keep_all):
@@ -391,20 +419,47 @@ class CaffeNet(torch.nn.Module):
                     tops = node.module(*[blobs[b] for b in node.bottoms])
             except KeyError as exc:
                 raise CalibratorError(f"layer '{node.name}': blob {exc} was not fed") from None
+            codes = ()
             if tops is None:
                 tops = ()
-            elif hook is not None:
-                replaced = hook(node, tops)
-                if replaced is not None:
-                    tops = replaced
-            for top, value in zip(node.tops, tops):
+            else:
+                if override is not None:
+                    tops, codes = self._unwrapped(tops, decode=hook is not None)
+                if hook is not None:
+                    replaced = hook(node, tops)
+                    if replaced is not None:
+                        tops = replaced
+            for i, (top, value) in enumerate(zip(node.tops, tops)):
                 blobs[top] = value
+                if i < len(codes) and codes[i] is not None:
+                    blobs.codes[top] = codes[i]
+                else:
+                    blobs.codes.pop(top, None)
             tops = value = None  # the blobs dict alone holds them (see _overwritable)
             if not keep_all:
                 for bottom in node.bottoms:
                     if (self._last_use.get(bottom) == node.index and bottom not in wanted
                             and bottom not in node.tops):
                         blobs.pop(bottom, None)
+                        blobs.codes.pop(bottom, None)
+        for name in list(blobs.codes):
+            if keep_all or name in wanted:
+                blobs.decoded(name)
         if keep_all:
             return blobs
         return {name: blobs[name] for name in wanted if name in blobs}
+
+    @staticmethod
+    def _unwrapped(tops, decode: bool) -> tuple[tuple, tuple]:
+        """An override's tops as the blobs hold them, and the code of each (None: its
+        values); ``decode``: every top as its values (for a hook to see)."""
+        values, codes = [], []
+        for value in tops:
+            code = None
+            if isinstance(value, Encoded):
+                value, code = value
+                if decode:
+                    value, code = code.decode(value), None
+            values.append(value)
+            codes.append(code)
+        return tuple(values), tuple(codes)

@@ -25,3 +25,11 @@ def folded_weights(unit: FusedUnit, bias_shift=None) -> tuple[torch.Tensor, torc
     if bias_shift is not None:
         bias = bias + torch.as_tensor(bias_shift, dtype=torch.float32, device=bias.device)
     return weight, bias
+
+
+def weights_version(unit: FusedUnit) -> tuple:
+    """What :func:`folded_weights` reads, as (identity, version) of every tensor of the
+    unit's layer and folded layers: equal only while none of them was replaced or changed
+    in place (a cache of anything computed from the folded weights keys on it)."""
+    return tuple((id(t), t._version) for node in (unit.layer, *unit.folded)
+                 for t in (*node.module.parameters(), *node.module.buffers()))

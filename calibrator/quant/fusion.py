@@ -122,6 +122,9 @@ class FusedGraph:
         self.unit_by_output = {u.output.key: u for u in units}
         #: where Intel's fusion computes something else than the net says (one line each)
         self.intel_notes: list[str] = []
+        #: (unit, per-channel, bits, factor) -> (weights' version, weight scales), the
+        #: plans' cache (quant.scales)
+        self.weight_scales: dict = {}
         #: units that stay FP32 whatever the options, and why (quant.scales.kept_fp32)
         self.kept_fp32: dict[str, str] | None = None
 

@@ -18,7 +18,7 @@ from calibrator.quant import estimators
 from calibrator.quant.compiled import (average_pooling_pairs, compiled_layers,
                                        force_fp32_outputs)
 from calibrator.quant.estimators import HISTOGRAM
-from calibrator.quant.folding import folded_weights
+from calibrator.quant.folding import folded_weights, weights_version
 from calibrator.quant.fusion import FusedGraph, FusedUnit
 from calibrator.quant.targets import COUNTERMEASURES as SATURATION_FIXES
 from calibrator.quant.targets import WEIGHT_FACTORS
@@ -381,7 +381,6 @@ def _build_layers(fused: FusedGraph, stats: dict, options: QuantOptions,
         t_out = choice.output_threshold
         if t_out is None and _measured(stats[unit.output.key], estimator):
             t_out = estimators.threshold(stats[unit.output.key], estimator, options.bits)
-        weight, _ = folded_weights(unit)
         lq = LayerQuant(
             name=unit.name,
             scale_in=activation_scale(t_in, unsigned, options.bits),
@@ -390,7 +389,8 @@ def _build_layers(fused: FusedGraph, stats: dict, options: QuantOptions,
             scale_params=(all_as_stored(np.asarray(choice.weight_scales, np.float64)
                                         * WEIGHT_FACTORS.get(fix, 1.0), 0.0)
                           if choice.weight_scales is not None
-                          else weight_scales(weight, per_channel, options.bits, weight_factor)),
+                          else _unit_weight_scales(fused, unit, per_channel, options.bits,
+                                                   weight_factor)),
             input_unsigned=unsigned, output_unsigned=unit.output_unsigned,
             output_int8=True, bits=options.bits,
             estimator=estimator, per_channel=per_channel, input_threshold=t_in,
@@ -400,6 +400,20 @@ def _build_layers(fused: FusedGraph, stats: dict, options: QuantOptions,
             lq.notes.append(f"saturation counter-measure: {fix} ({SATURATION_FIXES[fix]})")
         layers[unit.name] = lq
     return layers
+
+
+def _unit_weight_scales(fused: FusedGraph, unit: FusedUnit, per_channel: bool, bits: int,
+                        factor: float) -> list[float]:
+    """:func:`weight_scales` of the unit's folded weights, computed once per fused graph and
+    setting while the weights stay the same (the search builds many plans)."""
+    key = (unit.name, per_channel, bits, factor)
+    version = weights_version(unit)
+    cached = fused.weight_scales.get(key)
+    if cached is None or cached[0] != version:
+        weight, _ = folded_weights(unit)
+        cached = fused.weight_scales[key] = (version, weight_scales(weight, per_channel, bits,
+                                                                    factor))
+    return list(cached[1])
 
 
 def _decide_output_precision(fused: FusedGraph, layers: dict[str, LayerQuant],

@@ -20,7 +20,10 @@ Per quantized unit (Intel Caffe 1.1.6, ``src/caffe/layers/mkldnn_convolution_lay
   y     = ReLU(y) (slope s: y < 0 -> y * s); u8 output: max(y, 0)
   q_out = sat(rne(y))                                   INT8 output; FP32 output keeps y
 and the next layer reads ``f32(q_out) * f32(1 / scale_out)``. Rounding is half-to-even
-(``torch.round``, as ``vcvtps2dq {rn-sae}`` and ``nearbyintf``).
+(``torch.round``, as ``vcvtps2dq {rn-sae}`` and ``nearbyintf``). The simulation hands the
+next unit ``q_out`` itself (:class:`StoredIntegers`), which it would get back from those
+values by ``sat(rne(. * f32(scale)))`` wherever :func:`round_trip_exact` holds (every scale
+but those near float32's smallest), and gives every other reader the values.
 
 Intel's kernel rules that differ from ideal fake-quant (``IntelFormats`` tracks the data type
 and scale of every tensor between the INT8 layers, as Intel's MKL-DNN memory descriptors do):
@@ -64,12 +67,14 @@ exact on integers; the caller's settings are restored afterwards).
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from calibrator.graph.layers.pooling import caffe_ave_pool_parts
+from calibrator.graph.net import Blobs, Encoded
 from calibrator.quant.folding import folded_weights
 from calibrator.quant.fusion import FusedGraph, FusedUnit
 from calibrator.quant.scales import LayerQuant, QuantPlan
@@ -400,24 +405,75 @@ def intel_formats(fused: FusedGraph, plan: QuantPlan) -> tuple[dict, set]:
     return formats, fp32_units
 
 
-def _reorder(x: torch.Tensor, source: Format, lq: LayerQuant, in_place: bool = False
-             ) -> torch.Tensor:
+def _reorder(x: torch.Tensor, source: Format, lq: LayerQuant, in_place: bool = False,
+             stored: bool = False) -> torch.Tensor:
     """INT8 data at ``source`` into a conv's input: the stored integers, reordered by
     ``f32(scale_in / s)`` when the scale or the data type differs (``mkldnn_memory.cpp``
     :122-139; an s8 source read as u8 at the same scale is taken as is); ``in_place``:
-    in ``x``."""
-    q = _rounded(x, _f32(source.scale).to(x.device), in_place)
+    in ``x``; ``stored``: ``x`` holds the stored integers themselves (:class:`StoredIntegers`),
+    returned as they are when nothing changes them."""
+    fresh = in_place or not stored     # whether ``q`` may be changed in place
+    q = x if stored else _rounded(x, _f32(source.scale).to(x.device), in_place)
     dtype = "u8" if lq.input_unsigned else "s8"
+    bounds = Format(dtype).bounds(lq.bits)
     if np.float32(source.scale) == np.float32(lq.scale_in) and (
             dtype == source.dtype or dtype == "u8"):
-        return q.clamp_(*Format(dtype).bounds(lq.bits)) if dtype != source.dtype else q
+        if dtype == source.dtype:
+            return q
+        return q.clamp_(*bounds) if fresh else q.clamp(*bounds)
     factor = _f32(np.float32(lq.scale_in) / np.float32(source.scale)).to(x.device)
-    return q.mul_(factor).round_().clamp_(*Format(dtype).bounds(lq.bits))
+    q = q.mul_(factor) if fresh else q * factor
+    return q.round_().clamp_(*bounds)
 
 
 def _to_float(q: torch.Tensor, scale: float) -> torch.Tensor:
     """What Caffe reads from INT8 memory: f32(q) * f32(1 / scale)."""
     return q.mul_(_f32(np.float32(1.0) / np.float32(scale)).to(q.device))
+
+
+@dataclass(frozen=True)
+class StoredIntegers:
+    """The code of a blob the simulation holds as the integers of INT8 memory at ``scale``
+    (``graph.net.Encoded``): the next unit reads them as they are instead of multiplying
+    what Caffe reads, ``f32(q) * f32(1 / scale)``, back by ``f32(scale)`` and rounding (three
+    elementwise passes fewer), where :func:`round_trip_exact` proves that gives the same
+    integers; any other reader gets the values (``decode``: :func:`_to_float`, in place)."""
+
+    scale: float
+
+    def decode(self, q: torch.Tensor) -> torch.Tensor:
+        return _to_float(q, self.scale)
+
+    def reads_as(self, form: Format) -> bool:
+        """Whether a reader of INT8 memory at ``form`` may take the stored integers."""
+        return (form.int8 and np.float32(form.scale) == np.float32(self.scale)
+                and round_trip_exact(self.scale))
+
+
+@functools.lru_cache(maxsize=4096)
+def round_trip_exact(scale: float) -> bool:
+    """Whether ``rne(f32(f32(q) * f32(1 / scale)) * f32(scale)) == q`` for every integer
+    q an INT8 (or narrower) memory holds, [-256, 255]: then reading the stored integers
+    equals reading what Caffe reads and rounding it back (checked with the same float32
+    operations, so it is exact, not estimated; it fails only at scales near the float32
+    range's ends)."""
+    q = torch.arange(-256, 256, dtype=torch.float32)
+    with np.errstate(over="ignore"):       # 1 / scale beyond float32: infinite, not exact
+        back = _rounded(_to_float(q.clone(), scale), _f32(scale), in_place=True)
+    return bool(torch.equal(back, q))
+
+
+def _skip(node, blobs):
+    """A fused unit's inner node: the unit's layer and last nodes compute it."""
+    return None
+
+
+_skip.reads_codes = True      # it reads nothing: the forward need not decode its bottoms
+
+
+def _codes(blobs) -> dict:
+    """The codes of a forward's blobs (a plain dict of blobs holds none)."""
+    return blobs.codes if isinstance(blobs, Blobs) else {}
 
 
 class FoldedFP32:
@@ -444,20 +500,25 @@ class FoldedFP32:
         for unit in units:
             self._install(unit, self._fp32_start, self._fp32_finish)
 
-    def _install(self, unit: FusedUnit, start, finish) -> None:
-        """``start(unit, x, owned) -> value`` at the layer node (``owned``: nobody reads
-        ``x`` after it, ``graph.net.Blobs.owned``), ``finish(unit, value, blobs) -> output`` at the
-        last node."""
+    def _install(self, unit: FusedUnit, start, finish, reads=None) -> None:
+        """``start(unit, x, owned, stored) -> value`` at the layer node (``owned``: nobody
+        reads ``x`` after it, ``graph.net.Blobs.owned``; ``stored``: ``x`` holds stored
+        integers, which only a start whose ``reads(code)`` accepts the input's code gets),
+        ``finish(unit, value, blobs) -> output`` at the last node (its residual read by
+        :meth:`_residual`)."""
         key = f"\0acc:{unit.name}"
         single = unit.last is unit.layer
         for node in unit.nodes:
-            self.overrides[node.index] = self._skip
+            self.overrides[node.index] = _skip
         if unit.eltwise is not None and unit.eltwise is not unit.last:
             self.overrides[unit.eltwise.index] = self._make_stash(unit)
 
         def on_layer(node, blobs):
             bottom = node.bottoms[0]
-            value = start(unit, blobs[bottom], getattr(blobs, "owned", None) == bottom)
+            code = _codes(blobs).get(bottom)
+            stored = code is not None and reads is not None and reads(code)
+            x = blobs[bottom] if stored or code is None else blobs.decoded(bottom)
+            value = start(unit, x, getattr(blobs, "owned", None) == bottom, stored)
             if single:
                 return (finish(unit, value, blobs),)
             blobs[key] = value
@@ -466,27 +527,33 @@ class FoldedFP32:
         def on_last(node, blobs):
             return (finish(unit, blobs.pop(key), blobs),)
 
+        on_layer.reads_codes = on_last.reads_codes = True
         self.overrides[unit.layer.index] = on_layer
         if not single:
             self.overrides[unit.last.index] = on_last
 
-    @staticmethod
-    def _skip(node, blobs):
-        return None
-
     def _make_stash(self, unit: FusedUnit):
         """Keep the residual before the add's node frees it (a fused ReLU follows)."""
         def stash(node, blobs):
-            blobs[f"\0res:{unit.name}"] = self._residual(unit, blobs)
+            blobs[f"\0res:{unit.name}"] = self._residual(unit, blobs)[0]
             return None
 
         return stash
 
-    def _residual(self, unit: FusedUnit, blobs) -> torch.Tensor:
+    def _residual(self, unit: FusedUnit, blobs, form: Format | None = None
+                  ) -> tuple[torch.Tensor, bool]:
+        """(the unit's residual, whether it is the stored integers of INT8 memory at
+        ``form``: given only to a reader that takes them; else its values)."""
         stashed = blobs.pop(f"\0res:{unit.name}", None)
         if stashed is not None:
-            return stashed
-        return blobs[unit.eltwise.bottoms[self._residual_position(unit)]]
+            return stashed, False
+        name = unit.eltwise.bottoms[self._residual_position(unit)]
+        code = _codes(blobs).get(name)
+        if code is None:
+            return blobs[name], False
+        if form is not None and code.reads_as(form):
+            return blobs[name], True
+        return blobs.decoded(name), False
 
     def _residual_position(self, unit: FusedUnit) -> int:
         bottoms = unit.eltwise.bottoms
@@ -495,7 +562,8 @@ class FoldedFP32:
                 return i
         raise AssertionError("residual not found")  # pragma: no cover
 
-    def _fp32_start(self, unit: FusedUnit, x: torch.Tensor, owned: bool) -> torch.Tensor:
+    def _fp32_start(self, unit: FusedUnit, x: torch.Tensor, owned: bool, stored=False
+                    ) -> torch.Tensor:
         if unit.name not in self._weights:
             weight, bias = folded_weights(unit)
             self._weights[unit.name] = (weight.to(x.device), bias.to(x.device))
@@ -504,7 +572,7 @@ class FoldedFP32:
 
     def _fp32_finish(self, unit: FusedUnit, y: torch.Tensor, blobs) -> torch.Tensor:
         if unit.residual is not None:
-            y = y.add_(self._residual(unit, blobs))
+            y = y.add_(self._residual(unit, blobs)[0])
         slope = unit.relu_slope
         if slope is not None:
             y = torch.where(y > 0, y, y * slope) if slope else y.clamp_(min=0)
@@ -546,7 +614,7 @@ class Int8Simulator(FoldedFP32):
         super().__init__(fused, [u for u in fused.units if u.name not in self.kernels])
         for kernel in self.kernels.values():
             self._install(kernel.unit, self._make_int8_start(kernel),
-                          self._make_int8_finish(kernel))
+                          self._make_int8_finish(kernel), self._stored_reader(kernel))
         for node in fused.net.nodes:
             if node.index in self.overrides or node.index in fused.unit_of_node:
                 continue
@@ -592,17 +660,23 @@ class Int8Simulator(FoldedFP32):
         """``jit_uni_i8i8_pooling.cpp``: the window sum of the integers times f32(1/n),
         rounded half to even and saturated, same data type and scale."""
         def ave_pool(node, blobs):
-            x = blobs[node.bottoms[0]]
+            name = node.bottoms[0]
+            code = _codes(blobs).get(name)
+            if code is not None and code.reads_as(form):   # the stored integers (not changed)
+                q = blobs[name]
+            else:
+                x = blobs.decoded(name) if code is not None else blobs[name]
+                q = torch.round(x * _f32(form.scale).to(x.device))
             module = node.module
-            q = torch.round(x * _f32(form.scale).to(x.device))
             kernel = module.kernel or tuple(q.shape[2:])
             window_sum, divisor = caffe_ave_pool_parts(q, kernel, module.pad, module.stride,
                                                        module._pooled(q.shape[2:]))
             inverse = torch.ones_like(divisor) / divisor                 # f32(1/n)
             low, high = form.bounds()
             out = torch.round(window_sum * inverse).clamp_(low, high)
-            return (_to_float(out, form.scale),)
+            return (Encoded(out, StoredIntegers(form.scale)),)
 
+        ave_pool.reads_codes = True
         return ave_pool
 
     @staticmethod
@@ -628,18 +702,26 @@ class Int8Simulator(FoldedFP32):
         return eltwise
 
     # -- the units ---------------------------------------------------------------------------
+    def _stored_reader(self, kernel: UnitKernel):
+        """Whether the unit's start takes its input's stored integers (a code), or None:
+        it reads INT8 memory in Intel's way (no runtime rule, no forced u8 input)."""
+        if kernel.unit.name in self.requant or kernel.quant.force_u8_input:
+            return None
+        source = self.formats.get(kernel.unit.input.key, F32)
+        return lambda code: code.reads_as(source)
+
     def _make_int8_start(self, kernel: UnitKernel):
         rule = self.requant.get(kernel.unit.name)
         lq = kernel.quant
         source = self.formats.get(kernel.unit.input.key, F32)
 
-        def start(unit, x, owned):  # owned: quantized in place (nobody reads x after)
+        def start(unit, x, owned, stored=False):  # owned: quantized in place
             if rule is not None:
                 q_in = runtime_quantize(x, rule)
             elif lq.force_u8_input:       # reorder scale 1.0: the data are u8 values already
                 q_in = quantize(x, 1.0, True, lq.bits, in_place=owned)
             elif source.int8:
-                q_in = _reorder(x, source, lq, in_place=owned)
+                q_in = _reorder(x, source, lq, in_place=owned, stored=stored)
             else:
                 q_in = quantize(x, lq.scale_in, lq.input_unsigned, lq.bits, in_place=owned)
             if kernel.bias_folds:
@@ -667,28 +749,33 @@ class Int8Simulator(FoldedFP32):
         y.mul_(_per_channel(kernel.multiplier, y))
         form = self.formats.get(unit.output.key, F32)
         if unit.residual is not None:
-            residual = self._residual(unit, blobs)
             res_form = self.formats.get(unit.residual.key, F32)
+            residual, stored = self._residual(unit, blobs, res_form)
             # fma(f32(s_out / s_res), f32(q_res), y): exact product and sum in float64, one
             # rounding to float32 (vfmadd231ps)
-            q_res = torch.round(residual * _f32(res_form.scale).to(residual.device))
+            q_res = residual if stored else torch.round(
+                residual * _f32(res_form.scale).to(residual.device))
             sum_scale = float(np.float32(np.float32(lq.scale_out) / np.float32(res_form.scale))
                               * np.float32(unit.sum_coefficients[0]))
             y = y.double().add_(q_res.double(), alpha=sum_scale).float()
         slope = unit.relu_slope
+        low, high = form.bounds(lq.bits)
+        if form.int8 and slope == 0 and low >= 0:
+            # the ReLU is the saturation's lower bound: sat(rne(max(y, 0))) = rne(sat(y)),
+            # rounding being monotone with integers fixed (zeros come out +0 either way)
+            return Encoded(y.clamp_(low, high).round_(), StoredIntegers(form.scale))
         if slope is not None:
             y = torch.where(y > 0, y, y * _f32(slope).to(y.device)) if slope else y.clamp_(min=0)
         if not form.int8:
             return y
-        low, high = form.bounds(lq.bits)
-        return _to_float(y.round_().clamp_(low, high), form.scale)
+        return Encoded(y.round_().clamp_(low, high), StoredIntegers(form.scale))
 
     def _runtime_finish(self, kernel: UnitKernel, rule: RuntimeRequant, acc, blobs):
         """A unit as ``rule``'s runtime runs it: an INT8 kernel requantizing its way, or
         (no multiplier) a float conv on the quantized input and weights, dequantized in
         float64, whose output the next Q rounds."""
         unit, lq = kernel.unit, kernel.quant
-        residual = self._residual(unit, blobs) if unit.residual is not None else None
+        residual = self._residual(unit, blobs)[0] if unit.residual is not None else None
         acc = acc.double().add_(_per_channel(kernel.runtime_bias(), acc))
         if rule.multiplier is not None:
             return runtime_requantize(acc, rule, residual, unit.relu_slope)
