@@ -218,16 +218,23 @@ class _Unit:
         clamp skipped where the extreme patches, multiplied and rounded as every element
         is, already lie in range)."""
         q = (self.patches[groups, None] * s_in[None, :, None, None]).round_()
-        return q if (bounds := self._clamp(s_in)) is None else q.clamp_(*bounds)
+        if (clamp := self._clamp(s_in)) is not None:
+            first, bounds = clamp
+            q[:, first:].clamp_(*bounds)
+        return q
 
-    def _clamp(self, s_in: torch.Tensor) -> tuple[float, int] | None:
-        """The integer range when some patch leaves it at one of the K input scales (the
-        extreme patches, multiplied and rounded as every element is, tell); None: none."""
+    def _clamp(self, s_in: torch.Tensor) -> tuple[int, tuple[float, int]] | None:
+        """(the first of the K input scales at which some patch leaves the integer range,
+        that range), or None: none does (the extreme patches, multiplied and rounded as
+        every element is, tell). The candidates from the first on are clamped: in range,
+        a clamp changes nothing, so the others need none (ascending scales: only those
+        beyond it leave the range)."""
         low = 0.0 if self.lq.input_unsigned else -(self.qmax_in + 1)
         extremes = torch.round(self.extremes[:, None] * s_in[None, :])
-        if float(extremes.min()) < low or float(extremes.max()) > self.qmax_in:
-            return low, self.qmax_in
-        return None
+        out = ((extremes[0] < low) | (extremes[1] > self.qmax_in)).nonzero()
+        if len(out) == 0:
+            return None
+        return int(out[0, 0]), (low, self.qmax_in)
 
     def _tap_sums(self, s_in: torch.Tensor, q_w: torch.Tensor, groups: slice) -> torch.Tensor:
         """(g, K, P, 1) accumulators of a depthwise layer for K input scales, one tap at a
@@ -235,12 +242,12 @@ class _Unit:
         batched matrix-vector product per group is three times slower). Exact: integers
         below 2^24, so every order of summation gives the same float32."""
         taps, q_w = self.taps[groups], q_w[groups]                           # (g, C, P), (g, C, 1)
-        bounds = self._clamp(s_in)
+        clamp = self._clamp(s_in)
         acc = taps.new_zeros(taps.shape[0], len(s_in), taps.shape[2])
         for j in range(taps.shape[1]):
             q = (taps[:, j, None, :] * s_in[None, :, None]).round_()
-            if bounds is not None:
-                q.clamp_(*bounds)
+            if clamp is not None:
+                q[:, clamp[0]:].clamp_(*clamp[1])
             acc.addcmul_(q, q_w[:, j, None])
         return acc[..., None]
 
