@@ -13,7 +13,8 @@ import torch
 
 import calibrator.quant.simulate as simulate
 from calibrator.quant.fusion import analyze
-from calibrator.quant.scales import LayerQuant, QuantOptions, QuantPlan
+from calibrator.quant.scales import (LayerQuant, QuantOptions, QuantPlan, UnitChoice,
+                                     build_plan)
 from tests.quant_helpers import (TinyNet, as_integers, conv_int64, conv_text, dequantized,
                                  input_text, intel_output, quantize_bias, quantize_input,
                                  quantize_weights, relu_text)
@@ -339,3 +340,50 @@ def test_linear_bottleneck_with_its_sum_last_is_bit_exact():
     assert np.array_equal(as_integers(captured["add"], b.scale_out), q_b)
     assert (q_a < 0).any() and (q_b < 0).any()          # the signed range is used
     assert np.array_equal(out, ref_c)
+
+
+@pytest.mark.parametrize("also_read", [False, True])
+@pytest.mark.parametrize("threshold", [None, 9.0])
+def test_a_relu6_between_units_is_bit_exact(also_read, threshold):
+    """conv_a -> ReLU6 (an FP32 layer in Intel's runtime) -> conv_b: conv_b quantizes the
+    ReLU6's output, which the simulation leaves to conv_b's quantization
+    (``simulate.PendingReLU6``) where the ReLU6 may run in place; with the ReLU6's input read
+    again later (``also_read``, by conv_c) the layer runs as it is. Both against the numpy
+    reference, with u8 input saturating at 6 and at the u8 range's end (``threshold``: conv_b's
+    input threshold set beyond 6, as EasyQuant may, so that 6 is below the range's end)."""
+    text = (input_text((2, 4, 6, 6)) + conv_text("conv_a", "data", "a", 8, 3)
+            + 'layer { name: "r6" type: "ReLU6" bottom: "a" top: '
+            + ('"r" }\n' if also_read else '"a" }\n')
+            + conv_text("conv_b", "r" if also_read else "a", "b", 8, 1)
+            + (conv_text("conv_c", "a", "c", 4, 1) if also_read else ""))
+    net = TinyNet(text, seed=7)
+    w, bias = net.weights["conv_a"]
+    weights = dict(net.weights, conv_a=[w * 3, bias + 2])      # much of it beyond 6
+    net = TinyNet(text, seed=7, weights=weights)
+    plan = net.calibrate(first_conv=True, estimator="MAXP")
+    if threshold is not None:
+        plan = build_plan(net.fused, net.stats, plan.options,
+                          {"conv_b": UnitChoice(input_threshold=threshold)})
+    a, b = plan.layers["conv_a"], plan.layers["conv_b"]
+    assert b.input_unsigned and (threshold is None or 6 * b.scale_in < 250)
+    captured = {}
+    out = run_simulation(net, plan, captured)
+    x = net.batches[0]["data"].numpy()
+    sp_a, sp_b = np.array(a.scale_params), np.array(b.scale_params)
+    w_a, bias_a = net.weights["conv_a"]
+    q_in = quantize_input(x, a.scale_in, False)
+    acc_a = conv_int64(q_in, quantize_weights(w_a, sp_a), pad=(1, 1))
+    if a.output_int8:      # s8 memory (no ReLU fused), which the ReLU6 reads as Caffe does
+        y_a = dequantized(intel_output(acc_a, quantize_bias(bias_a, a.scale_in, sp_a),
+                                       a.scale_in, sp_a, a.scale_out, "s8"), a.scale_out)
+    else:
+        y_a = intel_output(acc_a, quantize_bias(bias_a, a.scale_in, sp_a), a.scale_in, sp_a,
+                           1.0, None)
+    relu6 = np.clip(y_a, np.float32(0), np.float32(6)).astype(np.float32)
+    assert (relu6 == 6).any() and (y_a < 0).any()
+    q_b = quantize_input(relu6, b.scale_in, True)
+    assert (q_b == (255 if threshold is None else round(6 * b.scale_in))).any()
+    w_b, bias_b = net.weights["conv_b"]
+    ref_b = intel_output(conv_int64(q_b, quantize_weights(w_b, sp_b)),
+                         quantize_bias(bias_b, b.scale_in, sp_b), b.scale_in, sp_b, 1.0, None)
+    assert np.array_equal(out["b"].numpy(), ref_b)

@@ -463,12 +463,50 @@ def round_trip_exact(scale: float) -> bool:
     return bool(torch.equal(back, q))
 
 
+@dataclass(frozen=True)
+class PendingReLU6:
+    """The code of an FP32 blob whose ReLU6 (``graph.layers.activations.ReLU6``, in place)
+    is left to the unit that quantizes it: ``sat(rne(f32(min(max(x, 0), 6)) * s))`` equals
+    ``rne(clamp(f32(x * s), 0, min(f32(6 s), qmax)))`` for a scale s > 0 (multiplying by s
+    is monotone, so clamping before it or after it at the multiplied bounds is the same;
+    rounding is monotone with integers fixed, so the saturation may come before it), one
+    elementwise pass fewer than the ReLU6 and the quantization; zeros keep their sign either
+    way (the same clamps at 0). Every other reader gets the ReLU6's output (``decode``, in
+    place, the layer's own operation)."""
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp_(0.0, 6.0)
+
+    @staticmethod
+    def quantizes_at(lq: LayerQuant) -> bool:
+        scale = np.float32(lq.scale_in)
+        return bool(np.isfinite(scale) and scale > 0)
+
+    @staticmethod
+    def quantize(x: torch.Tensor, lq: LayerQuant, in_place: bool) -> torch.Tensor:
+        """:func:`quantize` of the ReLU6 of ``x`` at ``lq``'s input scale (``in_place``: in
+        ``x``)."""
+        _, high = Format("u8" if lq.input_unsigned else "s8").bounds(lq.bits)
+        top = min(float(np.float32(6.0) * np.float32(lq.scale_in)), float(high))
+        y = x.mul_(lq.scale_in) if in_place else x * lq.scale_in    # as quantize() does
+        return y.clamp_(0.0, top).round_()
+
+
 def _skip(node, blobs):
     """A fused unit's inner node: the unit's layer and last nodes compute it."""
     return None
 
 
 _skip.reads_codes = True      # it reads nothing: the forward need not decode its bottoms
+
+
+def _pending_relu6(node, blobs):
+    """A ReLU6 left to the unit that quantizes its output (:class:`PendingReLU6`) where it
+    may run in place; elsewhere the layer itself."""
+    bottom = node.bottoms[0]
+    if getattr(blobs, "owned", None) == bottom:
+        return (Encoded(blobs[bottom], PendingReLU6()),)
+    return node.module(blobs[bottom])
 
 
 def _codes(blobs) -> dict:
@@ -501,9 +539,10 @@ class FoldedFP32:
             self._install(unit, self._fp32_start, self._fp32_finish)
 
     def _install(self, unit: FusedUnit, start, finish, reads=None) -> None:
-        """``start(unit, x, owned, stored) -> value`` at the layer node (``owned``: nobody
-        reads ``x`` after it, ``graph.net.Blobs.owned``; ``stored``: ``x`` holds stored
-        integers, which only a start whose ``reads(code)`` accepts the input's code gets),
+        """``start(unit, x, owned, code) -> value`` at the layer node (``owned``: nobody
+        reads ``x`` after it, ``graph.net.Blobs.owned``; ``code``: the code ``x`` is held in,
+        given only to a start whose ``reads(code)`` accepts it, else None and ``x`` the
+        blob's values),
         ``finish(unit, value, blobs) -> output`` at the last node (its residual read by
         :meth:`_residual`)."""
         key = f"\0acc:{unit.name}"
@@ -516,9 +555,10 @@ class FoldedFP32:
         def on_layer(node, blobs):
             bottom = node.bottoms[0]
             code = _codes(blobs).get(bottom)
-            stored = code is not None and reads is not None and reads(code)
-            x = blobs[bottom] if stored or code is None else blobs.decoded(bottom)
-            value = start(unit, x, getattr(blobs, "owned", None) == bottom, stored)
+            if code is not None and (reads is None or not reads(code)):
+                blobs.decoded(bottom)
+                code = None
+            value = start(unit, blobs[bottom], getattr(blobs, "owned", None) == bottom, code)
             if single:
                 return (finish(unit, value, blobs),)
             blobs[key] = value
@@ -551,7 +591,7 @@ class FoldedFP32:
         code = _codes(blobs).get(name)
         if code is None:
             return blobs[name], False
-        if form is not None and code.reads_as(form):
+        if form is not None and isinstance(code, StoredIntegers) and code.reads_as(form):
             return blobs[name], True
         return blobs.decoded(name), False
 
@@ -562,7 +602,7 @@ class FoldedFP32:
                 return i
         raise AssertionError("residual not found")  # pragma: no cover
 
-    def _fp32_start(self, unit: FusedUnit, x: torch.Tensor, owned: bool, stored=False
+    def _fp32_start(self, unit: FusedUnit, x: torch.Tensor, owned: bool, code=None
                     ) -> torch.Tensor:
         if unit.name not in self._weights:
             weight, bias = folded_weights(unit)
@@ -634,6 +674,8 @@ class Int8Simulator(FoldedFP32):
                     inputs = [self.formats[fused.input_of(node, i).key]
                               for i in range(len(node.bottoms))]
                     self.overrides[node.index] = self._make_eltwise(inputs, form)
+            elif node.type == "ReLU6":
+                self.overrides[node.index] = _pending_relu6
 
     # -- pass-through layers on INT8 data ----------------------------------------------------
     @staticmethod
@@ -662,7 +704,7 @@ class Int8Simulator(FoldedFP32):
         def ave_pool(node, blobs):
             name = node.bottoms[0]
             code = _codes(blobs).get(name)
-            if code is not None and code.reads_as(form):   # the stored integers (not changed)
+            if isinstance(code, StoredIntegers) and code.reads_as(form):  # (not changed)
                 q = blobs[name]
             else:
                 x = blobs.decoded(name) if code is not None else blobs[name]
@@ -703,25 +745,31 @@ class Int8Simulator(FoldedFP32):
 
     # -- the units ---------------------------------------------------------------------------
     def _stored_reader(self, kernel: UnitKernel):
-        """Whether the unit's start takes its input's stored integers (a code), or None:
-        it reads INT8 memory in Intel's way (no runtime rule, no forced u8 input)."""
+        """Whether the unit's start takes its input as held in a code: INT8 memory's stored
+        integers, or FP32 data with a ReLU6 still to apply (:class:`PendingReLU6`); None:
+        neither (a runtime's rule, a forced u8 input)."""
         if kernel.unit.name in self.requant or kernel.quant.force_u8_input:
             return None
         source = self.formats.get(kernel.unit.input.key, F32)
-        return lambda code: code.reads_as(source)
+        if source.int8:
+            return lambda code: isinstance(code, StoredIntegers) and code.reads_as(source)
+        lq = kernel.quant
+        return lambda code: isinstance(code, PendingReLU6) and code.quantizes_at(lq)
 
     def _make_int8_start(self, kernel: UnitKernel):
         rule = self.requant.get(kernel.unit.name)
         lq = kernel.quant
         source = self.formats.get(kernel.unit.input.key, F32)
 
-        def start(unit, x, owned, stored=False):  # owned: quantized in place
+        def start(unit, x, owned, code=None):  # owned: quantized in place
             if rule is not None:
                 q_in = runtime_quantize(x, rule)
             elif lq.force_u8_input:       # reorder scale 1.0: the data are u8 values already
                 q_in = quantize(x, 1.0, True, lq.bits, in_place=owned)
             elif source.int8:
-                q_in = _reorder(x, source, lq, in_place=owned, stored=stored)
+                q_in = _reorder(x, source, lq, in_place=owned, stored=code is not None)
+            elif code is not None:        # a ReLU6 left to this quantization
+                q_in = code.quantize(x, lq, in_place=owned)
             else:
                 q_in = quantize(x, lq.scale_in, lq.input_unsigned, lq.bits, in_place=owned)
             if kernel.bias_folds:
