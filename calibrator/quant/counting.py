@@ -28,6 +28,8 @@ from calibrator.threads import on_cores
 #: elements per slice: large enough that the per-operation overhead is small, small enough
 #: that a slice's temporaries stay in the core's cache
 SLICE = 1 << 19
+#: elements per ``torch.histc`` call of the fallback: its float32 counts stay exact
+_HISTC_SLICE = 1 << 23
 
 
 def bin_counts(flat: torch.Tensor, bins: int, low: float, high: float,
@@ -69,6 +71,3 @@ def _histc(flat: torch.Tensor, bins: int, low: float, high: float,
         values = piece.abs().float() if absolute else piece.float()
         counts += torch.histc(values, bins=bins, min=low, max=high).to(torch.int64)
     return counts
-
-
-_HISTC_SLICE = 1 << 23

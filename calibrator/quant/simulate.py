@@ -504,14 +504,20 @@ def _pending_relu6(node, blobs):
     """A ReLU6 left to the unit that quantizes its output (:class:`PendingReLU6`) where it
     may run in place; elsewhere the layer itself."""
     bottom = node.bottoms[0]
-    if getattr(blobs, "owned", None) == bottom:
+    if blobs.owned == bottom:
         return (Encoded(blobs[bottom], PendingReLU6()),)
     return node.module(blobs[bottom])
 
 
-def _codes(blobs) -> dict:
-    """The codes of a forward's blobs (a plain dict of blobs holds none)."""
-    return blobs.codes if isinstance(blobs, Blobs) else {}
+def _stored_or_values(blobs: Blobs, name: str, form: Format | None
+                      ) -> tuple[torch.Tensor, bool]:
+    """(blob ``name``, True) where it holds the stored integers of INT8 memory at ``form``
+    (:class:`StoredIntegers`, read as they are, not changed); else (its values, False),
+    decoded first if it is held in any other way."""
+    code = blobs.codes.get(name)
+    if form is not None and isinstance(code, StoredIntegers) and code.reads_as(form):
+        return blobs[name], True
+    return blobs.decoded(name), False
 
 
 class FoldedFP32:
@@ -554,11 +560,11 @@ class FoldedFP32:
 
         def on_layer(node, blobs):
             bottom = node.bottoms[0]
-            code = _codes(blobs).get(bottom)
+            code = blobs.codes.get(bottom)
             if code is not None and (reads is None or not reads(code)):
                 blobs.decoded(bottom)
                 code = None
-            value = start(unit, blobs[bottom], getattr(blobs, "owned", None) == bottom, code)
+            value = start(unit, blobs[bottom], blobs.owned == bottom, code)
             if single:
                 return (finish(unit, value, blobs),)
             blobs[key] = value
@@ -587,13 +593,8 @@ class FoldedFP32:
         stashed = blobs.pop(f"\0res:{unit.name}", None)
         if stashed is not None:
             return stashed, False
-        name = unit.eltwise.bottoms[self._residual_position(unit)]
-        code = _codes(blobs).get(name)
-        if code is None:
-            return blobs[name], False
-        if form is not None and isinstance(code, StoredIntegers) and code.reads_as(form):
-            return blobs[name], True
-        return blobs.decoded(name), False
+        return _stored_or_values(blobs, unit.eltwise.bottoms[self._residual_position(unit)],
+                                 form)
 
     def _residual_position(self, unit: FusedUnit) -> int:
         bottoms = unit.eltwise.bottoms
@@ -702,13 +703,8 @@ class Int8Simulator(FoldedFP32):
         """``jit_uni_i8i8_pooling.cpp``: the window sum of the integers times f32(1/n),
         rounded half to even and saturated, same data type and scale."""
         def ave_pool(node, blobs):
-            name = node.bottoms[0]
-            code = _codes(blobs).get(name)
-            if isinstance(code, StoredIntegers) and code.reads_as(form):  # (not changed)
-                q = blobs[name]
-            else:
-                x = blobs.decoded(name) if code is not None else blobs[name]
-                q = torch.round(x * _f32(form.scale).to(x.device))
+            x, stored = _stored_or_values(blobs, node.bottoms[0], form)
+            q = x if stored else torch.round(x * _f32(form.scale).to(x.device))
             module = node.module
             kernel = module.kernel or tuple(q.shape[2:])
             window_sum, divisor = caffe_ave_pool_parts(q, kernel, module.pad, module.stride,
