@@ -31,8 +31,9 @@ rounding in the final plan too).
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, replace
-from functools import partial
+from functools import cache, partial
 
 import numpy as np
 import torch
@@ -133,8 +134,9 @@ def _at(tensor: torch.Tensor, where) -> torch.Tensor:
 
 # -- one unit ----------------------------------------------------------------------------------
 
-def _int8_products() -> bool:
-    """Whether int8 x int8 -> int32 matrix products (``torch._int_mm``) run here."""
+@cache
+def int8_products_work() -> bool:
+    """Whether int8 x int8 -> int32 matrix products (``torch._int_mm``) run here, exactly."""
     try:
         a = torch.ones(17, 8, dtype=torch.int8)
         return bool(torch._int_mm(a, a.t().contiguous()).eq(8).all())
@@ -142,9 +144,39 @@ def _int8_products() -> bool:
         return False
 
 
-#: int8 products on the CPU: exact int32 accumulation, several times the float32 matrix
-#: product's speed where the CPU has int8 dot-product instructions (AVX-512 VNNI, AMX)
-INT8_PRODUCTS = _int8_products()
+def _best_seconds(product, a, b, repeat: int = 3) -> float:
+    product(a, b)                                   # warm-up (first-call allocations)
+    best = math.inf
+    for _ in range(repeat):
+        started = time.perf_counter()
+        product(a, b)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+@cache
+def int8_products_pay() -> bool:
+    """Whether the int8 products beat the float32 ones on this CPU, timed once on a product
+    of the pass's size. With int8 dot-product instructions (AVX-512 VNNI, AMX) they are
+    several times faster; without them (an AVX2-only CPU) PyTorch runs a reference loop
+    about 50x slower than the float32 product, which made the EasyQuant pass 25x slower.
+    Both are exact on these operands, so the choice never changes a result."""
+    if not int8_products_work():
+        return False
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randint(-128, 128, (256, 512), dtype=torch.int8, generator=generator)
+    b = torch.randint(-128, 128, (512, 256), dtype=torch.int8, generator=generator)
+    return (_best_seconds(torch._int_mm, a, b)
+            < _best_seconds(torch.mm, a.float(), b.float()))
+
+
+#: int8 products for the dense layers on the CPU: None decides by :func:`int8_products_pay`
+#: (tests set True or False)
+INT8_PRODUCTS: bool | None = None
+
+
+def _use_int8_products() -> bool:
+    return int8_products_pay() if INT8_PRODUCTS is None else INT8_PRODUCTS
 
 
 class _IntegerProduct:
@@ -206,8 +238,9 @@ class _Unit:
         self.limit = 2 ** (lq.bits - 1) - 1
         self.qmax_in = qmax(lq.input_unsigned, lq.bits)
         # one group on the CPU (the dense layers, where the products are the work): int8
-        self.integer = (_IntegerProduct(self.qmax_in) if INT8_PRODUCTS and groups == 1
-                        and lq.bits <= 8 and self.patches.device.type == "cpu" else None)
+        self.integer = (_IntegerProduct(self.qmax_in) if groups == 1 and lq.bits <= 8
+                        and self.patches.device.type == "cpu" and _use_int8_products()
+                        else None)
         reference = _grouped(reference, groups).double()
         self.reference64 = reference                                        # (G, P, Og)
         self.reference_norms = (reference * reference).sum(1)               # (G, Og)
