@@ -172,7 +172,7 @@ def test_easyquant_never_lowers_the_cosine_and_runs_at_7_bits(bits):
 
 def test_bias_correction_zeroes_each_channels_mean_error():
     """After the correction the unit's INT8 output before its ReLU (accumulator dequantized,
-    the quantized network upstream) has no mean error per channel against FP32."""
+    its FP32 input quantized) has no mean error per channel against FP32."""
     text = (input_text((4, 3, 8, 8)) + conv_text("c1", "data", "a", 6, 3, "pad: 1")
             + relu_text("r1", "a") + conv_text("c2", "a", "b", 5, 3, "pad: 1")
             + bn_scale_text("c2", "b"))
@@ -194,15 +194,20 @@ def test_bias_correction_zeroes_each_channels_mean_error():
     with torch.no_grad():
         a_fp = F.relu(_fp32_unit(unit1, x))
         a_q = F.relu(_quantized_unit(unit1, plan.layers["c1"], x))
-        error = (_quantized_unit(unit2, plan.layers["c2"], a_q).double()
-                 - _fp32_unit(unit2, a_fp).double()).mean((0, 2, 3))
-        before = (_quantized_unit(unit2, build_plan(net.fused, net.stats, options, {
-            "c1": choices["c1"]}).layers["c2"], a_q).double()
-            - _fp32_unit(unit2, a_fp).double()).mean((0, 2, 3))
+        uncorrected = build_plan(net.fused, net.stats, options, {}).layers["c2"]
+
+        def mean_error(lq, a):
+            return (_quantized_unit(unit2, lq, a).double()
+                    - _fp32_unit(unit2, a_fp).double()).mean((0, 2, 3)).numpy()
+
+        error, before = mean_error(plan.layers["c2"], a_fp), mean_error(uncorrected, a_fp)
+        upstream = mean_error(plan.layers["c2"], a_q)   # with c1 quantized as well
     lq = plan.layers["c2"]
     step = 1 / (lq.scale_in * np.array(lq.scale_params))   # one step of the int32 bias
-    assert np.all(np.abs(error.numpy()) <= 0.5 * step + 1e-6)
-    assert np.abs(before.numpy()).max() > 5 * step.max()   # there was an error to correct
+    assert np.all(np.abs(error) <= 0.5 * step + 1e-6)
+    assert np.abs(before).max() > 5 * step.max()   # there was an error to correct
+    # the shift is the unit's own error, not c1's quantization error passed on
+    assert np.abs(upstream).max() > 5 * step.max()
 
 
 NETS = {

@@ -1,5 +1,5 @@
-"""Layer-wise scale search (EasyQuant) and bias correction, with the quantized network
-upstream of each layer.
+"""Layer-wise scale search (EasyQuant), with the quantized network upstream of each layer,
+and bias correction of each layer's own error.
 
 EasyQuant (Wu et al., "EasyQuant: Post-training Quantization via Scale Optimization",
 2020): every quantized unit in network order, its input taken from the already quantized
@@ -18,7 +18,14 @@ from moments of the patches instead (:class:`_WeightMoments`).
 
 Bias correction (Nagel et al. 2019; NNCF's "fast bias correction"): per output channel, the
 mean error of the unit's INT8 output (before its ReLU and residual add) against FP32 over
-the calibration images, measured with the quantized upstream, is subtracted from the bias.
+the calibration images is subtracted from the bias. The error is the unit's own: its
+deployed quantization (EasyQuant's scales where it ran) applied to the unit's FP32 input, as
+NNCF's fast bias correction measures it. Measured with the quantized network upstream
+instead, each unit's shift also absorbs the mean of the errors upstream, which depend on the
+image; on MobileNetV2 that made the network's output worse than no correction at all (the
+mean KL divergence of fc7 from FP32 on unseen images 0.083 -> 0.27 with per-channel KL
+scales, 0.029 -> 0.098 with the 99.99th percentile), where the unit's own error improves it
+(0.029 -> 0.025).
 
 During the pass the quantized units write unrounded (FP32) outputs, so each unit's input is
 rounded once, at the input scale being searched; a unit's input that nothing after it reads
@@ -566,11 +573,6 @@ def _channel_sums(values: torch.Tensor) -> torch.Tensor:
     return sum(part.sum(dims, dtype=torch.float64) for part in values.split(step))
 
 
-def _quantized_as(lq) -> tuple:
-    """What a unit's quantized input and integer weights depend on (not its bias)."""
-    return lq.scale_in, tuple(lq.scale_params), lq.input_unsigned, lq.bits
-
-
 def _fp32_unit(unit: FusedUnit, x: torch.Tensor) -> torch.Tensor:
     weight, bias = folded_weights(unit)
     return unit.layer.module.run_with(x.float(), weight.float(), bias.float())
@@ -675,8 +677,11 @@ def _through_unit(unit: FusedUnit, fused: FusedGraph, fp_blobs: dict, q_blobs: d
     take = dict.pop if owned else dict.get
     r_fp = fp_blobs.get(residual_name) if residual_name else None
     r_q = q_blobs.get(residual_name) if residual_name else None
-    conv_fp = _fp32_unit(unit, take(fp_blobs, bottom))
+    x_fp = take(fp_blobs, bottom)
+    conv_fp = _fp32_unit(unit, x_fp)
     y_fp = _finish(unit, conv_fp, r_fp)
+    if not settings.bias_correction:
+        del x_fp
     x_q = take(q_blobs, bottom)
     change = {}
     report = LayerReport(unit.name, float("nan"), float("nan"))
@@ -695,30 +700,29 @@ def _through_unit(unit: FusedUnit, fused: FusedGraph, fp_blobs: dict, q_blobs: d
         del layer
         change.update(input_threshold=activation_threshold(s_in, lq.input_unsigned, lq.bits),
                       weight_scales=tuple(float(v) / factor for v in s_w))
-        lq = replace(lq, scale_in=float(np.float32(s_in)),
-                     scale_params=[float(np.float32(v)) for v in s_w])
     # what the plan deploys: EasyQuant's scales as the thresholds give them back
     final = deployed(change) if change else lq
-    same = _quantized_as(final) == _quantized_as(lq)
-    q_in = _quantized_input(lq, x_q, in_place=owned and same)
-    q_final = q_in if same else _quantized_input(final, x_q, in_place=False)
+    q_final = _quantized_input(final, x_q, in_place=owned)
     del x_q
     if settings.bias_correction:
-        conv_q = _dequantized(unit, _constants(unit, lq), q_in)
+        # the unit's own error: its deployed quantization on the FP32 input
+        conv_q = _dequantized(unit, _constants(unit, final),
+                              _quantized_input(final, x_fp, in_place=owned))
+        del x_fp
         # the mean error per channel, the float32 differences summed in float64
         error = _channel_sums(conv_q.sub_(conv_fp)) / (conv_q.numel() // conv_q.shape[1])
         del conv_q
         # an all-zero channel (weight scale 0) outputs rne(bias) in Intel's kernel: a shift
         # cannot correct it by less than a whole step, so it is left as it is
-        error[torch.tensor(lq.scale_params, device=error.device) == 0] = 0.0
-        before = np.zeros(len(error)) if lq.bias_shift is None else np.asarray(
-            lq.bias_shift, np.float64)
+        error[torch.tensor(final.scale_params, device=error.device) == 0] = 0.0
+        before = np.zeros(len(error)) if final.bias_shift is None else np.asarray(
+            final.bias_shift, np.float64)
         shift = tuple(float(v) for v in before - error.cpu().numpy())
         change["bias_shift"] = shift
         final = replace(final, bias_shift=list(shift))
         _, bias = folded_weights(unit)
         report.bias_shift = float(error.abs().max() / max(float(bias.abs().max()), 1e-12))
-    del conv_fp, q_in
+    del conv_fp
     # through the unit: the quantized net's output at the deployed quantization
     y_q = _finish(unit, _dequantized(unit, _constants(unit, final), q_final), r_q,
                   in_place=True)
