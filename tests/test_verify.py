@@ -59,8 +59,11 @@ def tiny():
     return net
 
 
-def _sim(tiny, target, feeds, capture_units=(), requant=None):
-    sim = Int8Simulator(tiny.fused, tiny.plan, requant=requant, target=target)
+def _sim(tiny, target, feeds, capture_units=(), requant=None, exact_units=()):
+    """The simulation as the ORT backend sets it up: the units ORT runs as float
+    convolutions (``exact_units``) accumulate exactly whatever the target."""
+    sim = Int8Simulator(tiny.fused, tiny.plan, requant=requant, target=target,
+                        exact_units=exact_units)
     last = {tiny.fused.by_name[n].last.index: n for n in capture_units}
     captured = {}
 
@@ -136,7 +139,8 @@ def test_ort_agrees_with_the_simulation_of_this_cpu(tiny, residual):
     names = [o.name for o in session.get_outputs()]
     for feeds in tiny.batches:
         values = dict(zip(names, session.run(names, {"data": feeds["data"].numpy()})))
-        out, captured = _sim(tiny, target, feeds, result.unit_outputs, graph.requant)
+        out, captured = _sim(tiny, target, feeds, result.unit_outputs, graph.requant,
+                             graph.float_units)
         for unit, (q, scale_out, zp, _) in result.unit_outputs.items():
             delta = np.abs((values[q].astype(np.float64) - zp)
                            - np.round(captured[unit] * scale_out))
