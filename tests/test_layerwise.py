@@ -210,6 +210,49 @@ def test_bias_correction_zeroes_each_channels_mean_error():
     assert np.abs(upstream).max() > 5 * step.max()
 
 
+
+@pytest.mark.parametrize("shift_helps", [True, False])
+def test_a_correction_is_kept_only_where_it_brings_the_output_closer(shift_helps,
+                                                                       monkeypatch):
+    """The pass compares the unit's output with and without its new shift (after the
+    activation, quantized upstream) and keeps the closer one: the choice, the report and
+    the output the next unit reads follow that decision."""
+    text = (input_text((4, 3, 8, 8)) + conv_text("c1", "data", "a", 6, 3, "pad: 1")
+            + bn_scale_text("c1", "a"))
+    net = TinyNet(text, seed=3)
+    net.calibrate(first_conv=True)
+    options = QuantOptions(first_conv=True)
+    seen = []
+    real = layerwise_module._squared_error
+
+    def judged(y, reference, bounds):
+        seen.append(real(y, reference, bounds))
+        return float(len(seen) == 1) if shift_helps else float(len(seen) == 2)
+
+    monkeypatch.setattr(layerwise_module, "_squared_error", judged)
+    choices, reports = layerwise(net.net, net.fused, net.stats, options, {}, net.batches[0],
+                                 LayerwiseSettings(easyquant=False))
+    assert len(seen) == 2          # the output without the shift, then with it
+    if shift_helps:
+        assert choices["c1"].bias_shift is not None and reports["c1"].bias_shift > 0
+    else:
+        assert "c1" not in choices or choices["c1"].bias_shift is None
+        assert reports["c1"].bias_shift == 0.0
+    # unmocked: on the unit's own (FP32) input and no activation, the mean shift can only
+    # bring the output closer (up to the int32 bias rounding)
+    assert seen[1] <= seen[0]
+
+
+def test_the_squared_error_is_float64_and_clamps_to_the_activation():
+    rng = np.random.default_rng(5)
+    y = rng.normal(0, 4, (5, 3, 4, 4)).astype(np.float32)
+    ref = rng.normal(0, 4, (5, 3, 4, 4)).astype(np.float32)
+    got = layerwise_module._squared_error(torch.tensor(y), torch.tensor(ref), None)
+    assert got == pytest.approx(((y.astype(np.float64) - ref) ** 2).sum(), rel=1e-6)
+    clamped = layerwise_module._squared_error(torch.tensor(y), torch.tensor(ref), (0.0, 6.0))
+    want = ((np.clip(y, 0, 6).astype(np.float64) - np.clip(ref, 0, 6)) ** 2).sum()
+    assert clamped == pytest.approx(want, rel=1e-6) and clamped < got
+
 NETS = {
     "plain": conv_text("conv", "data", "y", 4, 3),
     "no_bias": conv_text("conv", "data", "y", 4, 3, "bias_term: false"),
