@@ -563,18 +563,30 @@ def _dequantized(unit: FusedUnit, constants, q_in: torch.Tensor) -> torch.Tensor
     accumulator, Intel's int32 bias added, divided by the scales, unrounded (what bias
     correction compares); ``constants``: :func:`_constants`."""
     q_w, q_b, divisor = constants
-    acc = unit.layer.module.run_with(q_in, q_w, None)
+    return _biased(unit.layer.module.run_with(q_in, q_w, None), q_b, divisor, in_place=True)
+
+
+def _biased(acc: torch.Tensor, q_b: torch.Tensor, divisor: torch.Tensor, in_place: bool
+            ) -> torch.Tensor:
+    """``(acc + q_b) / divisor`` per output channel (dim 1); ``in_place``: in ``acc``."""
     per = (1, -1) + (1,) * (acc.dim() - 2)
-    return acc.add_(q_b.reshape(per)).div_(divisor.reshape(per))   # acc is fresh: in place
+    out = acc.add_(q_b.reshape(per)) if in_place else acc + q_b.reshape(per)
+    return out.div_(divisor.reshape(per))
+
+
+def _sample_slices(*tensors: torch.Tensor):
+    """The tensors (the same number of samples, dim 0) a few samples at a time, so that a
+    slice's float64 temporaries stay small: a float64 copy of the whole would be the pass's
+    largest temporary at a 112x112 layer (480 MB for 50 samples of 96 channels)."""
+    step = max(1, CHUNK_ELEMENTS // max(1, tensors[0][0].numel()))
+    return zip(*(t.split(step) for t in tensors))
 
 
 def _channel_sums(values: torch.Tensor) -> torch.Tensor:
-    """The float64 sum of each channel (dim 1) of a float32 tensor, a few samples at a time:
-    a float64 copy of the whole (what ``sum(dtype=float64)`` makes) would be the pass's
-    largest temporary at a 112x112 layer (480 MB for 50 samples of 96 channels)."""
+    """The float64 sum of each channel (dim 1) of a float32 tensor (:func:`_sample_slices`,
+    where ``sum(dtype=float64)`` of the whole would copy it to float64)."""
     dims = [d for d in range(values.dim()) if d != 1]
-    step = max(1, CHUNK_ELEMENTS // max(1, values[0].numel()))
-    return sum(part.sum(dims, dtype=torch.float64) for part in values.split(step))
+    return sum(part.sum(dims, dtype=torch.float64) for (part,) in _sample_slices(values))
 
 
 def _fp32_unit(unit: FusedUnit, x: torch.Tensor) -> torch.Tensor:
@@ -727,15 +739,21 @@ def _through_unit(unit: FusedUnit, fused: FusedGraph, fp_blobs: dict, q_blobs: d
         _, bias = folded_weights(unit)
         report.bias_shift = float(error.abs().max() / max(float(bias.abs().max()), 1e-12))
     del conv_fp
-    # through the unit: the quantized net's output at the deployed quantization
-    y_q = _finish(unit, _dequantized(unit, _constants(unit, final), q_final), r_q,
-                  in_place=True)
+    # through the unit: the quantized net's output at the deployed quantization, and where
+    # a correction was made, without it (the same accumulator, the other int32 bias)
+    q_w, q_b, divisor = _constants(unit, final)
+    acc = unit.layer.module.run_with(q_final, q_w, None)
+    del q_final
+    y_plain = None
     if settings.bias_correction:
+        plain = deployed({k: v for k, v in change.items() if k != "bias_shift"})
+        y_plain = _finish(unit, _biased(acc, _constants(unit, plain)[1], divisor, False), r_q,
+                          in_place=True)
+    y_q = _finish(unit, _biased(acc, q_b, divisor, in_place=True), r_q, in_place=True)
+    del acc
+    if y_plain is not None:
         # kept only where it brings the unit's output (after its activation, the quantized
         # network upstream) closer to FP32 than the bias without this correction
-        plain = deployed({k: v for k, v in change.items() if k != "bias_shift"})
-        y_plain = _finish(unit, _dequantized(unit, _constants(unit, plain), q_final), r_q,
-                          in_place=True)
         bounds = _activation_after(unit, fused)
         if _squared_error(y_plain, y_fp, bounds) <= _squared_error(y_q, y_fp, bounds):
             y_q = y_plain
@@ -757,11 +775,10 @@ def _activation_after(unit: FusedUnit, fused: FusedGraph):
 
 
 def _squared_error(y: torch.Tensor, reference: torch.Tensor, bounds) -> float:
-    """sum((y - reference)^2) in float64, a few samples at a time, both clamped to
+    """sum((y - reference)^2) in float64 (:func:`_sample_slices`), both clamped to
     ``bounds`` (the activation that reads them) when given."""
-    step = max(1, CHUNK_ELEMENTS // max(1, y[0].numel()))
     total = 0.0
-    for a, b in zip(y.split(step), reference.split(step)):
+    for a, b in _sample_slices(y, reference):
         if bounds is not None:
             a, b = a.clamp(*bounds), b.clamp(*bounds)
         total += float((a - b).pow_(2).sum(dtype=torch.float64))
