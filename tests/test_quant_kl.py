@@ -152,6 +152,73 @@ def test_kl_matches_the_direct_implementation_at_2048_bins(gaussian):
     assert min(expected) == pytest.approx(float(divergence[chosen - 128]), rel=1e-7)
 
 
+def _plain_divergences(hist: torch.Tensor, levels: int, chunk: int = 64) -> torch.Tensor:
+    """The vectorised formulation as first written (bool masks multiplied in, index
+    arithmetic per call), kept to hold the faster one to the same float64 values."""
+    hist = hist.to(torch.float64)
+    out = []
+    for part in torch.arange(levels, hist.numel()).split(chunk):
+        width = int(part[-1])
+        i = part.unsqueeze(1)
+        k = torch.arange(width)
+        valid = k.unsqueeze(0) < i
+        p = hist[:width].unsqueeze(0) * valid
+        suffix = torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0])
+        p.scatter_add_(1, i - 1, torch.cat([suffix, suffix.new_zeros(1)])[part].unsqueeze(1))
+        level = torch.div(k.unsqueeze(0) * levels, i, rounding_mode="floor")
+        edge = (level + 1).to(torch.float64) * i.to(torch.float64) / levels
+        w_first = (edge - k.unsqueeze(0).to(torch.float64)).clamp(max=1.0)
+        w_next = 1.0 - w_first
+        counts = hist[:width].unsqueeze(0) * valid
+        nonzero = ((hist[:width] != 0).unsqueeze(0) & valid).to(torch.float64)
+        first, nxt = level.clamp(max=levels), (level + 1).clamp(max=levels)
+        mass = torch.zeros(len(part), levels + 1, dtype=torch.float64)
+        mass.scatter_add_(1, first, counts * w_first)
+        mass.scatter_add_(1, nxt, counts * w_next)
+        support = torch.zeros_like(mass)
+        support.scatter_add_(1, first, nonzero * w_first)
+        support.scatter_add_(1, nxt, nonzero * w_next)
+        per_bin = torch.where(support > 0, mass / support.clamp(min=1e-300),
+                              torch.zeros_like(mass))
+        q = (w_first * per_bin.gather(1, first) + w_next * per_bin.gather(1, nxt)) * nonzero
+
+        def smoothed(d):
+            zeros, nonzeros = (d == 0) & valid, (d != 0) & valid
+            n_zero = zeros.sum(1, keepdim=True).to(d.dtype)
+            n_nonzero = nonzeros.sum(1, keepdim=True).to(d.dtype).clamp(min=1)
+            d = d + 1e-4 * zeros - (1e-4 * n_zero / n_nonzero) * nonzeros
+            return d / d.sum(1, keepdim=True).clamp(min=1e-300)
+
+        p, q = smoothed(p), smoothed(q)
+        usable = valid & (p > 0)
+        ratio = torch.where(usable & (q > 0), p / q.clamp(min=1e-300), torch.ones_like(p))
+        out.append(torch.where(usable, p * torch.log(ratio), torch.zeros_like(p)).sum(1))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("levels", [128, 64])
+def test_kl_divergences_equal_the_plain_formulation_bit_for_bit(gaussian, levels):
+    """The thresholds of earlier versions, exactly: the shared layouts and the masks
+    selected rather than multiplied in change no float64 value (so no argmin), on one
+    thread or two."""
+    rng = np.random.default_rng(7)
+    heavy = np.abs(rng.standard_t(2, 200_000)).astype(np.float32)
+    hists = [abs_histogram(torch.from_numpy(gaussian), float(np.abs(gaussian).max())),
+             abs_histogram(torch.from_numpy(heavy), float(heavy.max()))]
+    sparse = rng.integers(0, 1000, NUM_BINS)
+    sparse[rng.random(NUM_BINS) < 0.6] = 0    # empty bins: zero supports, smoothing
+    hists.append(torch.from_numpy(sparse))
+    threads = torch.get_num_threads()
+    try:
+        for count in sorted({1, min(2, threads)}):
+            torch.set_num_threads(count)
+            for hist in hists:
+                _, divergence = kl_divergences(hist, levels)
+                assert torch.equal(divergence, _plain_divergences(hist, levels))
+    finally:
+        torch.set_num_threads(threads)
+
+
 # -- known answers on large samples --------------------------------------------------------
 
 def test_gaussian_threshold(gaussian_ratio):

@@ -20,6 +20,7 @@ from calibrator import pipeline
 from calibrator.backends import backend_for
 from calibrator.bench import Context, SectionResult, Table, section
 from calibrator.bench.fp32 import _files
+from calibrator.bench.peers import run_nncf
 from calibrator.caffe.prototxt import read_net, write_net
 from calibrator.config import RunConfig
 from calibrator.data.feed import batches
@@ -131,6 +132,27 @@ def accuracy(ctx: Context) -> SectionResult:
             rows.append([label, f"{unseen['drop_pt']:+.1f}", f"{unseen['agreement']:.3f}",
                          f"{seen['drop_pt']:+.1f}", entry["fp32_layers"],
                          entry["full_evaluations"] or "", f"{wall:.0f}"])
+        ctx.log("NNCF quantize, the same halves, when installed")
+        peer = _nncf_unseen(ctx, files, everything, tmp / "nncf")
+    notes = []
+    if peer is None:
+        notes.append("NNCF is not installed (pip install nncf): no peer row")
+    elif "error" in peer:
+        notes.append(f"NNCF failed: {peer['error']}")
+    else:
+        unseen = peer["unseen"]
+        rows.append([f"NNCF {peer['nncf']} quantize (ONNX Runtime, INT8)",
+                     f"{unseen['drop_pt']:+.1f}", f"{unseen['agreement']:.3f}", "", 0, "",
+                     f"{peer['quantize_seconds']:.0f}"])
     headers = ["setting", "unseen drop (pt)", "unseen agreement", "all-dev drop (pt)",
                "FP32 convs", "full evaluations", "wall (s)"]
-    return SectionResult([Table(headers, rows)], {"settings": data})
+    return SectionResult([Table(headers, rows)], {"settings": data, "nncf": peer},
+                         notes=notes)
+
+
+def _nncf_unseen(ctx: Context, files, everything: Path, tmp: Path) -> dict | None:
+    """NNCF's ``quantize`` (its defaults: per-channel weights, fast bias correction, every
+    conv INT8) calibrated on the first half and judged on the other, in ONNX Runtime."""
+    tmp.mkdir()
+    model = load_model(everything, files["weights"])
+    return run_nncf(ctx, model, tmp, range(HALF), range(HALF, 2 * HALF))

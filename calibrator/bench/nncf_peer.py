@@ -3,9 +3,12 @@ peer ``make bench`` compares with (run in its own process, so its time and memor
 own). NNCF is optional (``pip install nncf``): this module is imported only to run it.
 
     python -m calibrator.bench.nncf_peer MODEL.onnx DATA.npz OUT.json [--threads N]
+        [--judge OTHER.npz]
 
-DATA.npz holds ``images`` (batches x N x C x H x W, float32, preprocessed as the Caffe net
-reads them) and ``labels``; the metric is top-1 of the model's first output."""
+With ``--judge``, only ``quantize`` runs (calibrated on DATA) and its result is judged on
+the other images (the ``accuracy`` section's protocol). DATA.npz holds ``images``
+(batches x N x C x H x W, float32, preprocessed as the Caffe net reads them) and
+``labels``; the metric is top-1 of the model's first output."""
 
 from __future__ import annotations
 
@@ -29,14 +32,27 @@ def _session(model, threads):
                                 providers=["CPUExecutionProvider"])
 
 
-def _top1(model, images, labels, threads) -> float:
+def _predictions(model, images, threads) -> np.ndarray:
+    """The top-1 class of every image (the argmax of the model's first output)."""
     session = _session(model, threads)
     name = session.get_inputs()[0].name
-    hits = 0
-    for batch, label in zip(images, labels):
-        scores = session.run(None, {name: batch})[0].reshape(len(batch), -1)
-        hits += int((scores.argmax(1) == label).sum())
-    return hits / float(labels.size)
+    return np.concatenate([session.run(None, {name: batch})[0].reshape(len(batch), -1)
+                           .argmax(1) for batch in images])
+
+
+def _top1(model, images, labels, threads) -> float:
+    return float((_predictions(model, images, threads) == labels.reshape(-1)).mean())
+
+
+def _unseen(model, quantized, path, threads) -> dict:
+    """Top-1 of FP32 and INT8 and their agreement on images the calibration did not see."""
+    data = np.load(path)
+    labels = data["labels"].reshape(-1)
+    fp32 = _predictions(model, data["images"], threads)
+    int8 = _predictions(quantized, data["images"], threads)
+    return {"fp32": float((fp32 == labels).mean()), "int8": float((int8 == labels).mean()),
+            "drop_pt": 100 * float((fp32 == labels).mean() - (int8 == labels).mean()),
+            "agreement": float((fp32 == int8).mean())}
 
 
 def main(argv=None) -> int:
@@ -49,6 +65,8 @@ def main(argv=None) -> int:
     parser.add_argument("out")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--max-drop", type=float, default=0.01)
+    parser.add_argument("--judge", help="NPZ of other images: quantize only, then judge "
+                                        "the result there (top-1 drop, agreement)")
     args = parser.parse_args(argv)
     data = np.load(args.data)
     images, labels = data["images"], data["labels"]
@@ -62,6 +80,12 @@ def main(argv=None) -> int:
     quantized = nncf.quantize(model, dataset, subset_size=int(labels.size))
     record["quantize_seconds"] = time.perf_counter() - started
     record["quantize_top1"] = _top1(quantized, images, labels, args.threads)
+    if args.judge:
+        record["unseen"] = _unseen(model, quantized, args.judge, args.threads)
+        record["peak_rss_mb"] = peak_rss_mb()
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=2)
+        return 0
 
     def validate(candidate, items) -> float:
         return _top1(candidate, np.stack(list(items)), labels, args.threads)

@@ -74,19 +74,30 @@ def _fp32_pass(ctx: Context, model) -> float:
     return best
 
 
-def _nncf(ctx: Context, model, tmp: Path) -> dict | None:
+def _save_batches(model, batches: range, path: Path) -> None:
+    images = np.stack([model.source.batch(i)["data"].numpy() for i in batches])
+    labels = np.stack([model.source.batch(i)["label"].numpy().reshape(-1).astype(np.int64)
+                       for i in batches])
+    np.savez(path, images=images.astype(np.float32), labels=labels)
+
+
+def run_nncf(ctx: Context, model, tmp: Path, calibration: range = range(BATCHES),
+             judge: range | None = None) -> dict | None:
+    """NNCF on our FP32 ONNX export (``calibrator.bench.nncf_peer``, a process of its own),
+    calibrated on ``calibration``'s batches of ``model``'s source; with ``judge``, only
+    ``quantize``, judged on those batches. None where NNCF is not installed."""
     try:
         import nncf  # noqa: F401  (optional peer: the section skips it when absent)
     except ImportError:
         return None
     fused = analyze(model.net)
     export_onnx(model, fused, None, tmp / "fp32.onnx")
-    images = np.stack([model.source.batch(i)["data"].numpy() for i in range(BATCHES)])
-    labels = np.stack([model.source.batch(i)["label"].numpy().reshape(-1).astype(np.int64)
-                       for i in range(BATCHES)])
-    np.savez(tmp / "data.npz", images=images.astype(np.float32), labels=labels)
+    _save_batches(model, calibration, tmp / "data.npz")
     argv = [sys.executable, "-m", "calibrator.bench.nncf_peer", str(tmp / "fp32.onnx"),
             str(tmp / "data.npz"), str(tmp / "nncf.json")]
+    if judge is not None:
+        _save_batches(model, judge, tmp / "judge.npz")
+        argv += ["--judge", str(tmp / "judge.npz")]
     if ctx.threads:
         argv += ["--threads", str(ctx.threads)]
     done = subprocess.run(argv, env=_env(ctx), capture_output=True, text=True)
@@ -110,7 +121,7 @@ def peers(ctx: Context) -> SectionResult:
         ctx.log("calibrator -l 0.01 (a process of its own)")
         search = _ours(ctx, files, tmp / "l", "-l", "0.01", "-n", "accuracy-top1")
         ctx.log("NNCF quantize and quantize_with_accuracy_control, when installed")
-        nncf = _nncf(ctx, model, tmp)
+        nncf = run_nncf(ctx, model, tmp)
     summary = search["search"]
     rows = [["our FP32 pass, 500 images (s)", f"{fp32_s:.1f}", ""],
             ["calibrator -q (s)", f"{quantize['wall_seconds']:.1f}",

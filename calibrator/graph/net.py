@@ -8,7 +8,7 @@ an activation overwrites a bottom nobody reads after it (``CaffeNet._overwritabl
 
 from __future__ import annotations
 
-import logging
+import copy
 import sys
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
@@ -129,35 +129,37 @@ def fit_blob(array: np.ndarray, expected: Shape) -> np.ndarray | None:
     return None
 
 
-class _Quiet(logging.Filter):
-    """Drops torch's log records while shapes are inferred: a layer that fake tensors cannot
-    run is expected here (it falls back to real zeros, or is reported as a LayerError), and
-    torch would otherwise print a traceback for it before our one line."""
-
-    def filter(self, record) -> bool:
-        return False
-
-
-_FAKE_TENSOR_LOG = logging.getLogger("torch._subclasses.fake_tensor")
+def _on_meta(module: torch.nn.Module) -> torch.nn.Module:
+    """A shallow twin of ``module`` whose tensors (parameters, buffers, tensor attributes,
+    those of its submodules) are on the meta device; the module itself is left as it is."""
+    twin = copy.copy(module)
+    twin._parameters = {k: None if v is None else v.to("meta")
+                        for k, v in module._parameters.items()}
+    twin._buffers = {k: None if v is None else v.to("meta") for k, v in module._buffers.items()}
+    twin._modules = {k: None if v is None else _on_meta(v) for k, v in module._modules.items()}
+    for name, value in vars(module).items():
+        if isinstance(value, torch.Tensor):
+            twin.__dict__[name] = value.to("meta")
+    return twin
 
 
 def _run_symbolic(node: Node):
-    """The node's tops as fake tensors (shapes only), or None if it needs real values."""
+    """The node's tops as tensors on the meta device (shapes only: no arithmetic, no
+    memory, no set-up cost), or None where the layer cannot run there: it reads values
+    (Accuracy's label check, DetectionOutput's boxes) or holds tensors that are neither
+    parameters nor buffers. (Fake tensors, tried before meta, ran no layer that meta
+    cannot and cost about two seconds on first use.)"""
+    inputs = tuple(torch.empty(s, device="meta") for s in node.bottom_shapes)
     try:
-        from torch._subclasses.fake_tensor import FakeTensorMode  # private torch API
-    except ImportError:  # pragma: no cover - older torch
-        return None
-    quiet = _Quiet()
-    _FAKE_TENSOR_LOG.addFilter(quiet)
-    try:
-        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
-            return tuple(node.module(*[torch.zeros(s) for s in node.bottom_shapes]))
+        with torch.no_grad():
+            tops = tuple(_on_meta(node.module)(*inputs))
     except LayerError:
         raise
-    except Exception:  # data-dependent or not traceable: fall back to real zeros
+    except Exception:  # data-dependent or not traceable: the caller runs real zeros
         return None
-    finally:
-        _FAKE_TENSOR_LOG.removeFilter(quiet)
+    if not all(isinstance(t, torch.Tensor) and t.is_meta for t in tops):
+        return None
+    return tops
 
 
 class CaffeNet(torch.nn.Module):
@@ -274,9 +276,9 @@ class CaffeNet(torch.nn.Module):
         module.load_blobs(fitted)
 
     def _infer_top_shapes(self, node: Node) -> list[Shape]:
-        """Top shapes from running the layer on its bottom shapes: symbolically (fake
-        tensors, no arithmetic) where the layer allows, else on zeros (data-dependent
-        layers such as DetectionOutput)."""
+        """Top shapes from running the layer on its bottom shapes: symbolically (meta
+        tensors, no arithmetic) where the layer allows, else on zeros (layers that read
+        values, such as Accuracy and DetectionOutput)."""
         tops = _run_symbolic(node)
         if tops is None:
             zeros = [torch.zeros(s) for s in node.bottom_shapes]

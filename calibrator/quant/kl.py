@@ -21,6 +21,9 @@ levels because a level is at least one bin wide, so merging and spreading are tw
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -31,32 +34,54 @@ NUM_BINS = 2048
 SMOOTH_EPS = 1e-4
 
 
-def merge_and_expand(hist: torch.Tensor, candidates: torch.Tensor, levels: int) -> torch.Tensor:
-    """Q for every candidate: rows of ``len(candidates)`` x ``len(hist)`` (zero past ``i``).
+@dataclass(frozen=True)
+class _Layout:
+    """Where each bin of each candidate row falls among the ``levels`` levels: what Q's
+    merging and spreading need that does not depend on the histogram (the same for every
+    tensor, so :func:`kl_divergences` builds it once per chunk of candidates)."""
 
-    ``hist`` holds float64 counts; ``candidates`` the bin counts ``i`` (each >= levels)."""
-    bins = hist.numel()
-    k = torch.arange(bins, dtype=torch.int64, device=hist.device)
+    valid: torch.Tensor        # (C, B) bool: bin k < candidate i
+    level: torch.Tensor        # (C, B) int64: the level of the bin's start (``levels``: sink)
+    level_next: torch.Tensor   # (C, B) int64: the next level (a bin overlaps at most two)
+    w_first: torch.Tensor      # (C, B) float64: the bin's fraction inside ``level``
+    w_next: torch.Tensor       # (C, B) float64: the rest, inside ``level_next``
+    levels: int
+
+
+def _layout(bins: int, candidates: torch.Tensor, levels: int, device) -> _Layout:
+    k = torch.arange(bins, dtype=torch.int64, device=device)
     i = candidates.to(torch.int64).unsqueeze(1)                       # (C, 1)
     valid = k.unsqueeze(0) < i                                        # (C, B)
     level = torch.div(k.unsqueeze(0) * levels, i, rounding_mode="floor")  # level of bin start
     # fraction of bin k inside `level`: up to the level's right edge (level + 1) * i / levels
     edge = (level + 1).to(torch.float64) * i.to(torch.float64) / levels
     w_first = (edge - k.unsqueeze(0).to(torch.float64)).clamp(max=1.0)
-    w_next = 1.0 - w_first
-    counts = hist.unsqueeze(0) * valid
-    nonzero = ((hist != 0).unsqueeze(0) & valid).to(torch.float64)
     level_next = (level + 1).clamp(max=levels)                        # column `levels` = sink
-    mass = torch.zeros(i.shape[0], levels + 1, dtype=torch.float64, device=hist.device)
-    mass.scatter_add_(1, level.clamp(max=levels), counts * w_first)
-    mass.scatter_add_(1, level_next, counts * w_next)
+    return _Layout(valid, level.clamp(max=levels), level_next, w_first, 1.0 - w_first, levels)
+
+
+def _merge_and_expand(hist: torch.Tensor, layout: _Layout) -> torch.Tensor:
+    """Q for every row of ``layout`` (see :func:`merge_and_expand`)."""
+    counts = torch.where(layout.valid, hist.unsqueeze(0), 0.0)
+    nonzero = (hist != 0).unsqueeze(0) & layout.valid
+    shape = (layout.valid.shape[0], layout.levels + 1)
+    mass = torch.zeros(shape, dtype=torch.float64, device=hist.device)
+    mass.scatter_add_(1, layout.level, counts * layout.w_first)
+    mass.scatter_add_(1, layout.level_next, counts * layout.w_next)
     support = torch.zeros_like(mass)
-    support.scatter_add_(1, level.clamp(max=levels), nonzero * w_first)
-    support.scatter_add_(1, level_next, nonzero * w_next)
-    per_bin = torch.where(support > 0, mass / support.clamp(min=1e-300), torch.zeros_like(mass))
-    spread = (w_first * per_bin.gather(1, level.clamp(max=levels))
-              + w_next * per_bin.gather(1, level_next))
-    return spread * nonzero
+    support.scatter_add_(1, layout.level, torch.where(nonzero, layout.w_first, 0.0))
+    support.scatter_add_(1, layout.level_next, torch.where(nonzero, layout.w_next, 0.0))
+    per_bin = torch.where(support > 0, mass / support.clamp(min=1e-300), 0.0)
+    spread = (layout.w_first * per_bin.gather(1, layout.level)
+              + layout.w_next * per_bin.gather(1, layout.level_next))
+    return torch.where(nonzero, spread, 0.0)
+
+
+def merge_and_expand(hist: torch.Tensor, candidates: torch.Tensor, levels: int) -> torch.Tensor:
+    """Q for every candidate: rows of ``len(candidates)`` x ``len(hist)`` (zero past ``i``).
+
+    ``hist`` holds float64 counts; ``candidates`` the bin counts ``i`` (each >= levels)."""
+    return _merge_and_expand(hist, _layout(hist.numel(), candidates, levels, hist.device))
 
 
 def clip_with_tail(hist: torch.Tensor, candidates: torch.Tensor,
@@ -66,7 +91,7 @@ def clip_with_tail(hist: torch.Tensor, candidates: torch.Tensor,
     width = hist.numel() if width is None else width
     k = torch.arange(width, device=hist.device)
     i = candidates.to(torch.int64).unsqueeze(1)
-    p = hist[:width].unsqueeze(0) * (k.unsqueeze(0) < i)
+    p = torch.where(k.unsqueeze(0) < i, hist[:width].unsqueeze(0), 0.0)
     suffix = torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0])  # sum of hist[k:]
     tail = torch.cat([suffix, suffix.new_zeros(1)])[candidates.to(torch.int64)]
     p.scatter_add_(1, i - 1, tail.unsqueeze(1))
@@ -74,12 +99,16 @@ def clip_with_tail(hist: torch.Tensor, candidates: torch.Tensor,
 
 
 def smooth(dist: torch.Tensor, valid: torch.Tensor, eps: float = SMOOTH_EPS) -> torch.Tensor:
-    """Give zero bins ``eps``, taking the same total evenly from the non-zero bins."""
+    """Give zero bins ``eps``, taking the same total evenly from the non-zero bins. (A zero
+    bin gets ``eps`` rounded to float32, the value this code has always given it; the total
+    taken uses ``eps`` itself: the thresholds stay those of earlier versions.)"""
     zeros = (dist == 0) & valid
     nonzeros = (dist != 0) & valid
     n_zero = zeros.sum(1, keepdim=True).to(dist.dtype)
     n_nonzero = nonzeros.sum(1, keepdim=True).to(dist.dtype).clamp(min=1)
-    return dist + eps * zeros - (eps * n_zero / n_nonzero) * nonzeros
+    given = float(np.float32(eps))
+    return torch.where(nonzeros, dist - eps * n_zero / n_nonzero,
+                       torch.where(zeros, given, dist))
 
 
 def kl_divergences(hist: torch.Tensor, levels: int = 128,
@@ -87,16 +116,16 @@ def kl_divergences(hist: torch.Tensor, levels: int = 128,
     """(candidates, KL per candidate) for a histogram of ``NUM_BINS`` counts.
 
     Candidates go in chunks whose rows are only as wide as their largest candidate: the
-    bins past ``i`` take no part in candidate ``i``, so this halves the work."""
+    bins past ``i`` take no part in candidate ``i``, so this halves the work. Each chunk's
+    layout (:class:`_Layout`) is built once and kept for the next tensor."""
     hist = hist.to(torch.float64)
-    bins = hist.numel()
-    candidates = torch.arange(levels, bins, device=hist.device)
+    candidates, chunks = _chunks(hist.numel(), levels, chunk, hist.device)
     divergences = []
-    for part in candidates.split(chunk):
-        width = int(part[-1])
-        valid = torch.arange(width, device=hist.device).unsqueeze(0) < part.unsqueeze(1)
+    for part, layout in chunks:
+        width = layout.valid.shape[1]
+        valid = layout.valid
         p = smooth(clip_with_tail(hist, part, width), valid)
-        q = smooth(merge_and_expand(hist[:width], part, levels), valid)
+        q = smooth(_merge_and_expand(hist[:width], layout), valid)
         p = p / p.sum(1, keepdim=True).clamp(min=1e-300)
         q = q / q.sum(1, keepdim=True).clamp(min=1e-300)
         usable = valid & (p > 0)
@@ -105,6 +134,17 @@ def kl_divergences(hist: torch.Tensor, levels: int = 128,
                                        torch.zeros_like(p)).sum(1))
     # q == 0 where p > 0 cannot happen after smoothing unless a row is all zero
     return candidates, torch.cat(divergences)
+
+
+@functools.lru_cache(maxsize=1)
+def _chunks(bins: int, levels: int, chunk: int, device
+            ) -> tuple[torch.Tensor, tuple[tuple[torch.Tensor, _Layout], ...]]:
+    """The candidates (``levels`` ... ``bins - 1``) and, per chunk of them, the candidates
+    and their layout, rows as wide as the chunk's largest candidate (about 70 MB for
+    2048 bins; one set is kept: a run calibrates at one bit width)."""
+    candidates = torch.arange(levels, bins, device=device)
+    return candidates, tuple((part, _layout(int(part[-1]), part, levels, device))
+                             for part in candidates.split(chunk))
 
 
 def kl_threshold(hist: torch.Tensor, absmax: float, levels: int = 128) -> float:
