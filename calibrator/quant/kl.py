@@ -136,12 +136,20 @@ def kl_divergences(hist: torch.Tensor, levels: int = 128,
     return candidates, torch.cat(divergences)
 
 
+def release_layouts() -> None:
+    """Free the candidate layouts :func:`kl_divergences` keeps (about 70 MB): a caller that
+    has its thresholds (they are cached with the statistics) needs them no more; the next
+    call builds them again."""
+    _chunks.cache_clear()
+
+
 @functools.lru_cache(maxsize=1)
 def _chunks(bins: int, levels: int, chunk: int, device
             ) -> tuple[torch.Tensor, tuple[tuple[torch.Tensor, _Layout], ...]]:
     """The candidates (``levels`` ... ``bins - 1``) and, per chunk of them, the candidates
     and their layout, rows as wide as the chunk's largest candidate (about 70 MB for
-    2048 bins; one set is kept: a run calibrates at one bit width)."""
+    2048 bins; one set is kept: a run calibrates at one bit width; see
+    :func:`release_layouts`)."""
     candidates = torch.arange(levels, bins, device=device)
     return candidates, tuple((part, _layout(int(part[-1]), part, levels, device))
                              for part in candidates.split(chunk))

@@ -20,6 +20,7 @@ from calibrator.quant.compiled import (average_pooling_pairs, compiled_layers,
 from calibrator.quant.estimators import HISTOGRAM
 from calibrator.quant.folding import folded_weights, weights_version
 from calibrator.quant.fusion import FusedGraph, FusedUnit
+from calibrator.quant.kl import release_layouts
 from calibrator.quant.targets import COUNTERMEASURES as SATURATION_FIXES
 from calibrator.quant.targets import WEIGHT_FACTORS
 
@@ -197,6 +198,7 @@ def build_plan(fused: FusedGraph, stats: dict, options: QuantOptions,
     them INT8 (its backend and the ONNX export use every layer of the plan)."""
     choices = dict(choices or {})
     layers = _build_layers(fused, stats, options, choices)
+    release_layouts()     # the thresholds are kept with the statistics
     _decide_output_precision(fused, layers, options)
     excluded = _fp32_residual_units(fused, layers, _int8_into_batchnorm(fused, layers))
     _residual_data_types(fused, layers, options, excluded)
