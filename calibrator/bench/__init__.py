@@ -33,6 +33,14 @@ SECTION_MODULES = ("calibrator.bench.fp32", "calibrator.bench.int8", "calibrator
 REPO = Path(__file__).resolve().parents[2]
 
 
+def top1_figures(labels, top_fp32, top_int8) -> dict:
+    """Top-1 of FP32 and of INT8, the drop (points) and their top-1 agreement, from the
+    labels and each one's predicted classes (numpy arrays of one length)."""
+    fp32, int8 = float((top_fp32 == labels).mean()), float((top_int8 == labels).mean())
+    return {"fp32": fp32, "int8": int8, "drop_pt": 100 * (fp32 - int8),
+            "agreement": float((top_fp32 == top_int8).mean())}
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory (MB): the high-water mark of its own address
     space (Linux ``VmHWM``). ``getrusage(RUSAGE_SELF).ru_maxrss`` is not that in a process

@@ -18,7 +18,7 @@ import torch
 
 from calibrator import pipeline
 from calibrator.backends import backend_for
-from calibrator.bench import Context, SectionResult, Table, section
+from calibrator.bench import Context, SectionResult, Table, section, top1_figures
 from calibrator.bench.fp32 import _files
 from calibrator.bench.peers import run_nncf
 from calibrator.caffe.prototxt import read_net, write_net
@@ -85,10 +85,7 @@ def _judge(prototxt: Path, weights: Path, quantized: Path, int8_weights: Path,
             top_fp32.append(a.reshape(len(a), -1).argmax(1).numpy())
             top_int8.append(b.reshape(len(b), -1).argmax(1).numpy())
             labels.append(feeds["label"].numpy().reshape(-1).astype(int))
-    labels, top_fp32, top_int8 = (np.concatenate(v) for v in (labels, top_fp32, top_int8))
-    fp32_top1, int8_top1 = float((top_fp32 == labels).mean()), float((top_int8 == labels).mean())
-    return {"fp32": fp32_top1, "int8": int8_top1, "drop_pt": 100 * (fp32_top1 - int8_top1),
-            "agreement": float((top_fp32 == top_int8).mean())}
+    return top1_figures(*(np.concatenate(v) for v in (labels, top_fp32, top_int8)))
 
 
 @section("accuracy", "Accuracy on unseen images: calibrate on 250 dev images, judge on the "

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from calibrator.bench import peak_rss_mb
+from calibrator.bench import peak_rss_mb, top1_figures
 
 
 def _session(model, threads):
@@ -50,12 +50,8 @@ def _top1(model, images, labels, threads) -> float:
 def _unseen(model, quantized, path, threads) -> dict:
     """Top-1 of FP32 and INT8 and their agreement on images the calibration did not see."""
     data = np.load(path)
-    labels = data["labels"].reshape(-1)
-    fp32 = _predictions(model, data["images"], threads)
-    int8 = _predictions(quantized, data["images"], threads)
-    return {"fp32": float((fp32 == labels).mean()), "int8": float((int8 == labels).mean()),
-            "drop_pt": 100 * float((fp32 == labels).mean() - (int8 == labels).mean()),
-            "agreement": float((fp32 == int8).mean())}
+    return top1_figures(data["labels"].reshape(-1), _predictions(model, data["images"], threads),
+                        _predictions(quantized, data["images"], threads))
 
 
 def main(argv=None) -> int:

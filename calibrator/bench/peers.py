@@ -75,9 +75,9 @@ def _fp32_pass(ctx: Context, model) -> float:
 
 
 def _save_batches(model, batches: range, path: Path) -> None:
-    images = np.stack([model.source.batch(i)["data"].numpy() for i in batches])
-    labels = np.stack([model.source.batch(i)["label"].numpy().reshape(-1).astype(np.int64)
-                       for i in batches])
+    feeds = [model.source.batch(i) for i in batches]     # each batch read once
+    images = np.stack([feed["data"].numpy() for feed in feeds])
+    labels = np.stack([feed["label"].numpy().reshape(-1).astype(np.int64) for feed in feeds])
     np.savez(path, images=images.astype(np.float32), labels=labels)
 
 

@@ -89,12 +89,23 @@ def clip_with_tail(hist: torch.Tensor, candidates: torch.Tensor,
     """P for every candidate: the first ``i`` bins, the tail mass added to bin ``i - 1``
     (rows ``width`` bins wide, enough for the largest candidate; default all bins)."""
     width = hist.numel() if width is None else width
-    k = torch.arange(width, device=hist.device)
-    i = candidates.to(torch.int64).unsqueeze(1)
-    p = torch.where(k.unsqueeze(0) < i, hist[:width].unsqueeze(0), 0.0)
-    suffix = torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0])  # sum of hist[k:]
-    tail = torch.cat([suffix, suffix.new_zeros(1)])[candidates.to(torch.int64)]
-    p.scatter_add_(1, i - 1, tail.unsqueeze(1))
+    i = candidates.to(torch.int64)
+    valid = torch.arange(width, device=hist.device).unsqueeze(0) < i.unsqueeze(1)
+    return _clip_with_tail(hist, i, valid, _tails(hist))
+
+
+def _tails(hist: torch.Tensor) -> torch.Tensor:
+    """``hist[k:].sum()`` for k = 0 ... len(hist) (0 past the end)."""
+    suffix = torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0])
+    return torch.cat([suffix, suffix.new_zeros(1)])
+
+
+def _clip_with_tail(hist: torch.Tensor, candidates: torch.Tensor, valid: torch.Tensor,
+                    tails: torch.Tensor) -> torch.Tensor:
+    """:func:`clip_with_tail` for int64 ``candidates`` whose rows' mask is ``valid`` and
+    the histogram's :func:`_tails`."""
+    p = torch.where(valid, hist[:valid.shape[1]].unsqueeze(0), 0.0)
+    p.scatter_add_(1, candidates.unsqueeze(1) - 1, tails[candidates].unsqueeze(1))
     return p
 
 
@@ -120,12 +131,12 @@ def kl_divergences(hist: torch.Tensor, levels: int = 128,
     layout (:class:`_Layout`) is built once and kept for the next tensor."""
     hist = hist.to(torch.float64)
     candidates, chunks = _chunks(hist.numel(), levels, chunk, hist.device)
+    tails = _tails(hist)
     divergences = []
     for part, layout in chunks:
-        width = layout.valid.shape[1]
         valid = layout.valid
-        p = smooth(clip_with_tail(hist, part, width), valid)
-        q = smooth(_merge_and_expand(hist[:width], layout), valid)
+        p = smooth(_clip_with_tail(hist, part, valid, tails), valid)
+        q = smooth(_merge_and_expand(hist[:valid.shape[1]], layout), valid)
         p = p / p.sum(1, keepdim=True).clamp(min=1e-300)
         q = q / q.sum(1, keepdim=True).clamp(min=1e-300)
         usable = valid & (p > 0)
