@@ -56,6 +56,12 @@ class RunConfig:
                               ("--probe-images", self.search.probe_images)):
             if value < 1:
                 raise CalibratorError(f"{option} must be at least 1, got {value}")
+        layerwise = self.search.layerwise
+        for option, value, least in (("--easyquant-images", layerwise.images, 1),
+                                     ("--easyquant-steps", layerwise.steps, 2),
+                                     ("--easyquant-seed", layerwise.seed, 0)):
+            if value < least:
+                raise CalibratorError(f"{option} must be at least {least}, got {value}")
         max_evals = self.search.max_evals
         if max_evals is not None and max_evals < 2:
             raise CalibratorError(f"--max-evals must be at least 2 (it counts the FP32 "

@@ -32,3 +32,13 @@ def test_a_child_process_reports_its_own_peak_memory_not_its_parents():
     if inherited < 600:                              # a kernel without the carry-over
         pytest.skip("ru_maxrss is the child's own here")
     assert inherited > own
+
+
+def test_the_seed_spread_is_the_median_and_range_of_the_seeds_runs():
+    from calibrator.bench.accuracy import _seed_spread
+    entries = [{"seed": seed, "unseen": {"drop_pt": drop, "agreement": agree}}
+               for seed, drop, agree in ((0, 1.2, 0.948), (1, 1.2, 0.964), (2, 0.4, 0.964),
+                                         (3, -0.4, 0.968))]
+    spread = _seed_spread(entries)
+    assert spread == {"seeds": [0, 1, 2, 3], "drop_pt": "+0.8 (-0.4..+1.2)",
+                      "agreement": "0.964 (0.948..0.968)"}

@@ -799,3 +799,24 @@ def test_annotated_list_sources_protect_their_images_and_xmls(tmp_path):
         plan.check()
         with pytest.raises(CalibratorError, match="overwrite an input"):
             plan.check_inputs(source.input_files())
+
+
+@pytest.mark.parametrize("option,value", [("--easyquant-images", "0"),
+                                          ("--easyquant-steps", "0"),
+                                          ("--easyquant-seed", "-1")])
+def test_easyquant_settings_out_of_range_are_refused(net, out, capsys, option, value):
+    expect_bad(calibrate_argv(net, out, "--easyquant", option, value), capsys, option,
+               watch=[net.folder, out])
+
+
+@pytest.mark.parametrize("extra,option", [(("--mean", "104", "117", "123"), "--mean"),
+                                          (("--norm", "0.017"), "--norm"),
+                                          (("--size", "8", "8"), "--size"),
+                                          (("--batch-size", "4"), "--batch-size")])
+def test_preprocessing_without_images_is_refused_not_ignored(net, out, capsys, extra, option):
+    """The net reads its own data layer: --mean and the others would change nothing (they
+    were ignored without a word)."""
+    expect_bad(calibrate_argv(net, out, *extra), capsys, option, "--images",
+               watch=[net.folder, out])
+    expect_bad(["test", "-m", net.prototxt, "-w", net.weights_path, "-i", "1", *extra],
+               capsys, option, watch=[net.folder, out])

@@ -396,3 +396,33 @@ def test_patches_are_the_convolutions_input_windows(extra):
     expected = columns[n_idx, :, r_idx * y.shape[3] + c_idx]       # (P, C*kh*kw)
     assert (patches.reshape(len(n_idx), -1) == 0).any()           # some taps in the padding
     assert torch.equal(patches.reshape(len(n_idx), -1), expected)
+
+
+def test_the_seed_given_on_the_command_line_decides_the_sampled_positions(monkeypatch):
+    """``--easyquant-seed`` reaches the pass: each seed samples its own output positions
+    (a few of a layer's, so the scales may differ), the same seed the same ones."""
+    from tests.test_intel_flags import config_of
+    assert config_of("--easyquant-seed", "3").search.layerwise.seed == 3
+    assert config_of().search.layerwise.seed == 0
+    net = _three_convs()
+    net.calibrate(first_conv=True, per_channel=True)
+    options = QuantOptions(first_conv=True, per_channel=True)
+    drawn = []
+    sample = layerwise_module._sample_positions
+
+    def recording(unit, shape, count, seed):
+        where = sample(unit, shape, count, seed)
+        drawn.append((seed, torch.stack(where).tolist()))
+        return where
+
+    monkeypatch.setattr(layerwise_module, "_sample_positions", recording)
+    runs = {}
+    for seed in (0, 3, 3):
+        drawn.clear()
+        layerwise(net.net, net.fused, net.stats, options, {}, net.batches[0],
+                  LayerwiseSettings(steps=5, rounds=1, positions=8, seed=seed,
+                                    bias_correction=False))
+        assert {s for s, _ in drawn} == {seed} and len(drawn) == 3
+        runs.setdefault(seed, []).append([w for _, w in drawn])
+    assert runs[3][0] == runs[3][1]
+    assert all(a != b for a, b in zip(runs[0][0], runs[3][0]))

@@ -50,14 +50,37 @@ def add_image_folder_options(parser: argparse.ArgumentParser) -> None:
         "feed an Input blob from a folder of images: cv2.imread (BGR), cv2.resize to the "
         "input size, then (pixel - mean) * norm")
     group.add_argument("--images", metavar="DIR", help="folder of images (sorted by name)")
+    # (not given: absent, so that preprocessing given without a folder or list is refused)
     group.add_argument("--mean", type=float, nargs=3, metavar=("B", "G", "R"),
-                       default=(0.0, 0.0, 0.0), help="per-channel mean (default 0 0 0)")
-    group.add_argument("--norm", type=float, default=1.0, metavar="S",
+                       default=argparse.SUPPRESS, help="per-channel mean (default 0 0 0)")
+    group.add_argument("--norm", type=float, default=argparse.SUPPRESS, metavar="S",
                        help="scale applied after the mean (default 1.0)")
     group.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
+                       default=argparse.SUPPRESS,
                        help="resize to H W (default: the Input shape)")
-    group.add_argument("--batch-size", type=int, metavar="N",
+    group.add_argument("--batch-size", type=int, metavar="N", default=argparse.SUPPRESS,
                        help="batch size for --images (default: the Input shape's batch)")
+
+
+#: the preprocessing options of --images and --det-list, and their defaults
+_FEED_DEFAULTS = {"mean": (0.0, 0.0, 0.0), "norm": 1.0, "size": None, "batch_size": None}
+
+
+def _feed(args) -> tuple:
+    """(mean, norm, size, batch size) as given, else their defaults."""
+    mean, norm, size, batch = (getattr(args, name, default)
+                               for name, default in _FEED_DEFAULTS.items())
+    return tuple(mean), norm, tuple(size) if size else None, batch
+
+
+def _refuse_unused_feed(args) -> None:
+    """Preprocessing given where neither --images nor --det-list reads it: the net's own
+    data layer transforms its input, so the option would be ignored."""
+    given = [name for name in _FEED_DEFAULTS if hasattr(args, name)]
+    if given:
+        option = "--" + given[0].replace("_", "-")
+        raise CalibratorError(f"{option} applies only with --images or --det-list (the "
+                              "net's data layer preprocesses its own input: set it there)")
 
 
 def add_detection_list_options(parser: argparse.ArgumentParser) -> None:
@@ -79,13 +102,13 @@ def detection_list_options(args) -> DetectionListOptions | None:
         raise CalibratorError("--det-list needs --labelmap")
     if getattr(args, "images", None):
         raise CalibratorError("give --images or --det-list, not both")
-    return DetectionListOptions(args.det_list, args.labelmap, args.name_size,
-                                tuple(args.mean), args.norm,
-                                tuple(args.size) if args.size else None, args.batch_size)
+    return DetectionListOptions(args.det_list, args.labelmap, args.name_size, *_feed(args))
 
 
 def image_folder_options(args) -> ImageFolderOptions | None:
-    if not getattr(args, "images", None) or getattr(args, "det_list", None):
+    if getattr(args, "det_list", None):
         return None
-    return ImageFolderOptions(args.images, tuple(args.mean), args.norm,
-                              tuple(args.size) if args.size else None, args.batch_size)
+    if not getattr(args, "images", None):
+        _refuse_unused_feed(args)
+        return None
+    return ImageFolderOptions(args.images, *_feed(args))
