@@ -820,3 +820,7 @@ def test_preprocessing_without_images_is_refused_not_ignored(net, out, capsys, e
                watch=[net.folder, out])
     expect_bad(["test", "-m", net.prototxt, "-w", net.weights_path, "-i", "1", *extra],
                capsys, option, watch=[net.folder, out])
+    config = out / "gate.json"      # a gate config lists each model's own preprocessing
+    config.write_text("{}")
+    expect_bad(["gate", "--config", config, *extra], capsys, "--config", option,
+               watch=[net.folder, out])

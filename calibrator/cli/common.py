@@ -73,14 +73,19 @@ def _feed(args) -> tuple:
     return tuple(mean), norm, tuple(size) if size else None, batch
 
 
+def given_feed_options(args) -> list[str]:
+    """The preprocessing options given on the command line (``--mean``, ...)."""
+    return ["--" + name.replace("_", "-") for name in _FEED_DEFAULTS if hasattr(args, name)]
+
+
 def _refuse_unused_feed(args) -> None:
     """Preprocessing given where neither --images nor --det-list reads it: the net's own
     data layer transforms its input, so the option would be ignored."""
-    given = [name for name in _FEED_DEFAULTS if hasattr(args, name)]
+    given = given_feed_options(args)
     if given:
-        option = "--" + given[0].replace("_", "-")
-        raise CalibratorError(f"{option} applies only with --images or --det-list (the "
-                              "net's data layer preprocesses its own input: set it there)")
+        raise CalibratorError(f"{given[0]} applies only with --images or --det-list (it "
+                              "preprocesses their images; a data layer's transform_param "
+                              "preprocesses its own)")
 
 
 def add_detection_list_options(parser: argparse.ArgumentParser) -> None:
