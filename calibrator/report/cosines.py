@@ -18,7 +18,7 @@ def unit_cosines(net, fused, overrides: dict, feeds: dict) -> dict[str, float]:
     sums: dict[str, tuple] = {}
 
     def keep(node, tops):
-        if node.index in last:   # held here, the forward changes it in place no more
+        if node.index in last:   # held here, the forward no longer overwrites it in place
             fp32[last[node.index]] = tops[0].detach()
         return None
 
