@@ -12,6 +12,7 @@ of the batches; rank 0 alone writes the outputs, the search state and the report
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from dataclasses import replace
@@ -32,7 +33,7 @@ from calibrator.quant.layerwise import calibration_subset, layerwise
 from calibrator.quant.scales import eligible_units, kept_fp32
 from calibrator.report import (REPORT_FILES, layer_table, trace_table, unit_cosines,
                                write_report)
-from calibrator.search import Evaluator, Search, SearchState
+from calibrator.search import Evaluator, Search, SearchResult, SearchState
 from calibrator.search.adjust import ESTIMATORS as ADJUST_ESTIMATORS
 from calibrator.search.countermeasures import forced_choices
 from calibrator.writers import (OutputContext, force_u8_paths, get_writer,
@@ -60,7 +61,13 @@ class Pipeline:
         config = self.config
         plan = OutputPlan()
         if config.performance_only:
-            paths = {"performance": quantized_prototxt_path(config.model, "_dummy")}
+            others = [get_writer(name).option or name for name in config.outputs
+                      if name != "prototxt"] + (["--report"] if config.report else [])
+            if others:
+                raise CalibratorError(f"-p writes only the speed-measurement prototxt: drop "
+                                      f"{', '.join(others)} (or drop -p)")
+            paths = {"performance": config.outputs.get("prototxt")
+                     or quantized_prototxt_path(config.model, "_dummy")}
             plan.file("-p", paths["performance"])
         else:
             paths = {"prototxt": config.outputs.get("prototxt")
@@ -195,7 +202,7 @@ class Pipeline:
                                          forced)
                 self.say(f"--saturation-fix {forced} on {len(choices)} layer(s) that can "
                          f"saturate on {backend.target.name}")
-            record = {}
+            record, reports = {}, {}
             if config.easyquant or "weights" in paths:
                 choices, reports = self.layerwise(model, calibration, choices,
                                                   easyquant=config.easyquant,
@@ -206,8 +213,29 @@ class Pipeline:
                                             backend, record))
             print(f"quantized prototxt written: {paths['prototxt']} "
                   f"({len(plan.layers)} INT8 layers, {time.time() - self.started:.1f} s)")
+            result = SearchResult(math.nan, plan, math.nan, False, layerwise=reports)
+            self.report(model, calibration, plan, backend, result,
+                        {"mode": "-q: quantized without measuring the metric",
+                         "int8_layers": len(plan.layers), "runtime": backend.name,
+                         "target": backend.target.name}, {})
             return EXIT_MET
         return self.search(model, backend, calibration, metric, paths)
+
+    def report(self, model, calibration, plan, backend, result, summary: dict,
+               actions: dict) -> None:
+        """--report DIR: the layer table, the trace (a search's), the plots and the
+        per-unit cosine of ``plan`` with FP32 on the probe images."""
+        config = self.config
+        if config.report is None or not distributed.is_main():
+            return
+        feeds = calibration_subset(model, config.search.probe_images)
+        cosines = unit_cosines(model.net, calibration.fused,
+                               backend.simulator(calibration.fused, plan).overrides, feeds)
+        write_report(config.report, fused=calibration.fused, plan=plan,
+                     stats=calibration.stats, result=result,
+                     summary={**summary, "wall_seconds": round(time.time() - self.started, 1)},
+                     actions=actions, cosines=cosines)
+        print(f"report written: {config.report / 'report.md'} (plots beside it)")
 
     def layerwise(self, model, calibration, choices: dict, *, easyquant: bool,
                   bias_correction: bool):
@@ -304,15 +332,7 @@ class Pipeline:
             print()
             print(trace_table(result.trace))
             print()
-        if config.report is not None and distributed.is_main():
-            feeds = calibration_subset(model, config.search.probe_images)
-            cosines = unit_cosines(model.net, calibration.fused,
-                                   backend.simulator(calibration.fused, plan).overrides, feeds)
-            write_report(config.report, fused=calibration.fused, plan=plan,
-                         stats=calibration.stats, result=result,
-                         summary={**summary,
-                                  "wall_seconds": round(time.time() - self.started, 1)},
-                         actions=actions, cosines=cosines)
+        self.report(model, calibration, plan, backend, result, summary, actions)
         if result.stopped_by is None:
             state.discard()  # finished: nothing to resume
         else:

@@ -824,3 +824,18 @@ def test_preprocessing_without_images_is_refused_not_ignored(net, out, capsys, e
     config.write_text("{}")
     expect_bad(["gate", "--config", config, *extra], capsys, "--config", option,
                watch=[net.folder, out])
+
+
+@pytest.mark.parametrize("option", ["--table", "--json", "--report"])
+def test_performance_only_refuses_the_outputs_it_would_not_write(net, out, capsys, option):
+    argv = ["-m", net.prototxt, "-w", net.weights_path, "-p", "--quiet", option, out / "x"]
+    expect_bad(argv, capsys, "-p", option, watch=[net.folder, out])
+
+
+def test_performance_only_writes_where_output_says(net, out, capsys):
+    target = out / "speed.prototxt"
+    code = main([str(a) for a in ["-m", net.prototxt, "-w", net.weights_path, "-p", "--quiet",
+                                  "--output", target]])
+    assert code == 0, capsys.readouterr().err
+    assert f"performance-only prototxt written: {target}" in capsys.readouterr().out
+    assert target.is_file() and not list(net.folder.glob("*_dummy.prototxt"))

@@ -1,15 +1,20 @@
-"""The report's per-unit cosines against numpy on every unit's recorded outputs."""
+"""The report: its per-unit cosines against numpy on every unit's recorded outputs, and the
+report a quantize-only run writes."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
 import torch
 
 from calibrator.backends import make_backend
+from calibrator.cli.main import main
 from calibrator.quant.simulate import FoldedFP32
 from calibrator.report import unit_cosines
 from tests.quant_helpers import TinyNet, conv_text, input_text
+from tests.test_cli_test_cmd import make_tiny_net
 
 # a ReLU6 in place on each conv's output: the FP32 output a cosine compares is the unit's,
 # before the ReLU6 overwrites the blob of the same name
@@ -50,3 +55,19 @@ def test_each_units_cosine_is_numpys_on_its_own_outputs():
         assert got[name] == pytest.approx(want, rel=1e-12, abs=1e-12)
     assert min(got.values()) < 1.0    # INT8 differs from FP32 somewhere
 
+
+
+def test_a_quantize_only_run_writes_its_report(tmp_path, capsys):
+    net = make_tiny_net(tmp_path / "net", count=5, batch=2)
+    out = tmp_path / "out"
+    argv = ["-m", net.prototxt, "-w", net.weights_path, "-q", "-1st", "-fc", "-s", "1",
+            "--output", out / "q.prototxt", "--report", out / "report"]
+    assert main([str(a) for a in argv]) == 0, capsys.readouterr().err
+    assert f"report written: {out / 'report' / 'report.md'}" in capsys.readouterr().out
+    text = (out / "report" / "report.md").read_text()
+    assert "## Layers" in text and "## Search trace" not in text   # -q runs no search
+    record = json.loads((out / "report" / "report.json").read_text())
+    assert record["trace"] == [] and record["summary"]["int8_layers"] == 2
+    assert set(record["cosine"]) == {"conv", "ip"}
+    assert all(0.0 < c <= 1.0 for c in record["cosine"].values())
+    assert (out / "report" / "cosine.png").stat().st_size > 0

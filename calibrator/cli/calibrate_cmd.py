@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     intel.add_argument("-q", "--quantize_model", action="store_true",
                        help="only quantize: write the quantized prototxt, no accuracy search")
     intel.add_argument("-p", "--performance_model", action="store_true",
-                       help="write <model>_dummy.prototxt with scale 1.0 everywhere "
-                            "(speed measurement only) and stop")
+                       help="write <model>_dummy.prototxt (or --output) with scale 1.0 "
+                            "everywhere (speed measurement only) and stop")
     intel.add_argument("-u", "--unsigned_range", action="store_true",
                        help="scale s8 outputs with 255 as well")
     intel.add_argument("-t", "--concat_use_fp32", action="store_true",

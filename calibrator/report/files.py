@@ -106,8 +106,9 @@ def write_report(folder: str | Path, *, fused, plan, stats, result, summary: dic
     lines = ["# Calibration report", ""]
     lines += [f"- {key}: {value}" for key, value in summary.items()]
     lines += ["", "## Layers", "", layer_table(fused, plan, result.sensitivity, actions,
-                                                result.layerwise, fmt="github"),
-              "", "## Search trace", "", trace_table(result.trace, fmt="github"), ""]
+                                                result.layerwise, fmt="github"), ""]
+    if result.trace:        # -q has none
+        lines += ["## Search trace", "", trace_table(result.trace, fmt="github"), ""]
     lines += [f"![{p}]({p})" for p in plots]
     atomic_write(folder / "report.md", "\n".join(lines) + "\n")
     record = {"summary": summary,
