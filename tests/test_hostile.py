@@ -839,3 +839,22 @@ def test_performance_only_writes_where_output_says(net, out, capsys):
     assert code == 0, capsys.readouterr().err
     assert f"performance-only prototxt written: {target}" in capsys.readouterr().out
     assert target.is_file() and not list(net.folder.glob("*_dummy.prototxt"))
+
+
+@pytest.mark.parametrize("mode", ["-q", "-p"])
+@pytest.mark.parametrize("option", [["--resume"], ["--max-evals", "3"], ["--strategy", "intel"],
+                                    ["--metric", "agreement"], ["--time-budget", "5"],
+                                    ["--relative"], ["--no-fp32-fallback"],
+                                    ["--no-scale-search"], ["--probe-images", "3"]])
+def test_search_options_without_a_search_are_refused_not_ignored(net, out, capsys, mode,
+                                                                 option):
+    argv = ["-m", net.prototxt, "-w", net.weights_path, mode, "-s", "1", "--quiet",
+            "--output", out / "q.prototxt", *option]
+    expect_bad(argv, capsys, option[0], mode, watch=[net.folder, out])
+
+
+def test_probe_images_go_with_a_quantize_only_report(net, out, capsys):
+    code = main([str(a) for a in calibrate_argv(net, out, "--probe-images", "1",
+                                                "--report", out / "report")])
+    assert code == 0, capsys.readouterr().err
+    assert (out / "report" / "report.json").is_file()

@@ -8,6 +8,7 @@ estimators, metrics, targets, runtimes and outputs come from their registries.""
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 
 from calibrator import pipeline
@@ -95,9 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Winograd convolution: not supported (refused)")
     ours = parser.add_argument_group("calibrator options")
     ours.add_argument("--no-scale-search", dest="scale_search", action="store_false",
+                      default=argparse.SUPPRESS,
                       help="search: no EasyQuant-style scale search on the worst layers")
     ours.add_argument("--no-fp32-fallback", dest="fp32_fallback", action="store_false",
-                      help="search: never revert layers to FP32")
+                      default=argparse.SUPPRESS, help="search: never revert layers to FP32")
     ours.add_argument("--unify-concat-consumer", action="store_true",
                       help="with -f: the conv reading a Concat takes its unified scale as "
                            "scale_in (no requantization)")
@@ -121,10 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
                            "(1024): the scales depend on the sample, so the accuracy varies "
                            "with it (on MobileNetV2 by about a point of top-1 on unseen "
                            "images); run two seeds to see the spread on your model")
-    ours.add_argument("--metric", choices=metric_kinds(), default="blob",
-                      help="what -n measures: " + describe_metrics())
+    ours.add_argument("--metric", choices=metric_kinds(), default=argparse.SUPPRESS,
+                      help="what -n measures (default blob): " + describe_metrics())
     add_ap_version_option(ours)
-    ours.add_argument("--relative", action="store_true", help="-l is a relative drop")
+    ours.add_argument("--relative", action="store_true", default=argparse.SUPPRESS,
+                      help="-l is a relative drop")
     add_backend_options(ours)
     ours.add_argument("--saturation-fix", default="auto",
                       choices=("auto", "off") + tuple(COUNTERMEASURES),
@@ -133,22 +136,24 @@ def build_parser() -> argparse.ArgumentParser:
                            "images, among 7-bit weights (w7), halved weight scales (half) and, "
                            "on -onednn targets, s8 input (s8); off: none; w7/half/s8: that "
                            "fix on every layer whose weights can saturate (also with -q)")
-    ours.add_argument("--strategy", choices=("bisect", "intel"), default="bisect",
-                      help="bisect: rank layers by sensitivity, adjust the worst, bisect the "
+    ours.add_argument("--strategy", choices=("bisect", "intel"), default=argparse.SUPPRESS,
+                      help="bisect (default): rank layers by sensitivity, adjust the worst, "
+                           "bisect the "
                            "ranking for the FP32 layers, prune; intel: Intel's legacy loop "
                            "(revert convs in prototxt order, one full evaluation per step)")
-    ours.add_argument("--max-evals", type=int, metavar="N",
+    ours.add_argument("--max-evals", type=int, metavar="N", default=argparse.SUPPRESS,
                       help="stop after N full evaluations (FP32 included); the best found "
                            "is written")
-    ours.add_argument("--time-budget", type=float, metavar="SECONDS",
+    ours.add_argument("--time-budget", type=float, metavar="SECONDS", default=argparse.SUPPRESS,
                       help="start no full evaluation after this many seconds")
-    ours.add_argument("--resume", action="store_true",
+    ours.add_argument("--resume", action="store_true", default=argparse.SUPPRESS,
                       help="continue an interrupted search from <output>.search.json "
                            "without repeating its full evaluations")
     ours.add_argument("--report", metavar="DIR",
                       help="write report.md, report.json and PNG plots into DIR")
-    ours.add_argument("--probe-images", type=int, default=16, metavar="N",
-                      help="images for the sensitivity ranking and the layer fixes")
+    ours.add_argument("--probe-images", type=int, default=argparse.SUPPRESS, metavar="N",
+                      help="images for the sensitivity ranking and the layer fixes, and "
+                           "for --report's cosines (default 16)")
     ours.add_argument("--quiet", action="store_true", help="no progress bars")
     ours.add_argument("--debug", action="store_true", help="traceback on errors")
     add_device_options(ours)
@@ -192,19 +197,51 @@ def quant_options(args) -> QuantOptions:
                         bits=args.bits)
 
 
+#: the options only the accuracy search reads (absent from ``args`` unless given: -q and -p
+#: refuse them), with the value each takes when not given
+SEARCH_DEFAULTS = {"strategy": "bisect", "metric": "blob", "max_evals": None,
+                   "time_budget": None, "resume": False, "relative": False,
+                   "fp32_fallback": True, "scale_search": True, "probe_images": 16}
+_SEARCH_FLAGS = {"fp32_fallback": "--no-fp32-fallback", "scale_search": "--no-scale-search"}
+
+
+def _search_option(args, name: str):
+    return getattr(args, name, SEARCH_DEFAULTS[name])
+
+
+def _refuse_search_options(args) -> None:
+    """A search option given to -q or -p, which run no search: one line (it would be
+    ignored). --probe-images stays with -q --report (its cosines use them)."""
+    mode = "-p" if args.performance_model else "-q" if args.quantize_model else None
+    if mode is None:
+        return
+    for name in SEARCH_DEFAULTS:
+        if not hasattr(args, name) or (name == "probe_images" and args.report
+                                       and mode == "-q"):
+            continue
+        flag = _SEARCH_FLAGS.get(name, "--" + name.replace("_", "-"))
+        what = ("the accuracy search and --report" if name == "probe_images"
+                else "the accuracy search")
+        raise CalibratorError(f"{flag} applies to {what}, which this {mode} run does not "
+                              f"have (drop {flag}, or {mode})")
+
+
 def run_config(args) -> RunConfig:
     """The RunConfig these options describe."""
+    _refuse_search_options(args)
     outputs = {writer.name: getattr(args, f"output_{writer.name}")
                for writer in writers()
                if writer.option and getattr(args, f"output_{writer.name}", None) is not None}
     for writer in writers():  # an option given without its path: the writer's default
         if outputs.get(writer.name) == "":
             outputs[writer.name] = writer.default_path(args)
-    settings = SearchSettings(tolerance=args.accuracy_loss, relative=args.relative,
-                              strategy=args.strategy, max_evals=args.max_evals,
-                              time_budget=args.time_budget, scale_search=args.scale_search,
-                              allow_fp32=args.fp32_fallback,
-                              probe_images=args.probe_images,
+    option = functools.partial(_search_option, args)
+    settings = SearchSettings(tolerance=args.accuracy_loss, relative=option("relative"),
+                              strategy=option("strategy"), max_evals=option("max_evals"),
+                              time_budget=option("time_budget"),
+                              scale_search=option("scale_search"),
+                              allow_fp32=option("fp32_fallback"),
+                              probe_images=option("probe_images"),
                               saturation_fix=args.saturation_fix,
                               bias_correction="weights" in outputs,
                               layerwise=LayerwiseSettings(images=args.easyquant_images,
@@ -215,11 +252,11 @@ def run_config(args) -> RunConfig:
                      sampling_iterations=intel_count(args.sampling_iterations,
                                                      "-s/--sampling_iterations", 10),
                      sampling_single=args.sampling_single,
-                     blob=args.blob_name, metric=args.metric, ap_version=args.ap_version,
+                     blob=args.blob_name, metric=option("metric"), ap_version=args.ap_version,
                      detection=bool(args.detection), quantize_only=args.quantize_model,
                      performance_only=args.performance_model, outputs=outputs,
                      report=args.report, runtime=args.runtime or "intel",
-                     target=args.target or "vnni", search=settings, resume=args.resume,
+                     target=args.target or "vnni", search=settings, resume=option("resume"),
                      easyquant=args.easyquant, images=image_folder_options(args),
                      detection_list=detection_list_options(args), gpu=args.gpu,
                      quiet=args.quiet)
