@@ -858,3 +858,33 @@ def test_probe_images_go_with_a_quantize_only_report(net, out, capsys):
                                                 "--report", out / "report")])
     assert code == 0, capsys.readouterr().err
     assert (out / "report" / "report.json").is_file()
+
+
+@pytest.mark.parametrize("option", [["--targets", "vnni"], ["--export-onnx", "x.onnx"],
+                                    ["--ort-command", "echo"], ["--threads", "2"], ["--speed"],
+                                    ["--residual", "float"], ["--countermeasure", "w7"],
+                                    ["--all-int8"], ["--no-fp32"]])
+def test_verify_refuses_onnx_runtime_options_with_the_ncnn_runtime(net, out, capsys, option):
+    argv = ["verify", "-m", net.prototxt, "-w", net.weights_path, "--runtime", "ncnn",
+            *option]
+    expect_bad(argv, capsys, option[0], "--runtime ort", watch=[net.folder, out])
+
+
+@pytest.mark.parametrize("option, needs", [(["--ncnn", "kept"], "--runtime ncnn"),
+                                           (["--fix-target", "vnni"], "--countermeasure")])
+def test_verify_refuses_an_option_its_companion_is_missing_for(net, out, capsys, option,
+                                                               needs):
+    argv = ["verify", "-m", net.prototxt, "-w", net.weights_path, *option]
+    expect_bad(argv, capsys, option[0], needs, watch=[net.folder, out])
+
+
+@pytest.mark.parametrize("command", ["test", "calibrate", "gate"])
+@pytest.mark.parametrize("option", ["--labelmap", "--name-size"])
+def test_detection_list_options_without_a_list_are_refused(net, out, capsys, command,
+                                                           option):
+    given = [option, net.folder / "list.txt"]
+    common = ["-m", net.prototxt, "-w", net.weights_path]
+    argv = {"test": ["test", *common, "-i", "1", *given],
+            "calibrate": calibrate_argv(net, out, *given),
+            "gate": ["gate", *common, net.prototxt, "-i", "1", *given]}[command]
+    expect_bad(argv, capsys, option, "--det-list", watch=[net.folder, out])

@@ -78,6 +78,12 @@ def given_feed_options(args) -> list[str]:
     return ["--" + name.replace("_", "-") for name in _FEED_DEFAULTS if hasattr(args, name)]
 
 
+def given_detection_list_options(args) -> list[str]:
+    """--labelmap and --name-size where given (they describe a --det-list)."""
+    return [option for option, name in (("--labelmap", "labelmap"), ("--name-size", "name_size"))
+            if getattr(args, name, None)]
+
+
 def _refuse_unused_feed(args) -> None:
     """Preprocessing given where neither --images nor --det-list reads it: the net's own
     data layer transforms its input, so the option would be ignored."""
@@ -102,6 +108,9 @@ def add_detection_list_options(parser: argparse.ArgumentParser) -> None:
 
 def detection_list_options(args) -> DetectionListOptions | None:
     if not getattr(args, "det_list", None):
+        for option in given_detection_list_options(args):
+            raise CalibratorError(f"{option} applies only with --det-list (a net's own "
+                                  "DetectionEvaluate layer names its label map and sizes)")
         return None
     if not args.labelmap:
         raise CalibratorError("--det-list needs --labelmap")

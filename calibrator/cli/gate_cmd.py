@@ -14,7 +14,8 @@ from calibrator import distributed
 from calibrator.cli.common import (add_ap_version_option, add_backend_options,
                                    add_detection_list_options, add_device_options,
                                    add_image_folder_options, detection_list_options,
-                                   given_feed_options, image_folder_options)
+                                   given_detection_list_options, given_feed_options,
+                                   image_folder_options)
 from calibrator.cli.parsing import EXIT_CODES
 from calibrator.errors import CalibratorError
 from calibrator.fileio import atomic_write, input_file
@@ -116,7 +117,7 @@ def build_config(args):
                                           ("--agreement", args.agreement),
                                           ("--images", args.images), ("--name", args.name),
                                           ("--det-list", args.det_list))
-                 if value] + given_feed_options(args)
+                 if value] + given_feed_options(args) + given_detection_list_options(args)
         if extra:
             raise CalibratorError(f"--config lists the models: drop {', '.join(extra)} (or "
                                   "drop --config)")

@@ -21,6 +21,9 @@ from calibrator.quant.targets import COUNTERMEASURES, target_names
 from calibrator.verify.ncnn import format_ncnn_report, verify_ncnn
 from calibrator.verify.run import format_report, result_record, score_blob, verify
 
+DEFAULT_TARGETS = "vnni,avx2"
+DEFAULT_FIX_TARGET = "avx2"
+
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -39,7 +42,7 @@ def add_parser(subparsers) -> None:
                              "ncnn (the ncnn model --ncnn writes, through the ncnn package)")
     parser.add_argument("--ncnn", metavar="OUT_PREFIX",
                         help="with --runtime ncnn: keep the ncnn model as OUT_PREFIX.param/.bin")
-    parser.add_argument("--targets", default="vnni,avx2", metavar="LIST",
+    parser.add_argument("--targets", default=DEFAULT_TARGETS, metavar="LIST",
                         help=f"simulation targets, comma-separated ({', '.join(target_names())}; "
                              "default vnni,avx2)")
     parser.add_argument("--export-onnx", metavar="FILE", help="also write the ONNX model")
@@ -58,7 +61,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--countermeasure", choices=tuple(COUNTERMEASURES), metavar="FIX",
                         help="apply a saturation counter-measure to the layers that can "
                              f"saturate on --fix-target ({', '.join(COUNTERMEASURES)})")
-    parser.add_argument("--fix-target", default="avx2", metavar="TARGET",
+    parser.add_argument("--fix-target", default=DEFAULT_FIX_TARGET, metavar="TARGET",
                         help="target whose saturating layers --countermeasure changes")
     parser.add_argument("--all-int8", action="store_true",
                         help="targets simulate Intel's fused INT8 kernels (every quantized "
@@ -73,6 +76,25 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
+def _refuse_unused(args: argparse.Namespace) -> None:
+    """An option the chosen --runtime never reads: one line, not a silent no-op."""
+    if args.runtime == "ncnn":
+        ort_only = [option for option, given in (
+            ("--targets", args.targets != DEFAULT_TARGETS),
+            ("--export-onnx", args.export_onnx), ("--ort-command", args.ort_command),
+            ("--threads", args.threads is not None), ("--speed", args.speed),
+            ("--residual", args.residual != "requant"),
+            ("--countermeasure", args.countermeasure), ("--all-int8", args.all_int8),
+            ("--no-fp32", args.no_fp32)) if given]
+        if ort_only:
+            raise CalibratorError(f"{ort_only[0]} applies to --runtime ort (the ncnn check "
+                                  "compares the ncnn model with the ncnn simulation)")
+    elif args.ncnn:
+        raise CalibratorError("--ncnn applies only with --runtime ncnn")
+    if args.fix_target != DEFAULT_FIX_TARGET and not args.countermeasure:
+        raise CalibratorError("--fix-target applies only with --countermeasure")
+
+
 def run(args: argparse.Namespace) -> int:
     names = [t.strip() for t in args.targets.split(",") if t.strip()]
     for name in names:
@@ -84,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
                                  ("--threads", args.threads, 1), ("--layers", args.layers, 0)):
         if value is not None and value < least:
             raise CalibratorError(f"{option} must be at least {least}, got {value}")
+    _refuse_unused(args)
     outputs = OutputPlan()
     for label, path in (("--export-onnx", args.export_onnx), ("--json", args.json)):
         if path:
