@@ -39,7 +39,8 @@ drops by more than its threshold. Exit code 0: every check passed; 1: a check fa
 Metrics: -n BLOB[=LOSS[%]] (repeat for several; default: every Accuracy and
 DetectionEvaluate top, with -l). An Accuracy top or any other blob is averaged over the
 batches as `caffe test` does; a DetectionEvaluate top gives the mAP over all batches
-(--ap-version, default 11point); --agreement SCORES compares INT8 top-1 with FP32 top-1 per sample (label-free).
+(--ap-version, default 11point); --agreement SCORES compares INT8 top-1 with FP32 top-1 per
+sample (label-free).
 LOSS is absolute (0.01 = one point) or relative to FP32 with a % suffix or --relative.
 
 Each INT8 prototxt runs as the runtime and target it was made for (`calibrator` records them
