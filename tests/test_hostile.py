@@ -888,3 +888,23 @@ def test_detection_list_options_without_a_list_are_refused(net, out, capsys, com
             "calibrate": calibrate_argv(net, out, *given),
             "gate": ["gate", *common, net.prototxt, "-i", "1", *given]}[command]
     expect_bad(argv, capsys, option, "--det-list", watch=[net.folder, out])
+
+
+@pytest.mark.parametrize("argv_of, option, fragment", [
+    (lambda net, out: calibrate_argv(net, out, "--easyquant-seed", "2"), "--easyquant-seed",
+     "--easyquant or --weights-out"),
+    (lambda net, out: search_argv(net, out, "--no-scale-search", "--easyquant-steps", "5"),
+     "--easyquant-steps", "--no-scale-search"),
+    (lambda net, out: search_argv(net, out, "--no-scale-search", "--easyquant"), "--easyquant",
+     "contradicts --no-scale-search")])
+def test_easyquant_settings_where_nothing_runs_it_are_refused(net, out, capsys, argv_of,
+                                                              option, fragment):
+    expect_bad(argv_of(net, out), capsys, option, fragment, watch=[net.folder, out])
+
+
+def test_easyquant_settings_reach_a_quantize_only_easyquant(net, out, capsys):
+    code = main([str(a) for a in calibrate_argv(net, out, "--easyquant", "--easyquant-images",
+                                                "1", "--json", out / "q.json")])
+    assert code == 0, capsys.readouterr().err
+    record = json.loads((out / "q.json").read_text())
+    assert record["layerwise"]          # EasyQuant ran, on the one image it was given

@@ -114,15 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="with -q: EasyQuant (Wu et al. 2020) on every quantized layer, in "
                            "network order with the quantized network upstream (the search "
                            "always tries it unless --no-scale-search)")
-    ours.add_argument("--easyquant-images", type=int, default=50, metavar="N",
-                      help="calibration images of EasyQuant and bias correction")
-    ours.add_argument("--easyquant-steps", type=int, default=100, metavar="N",
-                      help="candidates per scale over [0.5, 2] x S")
-    ours.add_argument("--easyquant-seed", type=int, default=0, metavar="N",
-                      help="seed of the output positions EasyQuant samples in each layer "
-                           "(1024): the scales depend on the sample, so the accuracy varies "
-                           "with it (on MobileNetV2 by about a point of top-1 on unseen "
-                           "images); run two seeds to see the spread on your model")
+    ours.add_argument("--easyquant-images", type=int, default=argparse.SUPPRESS, metavar="N",
+                      help="calibration images of EasyQuant and bias correction (default 50)")
+    ours.add_argument("--easyquant-steps", type=int, default=argparse.SUPPRESS, metavar="N",
+                      help="candidates per scale over [0.5, 2] x S (default 100)")
+    ours.add_argument("--easyquant-seed", type=int, default=argparse.SUPPRESS, metavar="N",
+                      help="seed (default 0) of the output positions EasyQuant samples in "
+                           "each layer (1024): the scales depend on the sample, so the "
+                           "accuracy varies with it (on MobileNetV2 by about a point of top-1 "
+                           "on unseen images); run two seeds to see the spread on your model")
     ours.add_argument("--metric", choices=metric_kinds(), default=argparse.SUPPRESS,
                       help="what -n measures (default blob): " + describe_metrics())
     add_ap_version_option(ours)
@@ -226,6 +226,24 @@ def _refuse_search_options(args) -> None:
                               f"have (drop {flag}, or {mode})")
 
 
+def _refuse_layerwise_options(args, outputs: dict) -> None:
+    """--easyquant and its settings where nothing runs EasyQuant or bias correction: one
+    line (they would be ignored)."""
+    if args.easyquant and (args.performance_model or not _search_option(args,
+                                                                          "scale_search")):
+        raise CalibratorError("--easyquant contradicts " + ("-p" if args.performance_model
+                                                             else "--no-scale-search"))
+    runs = ("weights" in outputs or args.easyquant if args.quantize_model
+            else not args.performance_model and ("weights" in outputs
+                                                 or _search_option(args, "scale_search")))
+    given = [f"--easyquant-{name}" for name in ("images", "steps", "seed")
+             if hasattr(args, f"easyquant_{name}")]
+    if given and not runs:
+        raise CalibratorError(f"{given[0]} applies only where EasyQuant or bias correction "
+                              "runs (--easyquant or --weights-out with -q; the search unless "
+                              "--no-scale-search)")
+
+
 def run_config(args) -> RunConfig:
     """The RunConfig these options describe."""
     _refuse_search_options(args)
@@ -235,6 +253,7 @@ def run_config(args) -> RunConfig:
     for writer in writers():  # an option given without its path: the writer's default
         if outputs.get(writer.name) == "":
             outputs[writer.name] = writer.default_path(args)
+    _refuse_layerwise_options(args, outputs)
     option = functools.partial(_search_option, args)
     settings = SearchSettings(tolerance=args.accuracy_loss, relative=option("relative"),
                               strategy=option("strategy"), max_evals=option("max_evals"),
@@ -244,9 +263,10 @@ def run_config(args) -> RunConfig:
                               probe_images=option("probe_images"),
                               saturation_fix=args.saturation_fix,
                               bias_correction="weights" in outputs,
-                              layerwise=LayerwiseSettings(images=args.easyquant_images,
-                                                          steps=args.easyquant_steps,
-                                                          seed=args.easyquant_seed))
+                              layerwise=LayerwiseSettings(
+                                  **{name: getattr(args, f"easyquant_{name}")
+                                     for name in ("images", "steps", "seed")
+                                     if hasattr(args, f"easyquant_{name}")}))
     return RunConfig(model=args.model, weights=args.weights, quant=quant_options(args),
                      iterations=intel_count(args.iterations, "-i/--iterations", 1000),
                      sampling_iterations=intel_count(args.sampling_iterations,
