@@ -58,6 +58,12 @@ Where the bias too keeps every partial sum below 2^24 (``UnitKernel.bias_folds``
 into the convolution itself: f32(acc + q_b) is then exact, the same value as
 f32(acc) + f32(q_b) above, one elementwise pass less.
 
+The elementwise work after each accumulation (multiplier, residual sum, saturation,
+rounding) and each quantization of FP32 data runs in one pass over memory through
+:mod:`calibrator.quant.native` where its kernel is built (the same bits as the tensor
+operations, which run where it is not); a unit's FP32 output then leaves its multiplier to
+the unit that quantizes it (:class:`PendingMultiplier`).
+
 Exactness is the simulator's own business: every accumulation runs inside
 :func:`exact_arithmetic`, which turns CUDA's TF32 and cuDNN off for its duration (TF32
 convolutions round the 8-bit operands' products, cuDNN's Winograd/FFT algorithms are not
@@ -75,6 +81,7 @@ import torch
 
 from calibrator.graph.layers.pooling import caffe_ave_pool_parts
 from calibrator.graph.net import Blobs, Encoded
+from calibrator.quant import native
 from calibrator.quant.folding import folded_weights
 from calibrator.quant.fusion import FusedGraph, FusedUnit
 from calibrator.quant.scales import LayerQuant, QuantPlan
@@ -111,7 +118,12 @@ def _rounded(x: torch.Tensor, scale, in_place: bool) -> torch.Tensor:
 
 def quantize(x: torch.Tensor, scale: float, unsigned: bool, bits: int = 8,
              in_place: bool = False) -> torch.Tensor:
-    """Integer values (as float tensors) of x at ``scale`` (``in_place``: in ``x``)."""
+    """Integer values (as float tensors) of x at ``scale`` (``in_place``: in ``x``); in one
+    pass where :mod:`calibrator.quant.native` can (the same bits)."""
+    low, high = (0, 2 ** bits - 1) if unsigned else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    fused = native.requantize(x, scale, low, high, out=x if in_place else None)
+    if fused is not None:
+        return fused
     q = _rounded(x, scale, in_place)
     if unsigned:
         return q.clamp_(0, 2 ** bits - 1)
@@ -463,7 +475,36 @@ def round_trip_exact(scale: float) -> bool:
     return bool(torch.equal(back, q))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
+class PendingMultiplier:
+    """The code of a unit's FP32 output whose last operation, the multiply by its per-channel
+    requantization multiplier (``y * m[o]`` in Intel's epilogue), is left to the unit that
+    quantizes it: its quantization computes ``f32(f32(y * m[o]) * s)`` in the same pass
+    (:func:`calibrator.quant.native.requantize`'s second factor), the same two float32
+    products, one elementwise pass fewer. Every other reader gets the values (``decode``:
+    the multiply, in place). Made only where the kernel runs."""
+
+    multiplier: torch.Tensor
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mul_(_per_channel(self.multiplier, x))
+
+    @staticmethod
+    def quantizes_at(lq: LayerQuant) -> bool:
+        return True
+
+    def quantize(self, x: torch.Tensor, lq: LayerQuant, in_place: bool) -> torch.Tensor:
+        """:func:`quantize` of the values at ``lq``'s input scale (``in_place``: in ``x``)."""
+        low, high = Format("u8" if lq.input_unsigned else "s8").bounds(lq.bits)
+        fused = native.requantize(x, self.multiplier, low, high, then=lq.scale_in,
+                                  out=x if in_place else None)
+        if fused is not None:
+            return fused
+        values = self.decode(x if in_place else x.clone())
+        return quantize(values, lq.scale_in, lq.input_unsigned, lq.bits, in_place=True)
+
+
+@dataclass(frozen=True, eq=False)
 class PendingReLU6:
     """The code of an FP32 blob whose ReLU6 (``graph.layers.activations.ReLU6``, in place)
     is left to the unit that quantizes it: ``sat(rne(f32(min(max(x, 0), 6)) * s))`` equals
@@ -474,7 +515,12 @@ class PendingReLU6:
     way (the same clamps at 0). Every other reader gets the ReLU6's output (``decode``, in
     place, the layer's own operation)."""
 
+    #: a :class:`PendingMultiplier`'s multiplier still to apply before the ReLU6, or None
+    multiplier: torch.Tensor | None = None
+
     def decode(self, x: torch.Tensor) -> torch.Tensor:
+        if self.multiplier is not None:
+            x = PendingMultiplier(self.multiplier).decode(x)
         return x.clamp_(0.0, 6.0)
 
     @staticmethod
@@ -482,12 +528,19 @@ class PendingReLU6:
         scale = np.float32(lq.scale_in)
         return bool(np.isfinite(scale) and scale > 0)
 
-    @staticmethod
-    def quantize(x: torch.Tensor, lq: LayerQuant, in_place: bool) -> torch.Tensor:
-        """:func:`quantize` of the ReLU6 of ``x`` at ``lq``'s input scale (``in_place``: in
-        ``x``)."""
+    def quantize(self, x: torch.Tensor, lq: LayerQuant, in_place: bool) -> torch.Tensor:
+        """:func:`quantize` of the ReLU6 of ``x`` (multiplied first, with a multiplier) at
+        ``lq``'s input scale (``in_place``: in ``x``)."""
         _, high = Format("u8" if lq.input_unsigned else "s8").bounds(lq.bits)
         top = min(float(np.float32(6.0) * np.float32(lq.scale_in)), float(high))
+        factor = 1.0 if self.multiplier is None else self.multiplier
+        fused = native.requantize(x, factor, 0.0, top, then=lq.scale_in,
+                                  out=x if in_place else None)
+        if fused is not None:
+            return fused
+        if self.multiplier is not None:
+            x = PendingMultiplier(self.multiplier).decode(x if in_place else x.clone())
+            in_place = True
         y = x.mul_(lq.scale_in) if in_place else x * lq.scale_in    # as quantize() does
         return y.clamp_(0.0, top).round_()
 
@@ -501,12 +554,17 @@ _skip.reads_codes = True      # it reads nothing: the forward need not decode it
 
 
 def _pending_relu6(node, blobs):
-    """A ReLU6 left to the unit that quantizes its output (:class:`PendingReLU6`) where it
-    may run in place; elsewhere the layer itself."""
+    """A ReLU6 left to the unit that quantizes its output (:class:`PendingReLU6`, with the
+    multiplier of a :class:`PendingMultiplier` bottom) where it may run in place; elsewhere
+    the layer itself on the bottom's values."""
     bottom = node.bottoms[0]
-    if blobs.owned == bottom:
-        return (Encoded(blobs[bottom], PendingReLU6()),)
-    return node.module(blobs[bottom])
+    code = blobs.codes.get(bottom)
+    if blobs.owned == bottom and (code is None or isinstance(code, PendingMultiplier)):
+        return (Encoded(blobs[bottom], PendingReLU6(getattr(code, "multiplier", None))),)
+    return node.module(blobs.decoded(bottom))
+
+
+_pending_relu6.reads_codes = True
 
 
 def _stored_or_values(blobs: Blobs, name: str, form: Format | None
@@ -750,7 +808,8 @@ class Int8Simulator(FoldedFP32):
         if source.int8:
             return lambda code: isinstance(code, StoredIntegers) and code.reads_as(source)
         lq = kernel.quant
-        return lambda code: isinstance(code, PendingReLU6) and code.quantizes_at(lq)
+        return lambda code: (isinstance(code, (PendingReLU6, PendingMultiplier))
+                              and code.quantizes_at(lq))
 
     def _make_int8_start(self, kernel: UnitKernel):
         rule = self.requant.get(kernel.unit.name)
@@ -790,8 +849,8 @@ class Int8Simulator(FoldedFP32):
         y = acc if acc.dtype == torch.float32 else acc.float()
         if not kernel.bias_folds:                 # else the start's convolution added it
             y.add_(_per_channel(kernel.q_bias, y))
-        y.mul_(_per_channel(kernel.multiplier, y))
         form = self.formats.get(unit.output.key, F32)
+        q_res, sum_scale = None, 0.0
         if unit.residual is not None:
             res_form = self.formats.get(unit.residual.key, F32)
             residual, stored = self._residual(unit, blobs, res_form)
@@ -801,9 +860,20 @@ class Int8Simulator(FoldedFP32):
                 residual * _f32(res_form.scale).to(residual.device))
             sum_scale = float(np.float32(np.float32(lq.scale_out) / np.float32(res_form.scale))
                               * np.float32(unit.sum_coefficients[0]))
-            y = y.double().add_(q_res.double(), alpha=sum_scale).float()
         slope = unit.relu_slope
         low, high = form.bounds(lq.bits)
+        if form.int8 and not slope:
+            # all of it in one pass where the kernel runs (a ReLU: the saturation from 0)
+            fused = native.requantize(y, kernel.multiplier, max(low, 0) if slope == 0 else low,
+                                      high, residual=q_res, residual_scale=sum_scale, out=y)
+            if fused is not None:
+                return Encoded(fused, StoredIntegers(form.scale))
+        if (not form.int8 and q_res is None and slope is None and y.device.type == "cpu"
+                and native.available()):
+            return Encoded(y, PendingMultiplier(kernel.multiplier))  # to the quantization
+        y.mul_(_per_channel(kernel.multiplier, y))
+        if q_res is not None:
+            y = y.double().add_(q_res.double(), alpha=sum_scale).float()
         if form.int8 and slope == 0 and low >= 0:
             # the ReLU is the saturation's lower bound: sat(rne(max(y, 0))) = rne(sat(y)),
             # rounding being monotone with integers fixed (zeros come out +0 either way)

@@ -1,0 +1,129 @@
+"""The one-pass requantization kernel against the tensor operations it replaces, bit for bit
+(int32 views: signed zeros count), and the simulation with and without it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from calibrator.backends import make_backend
+from calibrator.quant import native
+from tests.quant_helpers import TinyNet, conv_text, input_text, relu_text
+
+pytestmark = pytest.mark.skipif(not native.available(),
+                                reason="no C compiler: the simulation runs tensor operations")
+
+
+def tensor_code(x, m, low, high, residual=None, scale=0.0):
+    """What calibrator.quant.simulate does without the kernel, in its order."""
+    y = x * (m.reshape(1, -1, *([1] * (x.dim() - 2))) if isinstance(m, torch.Tensor) else m)
+    if residual is not None:
+        y = y.double().add_(residual.double(), alpha=scale).float()
+    if low >= 0 or low != int(low) or high != int(high):
+        return y.clamp_(low, high).round_()
+    return y.round_().clamp_(low, high)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32)
+
+
+def values(shape, seed, layout):
+    rng = np.random.default_rng(seed)
+    x = torch.from_numpy(rng.normal(0, 200, shape).astype(np.float32))
+    flat = x.view(-1)
+    flat[:64] = torch.arange(-32, 32, dtype=torch.float32) + 0.5     # ties once multiplied by 1
+    flat[64:72] = -0.0
+    flat[72:80] = -0.2                                              # rounds to -0.0
+    flat[80:88] = 1e6                                               # saturates
+    return x.contiguous(memory_format=torch.channels_last) if layout == "last" else x
+
+
+@pytest.mark.parametrize("layout", ["last", "first"])
+@pytest.mark.parametrize("shape", [(2, 8, 5, 7), (3, 16, 64, 64)])   # one piece, several
+@pytest.mark.parametrize("bounds", [(0, 255), (-128, 127), (0, 127), (-64, 63), (0.0, 170.25)])
+def test_the_kernel_gives_the_tensor_codes_bits(layout, shape, bounds):
+    x = values(shape, 1, layout)
+    m = torch.cat([torch.ones(2), torch.full((2,), 0.5),
+                   torch.rand(shape[1] - 4, generator=torch.Generator().manual_seed(2))])
+    for multiplier in (m, 0.731):
+        want = tensor_code(x.clone(), multiplier, *bounds)
+        got = native.requantize(x.clone(), multiplier, *bounds)
+        assert got is not None
+        assert torch.equal(bits(got), bits(want))
+        in_place = x.clone()
+        assert native.requantize(in_place, multiplier, *bounds, out=in_place) is in_place
+        assert torch.equal(bits(in_place), bits(want))
+
+
+@pytest.mark.parametrize("layout", ["last", "first"])
+def test_with_a_residual_the_sum_is_intels_fma_in_float64(layout):
+    shape = (3, 16, 64, 64)
+    x = values(shape, 3, layout)
+    residual = torch.from_numpy(np.random.default_rng(4).integers(0, 256, shape)
+                                .astype(np.float32))
+    residual = residual.contiguous(memory_format=torch.channels_last) \
+        if layout == "last" else residual
+    m = torch.rand(16, generator=torch.Generator().manual_seed(5))
+    scale = float(np.float32(0.3719))
+    for low, high in ((0, 255), (-128, 127)):
+        want = tensor_code(x.clone(), m, low, high, residual, scale)
+        got = native.requantize(x.clone(), m, low, high, residual=residual,
+                                residual_scale=scale)
+        assert torch.equal(bits(got), bits(want))
+
+
+def test_two_dimensional_outputs_and_refusals():
+    x = torch.randn(5, 10) * 300
+    m = torch.rand(10)
+    assert torch.equal(bits(native.requantize(x, m, -128, 127)),
+                       bits(tensor_code(x.clone(), m, -128, 127)))
+    # what the kernel does not read in place: the caller's tensor code runs
+    assert native.requantize(x.double(), m, -128, 127) is None
+    assert native.requantize(x.t(), torch.rand(5), -128, 127) is None
+    assert native.requantize(x, m, 0, 255, residual=torch.zeros(5, 10).t().contiguous().t(),
+                             residual_scale=1.0) is None
+
+
+RESIDUAL_NET = (input_text((2, 3, 9, 9))
+                + conv_text("c1", "data", "c1", 16, kernel=3, extra="pad: 1")
+                + relu_text("r1", "c1")
+                + conv_text("c2", "c1", "c2", 16, kernel=3, extra="pad: 1")
+                + 'layer { name: "sum" type: "Eltwise" bottom: "c1" bottom: "c2" top: "s" }\n'
+                + relu_text("r2", "s")
+                + conv_text("c3", "s", "c3", 8, kernel=1)
+                + 'layer { name: "r3" type: "ReLU6" bottom: "c3" top: "c3" }\n'
+                + conv_text("c4", "c3", "c4", 8, kernel=3))
+
+
+def test_the_simulation_is_the_same_with_and_without_the_kernel(monkeypatch):
+    tiny = TinyNet(RESIDUAL_NET, seed=7)
+    plan = tiny.calibrate(first_conv=True)
+    runs, calls = [], []
+    real = native.requantize
+
+    def counted(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(out is not None)
+        return out
+
+    for use in (True, False):
+        monkeypatch.setattr(native, "requantize",
+                            counted if use else (lambda *a, **k: None))
+        overrides = make_backend().simulator(tiny.fused, plan).overrides
+        seen = {}
+
+        def hook(node, tops, seen=seen):
+            seen[node.name] = [t.detach().clone() for t in tops]
+
+        with torch.no_grad():
+            for feeds in tiny.batches:
+                tiny.net(feeds, overrides=overrides, hook=hook)
+        runs.append(seen)
+    with_kernel, without = runs
+    assert sum(calls) >= 4 * len(tiny.batches)   # every unit's quantization or epilogue
+    assert set(with_kernel) == set(without)
+    for name in with_kernel:
+        for a, b in zip(with_kernel[name], without[name]):
+            assert torch.equal(bits(a), bits(b)), name
