@@ -15,7 +15,8 @@ from calibrator import pipeline
 from calibrator.cli.common import (add_ap_version_option, add_backend_options,
                                    add_detection_list_options, add_device_options,
                                    add_image_folder_options, add_model_options,
-                                   detection_list_options, image_folder_options)
+                                   detection_list_options, given_options,
+                                   image_folder_options)
 from calibrator.cli.parsing import EXIT_CODES, ArgumentParser
 from calibrator.config import RunConfig
 from calibrator.errors import CalibratorError
@@ -203,6 +204,8 @@ SEARCH_DEFAULTS = {"strategy": "bisect", "metric": "blob", "max_evals": None,
                    "time_budget": None, "resume": False, "relative": False,
                    "fp32_fallback": True, "scale_search": True, "probe_images": 16}
 _SEARCH_FLAGS = {"fp32_fallback": "--no-fp32-fallback", "scale_search": "--no-scale-search"}
+#: --easyquant-images/-steps/-seed (absent unless given), LayerwiseSettings' own defaults
+_EASYQUANT_SETTINGS = ("easyquant_images", "easyquant_steps", "easyquant_seed")
 
 
 def _search_option(args, name: str):
@@ -215,12 +218,11 @@ def _refuse_search_options(args) -> None:
     mode = "-p" if args.performance_model else "-q" if args.quantize_model else None
     if mode is None:
         return
-    for name in SEARCH_DEFAULTS:
-        if not hasattr(args, name) or (name == "probe_images" and args.report
-                                       and mode == "-q"):
-            continue
-        flag = _SEARCH_FLAGS.get(name, "--" + name.replace("_", "-"))
-        what = ("the accuracy search and --report" if name == "probe_images"
+    reported = mode == "-q" and args.report    # its cosines read --probe-images
+    for flag in given_options(args, [name for name in SEARCH_DEFAULTS
+                                     if not (name == "probe_images" and reported)],
+                              _SEARCH_FLAGS):
+        what = ("the accuracy search and --report" if flag == "--probe-images"
                 else "the accuracy search")
         raise CalibratorError(f"{flag} applies to {what}, which this {mode} run does not "
                               f"have (drop {flag}, or {mode})")
@@ -236,8 +238,7 @@ def _refuse_layerwise_options(args, outputs: dict) -> None:
     runs = ("weights" in outputs or args.easyquant if args.quantize_model
             else not args.performance_model and ("weights" in outputs
                                                  or _search_option(args, "scale_search")))
-    given = [f"--easyquant-{name}" for name in ("images", "steps", "seed")
-             if hasattr(args, f"easyquant_{name}")]
+    given = given_options(args, _EASYQUANT_SETTINGS)
     if given and not runs:
         raise CalibratorError(f"{given[0]} applies only where EasyQuant or bias correction "
                               "runs (--easyquant or --weights-out with -q; the search unless "
@@ -263,10 +264,9 @@ def run_config(args) -> RunConfig:
                               probe_images=option("probe_images"),
                               saturation_fix=args.saturation_fix,
                               bias_correction="weights" in outputs,
-                              layerwise=LayerwiseSettings(
-                                  **{name: getattr(args, f"easyquant_{name}")
-                                     for name in ("images", "steps", "seed")
-                                     if hasattr(args, f"easyquant_{name}")}))
+                              layerwise=LayerwiseSettings(   # the defaults: its own
+                                  **{dest.removeprefix("easyquant_"): getattr(args, dest)
+                                     for dest in _EASYQUANT_SETTINGS if hasattr(args, dest)}))
     return RunConfig(model=args.model, weights=args.weights, quant=quant_options(args),
                      iterations=intel_count(args.iterations, "-i/--iterations", 1000),
                      sampling_iterations=intel_count(args.sampling_iterations,

@@ -73,9 +73,18 @@ def _feed(args) -> tuple:
     return tuple(mean), norm, tuple(size) if size else None, batch
 
 
+def given_options(args, dests, flags: dict | None = None) -> list[str]:
+    """The options among ``dests`` given on the command line, as their flags (``flags``:
+    dest -> flag where it is not ``--dest-with-dashes``). For options parsed with
+    ``default=argparse.SUPPRESS``: absent from ``args`` unless given."""
+    flags = flags or {}
+    return [flags.get(dest, "--" + dest.replace("_", "-")) for dest in dests
+            if hasattr(args, dest)]
+
+
 def given_feed_options(args) -> list[str]:
     """The preprocessing options given on the command line (``--mean``, ...)."""
-    return ["--" + name.replace("_", "-") for name in _FEED_DEFAULTS if hasattr(args, name)]
+    return given_options(args, _FEED_DEFAULTS)
 
 
 def given_detection_list_options(args) -> list[str]:

@@ -193,8 +193,6 @@ def requantize(x: torch.Tensor, multiplier: torch.Tensor | float, low: float, hi
     channels = x.shape[1]
     if isinstance(multiplier, torch.Tensor):
         m = multiplier.to(torch.float32).reshape(-1).contiguous()
-        if m.numel() == 1:
-            m = m.expand(channels).contiguous()
         if m.numel() != channels or m.device.type != "cpu":
             return None
     else:

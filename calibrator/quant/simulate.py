@@ -120,16 +120,12 @@ def quantize(x: torch.Tensor, scale: float, unsigned: bool, bits: int = 8,
              in_place: bool = False) -> torch.Tensor:
     """Integer values (as float tensors) of x at ``scale`` (``in_place``: in ``x``); in one
     pass where :mod:`calibrator.quant.native` can (the same bits)."""
+    low, high = Format("u8" if unsigned else "s8").bounds(bits)
     if isinstance(scale, (int, float)):   # (a tensor of scales broadcasts its own way)
-        low, high = (0, 2 ** bits - 1) if unsigned else (-(2 ** (bits - 1)),
-                                                          2 ** (bits - 1) - 1)
         fused = native.requantize(x, float(scale), low, high, out=x if in_place else None)
         if fused is not None:
             return fused
-    q = _rounded(x, scale, in_place)
-    if unsigned:
-        return q.clamp_(0, 2 ** bits - 1)
-    return q.clamp_(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    return _rounded(x, scale, in_place).clamp_(low, high)
 
 
 @dataclass(frozen=True)
