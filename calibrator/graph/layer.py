@@ -78,6 +78,14 @@ class Layer(torch.nn.Module):
         if blobs:
             raise self.error(f"takes no learned blobs, found {len(blobs)}")
 
+    def top_shapes(self) -> list[Shape] | None:
+        """The tops' shapes where they follow from the bottoms' by a rule this layer states
+        (its forward computes the same: ``tests/test_graph_shapes.py`` checks every rule
+        against the layer run on meta tensors); None: the graph runs the layer to learn
+        them. A rule spares the process torch's meta kernels for its ops, whose first use
+        costs seconds of imports."""
+        return None
+
     def workspace_bytes(self) -> int:
         """Memory ``forward`` needs beyond its tops (a padded copy, an im2col buffer), so
         that the graph can refuse a layer the machine cannot run before running it."""

@@ -148,7 +148,9 @@ def _run_symbolic(node: Node):
     memory, no set-up cost), or None where the layer cannot run there: it reads values
     (Accuracy's label check, DetectionOutput's boxes) or holds tensors that are neither
     parameters nor buffers. (Fake tensors, tried before meta, ran no layer that meta
-    cannot and cost about two seconds on first use.)"""
+    cannot and cost about two seconds on first use; meta kernels cost as much on the first
+    elementwise op, which imports torch's compiler stack: the layers that state a rule,
+    :meth:`Layer.top_shapes`, never come here.)"""
     inputs = tuple(torch.empty(s, device="meta") for s in node.bottom_shapes)
     try:
         with torch.no_grad():
@@ -276,9 +278,20 @@ class CaffeNet(torch.nn.Module):
         module.load_blobs(fitted)
 
     def _infer_top_shapes(self, node: Node) -> list[Shape]:
-        """Top shapes from running the layer on its bottom shapes: symbolically (meta
-        tensors, no arithmetic) where the layer allows, else on zeros (layers that read
-        values, such as Accuracy and DetectionOutput)."""
+        """Top shapes by the layer's own rule (:meth:`Layer.top_shapes`), else from running
+        the layer on its bottom shapes: symbolically (meta tensors, no arithmetic) where the
+        layer allows, else on zeros (layers that read values, such as Accuracy and
+        DetectionOutput)."""
+        shapes = node.module.top_shapes()
+        if shapes is None:
+            shapes = self._run_for_shapes(node)
+        if len(shapes) != len(node.tops):
+            raise LayerError(node.name, node.type,
+                             f"produces {len(shapes)} tops, the prototxt names {len(node.tops)}")
+        return [tuple(shape) for shape in shapes]
+
+    @staticmethod
+    def _run_for_shapes(node: Node) -> list[Shape]:
         tops = _run_symbolic(node)
         if tops is None:
             zeros = [torch.zeros(s) for s in node.bottom_shapes]
@@ -292,9 +305,6 @@ class CaffeNet(torch.nn.Module):
                 raise LayerError(node.name, node.type,
                                  f"cannot run on bottoms of shapes {node.bottom_shapes}: "
                                  f"{message}") from None
-        if len(tops) != len(node.tops):
-            raise LayerError(node.name, node.type,
-                             f"produces {len(tops)} tops, the prototxt names {len(node.tops)}")
         return [tuple(t.shape) for t in tops]
 
     def _check_peak_memory(self) -> None:

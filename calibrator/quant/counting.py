@@ -8,8 +8,9 @@ skipped, in a scalar loop. Here the same float32 operations run as vectorised te
 operations on slices of half a million elements (``floor`` of the quotient, plus one, so
 that an element below ``low`` lands in an extra bin 0 of its own), and the bin numbers are
 counted by ``torch.bincount`` in int64, the slices shared among torch's threads
-(:func:`calibrator.threads.on_cores`), one core each. The counts are integers: the same in
-any order, on any number of threads.
+(:func:`calibrator.threads.on_cores`), one core each. Where the C kernel is built
+(:func:`calibrator.quant.native.bin_counts`) it counts the same keys in one pass, three to
+six times faster. The counts are integers: the same in any order, on any number of threads.
 
 Only for what the calibrator histograms: |x| or a tensor without negative values, finite,
 no value above ``high``, ``low`` the smallest positive float32 (so nothing but exact zeros
@@ -23,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from calibrator.quant import native
 from calibrator.threads import on_cores
 
 #: elements per slice: large enough that the per-operation overhead is small, small enough
@@ -40,10 +42,12 @@ def bin_counts(flat: torch.Tensor, bins: int, low: float, high: float,
     width = float(np.float32(high) - np.float32(low))
     if flat.device.type != "cpu" or low <= 0 or not low * bins <= width < 2 * bins:
         return _histc(flat, bins, low, high, absolute)
-    slices = flat.split(SLICE)
-    shares = min(torch.get_num_threads(), len(slices))
-    counts = sum(on_cores(lambda share: _count_all(share, bins, low, width, absolute),
-                          [slices[i::shares] for i in range(shares)]))
+    counts = native.bin_counts(flat, bins, low, width, absolute)
+    if counts is None:
+        slices = flat.split(SLICE)
+        shares = min(torch.get_num_threads(), len(slices))
+        counts = sum(on_cores(lambda share: _count_all(share, bins, low, width, absolute),
+                              [slices[i::shares] for i in range(shares)]))
     counts[bins] += counts[bins + 1]   # the elements equal to high: the last bin
     return counts[1:bins + 1]
 

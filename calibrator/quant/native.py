@@ -1,7 +1,10 @@
-"""The simulation's requantization in one pass over memory: a small C kernel, built on first
-use with the machine's C compiler, doing in one loop what the tensor code does in three to six
-elementwise passes (multiply, residual sum, saturate, round; each a full read and write of a
-conv output that does not fit in the caches).
+"""Two small C kernels, built on first use with the machine's C compiler, each doing in one
+pass over memory what tensor code does in several: the simulation's requantization
+(:func:`requantize`) and the statistics' histogram bin counts (:func:`bin_counts`).
+
+The requantization does in one loop what the tensor code does in three to six elementwise
+passes (multiply, residual sum, saturate, round; each a full read and write of a conv output
+that does not fit in the caches).
 
 Per element, the same IEEE operations in the same order as :mod:`calibrator.quant.simulate`'s
 tensor code (``_intel_finish``, ``quantize``, ``PendingReLU6.quantize``)::
@@ -21,6 +24,21 @@ without contracting multiply-adds (``-ffp-contract=off``), so every operation ro
 written: the results are the tensor code's bit for bit, signed zeros included
 (``tests/test_quant_native.py`` compares their int32 views, in both memory layouts, with and
 without a residual, ties included).
+
+The bin counts are those of :mod:`calibrator.quant.counting`'s tensor route, which are
+``torch.histc``'s: an element ``e`` (|x| or x, finite, 0 <= e <= high) goes to bin
+``1 + floor(f32(f32((e - low) * bins) / width))`` with ``low`` = 2^-149, the smallest
+subnormal, so that an exact zero falls in bin 0, below the range (its quotient lies in
+[-1, 0) on the ranges that route takes). Subtracting a subnormal takes the CPU's slow path
+for subnormal operands on every element, so the kernel does not: from 2^-123 up, ``e - low``
+rounds to ``e`` itself (half an ulp of ``e`` exceeds 2^-149), so the key is
+``1 + (int)(f32(e * bins) / width)`` (the quotient is >= 0: truncation is the floor); an exact
+zero (either sign) is bin 0; only a nonzero element below 2^-123 takes the subtraction, in a
+scalar loop that runs for the blocks holding one. Each thread counts into its own
+uint32 tables (two, alternating elements, so that runs of one bin do not serialise on one
+counter), summed in int64 at the end: integers, the same on any number of threads. The
+comparisons are branch-free once the compiler may assume no floating-point traps
+(``-fno-trapping-math``, which changes no value).
 
 The library goes to ``$CALIBRATOR_CACHE`` (default ``$XDG_CACHE_HOME/calibrator`` or
 ``~/.cache/calibrator``) under a name that hashes the source, the flags and the machine, built
@@ -51,6 +69,7 @@ log = logging.getLogger(__name__)
 SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 static const float MAGIC = 12582912.0f;   /* 1.5 * 2^23 */
 #define SPLIT (1 << 18)                      /* elements: below, one thread */
@@ -102,10 +121,59 @@ void rq_first(const float *x, float *out, int64_t blocks, int64_t channels, int6
         }
     }
 }
+
+#define BLOCK 2048
+static const float TINY = 0x1p-123f;   /* from here up, e - 2^-149 rounds to e */
+
+/* counts[0 .. bins + 1] += the bin keys' counts of |x| (absolute) or x; n < 2^32 */
+void hist_count(const float *x, int64_t n, int64_t bins, float low, float width,
+                int absolute, int64_t *counts)
+{
+    const float fb = (float)bins;
+    const uint32_t last = (uint32_t)(bins + 1);
+    #pragma omp parallel if (n >= SPLIT)
+    {
+        uint32_t *even = calloc(2 * ((size_t)bins + 2), sizeof(uint32_t));
+        uint32_t *odd = even + bins + 2;
+        int32_t key[BLOCK];
+        #pragma omp for schedule(static)
+        for (int64_t b = 0; b < n; b += BLOCK) {
+            const int64_t m = n - b < BLOCK ? n - b : BLOCK;
+            const float *xb = x + b;
+            int tiny = 0;
+            for (int64_t j = 0; j < m; j++) {
+                const float e = absolute ? fabsf(xb[j]) : xb[j];
+                key[j] = e >= TINY ? (int32_t)((e * fb) / width) + 1 : 0;
+                tiny |= (e < TINY) & (e != 0.0f);
+            }
+            if (tiny) {
+                for (int64_t j = 0; j < m; j++) {
+                    const float e = absolute ? fabsf(xb[j]) : xb[j];
+                    if (e < TINY && e != 0.0f)
+                        key[j] = (int32_t)(((e - low) * fb) / width) + 1;
+                }
+            }
+            int64_t j = 0;
+            for (; j + 1 < m; j += 2) {   /* (a key past the last bin, never expected: last) */
+                const uint32_t k0 = (uint32_t)key[j], k1 = (uint32_t)key[j + 1];
+                even[k0 > last ? last : k0]++;
+                odd[k1 > last ? last : k1]++;
+            }
+            if (j < m) {
+                const uint32_t k0 = (uint32_t)key[j];
+                even[k0 > last ? last : k0]++;
+            }
+        }
+        #pragma omp critical
+        for (int64_t k = 0; k < bins + 2; k++)
+            counts[k] += (int64_t)even[k] + odd[k];
+        free(even);
+    }
+}
 """
 
-FLAGS = ["-O3", "-fPIC", "-shared", "-fno-fast-math", "-ffp-contract=off", "-std=c99",
-         "-fopenmp"]
+FLAGS = ["-O3", "-fPIC", "-shared", "-fno-fast-math", "-ffp-contract=off", "-fno-trapping-math",
+         "-std=c99", "-fopenmp"]
 _POINTER, _INT, _DOUBLE, _FLOAT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, \
     ctypes.c_float
 
@@ -121,14 +189,14 @@ def _build(compiler: str) -> Path:
     key = hashlib.sha256("\0".join([SOURCE, *FLAGS, compiler, platform.machine(),
                                     platform.system()]).encode()).hexdigest()[:16]
     folder = _cache_folder()
-    target = folder / f"requant-{key}.so"
+    target = folder / f"kernels-{key}.so"
     if target.is_file():
         return target
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder, prefix=".build-") as tmp:
-        source = Path(tmp) / "requant.c"
+        source = Path(tmp) / "kernels.c"
         source.write_text(SOURCE)
-        built = Path(tmp) / "requant.so"
+        built = Path(tmp) / "kernels.so"
         subprocess.run([compiler, *FLAGS, str(source), "-o", str(built), "-lm"], check=True,
                        capture_output=True, timeout=120)
         os.replace(built, target)     # atomic: a concurrent build writes the same file
@@ -146,13 +214,15 @@ def _library():
     try:
         library = ctypes.CDLL(str(_build(compiler)))
     except (OSError, subprocess.SubprocessError) as exc:
-        log.debug("native requantization unavailable (%s): tensor operations instead", exc)
+        log.debug("native kernels unavailable (%s): tensor operations instead", exc)
         return None
     library.rq_last.argtypes = [_POINTER, _POINTER, _INT, _INT, _POINTER, _FLOAT, _POINTER,
                                 _DOUBLE, _FLOAT, _FLOAT]
     library.rq_first.argtypes = [_POINTER, _POINTER, _INT, _INT, _INT, _POINTER, _FLOAT,
                                  _POINTER, _DOUBLE, _FLOAT, _FLOAT]
-    library.rq_last.restype = library.rq_first.restype = None
+    library.hist_count.argtypes = [_POINTER, _INT, _INT, _FLOAT, _FLOAT, ctypes.c_int,
+                                   _POINTER]
+    library.rq_last.restype = library.rq_first.restype = library.hist_count.restype = None
     return library
 
 
@@ -213,3 +283,23 @@ def requantize(x: torch.Tensor, multiplier: torch.Tensor | float, low: float, hi
         library.rq_first(x.data_ptr(), out.data_ptr(), rows, channels, inner, m.data_ptr(),
                          then, res, residual_scale, float(low), float(high))
     return out
+
+
+#: elements per kernel call: each thread's uint32 counts stay exact
+_HIST_CALL = 1 << 31
+
+
+def bin_counts(flat: torch.Tensor, bins: int, low: float, width: float,
+               absolute: bool) -> torch.Tensor | None:
+    """int64 counts of the bin keys 0 ... ``bins`` + 1 of ``flat`` (1-D, float32, on the
+    CPU), as the module's text says; None where the kernel is unavailable or ``flat`` is not
+    such a tensor (the caller runs its tensor operations)."""
+    library = _library()
+    if library is None or flat.device.type != "cpu" or flat.dtype != torch.float32 or \
+            flat.dim() != 1 or not flat.is_contiguous():
+        return None
+    counts = torch.zeros(bins + 2, dtype=torch.int64)
+    for piece in flat.split(_HIST_CALL):
+        library.hist_count(piece.data_ptr(), piece.numel(), bins, low, width, int(absolute),
+                           counts.data_ptr())
+    return counts

@@ -38,6 +38,9 @@ class Accuracy(Layer):
         if not 1 <= self.top_k <= self.num_classes:
             raise self.error(f"top_k {self.top_k} must be within 1..{self.num_classes} classes")
 
+    def top_shapes(self):
+        return [()] + ([(self.num_classes,)] if self.per_class else [])
+
     def _judge(self, scores: torch.Tensor, label: torch.Tensor):
         """(correct, valid, label index), each flattened over all samples."""
         outer = count(scores.shape, 0, self.axis)

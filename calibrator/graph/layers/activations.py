@@ -16,6 +16,9 @@ class _Elementwise(Layer):
         super().__init__(param, bottom_shapes)
         check_io(self, param, (1, 1), (1, 1))
 
+    def top_shapes(self):
+        return [self.bottom_shapes[0]]
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
         return (self.apply(x),)
 

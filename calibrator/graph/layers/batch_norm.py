@@ -60,6 +60,9 @@ class BatchNorm(Layer):
     def _per_channel(self, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return values.reshape((1, -1) + (1,) * (x.dim() - 2)) if x.dim() > 1 else values
 
+    def top_shapes(self):
+        return [self.bottom_shapes[0]]
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
         if self.use_global_stats:
             if self.mean is None:
@@ -131,6 +134,9 @@ class _AxisOperand(Layer):
 
     def blob_shapes(self):
         return [self.operand_shape] * len(self.learned_names)
+
+    def top_shapes(self):
+        return [self.bottom_shapes[0]]
 
     def load_blobs(self, blobs):
         load_named(self, self.learned_names, blobs)

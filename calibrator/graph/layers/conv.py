@@ -103,6 +103,9 @@ class Convolution(Layer):
         channels = shape[1] if not self.transposed else self.num_output
         return 4 * channels * self.kernel[0] * self.kernel[1] * spatial[0] * spatial[1]
 
+    def top_shapes(self):
+        return [(shape[0], self.num_output, *self.output_size) for shape in self.bottom_shapes]
+
     def blob_shapes(self):
         channels = self.bottom_shapes[0][1]
         if self.transposed:

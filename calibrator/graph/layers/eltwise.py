@@ -30,6 +30,9 @@ class Eltwise(Layer):
         if any(s != self.bottom_shapes[0] for s in self.bottom_shapes):
             raise self.error(f"all bottoms must have the same shape, got {self.bottom_shapes}")
 
+    def top_shapes(self):
+        return [self.bottom_shapes[0]]
+
     def forward(self, *bottoms: torch.Tensor) -> tuple[torch.Tensor]:
         if self.operation == self.PROD:
             top = bottoms[0] * bottoms[1]

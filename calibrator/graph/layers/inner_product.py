@@ -30,6 +30,9 @@ class InnerProduct(Layer):
         self.register_parameter("weight", None)
         self.register_parameter("bias", None)
 
+    def top_shapes(self):
+        return [self.bottom_shapes[0][:self.axis] + (self.num_output,)]
+
     def blob_shapes(self):
         weight = ((self.num_inputs, self.num_output) if self.transpose
                   else (self.num_output, self.num_inputs))

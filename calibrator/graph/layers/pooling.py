@@ -146,6 +146,10 @@ class Pooling(Layer):
         return tuple(caffe_pooled_size(n, k, p, s, self.ceil_mode, any_pad)
                      for n, k, p, s in zip(spatial, kernel, self.pad, self.stride))
 
+    def top_shapes(self):
+        shape = self.bottom_shapes[0]
+        return [shape[:2] + self._pooled(shape[2:])] * (2 if self.with_mask else 1)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         kernel = self.kernel or tuple(x.shape[2:])
         pooled = self._pooled(x.shape[2:])

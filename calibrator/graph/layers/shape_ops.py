@@ -42,6 +42,11 @@ class Concat(Layer):
                 raise self.error(f"bottom shapes {self.bottom_shapes} differ outside "
                                  f"axis {self.axis}")
 
+    def top_shapes(self):
+        first = list(self.bottom_shapes[0])
+        first[self.axis] = sum(shape[self.axis] for shape in self.bottom_shapes)
+        return [tuple(first)]
+
     def forward(self, *bottoms: torch.Tensor) -> tuple[torch.Tensor]:
         if len(bottoms) == 1:
             return (bottoms[0],)
@@ -75,6 +80,10 @@ class Slice(Layer):
                                  f"{num_tops} equal parts")
             self.sizes = [length // num_tops] * num_tops
 
+    def top_shapes(self):
+        shape = self.bottom_shapes[0]
+        return [shape[:self.axis] + (size,) + shape[self.axis + 1:] for size in self.sizes]
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if len(self.sizes) == 1:
             return (x,)
@@ -89,6 +98,9 @@ class Split(Layer):
         super().__init__(param, bottom_shapes)
         check_io(self, param, (1, 1), (1, None))
         self.num_outputs = len(param.top)
+
+    def top_shapes(self):
+        return [self.bottom_shapes[0]] * self.num_outputs
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return (x,) * self.num_outputs
@@ -106,6 +118,11 @@ class Flatten(Layer):
         self.end = canonical_axis(self, param.flatten_param.end_axis, ndim)
         if self.end < self.start:
             raise self.error(f"end_axis {self.end} is before axis {self.start}")
+
+    def top_shapes(self):
+        shape = self.bottom_shapes[0]
+        return [shape[:self.start] + (count(shape, self.start, self.end + 1),)
+                + shape[self.end + 1:]]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
         return (torch.flatten(x, self.start, self.end),)
@@ -269,6 +286,9 @@ class Dropout(Layer):
             raise self.error(f"dropout_ratio must be in [0, 1), got {ratio}")
         scale_train = field_or(dp, "scale_train", True)
         self.test_scale = 1.0 if scale_train else float(np.float32(1) - ratio)
+
+    def top_shapes(self):
+        return [self.bottom_shapes[0]]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
         return (x if self.test_scale == 1 else x * self.test_scale,)

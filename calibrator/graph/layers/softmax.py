@@ -18,6 +18,9 @@ class Softmax(Layer):
         check_io(self, param, (1, 1), (1, 1))
         self.axis = canonical_axis(self, param.softmax_param.axis, len(self.bottom_shapes[0]))
 
+    def top_shapes(self):
+        return [self.bottom_shapes[0]]
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
         return (torch.softmax(x, dim=self.axis),)
 
@@ -46,6 +49,9 @@ class LRN(Layer):
             raise self.error(f"unknown norm_region {self.region}")
         if len(self.bottom_shapes[0]) != 4:
             raise self.error(f"needs a 4-D bottom, got {self.bottom_shapes[0]}")
+
+    def top_shapes(self):
+        return [self.bottom_shapes[0]]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
         square = x * x
