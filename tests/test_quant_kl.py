@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from calibrator.quant import estimators
+from calibrator.quant import estimators, native
+from calibrator.quant import kl as kl_module
 from calibrator.quant.estimators import TensorStats, threshold
 from calibrator.quant.kl import (NUM_BINS, abs_histogram, clip_with_tail, kl_divergences,
                                  kl_threshold, merge_and_expand)
@@ -492,3 +493,47 @@ def test_the_net_runs_its_convolutions_on_channels_last_blobs():
     w, b = (torch.from_numpy(v) for v in net.weights["c1"])
     expected = torch.relu(torch.nn.functional.conv2d(net.batches[0]["data"], w, b, padding=1))
     assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+# -- the kernel's filter ---------------------------------------------------------------------
+
+def _kl_histograms(gaussian):
+    rng = np.random.default_rng(11)
+    heavy = np.abs(rng.standard_t(2, 200_000)).astype(np.float32)
+    sparse = rng.integers(0, 1000, NUM_BINS)
+    sparse[rng.random(NUM_BINS) < 0.6] = 0
+    flat = np.full(NUM_BINS, 7)                   # every candidate alike: ties everywhere
+    spike = np.zeros(NUM_BINS, np.int64)
+    spike[[3, 900, 2047]] = [5000, 2, 1]
+    return [abs_histogram(torch.from_numpy(gaussian), float(np.abs(gaussian).max())),
+            abs_histogram(torch.from_numpy(heavy), float(heavy.max())),
+            torch.from_numpy(sparse), torch.from_numpy(flat), torch.from_numpy(spike)]
+
+
+@pytest.mark.skipif(not native.available(), reason="no C compiler: no kernel to filter with")
+@pytest.mark.parametrize("levels", [128, 64])
+def test_kernel_filter_gives_the_tensor_codes_candidate(gaussian, levels, monkeypatch):
+    """The kernel scores every candidate within the filter's margin of the tensor code (a
+    thousand times tighter than the margin), and the filtered search picks the tensor code's
+    own first minimal candidate, ties included; with the kernel's scores pushed to the edge
+    of the margin (adversarial rounding), still the same candidate."""
+    for hist in _kl_histograms(gaussian):
+        candidates, divergence = kl_divergences(hist, levels)
+        want = int(candidates[int(torch.argmin(divergence))])
+        fast, size = native.kl_divergences(hist, levels, kl_module.SMOOTH_EPS,
+                                           float(np.float32(kl_module.SMOOTH_EPS)))
+        assert torch.all((fast - divergence).abs() <= 1e-3 * kl_module._FILTER_MARGIN * (1 + size))
+        assert kl_module._best_candidate(hist, levels) == want
+        real = native.kl_divergences
+        wobble = torch.from_numpy(np.random.default_rng(levels).uniform(-0.9, 0.9, len(fast)))
+        monkeypatch.setattr(native, "kl_divergences", lambda *a: (
+            real(*a)[0] + wobble * kl_module._FILTER_MARGIN * (1 + real(*a)[1]), real(*a)[1]))
+        assert kl_module._best_candidate(hist, levels) == want
+        monkeypatch.setattr(native, "kl_divergences", real)
+
+
+def test_without_the_kernel_the_tensor_code_decides(gaussian, monkeypatch):
+    monkeypatch.setattr(native, "kl_divergences", lambda *a: None)
+    hist = _kl_histograms(gaussian)[1]
+    candidates, divergence = kl_divergences(hist, 128)
+    assert kl_module._best_candidate(hist, 128) == int(candidates[int(torch.argmin(divergence))])

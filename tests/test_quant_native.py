@@ -127,3 +127,14 @@ def test_the_simulation_is_the_same_with_and_without_the_kernel(monkeypatch):
     for name in with_kernel:
         for a, b in zip(with_kernel[name], without[name]):
             assert torch.equal(bits(a), bits(b)), name
+
+
+@pytest.mark.parametrize("size", [1, 2047, 2049, 3_000_001])
+def test_count_zeros_is_count_nonzeros_complement(size):
+    """Zeros of either sign, none of the tiny values or NaNs, on one thread or several."""
+    rng = np.random.default_rng(size)
+    x = torch.from_numpy(rng.normal(0, 1, size).astype(np.float32)).clamp(min=0)
+    x[::5] = -0.0
+    x[1::11] = 1e-45                                   # the smallest subnormal: not zero
+    x[2::13] = float("nan")
+    assert native.count_zeros(x) == size - int(torch.count_nonzero(x))

@@ -122,7 +122,121 @@ void rq_first(const float *x, float *out, int64_t blocks, int64_t channels, int6
     }
 }
 
+/* KL(P || Q) of every candidate i = levels ... bins - 1 of a histogram h of |x|
+   (calibrator.quant.kl's definition: P the first i bins with the tail on bin i - 1, Q their
+   merge into `levels` levels spread back over the nonzero bins, both smoothed with eps and
+   normalised); div[i - levels] the divergence, mag[i - levels] the sum of the |terms|.
+   The same formula as the tensor code, not its summation order: a filter, see kl.py */
+void kl_all(const double *h, int64_t bins, int64_t levels, double eps, double given,
+            double *div, double *mag)
+{
+    double *tail = malloc(((size_t)bins + 1) * sizeof(double));
+    tail[bins] = 0.0;
+    for (int64_t k = bins - 1; k >= 0; k--)
+        tail[k] = h[k] + tail[k + 1];
+    #pragma omp parallel
+    {
+        double *p = malloc((size_t)bins * sizeof(double));
+        double *q = malloc((size_t)bins * sizeof(double));
+        double *mass = malloc(((size_t)levels + 1) * sizeof(double));
+        double *support = malloc(((size_t)levels + 1) * sizeof(double));
+        double *edge = malloc(((size_t)levels + 1) * sizeof(double));
+        double *first = malloc((size_t)bins * sizeof(double));
+        int64_t *level = malloc((size_t)bins * sizeof(int64_t));
+        #pragma omp for schedule(dynamic, 16)
+        for (int64_t i = levels; i < bins; i++) {
+            int64_t nonzero = 0;
+            for (int64_t k = 0; k < i; k++)
+                p[k] = h[k];
+            p[i - 1] += tail[i];
+            for (int64_t k = 0; k < i; k++)
+                nonzero += p[k] != 0.0;
+            double take = eps * (double)(i - nonzero) / (double)(nonzero > 0 ? nonzero : 1);
+            double psum = 0.0;
+            for (int64_t k = 0; k < i; k++) {
+                p[k] = p[k] != 0.0 ? p[k] - take : given;
+                psum += p[k];
+            }
+            for (int64_t l = 0; l <= levels; l++) {
+                mass[l] = support[l] = 0.0;
+                edge[l] = (double)(l + 1) * (double)i / (double)levels;  /* level l's end */
+            }
+            /* bin k starts in level floor(k * levels / i), which grows by at most one a bin */
+            for (int64_t k = 0, l = 0, end = i; k < i; k++) {
+                if (k * levels >= end) {
+                    l++;
+                    end += i;
+                }
+                const double inside = edge[l] - (double)k;
+                level[k] = l;
+                first[k] = inside > 1.0 ? 1.0 : inside;
+            }
+            for (int64_t k = 0; k < i; k++) {
+                const int64_t next = level[k] + 1 > levels ? levels : level[k] + 1;
+                mass[level[k]] += h[k] * first[k];
+                mass[next] += h[k] * (1.0 - first[k]);
+                if (h[k] != 0.0) {
+                    support[level[k]] += first[k];
+                    support[next] += 1.0 - first[k];
+                }
+            }
+            for (int64_t l = 0; l <= levels; l++)
+                mass[l] = support[l] > 0.0 ? mass[l] / support[l] : 0.0;
+            nonzero = 0;
+            for (int64_t k = 0; k < i; k++) {
+                const int64_t next = level[k] + 1 > levels ? levels : level[k] + 1;
+                q[k] = h[k] != 0.0 ? first[k] * mass[level[k]] + (1.0 - first[k]) * mass[next]
+                                   : 0.0;
+                nonzero += q[k] != 0.0;
+            }
+            take = eps * (double)(i - nonzero) / (double)(nonzero > 0 ? nonzero : 1);
+            double qsum = 0.0;
+            for (int64_t k = 0; k < i; k++) {
+                q[k] = q[k] != 0.0 ? q[k] - take : given;
+                qsum += q[k];
+            }
+            psum = psum > 1e-300 ? psum : 1e-300;
+            qsum = qsum > 1e-300 ? qsum : 1e-300;
+            /* p/psum * log((p/psum) / (q/qsum)), rearranged: one division a bin */
+            const double share = 1.0 / psum, ratio = qsum / psum;
+            double kl = 0.0, size = 0.0;
+            for (int64_t k = 0; k < i; k++) {
+                if (p[k] > 0.0 && q[k] > 0.0) {
+                    const double term = p[k] * share * log(p[k] * ratio / q[k]);
+                    kl += term;
+                    size += fabs(term);
+                }
+            }
+            div[i - levels] = kl;
+            mag[i - levels] = size;
+        }
+        free(p);
+        free(q);
+        free(mass);
+        free(support);
+        free(edge);
+        free(first);
+        free(level);
+    }
+    free(tail);
+}
+
 #define BLOCK 2048
+
+/* the number of zeros (either sign) in x */
+int64_t count_zeros(const float *x, int64_t n)
+{
+    int64_t total = 0;
+    #pragma omp parallel for schedule(static) reduction(+: total) if (n >= SPLIT)
+    for (int64_t b = 0; b < n; b += BLOCK) {
+        const int64_t m = n - b < BLOCK ? n - b : BLOCK;
+        int32_t zeros = 0;
+        for (int64_t j = 0; j < m; j++)
+            zeros += x[b + j] == 0.0f;
+        total += zeros;
+    }
+    return total;
+}
 static const float TINY = 0x1p-123f;   /* from here up, e - 2^-149 rounds to e */
 
 /* counts[0 .. bins + 1] += the bin keys' counts of |x| (absolute) or x; n < 2^32 */
@@ -222,7 +336,11 @@ def _library():
                                  _POINTER, _DOUBLE, _FLOAT, _FLOAT]
     library.hist_count.argtypes = [_POINTER, _INT, _INT, _FLOAT, _FLOAT, ctypes.c_int,
                                    _POINTER]
+    library.kl_all.argtypes = [_POINTER, _INT, _INT, _DOUBLE, _DOUBLE, _POINTER, _POINTER]
     library.rq_last.restype = library.rq_first.restype = library.hist_count.restype = None
+    library.kl_all.restype = None
+    library.count_zeros.argtypes = [_POINTER, _INT]
+    library.count_zeros.restype = _INT
     return library
 
 
@@ -303,3 +421,32 @@ def bin_counts(flat: torch.Tensor, bins: int, low: float, width: float,
         library.hist_count(piece.data_ptr(), piece.numel(), bins, low, width, int(absolute),
                            counts.data_ptr())
     return counts
+
+
+def count_zeros(flat: torch.Tensor) -> int | None:
+    """The zeros of ``flat`` (1-D, float32, contiguous, on the CPU) in one read: what
+    ``flat.numel() - torch.count_nonzero(flat)`` gives. None where the kernel is unavailable
+    or ``flat`` is not such a tensor."""
+    library = _library()
+    if library is None or flat.device.type != "cpu" or flat.dtype != torch.float32 or \
+            flat.dim() != 1 or not flat.is_contiguous():
+        return None
+    return int(library.count_zeros(flat.data_ptr(), flat.numel()))
+
+
+def kl_divergences(hist: torch.Tensor, levels: int, eps: float, given: float
+                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(divergence, sum of |terms|) of every candidate ``levels`` ... ``len(hist) - 1``
+    (float64), by the formula of :mod:`calibrator.quant.kl` in plain loops: the same values
+    up to rounding (another summation order, the C library's log). None where the kernel is
+    unavailable."""
+    library = _library()
+    if library is None:
+        return None
+    h = hist.to(torch.float64).cpu().contiguous()
+    count = h.numel() - levels
+    divergence = torch.empty(count, dtype=torch.float64)
+    size = torch.empty(count, dtype=torch.float64)
+    library.kl_all(h.data_ptr(), h.numel(), levels, eps, given, divergence.data_ptr(),
+                   size.data_ptr())
+    return divergence, size

@@ -25,6 +25,7 @@ import torch
 from calibrator import distributed
 from calibrator.errors import CalibratorError, LayerError, shorten
 from calibrator.graph.net import in_memory_order
+from calibrator.quant import native
 from calibrator.quant.estimators import HISTOGRAM, TensorStats
 from calibrator.quant.fusion import BlobRef, FusedGraph
 from calibrator.quant.histogram import FINE_BINS, GrowingHistogram
@@ -48,8 +49,12 @@ def batch_figures(x: torch.Tensor, zeros: bool = True) -> tuple[float, float, fl
     flat = in_memory_order(x)   # (reductions of a channels-last blob would copy it first)
     lo, hi = (float(v) for v in torch.aminmax(flat))
     count = x.numel()
-    return (lo, hi, max(abs(lo), abs(hi)), count,
-            count - int(torch.count_nonzero(flat)) if zeros else 0)
+    if not zeros:
+        return lo, hi, max(abs(lo), abs(hi)), count, 0
+    zero_count = native.count_zeros(flat)       # one pass, where the kernel is built
+    if zero_count is None:
+        zero_count = count - int(torch.count_nonzero(flat))
+    return lo, hi, max(abs(lo), abs(hi)), count, zero_count
 
 
 def checked_figures(ref: BlobRef, x: torch.Tensor, node=None, zeros: bool = True) -> tuple:
