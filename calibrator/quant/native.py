@@ -1,6 +1,10 @@
-"""Two small C kernels, built on first use with the machine's C compiler, each doing in one
-pass over memory what tensor code does in several: the simulation's requantization
-(:func:`requantize`) and the statistics' histogram bin counts (:func:`bin_counts`).
+"""Small C kernels, built on first use with the machine's C compiler, each doing in one pass
+over memory or in plain loops what tensor code does in many operations: the simulation's
+requantization (:func:`requantize`), the statistics' histogram bin counts
+(:func:`bin_counts`) and zero counts (:func:`count_zeros`), and every KL candidate's
+divergence up to rounding (:func:`kl_divergences`, a filter whose answer the tensor code of
+:mod:`calibrator.quant.kl` confirms). Each returns None where it cannot run; the caller's
+tensor code then gives the same results.
 
 The requantization does in one loop what the tensor code does in three to six elementwise
 passes (multiply, residual sum, saturate, round; each a full read and write of a conv output
