@@ -174,8 +174,7 @@ def _best_candidate(hist: torch.Tensor, levels: int, chunk: int = 64) -> int:
     is the tensor code's answer: a candidate left out is above the minimum by more than the
     two codes can differ."""
     hist = hist.to(torch.float64)
-    fast = native.kl_divergences(hist.cpu(), levels, SMOOTH_EPS,
-                                 float(np.float32(SMOOTH_EPS)))
+    fast = native.kl_divergences(hist, levels, SMOOTH_EPS, float(np.float32(SMOOTH_EPS)))
     candidates, chunks = _chunks(hist.numel(), levels, chunk, hist.device)
     if fast is None or not bool(torch.isfinite(fast[0]).all()):
         return int(candidates[int(torch.argmin(kl_divergences(hist, levels, chunk)[1]))])

@@ -296,6 +296,18 @@ _POINTER, _INT, _DOUBLE, _FLOAT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_doub
     ctypes.c_float
 
 
+#: each kernel's C signature: (return type, argument types)
+_SIGNATURES = {
+    "rq_last": (None, [_POINTER, _POINTER, _INT, _INT, _POINTER, _FLOAT, _POINTER, _DOUBLE,
+                       _FLOAT, _FLOAT]),
+    "rq_first": (None, [_POINTER, _POINTER, _INT, _INT, _INT, _POINTER, _FLOAT, _POINTER,
+                        _DOUBLE, _FLOAT, _FLOAT]),
+    "hist_count": (None, [_POINTER, _INT, _INT, _FLOAT, _FLOAT, ctypes.c_int, _POINTER]),
+    "count_zeros": (_INT, [_POINTER, _INT]),
+    "kl_all": (None, [_POINTER, _INT, _INT, _DOUBLE, _DOUBLE, _POINTER, _POINTER]),
+}
+
+
 def _cache_folder() -> Path:
     if os.environ.get("CALIBRATOR_CACHE"):
         return Path(os.environ["CALIBRATOR_CACHE"])
@@ -334,17 +346,9 @@ def _library():
     except (OSError, subprocess.SubprocessError) as exc:
         log.debug("native kernels unavailable (%s): tensor operations instead", exc)
         return None
-    library.rq_last.argtypes = [_POINTER, _POINTER, _INT, _INT, _POINTER, _FLOAT, _POINTER,
-                                _DOUBLE, _FLOAT, _FLOAT]
-    library.rq_first.argtypes = [_POINTER, _POINTER, _INT, _INT, _INT, _POINTER, _FLOAT,
-                                 _POINTER, _DOUBLE, _FLOAT, _FLOAT]
-    library.hist_count.argtypes = [_POINTER, _INT, _INT, _FLOAT, _FLOAT, ctypes.c_int,
-                                   _POINTER]
-    library.kl_all.argtypes = [_POINTER, _INT, _INT, _DOUBLE, _DOUBLE, _POINTER, _POINTER]
-    library.rq_last.restype = library.rq_first.restype = library.hist_count.restype = None
-    library.kl_all.restype = None
-    library.count_zeros.argtypes = [_POINTER, _INT]
-    library.count_zeros.restype = _INT
+    for name, (restype, argtypes) in _SIGNATURES.items():
+        function = getattr(library, name)
+        function.restype, function.argtypes = restype, argtypes
     return library
 
 
@@ -407,6 +411,15 @@ def requantize(x: torch.Tensor, multiplier: torch.Tensor | float, low: float, hi
     return out
 
 
+def _flat_library(flat: torch.Tensor):
+    """The kernels where they are built and ``flat`` is what the flat kernels read (1-D,
+    float32, contiguous, on the CPU); None otherwise."""
+    if flat.device.type != "cpu" or flat.dtype != torch.float32 or flat.dim() != 1 or \
+            not flat.is_contiguous():
+        return None
+    return _library()
+
+
 #: elements per kernel call: each thread's uint32 counts stay exact
 _HIST_CALL = 1 << 31
 
@@ -416,9 +429,8 @@ def bin_counts(flat: torch.Tensor, bins: int, low: float, width: float,
     """int64 counts of the bin keys 0 ... ``bins`` + 1 of ``flat`` (1-D, float32, on the
     CPU), as the module's text says; None where the kernel is unavailable or ``flat`` is not
     such a tensor (the caller runs its tensor operations)."""
-    library = _library()
-    if library is None or flat.device.type != "cpu" or flat.dtype != torch.float32 or \
-            flat.dim() != 1 or not flat.is_contiguous():
+    library = _flat_library(flat)
+    if library is None:
         return None
     counts = torch.zeros(bins + 2, dtype=torch.int64)
     for piece in flat.split(_HIST_CALL):
@@ -431,11 +443,9 @@ def count_zeros(flat: torch.Tensor) -> int | None:
     """The zeros of ``flat`` (1-D, float32, contiguous, on the CPU) in one read: what
     ``flat.numel() - torch.count_nonzero(flat)`` gives. None where the kernel is unavailable
     or ``flat`` is not such a tensor."""
-    library = _library()
-    if library is None or flat.device.type != "cpu" or flat.dtype != torch.float32 or \
-            flat.dim() != 1 or not flat.is_contiguous():
-        return None
-    return int(library.count_zeros(flat.data_ptr(), flat.numel()))
+    library = _flat_library(flat)
+    return None if library is None else int(library.count_zeros(flat.data_ptr(),
+                                                                 flat.numel()))
 
 
 def kl_divergences(hist: torch.Tensor, levels: int, eps: float, given: float
