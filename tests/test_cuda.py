@@ -1,7 +1,7 @@
 """The CUDA path (--gpu): statistics, the INT8 simulation's exactness against the integer
-references, and a search. Skipped without a CUDA device (none is available where this was
-written: these tests have not run on a GPU yet). test_quant_integer_reference.py runs its
-bit-exactness cases on CUDA too.
+references, and a search. Skipped without a CUDA device (CI has none); they ran and passed on an NVIDIA H200
+(torch 2.11, CUDA 13) on 2026-12-04, the two-GPU case excepted. test_quant_integer_reference.py
+runs its bit-exactness cases on CUDA too.
 
 What exactness on CUDA rests on (see runtime.deterministic_cuda and
 quant.simulate.exact_arithmetic): no TF32; no cuDNN inside the integer accumulations (its
@@ -24,6 +24,7 @@ import torch
 from calibrator.cli.main import main
 from calibrator.quant.kl import NUM_BINS, abs_histogram
 from calibrator.quant.statistics import collect
+from calibrator.runtime import deterministic_cuda
 from tests.quant_helpers import TinyNet, conv_text, input_text, relu_text
 from tests.test_search import tiny  # noqa: F401  (the module fixture)
 from tests.test_targets import conv_net, integer_plan, large_case, reference
@@ -31,6 +32,20 @@ from tests.test_targets import conv_net, integer_plan, large_case, reference
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 REPO = Path(__file__).resolve().parents[1]
 OUTPUTS = ("q.prototxt", "q.json", "q.table")
+_FLAGS = ((torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32"),
+          (torch.backends.cudnn, "benchmark"), (torch.backends.cudnn, "deterministic"))
+
+
+@pytest.fixture(autouse=True)
+def cuda_as_the_cli_runs_it():
+    """Every test here runs CUDA as ``--gpu`` does (runtime.deterministic_cuda): PyTorch's
+    own default lets cuDNN convolutions use TF32, whose 10-bit operands move FP32 outputs
+    by about 1e-4 (seen on an H200: an absmax 5.70148 against the CPU's 5.70224)."""
+    saved = [getattr(owner, name) for owner, name in _FLAGS]
+    deterministic_cuda()
+    yield
+    for (owner, name), value in zip(_FLAGS, saved):
+        setattr(owner, name, value)
 
 
 def _simulate(net, fused, plan, x, target, device="cuda"):

@@ -16,6 +16,7 @@ import pytest
 
 from calibrator.caffe.caffemodel import write_caffemodel
 from calibrator.cli.main import main
+from calibrator.search.prefix import evaluations_bound
 from tests.netutil import tinted_image_net
 
 NET = """
@@ -112,7 +113,10 @@ def test_search_ranks_the_broken_layer_first_and_reverts_only_it(tiny, tmp_path,
     assert search["fp32_layers"] == ["conv2"]
     assert search["met"] and search["loss"] <= 0.05
     quantized = 3  # conv2..conv4 (conv1 stays FP32 by Intel's rule)
-    assert search["full_evaluations"] <= 2 + math.ceil(math.log2(quantized)) + 3
+    # FP32, all INT8, whole-net adjustments, worst layers adjusted, revert prefix, pruning
+    assert search["full_evaluations"] <= 4 + evaluations_bound(quantized) + 2
+    # the broken layer alone suffices: one trial of the reverted prefix, the first
+    assert [a for a, _ in search["trace"] if a.startswith("revert")] == ["revert top 1"]
     precision = {l["name"]: l["precision"] for l in record["layers"]}
     assert precision == {"conv1": "fp32", "conv2": "fp32", "conv3": "int8", "conv4": "int8"}
 

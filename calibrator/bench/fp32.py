@@ -52,6 +52,10 @@ def _files(ctx: Context) -> dict[str, Path]:
 
 def _opencv_net(files, ctx: Context, fusion: bool):
     """OpenCV dnn on deploy.prototxt; CUDA when --gpu and OpenCV was built with it."""
+    if not hasattr(cv2.dnn, "readNetFromCaffe"):
+        raise CalibratorError(f"OpenCV {cv2.__version__} has no Caffe importer (OpenCV 5 "
+                              "dropped it): the fp32 benchmark's peer needs "
+                              "opencv-python-headless<5, as calibrator's requirements say")
     net = cv2.dnn.readNetFromCaffe(str(files["deploy"]), str(files["weights"]))
     backend, target, where = cv2.dnn.DNN_BACKEND_OPENCV, cv2.dnn.DNN_TARGET_CPU, "cpu"
     if ctx.device.type == "cuda" and _opencv_cuda_devices() > 0:

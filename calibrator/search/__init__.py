@@ -7,6 +7,7 @@ simulator):
   ``sensitivity``      the cheap, label-free ranking of quantized layers
   ``adjust``           cheaper fixes before reverting (estimators, per-channel, EasyQuant)
   ``countermeasures``  per-layer fixes for targets that saturate int16 pair sums
+  ``prefix``           the shortest prefix of the ranking to revert (galloping, bisection)
   ``loop``             the strategies: ``bisect`` (default) and ``intel`` (legacy)
 """
 

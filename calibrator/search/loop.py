@@ -3,7 +3,10 @@ Intel's legacy loop (revert the first still-quantized conv in prototxt order aft
 full evaluation) kept for comparison.
 
 Full-evaluation budget of ``bisect`` for N quantized layers: FP32 (1) + all-INT8 (1) +
-adjusted (1) + bisection (ceil(log2 N)) + pruning (2) = 2 + ceil(log2 N) + 3.
+whole-net adjustments (1; 2 where saturation counter-measures are tried alone too) +
+adjusted worst layers (1) + the shortest reverted prefix
+(``prefix.evaluations_bound(N)``: one when a single layer suffices, 2 ceil(log2 N) at worst) +
+pruning (2).
 
 The search talks only to the backend it is given (:mod:`calibrator.backends`): full
 evaluations run ``backend.simulator``, the probes ``backend.layer_simulator``. On a target
@@ -33,6 +36,7 @@ from calibrator.search.adjust import Adjustment, adjust_layers
 from calibrator.search.countermeasures import (choose_countermeasures, forced_choices,
                                                rank_with_saturation)
 from calibrator.search.evaluator import EvalResult, Evaluator
+from calibrator.search.prefix import shortest_met_prefix
 from calibrator.search.sensitivity import make_probe, output_blobs
 
 ADJUST_WORST = 5
@@ -311,16 +315,13 @@ class Search:
             return
         if not self.settings.allow_fp32:
             return
-        # bisection: the shortest prefix of the ranking whose reversion meets -l
-        lo, hi = 0, len(ranked)  # lo: known not met; hi: met (all FP32 = the FP32 metric)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            trial_plan = calibration.plan(self._reverted(choices, ranked[:mid]))
-            if self.met(self.evaluate(trial_plan, f"revert top {mid}")):
-                hi = mid
-            else:
-                lo = mid
-        reverted = ranked[:hi]
+        # the shortest prefix of the ranking whose reversion meets -l (galloping, then
+        # bisection: search.prefix)
+        def met_reverting(size: int) -> bool:
+            trial_plan = calibration.plan(self._reverted(choices, ranked[:size]))
+            return self.met(self.evaluate(trial_plan, f"revert top {size}"))
+
+        reverted = ranked[:shortest_met_prefix(len(ranked), met_reverting)]
         # pruning: re-quantize the least sensitive reverted layers that are not needed,
         # a binary search for the longest such run within PRUNE_EVALS evaluations
         candidates = sorted(reverted, key=lambda n: (sensitivity[n], n))
