@@ -42,3 +42,22 @@ def test_the_seed_spread_is_the_median_and_range_of_the_seeds_runs():
     spread = _seed_spread(entries)
     assert spread == {"seeds": [0, 1, 2, 3], "drop_pt": "+0.8 (-0.4..+1.2)",
                       "agreement": "0.964 (0.948..0.968)"}
+
+
+def test_fp32_section_names_an_opencv_without_caffe_importer(monkeypatch, tmp_path):
+    """OpenCV 5 dropped readNetFromCaffe: the fp32 section stops with one line (exit 2)
+    naming the version, not a traceback."""
+    import types
+
+    import cv2
+
+    from calibrator.bench import fp32
+    from calibrator.errors import CalibratorError
+
+    dnn = types.SimpleNamespace(**{k: v for k, v in vars(cv2.dnn).items()
+                                   if k != "readNetFromCaffe"})
+    monkeypatch.setattr(cv2, "dnn", dnn)
+    files = {"deploy": tmp_path / "deploy.prototxt", "weights": tmp_path / "w.caffemodel"}
+    with pytest.raises(CalibratorError, match=rf"OpenCV {cv2.__version__} has no Caffe "
+                                              r"importer.*opencv-python-headless<5"):
+        fp32._opencv_net(files, None, fusion=True)
