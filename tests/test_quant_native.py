@@ -138,3 +138,29 @@ def test_count_zeros_is_count_nonzeros_complement(size):
     x[1::11] = 1e-45                                   # the smallest subnormal: not zero
     x[2::13] = float("nan")
     assert native.count_zeros(x) == size - int(torch.count_nonzero(x))
+
+
+@pytest.mark.skipif(not native.available(), reason="no C compiler")
+def test_a_kernel_without_memory_says_so_and_the_tensor_code_runs(monkeypatch):
+    """The allocating kernels return -1 where malloc/calloc fail (here: tables of 2^62
+    counters, and a tail of 2^60 doubles, which no allocator gives) without touching their
+    outputs; the wrappers then answer None and the callers count and score with tensors."""
+    library = native._library()
+    counts = torch.zeros(8, dtype=torch.int64)
+    x = torch.ones(16)
+    assert library.hist_count(x.data_ptr(), 16, 2 ** 61, 0.0, 1.0, 1, counts.data_ptr()) == -1
+    assert library.hist_count(x.data_ptr(), 16, 4, 0.0, 1.0, 1, counts.data_ptr()) == 0
+    assert counts.tolist() == [0, 0, 0, 0, 0, 16, 0, 0]   # |1| / 1 * 4 bins: key 5, the last
+    h = torch.ones(4, dtype=torch.float64)
+    out = torch.full((2,), 7.0, dtype=torch.float64)
+    assert library.kl_all(h.data_ptr(), 2 ** 60, 2, 1e-4, 1e-4, out.data_ptr(),
+                          out.data_ptr()) == -1
+    assert out.tolist() == [7.0, 7.0]
+
+    class Starved:   # the real kernels, every allocation failing
+        def __getattr__(self, name):
+            return lambda *args: -1
+
+    monkeypatch.setattr(native, "_library", lambda: Starved())
+    assert native.bin_counts(torch.rand(1000), 2048, 0.0, 1.0, True) is None
+    assert native.kl_divergences(torch.rand(2048, dtype=torch.float64), 128, 1e-4, 1e-4) is None

@@ -130,11 +130,15 @@ void rq_first(const float *x, float *out, int64_t blocks, int64_t channels, int6
    (calibrator.quant.kl's definition: P the first i bins with the tail on bin i - 1, Q their
    merge into `levels` levels spread back over the nonzero bins, both smoothed with eps and
    normalised); div[i - levels] the divergence, mag[i - levels] the sum of the |terms|.
-   The same formula as the tensor code, not its summation order: a filter, see kl.py */
-void kl_all(const double *h, int64_t bins, int64_t levels, double eps, double given,
-            double *div, double *mag)
+   The same formula as the tensor code, not its summation order: a filter, see kl.py.
+   Returns 0, or -1 where memory could not be had (div and mag then undefined). */
+int kl_all(const double *h, int64_t bins, int64_t levels, double eps, double given,
+           double *div, double *mag)
 {
+    int failed = 0;
     double *tail = malloc(((size_t)bins + 1) * sizeof(double));
+    if (tail == NULL)
+        return -1;
     tail[bins] = 0.0;
     for (int64_t k = bins - 1; k >= 0; k--)
         tail[k] = h[k] + tail[k + 1];
@@ -147,8 +151,15 @@ void kl_all(const double *h, int64_t bins, int64_t levels, double eps, double gi
         double *edge = malloc(((size_t)levels + 1) * sizeof(double));
         double *first = malloc((size_t)bins * sizeof(double));
         int64_t *level = malloc((size_t)bins * sizeof(int64_t));
+        const int ready = p && q && mass && support && edge && first && level;
+        if (!ready) {
+            #pragma omp atomic write
+            failed = 1;
+        }
         #pragma omp for schedule(dynamic, 16)
         for (int64_t i = levels; i < bins; i++) {
+            if (!ready)
+                continue;   /* (every thread must reach the loop; this one's share is lost) */
             int64_t nonzero = 0;
             for (int64_t k = 0; k < i; k++)
                 p[k] = h[k];
@@ -223,6 +234,7 @@ void kl_all(const double *h, int64_t bins, int64_t levels, double eps, double gi
         free(level);
     }
     free(tail);
+    return failed ? -1 : 0;
 }
 
 #define BLOCK 2048
@@ -243,19 +255,27 @@ int64_t count_zeros(const float *x, int64_t n)
 }
 static const float TINY = 0x1p-123f;   /* from here up, e - 2^-149 rounds to e */
 
-/* counts[0 .. bins + 1] += the bin keys' counts of |x| (absolute) or x; n < 2^32 */
-void hist_count(const float *x, int64_t n, int64_t bins, float low, float width,
-                int absolute, int64_t *counts)
+/* counts[0 .. bins + 1] += the bin keys' counts of |x| (absolute) or x; n < 2^32.
+   Returns 0, or -1 where memory could not be had (counts then undefined) */
+int hist_count(const float *x, int64_t n, int64_t bins, float low, float width,
+               int absolute, int64_t *counts)
 {
     const float fb = (float)bins;
     const uint32_t last = (uint32_t)(bins + 1);
+    int failed = 0;
     #pragma omp parallel if (n >= SPLIT)
     {
         uint32_t *even = calloc(2 * ((size_t)bins + 2), sizeof(uint32_t));
         uint32_t *odd = even + bins + 2;
         int32_t key[BLOCK];
+        if (even == NULL) {
+            #pragma omp atomic write
+            failed = 1;
+        }
         #pragma omp for schedule(static)
         for (int64_t b = 0; b < n; b += BLOCK) {
+            if (even == NULL)
+                continue;   /* (every thread must reach the loop; this one's share is lost) */
             const int64_t m = n - b < BLOCK ? n - b : BLOCK;
             const float *xb = x + b;
             int tiny = 0;
@@ -282,11 +302,14 @@ void hist_count(const float *x, int64_t n, int64_t bins, float low, float width,
                 even[k0 > last ? last : k0]++;
             }
         }
-        #pragma omp critical
-        for (int64_t k = 0; k < bins + 2; k++)
-            counts[k] += (int64_t)even[k] + odd[k];
+        if (even != NULL) {
+            #pragma omp critical
+            for (int64_t k = 0; k < bins + 2; k++)
+                counts[k] += (int64_t)even[k] + odd[k];
+        }
         free(even);
     }
+    return failed ? -1 : 0;
 }
 """
 
@@ -302,9 +325,10 @@ _SIGNATURES = {
                        _FLOAT, _FLOAT]),
     "rq_first": (None, [_POINTER, _POINTER, _INT, _INT, _INT, _POINTER, _FLOAT, _POINTER,
                         _DOUBLE, _FLOAT, _FLOAT]),
-    "hist_count": (None, [_POINTER, _INT, _INT, _FLOAT, _FLOAT, ctypes.c_int, _POINTER]),
+    "hist_count": (ctypes.c_int, [_POINTER, _INT, _INT, _FLOAT, _FLOAT, ctypes.c_int,
+                                  _POINTER]),
     "count_zeros": (_INT, [_POINTER, _INT]),
-    "kl_all": (None, [_POINTER, _INT, _INT, _DOUBLE, _DOUBLE, _POINTER, _POINTER]),
+    "kl_all": (ctypes.c_int, [_POINTER, _INT, _INT, _DOUBLE, _DOUBLE, _POINTER, _POINTER]),
 }
 
 
@@ -427,15 +451,17 @@ _HIST_CALL = 1 << 31
 def bin_counts(flat: torch.Tensor, bins: int, low: float, width: float,
                absolute: bool) -> torch.Tensor | None:
     """int64 counts of the bin keys 0 ... ``bins`` + 1 of ``flat`` (1-D, float32, on the
-    CPU), as the module's text says; None where the kernel is unavailable or ``flat`` is not
-    such a tensor (the caller runs its tensor operations)."""
+    CPU), as the module's text says; None where the kernel is unavailable, ``flat`` is not
+    such a tensor, or the kernel could not allocate its tables (the caller runs its tensor
+    operations)."""
     library = _flat_library(flat)
     if library is None:
         return None
     counts = torch.zeros(bins + 2, dtype=torch.int64)
     for piece in flat.split(_HIST_CALL):
-        library.hist_count(piece.data_ptr(), piece.numel(), bins, low, width, int(absolute),
-                           counts.data_ptr())
+        if library.hist_count(piece.data_ptr(), piece.numel(), bins, low, width,
+                              int(absolute), counts.data_ptr()) != 0:
+            return None  # no memory for the kernel's tables: the tensor code counts
     return counts
 
 
@@ -453,7 +479,7 @@ def kl_divergences(hist: torch.Tensor, levels: int, eps: float, given: float
     """(divergence, sum of |terms|) of every candidate ``levels`` ... ``len(hist) - 1``
     (float64), by the formula of :mod:`calibrator.quant.kl` in plain loops: the same values
     up to rounding (another summation order, the C library's log). None where the kernel is
-    unavailable."""
+    unavailable or could not allocate its buffers."""
     library = _library()
     if library is None:
         return None
@@ -461,6 +487,7 @@ def kl_divergences(hist: torch.Tensor, levels: int, eps: float, given: float
     count = h.numel() - levels
     divergence = torch.empty(count, dtype=torch.float64)
     size = torch.empty(count, dtype=torch.float64)
-    library.kl_all(h.data_ptr(), h.numel(), levels, eps, given, divergence.data_ptr(),
-                   size.data_ptr())
+    if library.kl_all(h.data_ptr(), h.numel(), levels, eps, given, divergence.data_ptr(),
+                      size.data_ptr()) != 0:
+        return None  # no memory for the kernel's buffers: the tensor code scores
     return divergence, size
