@@ -116,6 +116,11 @@ def _clip_with_tail(hist: torch.Tensor, candidates: torch.Tensor, valid: torch.T
     return p
 
 
+def zero_bin_value(eps: float) -> float:
+    """What :func:`smooth` gives a zero bin: ``eps`` rounded to float32."""
+    return float(np.float32(eps))
+
+
 def smooth(dist: torch.Tensor, valid: torch.Tensor, eps: float = SMOOTH_EPS) -> torch.Tensor:
     """Give zero bins ``eps``, taking the same total evenly from the non-zero bins. (A zero
     bin gets ``eps`` rounded to float32, the value this code has always given it; the total
@@ -124,9 +129,8 @@ def smooth(dist: torch.Tensor, valid: torch.Tensor, eps: float = SMOOTH_EPS) -> 
     nonzeros = (dist != 0) & valid
     n_zero = zeros.sum(1, keepdim=True).to(dist.dtype)
     n_nonzero = nonzeros.sum(1, keepdim=True).to(dist.dtype).clamp(min=1)
-    given = float(np.float32(eps))
     return torch.where(nonzeros, dist - eps * n_zero / n_nonzero,
-                       torch.where(zeros, given, dist))
+                       torch.where(zeros, zero_bin_value(eps), dist))
 
 
 def kl_divergences(hist: torch.Tensor, levels: int = 128,
@@ -174,7 +178,7 @@ def _best_candidate(hist: torch.Tensor, levels: int, chunk: int = 64) -> int:
     is the tensor code's answer: a candidate left out is above the minimum by more than the
     two codes can differ."""
     hist = hist.to(torch.float64)
-    fast = native.kl_divergences(hist, levels, SMOOTH_EPS, float(np.float32(SMOOTH_EPS)))
+    fast = native.kl_divergences(hist, levels, SMOOTH_EPS, zero_bin_value(SMOOTH_EPS))
     candidates, chunks = _chunks(hist.numel(), levels, chunk, hist.device)
     if fast is None or not bool(torch.isfinite(fast[0]).all()):
         return int(candidates[int(torch.argmin(kl_divergences(hist, levels, chunk)[1]))])
