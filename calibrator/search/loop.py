@@ -5,7 +5,7 @@ full evaluation) kept for comparison.
 Full-evaluation budget of ``bisect`` for N quantized layers: FP32 (1) + all-INT8 (1) +
 whole-net adjustments (1; 2 where saturation counter-measures are tried alone too) +
 adjusted worst layers (1) + the shortest reverted prefix
-(``prefix.evaluations_bound(N)``: one when a single layer suffices, 2 ceil(log2 N) at worst) +
+(``prefix.evaluations_bound(N)``: one when a single layer suffices, under 2 ceil(log2 N)) +
 pruning (2).
 
 The search talks only to the backend it is given (:mod:`calibrator.backends`): full
