@@ -161,11 +161,12 @@ int kl_all(const double *h, int64_t bins, int64_t levels, double eps, double giv
             if (!ready)
                 continue;   /* (every thread must reach the loop; this one's share is lost) */
             int64_t nonzero = 0;
-            for (int64_t k = 0; k < i; k++)
+            for (int64_t k = 0; k < i - 1; k++) {
                 p[k] = h[k];
-            p[i - 1] += tail[i];
-            for (int64_t k = 0; k < i; k++)
-                nonzero += p[k] != 0.0;
+                nonzero += h[k] != 0.0;
+            }
+            p[i - 1] = h[i - 1] + tail[i];
+            nonzero += p[i - 1] != 0.0;
             double take = eps * (double)(i - nonzero) / (double)(nonzero > 0 ? nonzero : 1);
             double psum = 0.0;
             for (int64_t k = 0; k < i; k++) {
