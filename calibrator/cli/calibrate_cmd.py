@@ -139,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "fix on every layer whose weights can saturate (also with -q)")
     ours.add_argument("--strategy", choices=("bisect", "intel"), default=argparse.SUPPRESS,
                       help="bisect (default): rank layers by sensitivity, adjust the worst, "
-                           "bisect the "
-                           "ranking for the FP32 layers, prune; intel: Intel's legacy loop "
+                           "find the shortest prefix of the ranking to keep FP32 (top 1, 2, "
+                           "4, ... then bisection), prune; intel: Intel's legacy loop "
                            "(revert convs in prototxt order, one full evaluation per step)")
     ours.add_argument("--max-evals", type=int, metavar="N", default=argparse.SUPPRESS,
                       help="stop after N full evaluations (FP32 included); the best found "

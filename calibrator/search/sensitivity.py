@@ -9,7 +9,7 @@ of the output blobs, per sample. Why this measure:
 * continuous: unlike top-1 flips it separates layers whose single-layer damage is too small
   to flip any of a few images, which is most of them, so the ranking is not mostly ties;
 * isolated: one layer at a time measures that layer's own error (interactions are left to
-  the full evaluations of the bisection, which test prefixes of this ranking together).
+  the full evaluations of the prefix search, which test prefixes of this ranking together).
 Cost: one FP32 pass over the subset keeps the activations live at each layer (references,
 no copies); each layer's probe then runs only the graph after its cut, starting from them.
 The probes run the backend's per-layer simulation: on a target whose kernels saturate
