@@ -1,7 +1,7 @@
 """The CUDA path (--gpu): statistics, the INT8 simulation's exactness against the integer
-references, and a search. Skipped without a CUDA device (CI has none); they ran and passed on an NVIDIA H200
-(torch 2.11, CUDA 13) on 2026-12-04, the two-GPU case excepted. test_quant_integer_reference.py
-runs its bit-exactness cases on CUDA too.
+references, and a search. Skipped without a CUDA device (CI has none); they ran and passed
+on an NVIDIA H200 (torch 2.11, CUDA 13) on 2026-12-04, the two-GPU case excepted.
+test_quant_integer_reference.py runs its bit-exactness cases on CUDA too.
 
 What exactness on CUDA rests on (see runtime.deterministic_cuda and
 quant.simulate.exact_arithmetic): no TF32; no cuDNN inside the integer accumulations (its
