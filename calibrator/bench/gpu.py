@@ -89,6 +89,7 @@ def gpu(ctx: Context) -> SectionResult:
     rows = [[what, f"{data[f'cpu_{kind}_images_per_s']:.1f}",
              f"{data[f'gpu_{kind}_images_per_s']:.1f}", f"{data[f'gpu_over_cpu_{kind}']:.1f}x"]
             for what, kind in (("FP32 forward", "fp32"), ("simulated INT8 forward", "int8"))]
+    name = torch.cuda.get_device_name(ctx.device)
     note = (f"statistics pass on the GPU ({BATCHES} batches of {IMAGES_PER_BATCH}): "
-            f"{data['gpu_statistics_seconds']:.1f} s; GPU: {torch.cuda.get_device_name(ctx.device)}")
+            f"{data['gpu_statistics_seconds']:.1f} s; GPU: {name}")
     return SectionResult([Table(["images/s", "CPU", "GPU", "GPU / CPU"], rows)], data, [note])
