@@ -3,6 +3,12 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
+import platform
+import shutil
+import subprocess
+
 import numpy as np
 import pytest
 import torch
@@ -164,3 +170,34 @@ def test_a_kernel_without_memory_says_so_and_the_tensor_code_runs(monkeypatch):
     monkeypatch.setattr(native, "_library", lambda: Starved())
     assert native.bin_counts(torch.rand(1000), 2048, 0.0, 1.0, True) is None
     assert native.kl_divergences(torch.rand(2048, dtype=torch.float64), 128, 1e-4, 1e-4) is None
+
+
+@pytest.mark.skipif(not native.available() or platform.machine() != "x86_64",
+                    reason="no C compiler, or not x86-64 (no AVX2 copy)")
+def test_the_avx2_counting_kernel_counts_what_the_baseline_one_counts(tmp_path):
+    """The loaded library's hist_count is the AVX2 copy on a CPU that has AVX2; a build with
+    the baseline alone (-DWITH_AVX2=) counts the same at every bin edge, its neighbours, tiny
+    and subnormal values, zeros of either sign and values past the range."""
+    source = tmp_path / "kernels.c"
+    source.write_text(native.SOURCE)
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    subprocess.run([compiler, *native.FLAGS, "-DWITH_AVX2=", str(source), "-o",
+                    str(tmp_path / "baseline.so"), "-lm"], check=True, capture_output=True)
+    baseline = ctypes.CDLL(str(tmp_path / "baseline.so"))
+    restype, argtypes = native._SIGNATURES["hist_count"]
+    baseline.hist_count.restype, baseline.hist_count.argtypes = restype, argtypes
+    rng = np.random.default_rng(3)
+    bins, high = 2048, 6.0
+    edges = np.arange(bins + 1, dtype=np.float32) * np.float32(high / bins)
+    values = np.concatenate([
+        edges, np.nextafter(edges, np.float32(0)), np.nextafter(edges, np.float32(10)),
+        rng.normal(0, 2, 1_000_000), np.float32(2.0) ** -np.arange(110, 150),
+        [0.0, -0.0, high, 7.5, -6.0]]).astype(np.float32)
+    x = torch.from_numpy(values)
+    for absolute in (1, 0):
+        for low in (0.0, 2.0 ** -149):
+            got, want = (torch.zeros(bins + 2, dtype=torch.int64) for _ in range(2))
+            for library, counts in ((native._library(), got), (baseline, want)):
+                assert library.hist_count(x.data_ptr(), x.numel(), bins, low, high, absolute,
+                                          counts.data_ptr()) == 0
+            assert torch.equal(got, want) and int(got.sum()) == x.numel()

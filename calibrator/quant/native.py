@@ -42,7 +42,10 @@ scalar loop that runs for the blocks holding one. Each thread counts into its ow
 uint32 tables (two, alternating elements, so that runs of one bin do not serialise on one
 counter), summed in int64 at the end: integers, the same on any number of threads. The
 comparisons are branch-free once the compiler may assume no floating-point traps
-(``-fno-trapping-math``, which changes no value).
+(``-fno-trapping-math``, which changes no value). On x86-64 with glibc the counting kernel is
+built twice, for AVX2 and the baseline, and the CPU picks one when the library loads (GNU
+``target_clones``; MobileNetV2's ``-q``: the bins 15% faster, the same counts; the other
+kernels gained nothing from it).
 
 The library goes to ``$CALIBRATOR_CACHE`` (default ``$XDG_CACHE_HOME/calibrator`` or
 ``~/.cache/calibrator``) under a name that hashes the source, the flags and the machine, built
@@ -77,6 +80,21 @@ SOURCE = r"""
 
 static const float MAGIC = 12582912.0f;   /* 1.5 * 2^23 */
 #define SPLIT (1 << 18)                      /* elements: below, one thread */
+
+/* an AVX2 copy of a kernel beside the baseline one, the CPU choosing at load time (GNU
+   ifunc: glibc on x86-64, a compiler that knows the attribute); elsewhere, or built with
+   -DWITH_AVX2= (the tests), the baseline alone. The same IEEE operations in each (no FMA:
+   -ffp-contract=off), so the same results. */
+#ifndef WITH_AVX2
+#if defined(__x86_64__) && defined(__GLIBC__) && defined(__has_attribute)
+#if __has_attribute(target_clones)
+#define WITH_AVX2 __attribute__((target_clones("avx2", "default")))
+#endif
+#endif
+#endif
+#ifndef WITH_AVX2
+#define WITH_AVX2
+#endif
 
 static inline float saturate_round(float v, float lo, float hi)
 {
@@ -258,6 +276,7 @@ static const float TINY = 0x1p-123f;   /* from here up, e - 2^-149 rounds to e *
 
 /* counts[0 .. bins + 1] += the bin keys' counts of |x| (absolute) or x; n < 2^32.
    Returns 0, or -1 where memory could not be had (counts then undefined) */
+WITH_AVX2
 int hist_count(const float *x, int64_t n, int64_t bins, float low, float width,
                int absolute, int64_t *counts)
 {
