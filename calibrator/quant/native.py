@@ -286,7 +286,7 @@ int hist_count(const float *x, int64_t n, int64_t bins, float low, float width,
     #pragma omp parallel if (n >= SPLIT)
     {
         uint32_t *even = calloc(2 * ((size_t)bins + 2), sizeof(uint32_t));
-        uint32_t *odd = even + bins + 2;
+        uint32_t *odd = even != NULL ? even + bins + 2 : NULL;
         int32_t key[BLOCK];
         if (even == NULL) {
             #pragma omp atomic write
