@@ -28,6 +28,13 @@ def tune_allocator() -> None:
         pass
 
 
+#: what :func:`deterministic_cuda` sets: (owner, attribute, value)
+CUDA_SETTINGS = ((torch.backends.cuda.matmul, "allow_tf32", False),
+                 (torch.backends.cudnn, "allow_tf32", False),
+                 (torch.backends.cudnn, "benchmark", False),
+                 (torch.backends.cudnn, "deterministic", True))
+
+
 def deterministic_cuda() -> None:
     """CUDA as the command line runs it (``--gpu``): the same bits on every run and every
     rank, and FP32 convolutions and matrix products in full float32 as Caffe computes them.
@@ -45,7 +52,5 @@ def deterministic_cuda() -> None:
     exact in any order, and the flag would make ``histc`` raise. The INT8 simulation's own
     exactness (no TF32, no cuDNN inside its integer accumulations) is
     ``quant.simulate.exact_arithmetic``'s business."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.deterministic = True
+    for owner, name, value in CUDA_SETTINGS:
+        setattr(owner, name, value)

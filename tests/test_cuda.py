@@ -24,7 +24,7 @@ import torch
 from calibrator.cli.main import main
 from calibrator.quant.kl import NUM_BINS, abs_histogram
 from calibrator.quant.statistics import collect
-from calibrator.runtime import deterministic_cuda
+from calibrator.runtime import CUDA_SETTINGS, deterministic_cuda
 from tests.quant_helpers import TinyNet, conv_text, input_text, relu_text
 from tests.test_search import tiny  # noqa: F401  (the module fixture)
 from tests.test_targets import conv_net, integer_plan, large_case, reference
@@ -32,8 +32,6 @@ from tests.test_targets import conv_net, integer_plan, large_case, reference
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 REPO = Path(__file__).resolve().parents[1]
 OUTPUTS = ("q.prototxt", "q.json", "q.table")
-_FLAGS = ((torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32"),
-          (torch.backends.cudnn, "benchmark"), (torch.backends.cudnn, "deterministic"))
 
 
 @pytest.fixture(autouse=True)
@@ -41,10 +39,10 @@ def cuda_as_the_cli_runs_it():
     """Every test here runs CUDA as ``--gpu`` does (runtime.deterministic_cuda): PyTorch's
     own default lets cuDNN convolutions use TF32, whose 10-bit operands move FP32 outputs
     by about 1e-4 (seen on an H200: an absmax 5.70148 against the CPU's 5.70224)."""
-    saved = [getattr(owner, name) for owner, name in _FLAGS]
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in CUDA_SETTINGS]
     deterministic_cuda()
     yield
-    for (owner, name), value in zip(_FLAGS, saved):
+    for owner, name, value in saved:
         setattr(owner, name, value)
 
 

@@ -4,10 +4,7 @@
 from __future__ import annotations
 
 import ctypes
-import os
 import platform
-import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -174,16 +171,12 @@ def test_a_kernel_without_memory_says_so_and_the_tensor_code_runs(monkeypatch):
 
 @pytest.mark.skipif(not native.available() or platform.machine() != "x86_64",
                     reason="no C compiler, or not x86-64 (no AVX2 copy)")
-def test_the_avx2_counting_kernel_counts_what_the_baseline_one_counts(tmp_path):
+def test_the_avx2_counting_kernel_counts_what_the_baseline_one_counts(tmp_path, monkeypatch):
     """The loaded library's hist_count is the AVX2 copy on a CPU that has AVX2; a build with
     the baseline alone (-DWITH_AVX2=) counts the same at every bin edge, its neighbours, tiny
     and subnormal values, zeros of either sign and values past the range."""
-    source = tmp_path / "kernels.c"
-    source.write_text(native.SOURCE)
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    subprocess.run([compiler, *native.FLAGS, "-DWITH_AVX2=", str(source), "-o",
-                    str(tmp_path / "baseline.so"), "-lm"], check=True, capture_output=True)
-    baseline = ctypes.CDLL(str(tmp_path / "baseline.so"))
+    monkeypatch.setenv("CALIBRATOR_CACHE", str(tmp_path))
+    baseline = ctypes.CDLL(str(native._build(native._compiler(), ("-DWITH_AVX2=",))))
     restype, argtypes = native._SIGNATURES["hist_count"]
     baseline.hist_count.restype, baseline.hist_count.argtypes = restype, argtypes
     rng = np.random.default_rng(3)

@@ -78,13 +78,16 @@ class Layer(torch.nn.Module):
         if blobs:
             raise self.error(f"takes no learned blobs, found {len(blobs)}")
 
+    #: one top of the first bottom's shape (elementwise layers): the rule of top_shapes
+    keeps_shape = False
+
     def top_shapes(self) -> list[Shape] | None:
         """The tops' shapes where they follow from the bottoms' by a rule this layer states
         (its forward computes the same: ``tests/test_graph_shapes.py`` checks every rule
         against the layer run on meta tensors); None: the graph runs the layer to learn
         them. A rule spares the process torch's meta kernels for its ops, whose first use
         costs seconds of imports."""
-        return None
+        return [self.bottom_shapes[0]] if self.keeps_shape else None
 
     def workspace_bytes(self) -> int:
         """Memory ``forward`` needs beyond its tops (a padded copy, an im2col buffer), so

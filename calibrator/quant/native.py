@@ -359,8 +359,14 @@ def _cache_folder() -> Path:
     return Path(base) / "calibrator"
 
 
-def _build(compiler: str) -> Path:
-    key = hashlib.sha256("\0".join([SOURCE, *FLAGS, compiler, platform.machine(),
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _build(compiler: str, extra: tuple[str, ...] = ()) -> Path:
+    """The library built from SOURCE with FLAGS and ``extra`` (cached: see the module)."""
+    flags = [*FLAGS, *extra]
+    key = hashlib.sha256("\0".join([SOURCE, *flags, compiler, platform.machine(),
                                     platform.system()]).encode()).hexdigest()[:16]
     folder = _cache_folder()
     target = folder / f"kernels-{key}.so"
@@ -371,7 +377,7 @@ def _build(compiler: str) -> Path:
         source = Path(tmp) / "kernels.c"
         source.write_text(SOURCE)
         built = Path(tmp) / "kernels.so"
-        subprocess.run([compiler, *FLAGS, str(source), "-o", str(built), "-lm"], check=True,
+        subprocess.run([compiler, *flags, str(source), "-o", str(built), "-lm"], check=True,
                        capture_output=True, timeout=120)
         os.replace(built, target)     # atomic: a concurrent build writes the same file
     return target
@@ -382,7 +388,7 @@ def _library():
     """The loaded kernel, or None (see the module's text)."""
     if os.environ.get("CALIBRATOR_NATIVE", "1") == "0":
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    compiler = _compiler()
     if compiler is None:
         return None
     try:

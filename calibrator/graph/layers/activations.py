@@ -11,13 +11,11 @@ from calibrator.graph.layers._common import check_io, load_named
 
 class _Elementwise(Layer):
     """One bottom, one top of the same shape; subclasses define :meth:`apply`."""
+    keeps_shape = True
 
     def __init__(self, param, bottom_shapes):
         super().__init__(param, bottom_shapes)
         check_io(self, param, (1, 1), (1, 1))
-
-    def top_shapes(self):
-        return [self.bottom_shapes[0]]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
         return (self.apply(x),)

@@ -17,6 +17,7 @@ class BatchNorm(Layer):
     The caffemodel stores running sums: mean and variance must be multiplied by
     1 / factor (the third blob), or by 0 when the factor is 0. With use_global_stats false
     Caffe normalises by the statistics of the batch itself, which is reproduced here too."""
+    keeps_shape = True
 
     def __init__(self, param, bottom_shapes):
         super().__init__(param, bottom_shapes)
@@ -59,9 +60,6 @@ class BatchNorm(Layer):
 
     def _per_channel(self, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return values.reshape((1, -1) + (1,) * (x.dim() - 2)) if x.dim() > 1 else values
-
-    def top_shapes(self):
-        return [self.bottom_shapes[0]]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
         if self.use_global_stats:
@@ -113,6 +111,7 @@ def _broadcastable(layer: Layer, x: torch.Tensor, operand: torch.Tensor, axis: i
 
 class _AxisOperand(Layer):
     """Shared by Scale and Bias: the operand is learned, or comes from a second bottom."""
+    keeps_shape = True
 
     def _setup(self, param, axis: int, num_axes: int, learned_names: list[str]):
         check_io(self, param, (1, 2), (1, 1))
@@ -134,9 +133,6 @@ class _AxisOperand(Layer):
 
     def blob_shapes(self):
         return [self.operand_shape] * len(self.learned_names)
-
-    def top_shapes(self):
-        return [self.bottom_shapes[0]]
 
     def load_blobs(self, blobs):
         load_named(self, self.learned_names, blobs)

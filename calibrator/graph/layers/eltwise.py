@@ -11,6 +11,7 @@ from calibrator.graph.layers._common import check_io
 
 @register("Eltwise")
 class Eltwise(Layer):
+    keeps_shape = True
     PROD, SUM, MAX = 0, 1, 2
 
     def __init__(self, param, bottom_shapes):
@@ -29,9 +30,6 @@ class Eltwise(Layer):
         self.coeffs = coeffs or [1.0] * len(self.bottom_shapes)
         if any(s != self.bottom_shapes[0] for s in self.bottom_shapes):
             raise self.error(f"all bottoms must have the same shape, got {self.bottom_shapes}")
-
-    def top_shapes(self):
-        return [self.bottom_shapes[0]]
 
     def forward(self, *bottoms: torch.Tensor) -> tuple[torch.Tensor]:
         if self.operation == self.PROD:

@@ -276,6 +276,7 @@ class Tile(Layer):
 class Dropout(Layer):
     """Identity at test time. Forks with ``scale_train: false`` scale by (1 - ratio) instead
     of scaling during training."""
+    keeps_shape = True
 
     def __init__(self, param, bottom_shapes):
         super().__init__(param, bottom_shapes)
@@ -286,9 +287,6 @@ class Dropout(Layer):
             raise self.error(f"dropout_ratio must be in [0, 1), got {ratio}")
         scale_train = field_or(dp, "scale_train", True)
         self.test_scale = 1.0 if scale_train else float(np.float32(1) - ratio)
-
-    def top_shapes(self):
-        return [self.bottom_shapes[0]]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
         return (x if self.test_scale == 1 else x * self.test_scale,)

@@ -13,13 +13,12 @@ from calibrator.graph.layers.pooling import caffe_ave_pool
 
 @register("Softmax")
 class Softmax(Layer):
+    keeps_shape = True
+
     def __init__(self, param, bottom_shapes):
         super().__init__(param, bottom_shapes)
         check_io(self, param, (1, 1), (1, 1))
         self.axis = canonical_axis(self, param.softmax_param.axis, len(self.bottom_shapes[0]))
-
-    def top_shapes(self):
-        return [self.bottom_shapes[0]]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
         return (torch.softmax(x, dim=self.axis),)
@@ -33,6 +32,7 @@ class LRN(Layer):
     with zeros beyond the channel range. WITHIN_CHANNEL: Caffe builds it from an AVE pooling
     of x^2 (n x n, pad (n-1)/2, stride 1, Caffe's divisor rule) and a Power layer, giving
     x / (1 + alpha * avg(x^2))^beta; k is not used there."""
+    keeps_shape = True
 
     ACROSS_CHANNELS, WITHIN_CHANNEL = 0, 1
 
@@ -49,9 +49,6 @@ class LRN(Layer):
             raise self.error(f"unknown norm_region {self.region}")
         if len(self.bottom_shapes[0]) != 4:
             raise self.error(f"needs a 4-D bottom, got {self.bottom_shapes[0]}")
-
-    def top_shapes(self):
-        return [self.bottom_shapes[0]]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
         square = x * x
