@@ -507,7 +507,8 @@ def _kl_histograms(gaussian):
     spike[[3, 900, 2047]] = [5000, 2, 1]
     return [abs_histogram(torch.from_numpy(gaussian), float(np.abs(gaussian).max())),
             abs_histogram(torch.from_numpy(heavy), float(heavy.max())),
-            torch.from_numpy(sparse), torch.from_numpy(flat), torch.from_numpy(spike)]
+            torch.from_numpy(sparse), torch.from_numpy(flat), torch.from_numpy(spike),
+            torch.from_numpy(sparse * 1e200)]    # counts far beyond any tensor's
 
 
 @pytest.mark.skipif(not native.available(), reason="no C compiler: no kernel to filter with")

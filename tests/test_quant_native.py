@@ -132,15 +132,53 @@ def test_the_simulation_is_the_same_with_and_without_the_kernel(monkeypatch):
             assert torch.equal(bits(a), bits(b)), name
 
 
-@pytest.mark.parametrize("size", [1, 2047, 2049, 3_000_001])
-def test_count_zeros_is_count_nonzeros_complement(size):
-    """Zeros of either sign, none of the tiny values or NaNs, on one thread or several."""
-    rng = np.random.default_rng(size)
-    x = torch.from_numpy(rng.normal(0, 1, size).astype(np.float32)).clamp(min=0)
+def _awkward(size: int, seed: int) -> torch.Tensor:
+    """Gaussian values with zeros of both signs, the smallest subnormals, the largest
+    finite values, and the extremes somewhere in the middle."""
+    rng = np.random.default_rng(seed)
+    x = torch.from_numpy(rng.normal(0, 1, size).astype(np.float32))
     x[::5] = -0.0
-    x[1::11] = 1e-45                                   # the smallest subnormal: not zero
-    x[2::13] = float("nan")
-    assert native.count_zeros(x) == size - int(torch.count_nonzero(x))
+    x[3::7] = 0.0
+    x[1::11] = 1e-45
+    x[2::17] = -1e-45
+    if size > 40:
+        x[size // 2] = 3.4e38
+        x[size // 3] = -3.0e38
+    return x
+
+
+@pytest.mark.parametrize("size", [1, 2047, 2049, 3_000_001])
+def test_figures_are_aminmax_and_the_zero_count(size):
+    """min, max, max|x| and the zeros of either sign (not the tiny values) in one read, on
+    one thread or several; a zero extreme is +0; None for a tensor holding NaN or Inf."""
+    for x in (_awkward(size, size), _awkward(size, size).clamp(min=0),
+              -_awkward(size, size).abs()):
+        lo, hi = (float(v) for v in torch.aminmax(x))
+        want = (lo + 0.0, hi + 0.0, float(x.abs().max()), size - int(torch.count_nonzero(x)))
+        got = native.figures(x)
+        assert got == want
+        assert all(np.copysign(1.0, g) == 1.0 for g in got[:2] if g == 0.0)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        x = _awkward(size, size)
+        x[size // 4] = bad
+        assert native.figures(x) is None
+
+
+@pytest.mark.parametrize("size", [2049, 3_000_001])
+def test_counts_with_figures_are_the_counts_and_the_figures(size):
+    """The counting kernel's figures read on the way: those of :func:`native.figures`, the
+    counts those of the kernel without them; values past the range in the last key."""
+    x = _awkward(size, size + 1)
+    x[0] = 7.5                                  # past the range [0, 6]
+    for high in (6.0, float(x.abs().max())):
+        width = float(np.float32(high) - np.float32(2.0 ** -149))
+        counts, figures = native.bin_counts(x, 2048, 2.0 ** -149, width, True,
+                                            with_figures=True)
+        assert torch.equal(counts, native.bin_counts(x, 2048, 2.0 ** -149, width, True))
+        assert figures == native.figures(x)[:3]
+        assert int(counts[0]) == native.figures(x)[3]        # key 0: the zeros
+    x[5] = float("nan")
+    assert native.bin_counts(x, 2048, 2.0 ** -149, 6.0, True, with_figures=True) is None
 
 
 @pytest.mark.skipif(not native.available(), reason="no C compiler")
@@ -151,8 +189,9 @@ def test_a_kernel_without_memory_says_so_and_the_tensor_code_runs(monkeypatch):
     library = native._library()
     counts = torch.zeros(8, dtype=torch.int64)
     x = torch.ones(16)
-    assert library.hist_count(x.data_ptr(), 16, 2 ** 61, 0.0, 1.0, 1, counts.data_ptr()) == -1
-    assert library.hist_count(x.data_ptr(), 16, 4, 0.0, 1.0, 1, counts.data_ptr()) == 0
+    assert library.hist_count(x.data_ptr(), 16, 2 ** 61, 0.0, 1.0, 1, counts.data_ptr(),
+                              None) == -1
+    assert library.hist_count(x.data_ptr(), 16, 4, 0.0, 1.0, 1, counts.data_ptr(), None) == 0
     assert counts.tolist() == [0, 0, 0, 0, 0, 16, 0, 0]   # |1| / 1 * 4 bins: key 5, the last
     h = torch.ones(4, dtype=torch.float64)
     out = torch.full((2,), 7.0, dtype=torch.float64)
@@ -166,6 +205,7 @@ def test_a_kernel_without_memory_says_so_and_the_tensor_code_runs(monkeypatch):
 
     monkeypatch.setattr(native, "_library", lambda: Starved())
     assert native.bin_counts(torch.rand(1000), 2048, 0.0, 1.0, True) is None
+    assert native.bin_counts(torch.rand(1000), 2048, 0.0, 1.0, True, with_figures=True) is None
     assert native.kl_divergences(torch.rand(2048, dtype=torch.float64), 128, 1e-4, 1e-4) is None
 
 
@@ -190,7 +230,52 @@ def test_the_avx2_counting_kernel_counts_what_the_baseline_one_counts(tmp_path, 
     for absolute in (1, 0):
         for low in (0.0, 2.0 ** -149):
             got, want = (torch.zeros(bins + 2, dtype=torch.int64) for _ in range(2))
-            for library, counts in ((native._library(), got), (baseline, want)):
+            extremes = [torch.tensor(native._NO_EXTREMES, dtype=torch.int32) for _ in range(2)]
+            for library, counts, ext in ((native._library(), got, extremes[0]),
+                                         (baseline, want, extremes[1])):
                 assert library.hist_count(x.data_ptr(), x.numel(), bins, low, high, absolute,
-                                          counts.data_ptr()) == 0
+                                          counts.data_ptr(), ext.data_ptr()) == 0
             assert torch.equal(got, want) and int(got.sum()) == x.numel()
+            assert torch.equal(*extremes)
+            assert native._extremes(extremes[0]) == (float(values.min()), float(values.max()),
+                                                      float(np.abs(values).max()))
+
+
+def test_statistics_read_once_are_those_of_the_tensor_code(monkeypatch):
+    """The statistics pass takes each histogrammed tensor's figures and counts in one read
+    (a second where a batch's values pass the histogram's range); every statistic, the
+    histograms included, is what the tensor code (no kernel) gives, over batches whose
+    range grows, shrinks and grows again."""
+    from calibrator.quant.histogram import GrowingHistogram
+    from calibrator.quant.statistics import collect
+    rng = np.random.default_rng(12)
+    batches = [{"data": rng.normal(0, scale, (2, 3, 9, 9)).astype(np.float32)}
+               for scale in (1.0, 4.0, 0.25, 20.0, 3.0)]
+    tiny = TinyNet(RESIDUAL_NET, seed=7, batches=batches)
+    tiny.calibrate()
+    grown = []
+    real_add = GrowingHistogram.add
+
+    def add(self, *args, **kwargs):
+        grown.append(self.counts is not None)
+        return real_add(self, *args, **kwargs)
+
+    monkeypatch.setattr(GrowingHistogram, "add", add)
+    once = collect(tiny.net, tiny.fused, iter(tiny.batches))
+    histograms = sum(stats.hist is not None for stats in once.values())
+    assert histograms >= 4
+    # the first batch sets each range; of the rest, only those past it are counted again
+    assert grown.count(False) == histograms and 0 < grown.count(True) < 4 * histograms
+    monkeypatch.setattr(native, "_library", lambda: None)
+    grown.clear()
+    without = collect(tiny.net, tiny.fused, iter(tiny.batches))
+    assert len(grown) == 5 * histograms     # the tensor code: two reads of every batch
+    assert set(once) == set(without)
+    for key, stats in once.items():
+        other = without[key]
+        assert (stats.minimum, stats.maximum, stats.absmax, stats.count, stats.zeros,
+                stats.batch_absmax) == (other.minimum, other.maximum, other.absmax,
+                                        other.count, other.zeros, other.batch_absmax), key
+        assert (stats.hist is None) == (other.hist is None)
+        if stats.hist is not None:
+            assert np.array_equal(stats.hist, other.hist), key

@@ -39,8 +39,8 @@ def bin_counts(flat: torch.Tensor, bins: int, low: float, high: float,
     """int64 counts of ``|flat|`` (``absolute``) or ``flat`` in ``bins`` bins over
     [``low``, ``high``], exactly as ``torch.histc`` counts them (see the module's text for
     what ``flat`` may hold). ``flat``: a 1-D float tensor."""
-    width = float(np.float32(high) - np.float32(low))
-    if flat.device.type != "cpu" or low <= 0 or not low * bins <= width < 2 * bins:
+    width = _width(flat, bins, low, high)
+    if width is None:
         return _histc(flat, bins, low, high, absolute)
     counts = native.bin_counts(flat, bins, low, width, absolute)
     if counts is None:
@@ -48,7 +48,38 @@ def bin_counts(flat: torch.Tensor, bins: int, low: float, high: float,
         shares = min(torch.get_num_threads(), len(slices))
         counts = sum(on_cores(lambda share: _count_all(share, bins, low, width, absolute),
                               [slices[i::shares] for i in range(shares)]))
-    counts[bins] += counts[bins + 1]   # the elements equal to high: the last bin
+    return _in_range(counts, bins)
+
+
+def bin_counts_with_figures(flat: torch.Tensor, bins: int, low: float, high: float
+                            ) -> tuple[torch.Tensor, tuple[float, float, float]] | None:
+    """:func:`bin_counts` of ``|flat|`` and ``flat``'s (min, max, max|x|) in one read by the
+    C kernel (:func:`calibrator.quant.native.bin_counts`); the counts are
+    ``bin_counts``'s where max|x| <= ``high`` (values past it are counted in the last bin).
+    None where the kernel does not run or a value is not finite."""
+    width = _width(flat, bins, low, high)
+    if width is None:
+        return None
+    got = native.bin_counts(flat, bins, low, width, True, with_figures=True)
+    if got is None:
+        return None
+    counts, extremes = got
+    return _in_range(counts, bins), extremes
+
+
+def _width(flat: torch.Tensor, bins: int, low: float, high: float) -> float | None:
+    """``high - low`` in float32, None where the keys of the module's text do not hold
+    (``torch.histc`` itself counts then)."""
+    width = float(np.float32(high) - np.float32(low))
+    if flat.device.type != "cpu" or low <= 0 or not low * bins <= width < 2 * bins:
+        return None
+    return width
+
+
+def _in_range(counts: torch.Tensor, bins: int) -> torch.Tensor:
+    """The ``bins`` counts from the keys' counts: the elements equal to high (key
+    ``bins + 1``) go to the last bin, those below ``low`` (key 0) are dropped."""
+    counts[bins] += counts[bins + 1]
     return counts[1:bins + 1]
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from calibrator.quant.kl import NUM_BINS, abs_histogram
+from calibrator.quant.kl import NUM_BINS, abs_histogram, abs_histogram_with_figures
 
 FINE_BINS = 32 * NUM_BINS
 
@@ -43,6 +43,25 @@ class GrowingHistogram:
         counts = abs_histogram(x, self.range, self.bins, nonnegative)
         self.counts += counts
         return int(counts.sum())
+
+    def add_with_figures(self, x: torch.Tensor) -> tuple[float, float, float, int] | None:
+        """Count ``x`` and return its (min, max, max|x|, zeros), all from one read where the
+        C kernel runs (a second read, at the grown range, where a value lies past the
+        current one). None where it cannot: before the first batch (which sets the range),
+        without the kernel, or where ``x`` is not finite; nothing is counted then (the
+        caller takes the figures and calls :meth:`add`)."""
+        if self.counts is None:
+            return None
+        got = abs_histogram_with_figures(x, self.range, self.bins)
+        if got is None:
+            return None
+        counts, (lo, hi, absmax) = got
+        if absmax > self.range:
+            nonzero = self.add(x, absmax, nonnegative=lo >= 0)
+        else:
+            self.counts += counts
+            nonzero = int(counts.sum())
+        return lo, hi, absmax, x.numel() - nonzero
 
     def rebin(self, absmax: float, bins: int = NUM_BINS) -> np.ndarray:
         """Counts (float64) in ``bins`` bins over [0, absmax], absmax <= range."""

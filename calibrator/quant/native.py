@@ -1,10 +1,11 @@
 """Small C kernels, built on first use with the machine's C compiler, each doing in one pass
 over memory or in plain loops what tensor code does in many operations: the simulation's
 requantization (:func:`requantize`), the statistics' histogram bin counts
-(:func:`bin_counts`) and zero counts (:func:`count_zeros`), and every KL candidate's
-divergence up to rounding (:func:`kl_divergences`, a filter whose answer the tensor code of
-:mod:`calibrator.quant.kl` confirms). Each returns None where it cannot run; the caller's
-tensor code then gives the same results.
+(:func:`bin_counts`) and a tensor's min, max, max|x| and zeros (:func:`figures`, and read
+by the counting kernel on its way: one read of a histogrammed tensor), and every KL
+candidate's divergence up to rounding (:func:`kl_divergences`, a filter whose answer the
+tensor code of :mod:`calibrator.quant.kl` confirms). Each returns None where it cannot run;
+the caller's tensor code then gives the same results.
 
 The requantization does in one loop what the tensor code does in three to six elementwise
 passes (multiply, residual sum, saturate, round; each a full read and write of a conv output
@@ -47,6 +48,13 @@ built twice, for AVX2 and the baseline, and the CPU picks one when the library l
 ``target_clones``; MobileNetV2's ``-q``: the bins 15% faster, the same counts; the other
 kernels gained nothing from it).
 
+The figures compare float32 bit patterns as integers (the extremes as patterns mapped to
+int32 in the order of the values, max|x| as the largest pattern without its sign bit), which
+vectorises without a floating-point comparison and finds a NaN or an infinity on the way (a
+pattern from ``0x7f800000`` up): the wrapper then answers None and the caller's tensor code
+reports it. The values are ``torch.aminmax``'s and ``count_nonzero``'s; a zero extreme is
+returned as +0 (which zero ``torch.aminmax`` reports depends on its reduction order).
+
 The library goes to ``$CALIBRATOR_CACHE`` (default ``$XDG_CACHE_HOME/calibrator`` or
 ``~/.cache/calibrator``) under a name that hashes the source, the flags and the machine, built
 into a temporary file and renamed (concurrent processes agree). Without a C compiler, where
@@ -69,14 +77,17 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
 
 SOURCE = r"""
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 static const float MAGIC = 12582912.0f;   /* 1.5 * 2^23 */
 #define SPLIT (1 << 18)                      /* elements: below, one thread */
@@ -144,99 +155,148 @@ void rq_first(const float *x, float *out, int64_t blocks, int64_t channels, int6
     }
 }
 
+/* ln x for a normal x > 0 (not subnormal, not infinite) without a division or a call:
+   x = 2^e m, m in [1, 2) taken in 128 steps c_j = 1 + (j + 1/2) / 128, ln x = e ln 2 +
+   ln c_j + ln(1 + r), r = m / c_j - 1, |r| <= 2^-8, by its series to r^5 (the rest below
+   6e-16); table[j] = ln c_j, table[128 + j] = 1 / c_j (log_table). */
+static void log_table(double *table)
+{
+    for (int j = 0; j < 128; j++) {
+        const double c = 1.0 + (j + 0.5) / 128.0;
+        table[j] = log(c);
+        table[128 + j] = 1.0 / c;
+    }
+}
+
+static inline double fast_log(double x, const double *table)
+{
+    union { double d; uint64_t u; } v = {x}, m;
+    const int64_t e = (int64_t)(v.u >> 52) - 1023;
+    const int j = (int)((v.u >> 45) & 127);
+    m.u = (v.u & 0x000fffffffffffffULL) | 0x3ff0000000000000ULL;
+    const double r = m.d * table[128 + j] - 1.0;
+    const double poly = r * (1.0 + r * (-0.5 + r * (1.0 / 3.0 + r * (-0.25 + r * 0.2))));
+    return (double)e * 0.69314718055994530942 + table[j] + poly;
+}
+
 /* KL(P || Q) of every candidate i = levels ... bins - 1 of a histogram h of |x|
    (calibrator.quant.kl's definition: P the first i bins with the tail on bin i - 1, Q their
    merge into `levels` levels spread back over the nonzero bins, both smoothed with eps and
    normalised); div[i - levels] the divergence, mag[i - levels] the sum of the |terms|.
-   The same formula as the tensor code, not its summation order: a filter, see kl.py.
+   The same formula as the tensor code, not its arithmetic: a filter, see kl.py. Each
+   level's mass and support are differences of prefix sums at its edges (a bin split pro
+   rata where an edge crosses it); Q is constant over the bins wholly inside a level, so
+   its logarithms are taken once a level; the sums of P and Q from their nonzero counts;
+   sum p ln(p / q * qsum / psum) as sum p (ln p - ln q + ln(qsum / psum)), ln p by
+   fast_log (the C library's log where p is not a normal number).
    Returns 0, or -1 where memory could not be had (div and mag then undefined). */
 int kl_all(const double *h, int64_t bins, int64_t levels, double eps, double given,
            double *div, double *mag)
 {
     int failed = 0;
-    double *tail = malloc(((size_t)bins + 1) * sizeof(double));
-    if (tail == NULL)
+    /* prefix sums of h and of its nonzero bins, the tail sums */
+    double *pre = malloc(((size_t)bins + 1) * 3 * sizeof(double));
+    if (pre == NULL)
         return -1;
+    double *nz = pre + bins + 1, *tail = nz + bins + 1;
+    pre[0] = nz[0] = 0.0;
+    for (int64_t k = 0; k < bins; k++) {
+        pre[k + 1] = pre[k] + h[k];
+        nz[k + 1] = nz[k] + (h[k] != 0.0);
+    }
     tail[bins] = 0.0;
     for (int64_t k = bins - 1; k >= 0; k--)
         tail[k] = h[k] + tail[k + 1];
+    double table[256];
+    log_table(table);
+    const double log_given = log(given);
     #pragma omp parallel
     {
-        double *p = malloc((size_t)bins * sizeof(double));
-        double *q = malloc((size_t)bins * sizeof(double));
-        double *mass = malloc(((size_t)levels + 1) * sizeof(double));
-        double *support = malloc(((size_t)levels + 1) * sizeof(double));
-        double *edge = malloc(((size_t)levels + 1) * sizeof(double));
-        double *first = malloc((size_t)bins * sizeof(double));
-        int64_t *level = malloc((size_t)bins * sizeof(int64_t));
-        const int ready = p && q && mass && support && edge && first && level;
+        double *q = malloc((size_t)bins * 2 * sizeof(double));   /* smoothed Q, its log */
+        double *per_bin = malloc(((size_t)levels + 1) * 3 * sizeof(double));
+        const int ready = q && per_bin;
         if (!ready) {
             #pragma omp atomic write
             failed = 1;
         }
+        double *lq = q + bins, *part = per_bin + levels + 1, *border = part + levels + 1;
         #pragma omp for schedule(dynamic, 16)
         for (int64_t i = levels; i < bins; i++) {
             if (!ready)
                 continue;   /* (every thread must reach the loop; this one's share is lost) */
-            int64_t nonzero = 0;
-            for (int64_t k = 0; k < i - 1; k++) {
-                p[k] = h[k];
-                nonzero += h[k] != 0.0;
+            /* Q: level l ends at edge (l + 1) i / levels, in bin f = floor(edge) (or at i),
+               a fraction edge - f of that bin inside level l, the rest in level l + 1 */
+            double mass_before = 0.0, support_before = 0.0;
+            for (int64_t l = 0; l < levels; l++) {
+                const double edge = (double)(l + 1) * (double)i / (double)levels;
+                const int64_t f = (int64_t)edge < i ? (int64_t)edge : i;
+                part[l] = f < i ? edge - (double)f : 0.0;
+                border[l] = (double)f;
+                const double mass = f < i ? pre[f] + h[f] * part[l] : pre[i];
+                const double support = f < i ? nz[f] + (h[f] != 0.0 ? part[l] : 0.0) : nz[i];
+                per_bin[l] = support - support_before > 0.0
+                    ? (mass - mass_before) / (support - support_before) : 0.0;
+                mass_before = mass;
+                support_before = support;
             }
-            p[i - 1] = h[i - 1] + tail[i];
-            nonzero += p[i - 1] != 0.0;
-            double take = eps * (double)(i - nonzero) / (double)(nonzero > 0 ? nonzero : 1);
-            double psum = 0.0;
-            for (int64_t k = 0; k < i; k++) {
-                p[k] = p[k] != 0.0 ? p[k] - take : given;
-                psum += p[k];
-            }
-            for (int64_t l = 0; l <= levels; l++) {
-                mass[l] = support[l] = 0.0;
-                edge[l] = (double)(l + 1) * (double)i / (double)levels;  /* level l's end */
-            }
-            /* bin k starts in level floor(k * levels / i), which grows by at most one a bin */
-            for (int64_t k = 0, l = 0, end = i; k < i; k++) {
-                if (k * levels >= end) {
-                    l++;
-                    end += i;
-                }
-                const double inside = edge[l] - (double)k;
-                level[k] = l;
-                first[k] = inside > 1.0 ? 1.0 : inside;
-            }
-            for (int64_t k = 0; k < i; k++) {
-                const int64_t next = level[k] + 1 > levels ? levels : level[k] + 1;
-                mass[level[k]] += h[k] * first[k];
-                mass[next] += h[k] * (1.0 - first[k]);
-                if (h[k] != 0.0) {
-                    support[level[k]] += first[k];
-                    support[next] += 1.0 - first[k];
-                }
-            }
-            for (int64_t l = 0; l <= levels; l++)
-                mass[l] = support[l] > 0.0 ? mass[l] / support[l] : 0.0;
-            nonzero = 0;
-            for (int64_t k = 0; k < i; k++) {
-                const int64_t next = level[k] + 1 > levels ? levels : level[k] + 1;
-                q[k] = h[k] != 0.0 ? first[k] * mass[level[k]] + (1.0 - first[k]) * mass[next]
-                                   : 0.0;
-                nonzero += q[k] != 0.0;
-            }
-            take = eps * (double)(i - nonzero) / (double)(nonzero > 0 ? nonzero : 1);
+            per_bin[levels] = 0.0;
+            /* Q's nonzero bins and sum: whole levels from the nonzero counts, split bins */
             double qsum = 0.0;
-            for (int64_t k = 0; k < i; k++) {
-                q[k] = q[k] != 0.0 ? q[k] - take : given;
-                qsum += q[k];
+            int64_t qnonzero = 0;
+            for (int64_t l = 0, k = 0; l < levels; l++) {
+                const int64_t f = (int64_t)border[l];
+                if (per_bin[l] != 0.0) {
+                    const double inside = nz[f] - nz[k];
+                    qnonzero += (int64_t)inside;
+                    qsum += inside * per_bin[l];
+                }
+                k = f;
+                if (part[l] > 0.0) {
+                    const double v = h[f] != 0.0
+                        ? part[l] * per_bin[l] + (1.0 - part[l]) * per_bin[l + 1] : 0.0;
+                    qnonzero += v != 0.0;
+                    qsum += v;
+                    k = f + 1;
+                }
             }
+            const double qtake = eps * (double)(i - qnonzero)
+                                 / (double)(qnonzero > 0 ? qnonzero : 1);
+            qsum = qsum - qtake * (double)qnonzero + given * (double)(i - qnonzero);
+            /* smoothed Q and its log, bin by bin */
+            for (int64_t l = 0, k = 0; l < levels; l++) {
+                const int64_t f = (int64_t)border[l];
+                const double v = per_bin[l] != 0.0 ? per_bin[l] - qtake : given;
+                const double lv = v > 0.0 ? log(v) : 0.0;
+                for (; k < f; k++) {
+                    q[k] = h[k] != 0.0 ? v : given;
+                    lq[k] = h[k] != 0.0 ? lv : log_given;
+                }
+                if (part[l] > 0.0) {
+                    const double w = h[f] != 0.0
+                        ? part[l] * per_bin[l] + (1.0 - part[l]) * per_bin[l + 1] : 0.0;
+                    q[f] = w != 0.0 ? w - qtake : given;
+                    lq[f] = q[f] > 0.0 ? log(q[f]) : 0.0;
+                    k = f + 1;
+                }
+            }
+            /* P: the first i - 1 bins of h, then bin i - 1 with the tail */
+            const double last = h[i - 1] + tail[i];
+            const int64_t pnonzero = (int64_t)nz[i - 1] + (last != 0.0);
+            const double ptake = eps * (double)(i - pnonzero)
+                                 / (double)(pnonzero > 0 ? pnonzero : 1);
+            double psum = pre[i - 1] + last - ptake * (double)pnonzero
+                          + given * (double)(i - pnonzero);
             psum = psum > 1e-300 ? psum : 1e-300;
             qsum = qsum > 1e-300 ? qsum : 1e-300;
-            /* p/psum * log((p/psum) / (q/qsum)), rearranged: one division a bin */
-            const double share = 1.0 / psum, ratio = qsum / psum;
+            const double shift = log(qsum / psum), share = 1.0 / psum;
             double kl = 0.0, size = 0.0;
             for (int64_t k = 0; k < i; k++) {
-                if (p[k] > 0.0 && q[k] > 0.0) {
-                    const double term = p[k] * share * log(p[k] * ratio / q[k]);
+                const double p = k < i - 1 ? (h[k] != 0.0 ? h[k] - ptake : given)
+                                           : (last != 0.0 ? last - ptake : given);
+                if (p > 0.0 && q[k] > 0.0) {
+                    const double lp = p >= DBL_MIN && p <= DBL_MAX ? fast_log(p, table)
+                                                                   : log(p);
+                    const double term = p * share * (lp - lq[k] + shift);
                     kl += term;
                     size += fabs(term);
                 }
@@ -244,41 +304,75 @@ int kl_all(const double *h, int64_t bins, int64_t levels, double eps, double giv
             div[i - levels] = kl;
             mag[i - levels] = size;
         }
-        free(p);
         free(q);
-        free(mass);
-        free(support);
-        free(edge);
-        free(first);
-        free(level);
+        free(per_bin);
     }
-    free(tail);
+    free(pre);
     return failed ? -1 : 0;
 }
 
 #define BLOCK 2048
 
-/* the number of zeros (either sign) in x */
-int64_t count_zeros(const float *x, int64_t n)
+/* float32 bit patterns as int32 in the order of the values (-0 just below +0, the
+   infinities at the ends; NaNs beyond them); the map is its own inverse */
+static inline int32_t ordered(uint32_t bits)
+{
+    const int32_t s = (int32_t)bits;
+    return s ^ (int32_t)((uint32_t)(s >> 31) >> 1);
+}
+
+/* ext = {min, max} of x as ordered() patterns and the largest |x| pattern (>= 0x7f800000:
+   not finite), merged into what ext holds; returns the zeros (either sign) */
+static inline int64_t block_figures(const float *x, int64_t m, int32_t *ext)
+{
+    int32_t lo = ext[0], hi = ext[1], top = ext[2];
+    int32_t zeros = 0;
+    for (int64_t j = 0; j < m; j++) {
+        uint32_t bits;
+        memcpy(&bits, x + j, sizeof bits);
+        const int32_t o = ordered(bits), a = (int32_t)(bits & 0x7fffffffu);
+        lo = o < lo ? o : lo;
+        hi = o > hi ? o : hi;
+        top = a > top ? a : top;
+        zeros += a == 0;
+    }
+    ext[0] = lo;
+    ext[1] = hi;
+    ext[2] = top;
+    return zeros;
+}
+
+static void merge_figures(int32_t *ext, const int32_t *mine)
+{
+    ext[0] = mine[0] < ext[0] ? mine[0] : ext[0];
+    ext[1] = mine[1] > ext[1] ? mine[1] : ext[1];
+    ext[2] = mine[2] > ext[2] ? mine[2] : ext[2];
+}
+
+/* x's extremes merged into ext (see block_figures) in one read; returns its zeros */
+WITH_AVX2
+int64_t figures(const float *x, int64_t n, int32_t *ext)
 {
     int64_t total = 0;
-    #pragma omp parallel for schedule(static) reduction(+: total) if (n >= SPLIT)
-    for (int64_t b = 0; b < n; b += BLOCK) {
-        const int64_t m = n - b < BLOCK ? n - b : BLOCK;
-        int32_t zeros = 0;
-        for (int64_t j = 0; j < m; j++)
-            zeros += x[b + j] == 0.0f;
-        total += zeros;
+    #pragma omp parallel if (n >= SPLIT)
+    {
+        int32_t mine[3] = {ext[0], ext[1], ext[2]};
+        #pragma omp for schedule(static) reduction(+: total)
+        for (int64_t b = 0; b < n; b += BLOCK)
+            total += block_figures(x + b, n - b < BLOCK ? n - b : BLOCK, mine);
+        #pragma omp critical
+        merge_figures(ext, mine);
     }
     return total;
 }
 static const float TINY = 0x1p-123f;   /* from here up, e - 2^-149 rounds to e */
 
-/* counts[0 .. bins + 1] += the bin keys' counts of |x| (absolute) or x; n < 2^32.
-   Returns 0, or -1 where memory could not be had (counts then undefined) */
+/* counts[0 .. bins + 1] += the bin keys' counts of |x| (absolute) or x; n < 2^32; with
+   ext, x's extremes merged into it on the way (see block_figures).
+   Returns 0, or -1 where memory could not be had (counts and ext then undefined) */
 WITH_AVX2
 int hist_count(const float *x, int64_t n, int64_t bins, float low, float width,
-               int absolute, int64_t *counts)
+               int absolute, int64_t *counts, int32_t *ext)
 {
     const float fb = (float)bins;
     const uint32_t last = (uint32_t)(bins + 1);
@@ -288,6 +382,12 @@ int hist_count(const float *x, int64_t n, int64_t bins, float low, float width,
         uint32_t *even = calloc(2 * ((size_t)bins + 2), sizeof(uint32_t));
         uint32_t *odd = even != NULL ? even + bins + 2 : NULL;
         int32_t key[BLOCK];
+        int32_t mine[3] = {0, 0, 0};
+        if (ext != NULL) {
+            mine[0] = ext[0];
+            mine[1] = ext[1];
+            mine[2] = ext[2];
+        }
         if (even == NULL) {
             #pragma omp atomic write
             failed = 1;
@@ -299,6 +399,8 @@ int hist_count(const float *x, int64_t n, int64_t bins, float low, float width,
             const int64_t m = n - b < BLOCK ? n - b : BLOCK;
             const float *xb = x + b;
             int tiny = 0;
+            if (ext != NULL)
+                block_figures(xb, m, mine);   /* (the block is in the cache for the keys) */
             for (int64_t j = 0; j < m; j++) {
                 const float e = absolute ? fabsf(xb[j]) : xb[j];
                 key[j] = e >= TINY ? (int32_t)((e * fb) / width) + 1 : 0;
@@ -324,8 +426,12 @@ int hist_count(const float *x, int64_t n, int64_t bins, float low, float width,
         }
         if (even != NULL) {
             #pragma omp critical
-            for (int64_t k = 0; k < bins + 2; k++)
-                counts[k] += (int64_t)even[k] + odd[k];
+            {
+                for (int64_t k = 0; k < bins + 2; k++)
+                    counts[k] += (int64_t)even[k] + odd[k];
+                if (ext != NULL)
+                    merge_figures(ext, mine);
+            }
         }
         free(even);
     }
@@ -346,8 +452,8 @@ _SIGNATURES = {
     "rq_first": (None, [_POINTER, _POINTER, _INT, _INT, _INT, _POINTER, _FLOAT, _POINTER,
                         _DOUBLE, _FLOAT, _FLOAT]),
     "hist_count": (ctypes.c_int, [_POINTER, _INT, _INT, _FLOAT, _FLOAT, ctypes.c_int,
-                                  _POINTER]),
-    "count_zeros": (_INT, [_POINTER, _INT]),
+                                  _POINTER, _POINTER]),
+    "figures": (_INT, [_POINTER, _INT, _POINTER]),
     "kl_all": (ctypes.c_int, [_POINTER, _INT, _INT, _DOUBLE, _DOUBLE, _POINTER, _POINTER]),
 }
 
@@ -472,32 +578,59 @@ def _flat_library(flat: torch.Tensor):
 
 #: elements per kernel call: each thread's uint32 counts stay exact
 _HIST_CALL = 1 << 31
+#: the kernels' starting extremes: {min, max} as ordered patterns, and max|x|'s pattern
+_NO_EXTREMES = (2 ** 31 - 1, -2 ** 31, 0)
+_NOT_FINITE = 0x7f800000
 
 
-def bin_counts(flat: torch.Tensor, bins: int, low: float, width: float,
-               absolute: bool) -> torch.Tensor | None:
+def _extremes(ext: torch.Tensor) -> tuple[float, float, float] | None:
+    """(min, max, max|x|) from the kernels' ordered patterns (see ``block_figures``); None
+    where a value is not finite. A zero extreme is +0 (the sign of the zero that
+    ``torch.aminmax`` reports depends on its reduction order)."""
+    lo, hi, top = ext.tolist()
+    if top >= _NOT_FINITE:
+        return None
+    patterns = np.array([lo, hi, top], np.int64)
+    bits = np.where(patterns < 0, patterns ^ 0x7fffffff, patterns) & 0xffffffff
+    lo, hi, absmax = (float(v) + 0.0 for v in bits.astype(np.uint32).view(np.float32))
+    return lo, hi, absmax
+
+
+def bin_counts(flat: torch.Tensor, bins: int, low: float, width: float, absolute: bool,
+               with_figures: bool = False):
     """int64 counts of the bin keys 0 ... ``bins`` + 1 of ``flat`` (1-D, float32, on the
     CPU), as the module's text says; None where the kernel is unavailable, ``flat`` is not
     such a tensor, or the kernel could not allocate its tables (the caller runs its tensor
-    operations)."""
+    operations). ``with_figures``: (counts, (min, max, max|x|)) read on the same pass, None
+    also where a value is not finite."""
     library = _flat_library(flat)
     if library is None:
         return None
     counts = torch.zeros(bins + 2, dtype=torch.int64)
+    ext = torch.tensor(_NO_EXTREMES, dtype=torch.int32) if with_figures else None
     for piece in flat.split(_HIST_CALL):
         if library.hist_count(piece.data_ptr(), piece.numel(), bins, low, width,
-                              int(absolute), counts.data_ptr()) != 0:
+                              int(absolute), counts.data_ptr(),
+                              None if ext is None else ext.data_ptr()) != 0:
             return None  # no memory for the kernel's tables: the tensor code counts
-    return counts
+    if ext is None:
+        return counts
+    extremes = _extremes(ext)
+    return None if extremes is None else (counts, extremes)
 
 
-def count_zeros(flat: torch.Tensor) -> int | None:
-    """The zeros of ``flat`` (1-D, float32, contiguous, on the CPU) in one read: what
-    ``flat.numel() - torch.count_nonzero(flat)`` gives. None where the kernel is unavailable
-    or ``flat`` is not such a tensor."""
+def figures(flat: torch.Tensor) -> tuple[float, float, float, int] | None:
+    """(min, max, max|x|, zeros) of ``flat`` (1-D, float32, contiguous, on the CPU) in one
+    read: ``torch.aminmax``'s values (a zero extreme as +0) and
+    ``flat.numel() - torch.count_nonzero(flat)``. None where the kernel is unavailable,
+    ``flat`` is not such a tensor or holds a value that is not finite."""
     library = _flat_library(flat)
-    return None if library is None else int(library.count_zeros(flat.data_ptr(),
-                                                                 flat.numel()))
+    if library is None or flat.numel() == 0:
+        return None
+    ext = torch.tensor(_NO_EXTREMES, dtype=torch.int32)
+    zeros = int(library.figures(flat.data_ptr(), flat.numel(), ext.data_ptr()))
+    extremes = _extremes(ext)
+    return None if extremes is None else (*extremes, zeros)
 
 
 def kl_divergences(hist: torch.Tensor, levels: int, eps: float, given: float
