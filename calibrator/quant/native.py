@@ -321,8 +321,17 @@ static inline int32_t ordered(uint32_t bits)
     return s ^ (int32_t)((uint32_t)(s >> 31) >> 1);
 }
 
-/* ext = {min, max} of x as ordered() patterns and the largest |x| pattern (>= 0x7f800000:
-   not finite), merged into what ext holds; returns the zeros (either sign) */
+/* one value's bits into the running extremes: {min, max} as ordered() patterns and the
+   largest |x| pattern (>= 0x7f800000: not finite) */
+#define EXTEND(bits, lo, hi, top) do {                                        \
+        const int32_t o_ = ordered(bits), a_ = (int32_t)((bits) & 0x7fffffffu); \
+        lo = o_ < lo ? o_ : lo;                                                 \
+        hi = o_ > hi ? o_ : hi;                                                 \
+        top = a_ > top ? a_ : top;                                              \
+    } while (0)
+
+/* ext = {min, max, max|x|} (see EXTEND) merged with those of x[0 .. m - 1]; returns the
+   zeros (either sign) */
 static inline int64_t block_figures(const float *x, int64_t m, int32_t *ext)
 {
     int32_t lo = ext[0], hi = ext[1], top = ext[2];
@@ -330,11 +339,8 @@ static inline int64_t block_figures(const float *x, int64_t m, int32_t *ext)
     for (int64_t j = 0; j < m; j++) {
         uint32_t bits;
         memcpy(&bits, x + j, sizeof bits);
-        const int32_t o = ordered(bits), a = (int32_t)(bits & 0x7fffffffu);
-        lo = o < lo ? o : lo;
-        hi = o > hi ? o : hi;
-        top = a > top ? a : top;
-        zeros += a == 0;
+        EXTEND(bits, lo, hi, top);
+        zeros += (bits & 0x7fffffffu) == 0;
     }
     ext[0] = lo;
     ext[1] = hi;
@@ -382,7 +388,7 @@ int hist_count(const float *x, int64_t n, int64_t bins, float low, float width,
         uint32_t *even = calloc(2 * ((size_t)bins + 2), sizeof(uint32_t));
         uint32_t *odd = even != NULL ? even + bins + 2 : NULL;
         int32_t key[BLOCK];
-        int32_t mine[3] = {0, 0, 0};
+        int32_t mine[3] = {INT32_MAX, INT32_MIN, 0};
         if (ext != NULL) {
             mine[0] = ext[0];
             mine[1] = ext[1];
@@ -399,13 +405,18 @@ int hist_count(const float *x, int64_t n, int64_t bins, float low, float width,
             const int64_t m = n - b < BLOCK ? n - b : BLOCK;
             const float *xb = x + b;
             int tiny = 0;
-            if (ext != NULL)
-                block_figures(xb, m, mine);   /* (the block is in the cache for the keys) */
-            for (int64_t j = 0; j < m; j++) {
+            int32_t lo = mine[0], hi = mine[1], top = mine[2];
+            for (int64_t j = 0; j < m; j++) {   /* (the extremes cost next to nothing here) */
+                uint32_t bits;
+                memcpy(&bits, xb + j, sizeof bits);
+                EXTEND(bits, lo, hi, top);
                 const float e = absolute ? fabsf(xb[j]) : xb[j];
                 key[j] = e >= TINY ? (int32_t)((e * fb) / width) + 1 : 0;
                 tiny |= (e < TINY) & (e != 0.0f);
             }
+            mine[0] = lo;
+            mine[1] = hi;
+            mine[2] = top;
             if (tiny) {
                 for (int64_t j = 0; j < m; j++) {
                     const float e = absolute ? fabsf(xb[j]) : xb[j];
