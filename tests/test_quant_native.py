@@ -212,13 +212,15 @@ def test_a_kernel_without_memory_says_so_and_the_tensor_code_runs(monkeypatch):
 @pytest.mark.skipif(not native.available() or platform.machine() != "x86_64",
                     reason="no C compiler, or not x86-64 (no AVX2 copy)")
 def test_the_avx2_counting_kernel_counts_what_the_baseline_one_counts(tmp_path, monkeypatch):
-    """The loaded library's hist_count is the AVX2 copy on a CPU that has AVX2; a build with
-    the baseline alone (-DWITH_AVX2=) counts the same at every bin edge, its neighbours, tiny
-    and subnormal values, zeros of either sign and values past the range."""
+    """The loaded library's hist_count and figures are the AVX2 copies on a CPU that has
+    AVX2; a build with the baseline alone (-DWITH_AVX2=) counts the same at every bin edge,
+    its neighbours, tiny and subnormal values, zeros of either sign and values past the
+    range, and finds the same extremes and zeros."""
     monkeypatch.setenv("CALIBRATOR_CACHE", str(tmp_path))
     baseline = ctypes.CDLL(str(native._build(native._compiler(), ("-DWITH_AVX2=",))))
-    restype, argtypes = native._SIGNATURES["hist_count"]
-    baseline.hist_count.restype, baseline.hist_count.argtypes = restype, argtypes
+    for name in ("hist_count", "figures"):
+        restype, argtypes = native._SIGNATURES[name]
+        getattr(baseline, name).restype, getattr(baseline, name).argtypes = restype, argtypes
     rng = np.random.default_rng(3)
     bins, high = 2048, 6.0
     edges = np.arange(bins + 1, dtype=np.float32) * np.float32(high / bins)
@@ -239,6 +241,12 @@ def test_the_avx2_counting_kernel_counts_what_the_baseline_one_counts(tmp_path, 
             assert torch.equal(*extremes)
             assert native._extremes(extremes[0]) == (float(values.min()), float(values.max()),
                                                       float(np.abs(values).max()))
+    for x in (torch.from_numpy(values), _awkward(3_000_001, 4)):
+        extremes = [torch.tensor(native._NO_EXTREMES, dtype=torch.int32) for _ in range(2)]
+        zeros = [library.figures(x.data_ptr(), x.numel(), ext.data_ptr())
+                 for library, ext in ((native._library(), extremes[0]), (baseline, extremes[1]))]
+        assert zeros[0] == zeros[1] == x.numel() - int(torch.count_nonzero(x))
+        assert torch.equal(*extremes)
 
 
 def test_statistics_read_once_are_those_of_the_tensor_code(monkeypatch):
