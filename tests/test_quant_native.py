@@ -243,7 +243,7 @@ def test_the_avx2_counting_kernel_counts_what_the_baseline_one_counts(tmp_path, 
                                                       float(np.abs(values).max()))
     for x in (torch.from_numpy(values), _awkward(3_000_001, 4)):
         extremes = [torch.tensor(native._NO_EXTREMES, dtype=torch.int32) for _ in range(2)]
-        zeros = [library.figures(x.data_ptr(), x.numel(), ext.data_ptr())
+        zeros = [library.figures(x.data_ptr(), x.numel(), ext.data_ptr(), None, 0.0, 0.0)
                  for library, ext in ((native._library(), extremes[0]), (baseline, extremes[1]))]
         assert zeros[0] == zeros[1] == x.numel() - int(torch.count_nonzero(x))
         assert torch.equal(*extremes)
@@ -287,3 +287,74 @@ def test_statistics_read_once_are_those_of_the_tensor_code(monkeypatch):
         assert (stats.hist is None) == (other.hist is None)
         if stats.hist is not None:
             assert np.array_equal(stats.hist, other.hist), key
+
+
+@pytest.mark.parametrize("size", [2047, 3_000_001])
+def test_clamp_with_figures_is_torchs_clamp_and_the_figures_before_it(size):
+    """The ReLU6 in place, bit for bit as ``clamp_(0, 6)`` (signed zeros, NaNs), with the
+    figures of the values before it; None as the extremes where a value is not finite (the
+    values are clamped all the same, as torch clamps them)."""
+    for bad in (None, float("nan"), float("inf"), float("-inf")):
+        x = _awkward(size, size + 2)
+        if bad is not None:
+            x[size // 3] = bad
+        want = x.clone().clamp_(0.0, 6.0)
+        before = native.figures(x.clone())
+        extremes, zeros = native.clamp_with_figures(x, 0.0, 6.0)
+        assert torch.equal(bits(x), bits(want))
+        assert zeros == int((want.numel() - torch.count_nonzero(_awkward(size, size + 2))))
+        assert (extremes is None) == (bad is not None)
+        if bad is None:
+            assert (*extremes, zeros) == before
+
+
+def test_statistics_read_a_relu6_input_while_it_clamps(monkeypatch):
+    """A tracked tensor without a histogram that only an in-place ReLU6 reads (c3 here) has
+    its figures read while the ReLU6 clamps it: the statistics and every value the net
+    computes are those of the tensor code; a NaN there is refused naming c3."""
+    from calibrator.errors import LayerError
+    from calibrator.quant.statistics import collect, tracked_refs
+    from tests.netutil import parse_net, random_weights
+    weights = random_weights(parse_net(RESIDUAL_NET), seed=7)
+    weights["c3"][0][0] = 0.0          # c3's channel 0 is exactly zero: zeros to count
+    weights["c3"][1][0] = 0.0
+    tiny = TinyNet(RESIDUAL_NET, seed=7, weights=weights)
+    tiny.calibrate()
+    refs = tracked_refs(tiny.fused)
+    pre = next(r for r in refs if r.name == "c3"
+               and tiny.net.nodes[r.producer].name == "c3")
+    keys = {r.key for r in refs} - {pre.key}
+    calls = []
+    real, real_library = native.clamp_with_figures, native._library
+    monkeypatch.setattr(native, "clamp_with_figures",
+                        lambda *a: calls.append(a[0].numel()) or real(*a))
+    seen = {}
+
+    def run():
+        values = {}
+        stats = collect(tiny.net, tiny.fused, iter(tiny.batches), hist_keys=keys,
+                        outputs=["c4"], on_batch=lambda out: values.setdefault(
+                            len(values), out["c4"].clone()))
+        return stats, values
+
+    seen["kernel"] = run()
+    assert len(calls) == len(tiny.batches)
+    monkeypatch.setattr(native, "_library", lambda: None)
+    seen["tensors"] = run()
+    (stats, values), (other, other_values) = seen["kernel"], seen["tensors"]
+    assert stats[pre.key].hist is None and stats[pre.key].minimum < 0
+    assert stats[pre.key].zeros >= stats[pre.key].count // 8
+    for key in stats:
+        a, b = stats[key], other[key]
+        assert (a.minimum, a.maximum, a.absmax, a.count, a.zeros, a.batch_absmax) == \
+            (b.minimum, b.maximum, b.absmax, b.count, b.zeros, b.batch_absmax), key
+    for i in values:
+        assert torch.equal(bits(values[i]), bits(other_values[i]))
+    monkeypatch.setattr(native, "_library", real_library)
+    broken = [dict(feeds) for feeds in tiny.batches]
+    broken[0]["data"] = broken[0]["data"].clone()
+    broken[0]["data"][0, 0, 0, 0] = float("nan")
+    calls.clear()
+    with pytest.raises(LayerError, match="'c3'"):    # the one tracked tensor: c3's output
+        collect(tiny.net, tiny.fused, iter(broken), refs=[pre], hist_keys=set())
+    assert calls

@@ -1,11 +1,12 @@
 """Small C kernels, built on first use with the machine's C compiler, each doing in one pass
 over memory or in plain loops what tensor code does in many operations: the simulation's
 requantization (:func:`requantize`), the statistics' histogram bin counts
-(:func:`bin_counts`) and a tensor's min, max, max|x| and zeros (:func:`figures`, and read
-by the counting kernel on its way: one read of a histogrammed tensor), and every KL
-candidate's divergence up to rounding (:func:`kl_divergences`, a filter whose answer the
-tensor code of :mod:`calibrator.quant.kl` confirms). Each returns None where it cannot run;
-the caller's tensor code then gives the same results.
+(:func:`bin_counts`) and a tensor's min, max, max|x| and zeros (:func:`figures`; read by
+the counting kernel on its way, and by a ReLU6's clamp, :func:`clamp_with_figures`: one
+pass where there were two), and every KL candidate's divergence up to rounding
+(:func:`kl_divergences`, a filter whose answer the tensor code of
+:mod:`calibrator.quant.kl` confirms). Each returns None where it cannot run; the caller's
+tensor code then gives the same results.
 
 The requantization does in one loop what the tensor code does in three to six elementwise
 passes (multiply, residual sum, saturate, round; each a full read and write of a conv output
@@ -355,17 +356,28 @@ static void merge_figures(int32_t *ext, const int32_t *mine)
     ext[2] = mine[2] > ext[2] ? mine[2] : ext[2];
 }
 
-/* x's extremes merged into ext (see block_figures) in one read; returns its zeros */
+/* x's extremes merged into ext (see block_figures) in one read; returns its zeros. With
+   out (x itself for in place), min(max(x, lo), hi) written there on the way, each block
+   while it is in the cache (lo <= hi; what torch's clamp gives, signed zeros and NaNs
+   kept) */
 WITH_AVX2
-int64_t figures(const float *x, int64_t n, int32_t *ext)
+int64_t figures(const float *x, int64_t n, int32_t *ext, float *out, float lo, float hi)
 {
     int64_t total = 0;
     #pragma omp parallel if (n >= SPLIT)
     {
         int32_t mine[3] = {ext[0], ext[1], ext[2]};
         #pragma omp for schedule(static) reduction(+: total)
-        for (int64_t b = 0; b < n; b += BLOCK)
-            total += block_figures(x + b, n - b < BLOCK ? n - b : BLOCK, mine);
+        for (int64_t b = 0; b < n; b += BLOCK) {
+            const int64_t m = n - b < BLOCK ? n - b : BLOCK;
+            total += block_figures(x + b, m, mine);
+            if (out != NULL) {
+                for (int64_t j = 0; j < m; j++) {
+                    const float v = x[b + j] < lo ? lo : x[b + j];
+                    out[b + j] = v > hi ? hi : v;
+                }
+            }
+        }
         #pragma omp critical
         merge_figures(ext, mine);
     }
@@ -464,7 +476,7 @@ _SIGNATURES = {
                         _DOUBLE, _FLOAT, _FLOAT]),
     "hist_count": (ctypes.c_int, [_POINTER, _INT, _INT, _FLOAT, _FLOAT, ctypes.c_int,
                                   _POINTER, _POINTER]),
-    "figures": (_INT, [_POINTER, _INT, _POINTER]),
+    "figures": (_INT, [_POINTER, _INT, _POINTER, _POINTER, _FLOAT, _FLOAT]),
     "kl_all": (ctypes.c_int, [_POINTER, _INT, _INT, _DOUBLE, _DOUBLE, _POINTER, _POINTER]),
 }
 
@@ -635,13 +647,27 @@ def figures(flat: torch.Tensor) -> tuple[float, float, float, int] | None:
     read: ``torch.aminmax``'s values (a zero extreme as +0) and
     ``flat.numel() - torch.count_nonzero(flat)``. None where the kernel is unavailable,
     ``flat`` is not such a tensor or holds a value that is not finite."""
+    got = _figures(flat, None)
+    return None if got is None or got[0] is None else (*got[0], got[1])
+
+
+def clamp_with_figures(flat: torch.Tensor, low: float, high: float
+                       ) -> tuple[tuple[float, float, float] | None, int] | None:
+    """``flat.clamp_(low, high)`` (``low <= high``) and, read on the same pass, the
+    (min, max, max|x|) of ``flat`` before it (None where a value is not finite) and its zeros.
+    None where the kernel is unavailable or ``flat`` is not such a tensor (``flat`` is then
+    untouched)."""
+    return _figures(flat, (low, high))
+
+
+def _figures(flat: torch.Tensor, clamp: tuple[float, float] | None):
     library = _flat_library(flat)
     if library is None or flat.numel() == 0:
         return None
     ext = torch.tensor(_NO_EXTREMES, dtype=torch.int32)
-    zeros = int(library.figures(flat.data_ptr(), flat.numel(), ext.data_ptr()))
-    extremes = _extremes(ext)
-    return None if extremes is None else (*extremes, zeros)
+    out, low, high = (None, 0.0, 0.0) if clamp is None else (flat.data_ptr(), *clamp)
+    zeros = int(library.figures(flat.data_ptr(), flat.numel(), ext.data_ptr(), out, low, high))
+    return _extremes(ext), zeros
 
 
 def kl_divergences(hist: torch.Tensor, levels: int, eps: float, given: float

@@ -11,7 +11,9 @@ counted at the histogram's current range
 (:meth:`~calibrator.quant.histogram.GrowingHistogram.add_with_figures`; counted again on the
 first batch, which sets the range, and where a batch passes it: 617 reads for
 MobileNetV2's 520 histogrammed tensor-batches, where the tensor code takes 1040), the
-others' in one read of min, max and zeros; the same statistics as the tensor code's.
+others' in one read of min, max and zeros, taken while the in-place ReLU6 that alone reads
+such a tensor clamps it (:meth:`_Collector.clamp_overrides`: MobileNetV2's 35 expand
+outputs a batch); the same statistics and values as the tensor code's.
 
 Under torchrun each rank reads its own share of the batches (:func:`collect_sharded`, see
 :mod:`calibrator.distributed`) and the statistics come out exactly as one process computes
@@ -23,6 +25,7 @@ summed, as the growing histogram does) and the int64 counts are summed across th
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Iterable
 
@@ -70,6 +73,11 @@ def checked_figures(ref: BlobRef, x: torch.Tensor, node=None, zeros: bool = True
     figures = batch_figures(x, zeros)
     if math.isfinite(figures[0]) and math.isfinite(figures[1]):
         return figures
+    _refuse(ref, node)
+
+
+def _refuse(ref: BlobRef, node=None):
+    """The error for a tracked tensor that is not finite (see :func:`checked_figures`)."""
     if node is None:
         raise CalibratorError(f"the data blob '{shorten(ref.name)}' holds values that are "
                               "not finite (NaN or Inf) on the calibration batches")
@@ -105,6 +113,7 @@ class _Collector:
         self.stats = {ref.key: TensorStats() for refs in self.by_producer.values()
                       for ref in refs}
         self.hists = {key: GrowingHistogram() for key in self.stats if key in histograms}
+        self.clamping: set[int] = set()   # the ReLU6 nodes that take figures (see below)
 
     def observe(self, ref: BlobRef, x: torch.Tensor, node=None) -> None:
         x = x.detach()
@@ -119,6 +128,46 @@ class _Collector:
                 nonzero = hist.add(x, row[2], nonnegative=row[0] >= 0)
                 row = row[:4] + (row[3] - nonzero,)
         fold(self.stats[ref.key], row)
+
+    def clamp_overrides(self, net, overrides: dict | None) -> dict | None:
+        """``overrides`` with one more for each in-place ReLU6 that is the only reader of a
+        tracked tensor without a histogram (MobileNetV2's expand outputs): the tensor's
+        figures are read while the ReLU6 clamps it (:func:`~calibrator.quant.native.
+        clamp_with_figures`: one pass where the hook and the layer made two); the same
+        statistics and the same values."""
+        if not native.available():
+            return overrides
+        merged = dict(overrides or {})
+        for producer, refs in list(self.by_producer.items()):
+            for ref in list(refs):
+                readers = net.consumers(ref.name, after=producer) if producer >= 0 else []
+                if ref.key in self.hists or not readers:
+                    continue
+                node = readers[0]
+                if (node.type != "ReLU6" or node.index in merged
+                        or list(node.bottoms) != [ref.name] or list(node.tops) != [ref.name]):
+                    continue
+                refs.remove(ref)
+                self.clamping.add(node.index)
+                merged[node.index] = functools.partial(self._clamp, ref=ref,
+                                                       producer=net.nodes[producer])
+        return merged
+
+    def _clamp(self, node, blobs, *, ref: BlobRef, producer):
+        name = node.bottoms[0]
+        x = blobs[name]
+        owned = blobs.owned == name
+        if owned and x.dtype == torch.float32 and x.device.type == "cpu" and (
+                x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+            got = native.clamp_with_figures(in_memory_order(x), 0.0, 6.0)
+            if got is not None:
+                extremes, zeros = got
+                if extremes is None:
+                    _refuse(ref, producer)
+                fold(self.stats[ref.key], (*extremes, x.numel(), zeros))
+                return (x,)
+        self.observe(ref, x, producer)
+        return (node.module.apply_(x) if owned else node.module.apply(x),)
 
     def feeds(self, feeds: dict) -> None:
         for ref in self.by_producer.get(-1, []):
@@ -149,6 +198,9 @@ def collect(net, fused: FusedGraph, batches: Iterable[dict], *, refs=None,
     refs = tracked_refs(fused) if refs is None else refs
     collector = _Collector(refs, _histogrammed(refs, needs, hist_keys))
     stop = None if outputs is not None else max([r.producer for r in refs] + [0]) + 1
+    overrides = collector.clamp_overrides(net, overrides)
+    if stop is not None:   # (a ReLU6 that reads a tracked tensor for the statistics runs)
+        stop = max([stop, *(index + 1 for index in collector.clamping)])
     with torch.no_grad():
         for feeds in batches:
             collector.feeds(feeds)
