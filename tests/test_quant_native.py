@@ -358,3 +358,32 @@ def test_statistics_read_a_relu6_input_while_it_clamps(monkeypatch):
     with pytest.raises(LayerError, match="'c3'"):    # the one tracked tensor: c3's output
         collect(tiny.net, tiny.fused, iter(broken), refs=[pre], hist_keys=set())
     assert calls
+
+
+def test_a_relu6_reading_a_later_version_takes_no_figures_for_an_earlier_one(monkeypatch):
+    """c2 is written twice (c2, then c2b's top of the same name) before the ReLU6 reads it:
+    the ReLU6 reads c2b's version only, so c2's figures come from the hook as before."""
+    from calibrator.quant.statistics import collect
+    text = (input_text((2, 3, 9, 9))
+            + conv_text("c1", "data", "c1", 8, kernel=3, extra="pad: 1")
+            + conv_text("c2", "c1", "c2", 8, kernel=1)
+            + conv_text("c2b", "c1", "c2", 8, kernel=1)
+            + 'layer { name: "r2" type: "ReLU6" bottom: "c2" top: "c2" }\n'
+            + conv_text("c4", "c2", "c4", 8, kernel=1))
+    tiny = TinyNet(text, seed=3)
+    tiny.calibrate()
+    runs, calls = [], []
+    real = native.clamp_with_figures
+    monkeypatch.setattr(native, "clamp_with_figures",
+                        lambda *a: calls.append(a[0].numel()) or real(*a))
+    for kernel in (True, False):
+        if not kernel:
+            monkeypatch.setattr(native, "_library", lambda: None)
+        runs.append(collect(tiny.net, tiny.fused, iter(tiny.batches), hist_keys=set()))
+    with_kernel, without = runs
+    assert calls == [2 * 8 * 9 * 9] * len(tiny.batches)     # c2b's version, by the ReLU6
+    assert set(with_kernel) == set(without)
+    for key in with_kernel:
+        a, b = with_kernel[key], without[key]
+        assert (a.minimum, a.maximum, a.count, a.zeros, a.batch_absmax) == \
+            (b.minimum, b.maximum, b.count, b.zeros, b.batch_absmax), key

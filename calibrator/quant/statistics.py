@@ -145,7 +145,9 @@ class _Collector:
                     continue
                 node = readers[0]
                 if (node.type != "ReLU6" or node.index in merged
-                        or list(node.bottoms) != [ref.name] or list(node.tops) != [ref.name]):
+                        or list(node.bottoms) != [ref.name] or list(node.tops) != [ref.name]
+                        or any(ref.name in between.tops  # (it would read another version)
+                               for between in net.nodes[producer + 1:node.index])):
                     continue
                 refs.remove(ref)
                 self.clamping.add(node.index)
