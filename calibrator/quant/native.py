@@ -214,13 +214,14 @@ int kl_all(const double *h, int64_t bins, int64_t levels, double eps, double giv
     #pragma omp parallel
     {
         double *q = malloc((size_t)bins * 2 * sizeof(double));   /* smoothed Q, its log */
-        double *per_bin = malloc(((size_t)levels + 1) * 3 * sizeof(double));
-        const int ready = q && per_bin;
+        double *per_bin = malloc(((size_t)levels + 1) * 2 * sizeof(double));
+        int64_t *border = malloc((size_t)levels * sizeof(int64_t));
+        const int ready = q && per_bin && border;
         if (!ready) {
             #pragma omp atomic write
             failed = 1;
         }
-        double *lq = q + bins, *part = per_bin + levels + 1, *border = part + levels + 1;
+        double *lq = q + bins, *part = per_bin + levels + 1;
         #pragma omp for schedule(dynamic, 16)
         for (int64_t i = levels; i < bins; i++) {
             if (!ready)
@@ -232,7 +233,7 @@ int kl_all(const double *h, int64_t bins, int64_t levels, double eps, double giv
                 const double edge = (double)(l + 1) * (double)i / (double)levels;
                 const int64_t f = (int64_t)edge < i ? (int64_t)edge : i;
                 part[l] = f < i ? edge - (double)f : 0.0;
-                border[l] = (double)f;
+                border[l] = f;
                 const double mass = f < i ? pre[f] + h[f] * part[l] : pre[i];
                 const double support = f < i ? nz[f] + (h[f] != 0.0 ? part[l] : 0.0) : nz[i];
                 per_bin[l] = support - support_before > 0.0
@@ -245,7 +246,7 @@ int kl_all(const double *h, int64_t bins, int64_t levels, double eps, double giv
             double qsum = 0.0;
             int64_t qnonzero = 0;
             for (int64_t l = 0, k = 0; l < levels; l++) {
-                const int64_t f = (int64_t)border[l];
+                const int64_t f = border[l];
                 if (per_bin[l] != 0.0) {
                     const double inside = nz[f] - nz[k];
                     qnonzero += (int64_t)inside;
@@ -265,7 +266,7 @@ int kl_all(const double *h, int64_t bins, int64_t levels, double eps, double giv
             qsum = qsum - qtake * (double)qnonzero + given * (double)(i - qnonzero);
             /* smoothed Q and its log, bin by bin */
             for (int64_t l = 0, k = 0; l < levels; l++) {
-                const int64_t f = (int64_t)border[l];
+                const int64_t f = border[l];
                 const double v = per_bin[l] != 0.0 ? per_bin[l] - qtake : given;
                 const double lv = v > 0.0 ? log(v) : 0.0;
                 for (; k < f; k++) {
@@ -307,6 +308,7 @@ int kl_all(const double *h, int64_t bins, int64_t levels, double eps, double giv
         }
         free(q);
         free(per_bin);
+        free(border);
     }
     free(pre);
     return failed ? -1 : 0;

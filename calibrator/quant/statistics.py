@@ -130,9 +130,10 @@ class _Collector:
         fold(self.stats[ref.key], row)
 
     def clamp_overrides(self, net, overrides: dict | None) -> dict | None:
-        """``overrides`` with one more for each in-place ReLU6 that is the only reader of a
-        tracked tensor without a histogram (MobileNetV2's expand outputs): the tensor's
-        figures are read while the ReLU6 clamps it (:func:`~calibrator.quant.native.
+        """``overrides`` with one more for each in-place clamp (a layer with
+        ``clamp_bounds``: ReLU6) that is the only reader of a tracked tensor without a
+        histogram (MobileNetV2's expand outputs): the tensor's figures are read while the
+        ReLU6 clamps it (:func:`~calibrator.quant.native.
         clamp_with_figures`: one pass where the hook and the layer made two); the same
         statistics and the same values."""
         if not native.available():
@@ -144,24 +145,25 @@ class _Collector:
                 if ref.key in self.hists or not readers:
                     continue
                 node = readers[0]
-                if (node.type != "ReLU6" or node.index in merged
+                bounds = getattr(node.module, "clamp_bounds", None)
+                if (bounds is None or node.index in merged
                         or list(node.bottoms) != [ref.name] or list(node.tops) != [ref.name]
                         or any(ref.name in between.tops  # (it would read another version)
                                for between in net.nodes[producer + 1:node.index])):
                     continue
                 refs.remove(ref)
                 self.clamping.add(node.index)
-                merged[node.index] = functools.partial(self._clamp, ref=ref,
+                merged[node.index] = functools.partial(self._clamp, ref=ref, bounds=bounds,
                                                        producer=net.nodes[producer])
         return merged
 
-    def _clamp(self, node, blobs, *, ref: BlobRef, producer):
+    def _clamp(self, node, blobs, *, ref: BlobRef, bounds: tuple[float, float], producer):
         name = node.bottoms[0]
         x = blobs[name]
         owned = blobs.owned == name
-        if owned and x.dtype == torch.float32 and x.device.type == "cpu" and (
-                x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
-            got = native.clamp_with_figures(in_memory_order(x), 0.0, 6.0)
+        flat = in_memory_order(x) if owned else None
+        if flat is not None and flat.data_ptr() == x.data_ptr():   # (a view: x is dense)
+            got = native.clamp_with_figures(flat, *bounds)   # (None: not a CPU float32 blob)
             if got is not None:
                 extremes, zeros = got
                 if extremes is None:

@@ -56,12 +56,15 @@ class ReLU6(_Elementwise):
     """min(max(x, 0), 6), as in the MobileNet forks of Caffe."""
 
     in_place = True
+    #: (low, high): :meth:`apply_` is ``x.clamp_(low, high)`` (a reader of the blob may do
+    #: that clamp itself: see ``calibrator.quant.statistics``)
+    clamp_bounds = (0.0, 6.0)
 
     def apply(self, x):
-        return torch.clamp(x, 0.0, 6.0)
+        return torch.clamp(x, *self.clamp_bounds)
 
     def apply_(self, x):
-        return x.clamp_(0.0, 6.0)
+        return x.clamp_(*self.clamp_bounds)
 
 
 @register("Clip")
