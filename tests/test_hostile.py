@@ -597,6 +597,32 @@ def test_a_signal_after_the_command_has_returned_changes_nothing(net, out):
     assert (out / "q.prototxt").is_file()
 
 
+@pytest.mark.parametrize("argv, code", [(["--version"], 0), (["-m", "missing.prototxt", "-q"], 2)])
+def test_the_process_ends_without_the_interpreter_teardown(tmp_path, argv, code):
+    """After the command, the exit handlers run and stdout/stderr are flushed (a pipe:
+    buffered), then the process ends with the command's code; the interpreter's teardown,
+    which would finalise the script's global (and print), is skipped."""
+    marker = tmp_path / "handlers-ran"
+    script = ("import atexit, pathlib, sys\n"
+              "from calibrator.cli.entry import entry\n"
+              "class Finalised:\n"
+              "    def __del__(self):\n"
+              "        print('torn down', file=sys.stderr)\n"
+              "kept = Finalised()\n"
+              f"atexit.register(pathlib.Path({str(marker)!r}).write_text, 'ran')\n"
+              "sys.argv = ['calibrator', *sys.argv[1:]]\n"
+              "raise SystemExit(entry())\n")
+    done = subprocess.run([sys.executable, "-c", script, *argv], cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == code, done.stderr
+    assert marker.read_text() == "ran"
+    assert "torn down" not in done.stderr
+    if code == 0:
+        assert done.stdout.startswith("calibrator "), done.stdout
+    else:
+        assert done.stderr.startswith("calibrator: error: ") and done.stderr.count("\n") == 1
+
+
 def test_interrupted_search_keeps_its_state_and_resumes(net, out, capsys, monkeypatch):
     from calibrator.search.evaluator import Evaluator
 

@@ -24,10 +24,12 @@ from calibrator.model import load_model
 from calibrator.quant.fusion import analyze
 from calibrator.quant.simulate import FoldedFP32
 
-#: runs the CLI and records its own peak resident memory (MB) beside its exit code
-_CHILD = ("import json, sys; from calibrator.bench import peak_rss_mb; "
-          "from calibrator.cli.main import main; code = main(sys.argv[2:]); "
-          "json.dump({'code': code, 'peak_rss_mb': peak_rss_mb()}, open(sys.argv[1], 'w'))")
+#: runs the CLI as the ``calibrator`` script does (its process exit included) and records
+#: its own peak resident memory (MB) as the process ends
+_CHILD = ("import atexit, json, pathlib, sys; from calibrator.bench import peak_rss_mb; "
+          "from calibrator.cli.entry import entry; out = pathlib.Path(sys.argv[1]); "
+          "atexit.register(lambda: out.write_text(json.dumps({'peak_rss_mb': peak_rss_mb()}))); "
+          "sys.argv = ['calibrator', *sys.argv[2:]]; raise SystemExit(entry())")
 
 
 def _env(ctx: Context) -> dict:
@@ -53,8 +55,8 @@ def _ours(ctx: Context, files, out: Path, *extra: str) -> dict:
     if done.returncode not in (0, 1):
         raise RuntimeError(f"calibrator {' '.join(extra)} failed: {done.stderr[-500:]}")
     record = json.loads((out / "q.json").read_text())
-    return {"wall_seconds": wall, **json.loads((out / "rss.json").read_text()),
-            "search": record.get("search")}
+    return {"wall_seconds": wall, "code": done.returncode,
+            **json.loads((out / "rss.json").read_text()), "search": record.get("search")}
 
 
 def _fp32_pass(ctx: Context, model) -> float:

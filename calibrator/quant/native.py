@@ -180,6 +180,12 @@ static inline double fast_log(double x, const double *table)
     return (double)e * 0.69314718055994530942 + table[j] + poly;
 }
 
+/* ln x for x > 0: fast_log, the C library's log where x is not a normal number */
+static inline double any_log(double x, const double *table)
+{
+    return x >= DBL_MIN && x <= DBL_MAX ? fast_log(x, table) : log(x);
+}
+
 /* KL(P || Q) of every candidate i = levels ... bins - 1 of a histogram h of |x|
    (calibrator.quant.kl's definition: P the first i bins with the tail on bin i - 1, Q their
    merge into `levels` levels spread back over the nonzero bins, both smoothed with eps and
@@ -188,8 +194,11 @@ static inline double fast_log(double x, const double *table)
    level's mass and support are differences of prefix sums at its edges (a bin split pro
    rata where an edge crosses it); Q is constant over the bins wholly inside a level, so
    its logarithms are taken once a level; the sums of P and Q from their nonzero counts;
-   sum p ln(p / q * qsum / psum) as sum p (ln p - ln q + ln(qsum / psum)), ln p by
-   fast_log (the C library's log where p is not a normal number).
+   sum p ln(p / q * qsum / psum) as sum p (ln p - ln q + ln(qsum / psum)), the logs by
+   fast_log (the C library's log where the value is not a normal number). P's bins are
+   h - t (t the candidate's smoothing take, often 0): ln h is taken once a bin, and
+   ln(h - t) = ln h + ln(1 - r), r = t / h, by its series to r^4 where r < 2^-9 (the rest
+   below 4e-15 of r), fast_log otherwise.
    Returns 0, or -1 where memory could not be had (div and mag then undefined). */
 int kl_all(const double *h, int64_t bins, int64_t levels, double eps, double given,
            double *div, double *mag)
@@ -211,6 +220,16 @@ int kl_all(const double *h, int64_t bins, int64_t levels, double eps, double giv
     double table[256];
     log_table(table);
     const double log_given = log(given);
+    double *lh = malloc((size_t)bins * 2 * sizeof(double));   /* ln h, 1 / h (h > 0) */
+    if (lh == NULL) {
+        free(pre);
+        return -1;
+    }
+    double *ih = lh + bins;
+    for (int64_t k = 0; k < bins; k++) {
+        lh[k] = h[k] > 0.0 ? any_log(h[k], table) : 0.0;
+        ih[k] = h[k] > 0.0 ? 1.0 / h[k] : 0.0;
+    }
     #pragma omp parallel
     {
         double *q = malloc((size_t)bins * 2 * sizeof(double));   /* smoothed Q, its log */
@@ -268,7 +287,7 @@ int kl_all(const double *h, int64_t bins, int64_t levels, double eps, double giv
             for (int64_t l = 0, k = 0; l < levels; l++) {
                 const int64_t f = border[l];
                 const double v = per_bin[l] != 0.0 ? per_bin[l] - qtake : given;
-                const double lv = v > 0.0 ? log(v) : 0.0;
+                const double lv = v > 0.0 ? any_log(v, table) : 0.0;
                 for (; k < f; k++) {
                     q[k] = h[k] != 0.0 ? v : given;
                     lq[k] = h[k] != 0.0 ? lv : log_given;
@@ -277,7 +296,7 @@ int kl_all(const double *h, int64_t bins, int64_t levels, double eps, double giv
                     const double w = h[f] != 0.0
                         ? part[l] * per_bin[l] + (1.0 - part[l]) * per_bin[l + 1] : 0.0;
                     q[f] = w != 0.0 ? w - qtake : given;
-                    lq[f] = q[f] > 0.0 ? log(q[f]) : 0.0;
+                    lq[f] = q[f] > 0.0 ? any_log(q[f], table) : 0.0;
                     k = f + 1;
                 }
             }
@@ -293,11 +312,19 @@ int kl_all(const double *h, int64_t bins, int64_t levels, double eps, double giv
             const double shift = log(qsum / psum), share = 1.0 / psum;
             double kl = 0.0, size = 0.0;
             for (int64_t k = 0; k < i; k++) {
-                const double p = k < i - 1 ? (h[k] != 0.0 ? h[k] - ptake : given)
-                                           : (last != 0.0 ? last - ptake : given);
+                double p, lp;
+                if (k < i - 1 && h[k] != 0.0) {
+                    p = h[k] - ptake;
+                    const double r = ptake * ih[k];
+                    lp = r == 0.0 ? lh[k]
+                        : r < 0x1p-9 && h[k] >= DBL_MIN
+                        ? lh[k] - r * (1.0 + r * (0.5 + r * (1.0 / 3.0 + r * 0.25)))
+                        : p > 0.0 ? any_log(p, table) : 0.0;
+                } else {
+                    p = k < i - 1 ? given : (last != 0.0 ? last - ptake : given);
+                    lp = p > 0.0 ? any_log(p, table) : 0.0;
+                }
                 if (p > 0.0 && q[k] > 0.0) {
-                    const double lp = p >= DBL_MIN && p <= DBL_MAX ? fast_log(p, table)
-                                                                   : log(p);
                     const double term = p * share * (lp - lq[k] + shift);
                     kl += term;
                     size += fabs(term);
@@ -311,6 +338,7 @@ int kl_all(const double *h, int64_t bins, int64_t levels, double eps, double giv
         free(border);
     }
     free(pre);
+    free(lh);
     return failed ? -1 : 0;
 }
 
