@@ -597,26 +597,48 @@ def test_a_signal_after_the_command_has_returned_changes_nothing(net, out):
     assert (out / "q.prototxt").is_file()
 
 
-@pytest.mark.parametrize("argv, code", [(["--version"], 0), (["-m", "missing.prototxt", "-q"], 2)])
-def test_the_process_ends_without_the_interpreter_teardown(tmp_path, argv, code):
+@pytest.mark.parametrize("argv, code, thread", [(["--version"], 0, None),
+                                                 (["-m", "missing.prototxt", "-q"], 2, None),
+                                                 (["--version"], 0, "daemon"),
+                                                 (["--version"], 0, "worker")])
+def test_the_process_ends_without_the_interpreter_teardown(tmp_path, argv, code, thread):
     """After the command, the exit handlers run and stdout/stderr are flushed (a pipe:
     buffered), then the process ends with the command's code; the interpreter's teardown,
-    which would finalise the script's global (and print), is skipped."""
-    marker = tmp_path / "handlers-ran"
-    script = ("import atexit, pathlib, sys\n"
+    which would finalise the script's global (and print), is skipped. A daemon thread (a
+    progress bar's monitor) does not stop that; a thread the interpreter would wait for
+    does: it finishes its work and the process ends the usual way."""
+    marker, finished = tmp_path / "handlers-ran", tmp_path / "thread-finished"
+    script = ("import atexit, pathlib, sys, threading, time\n"
               "from calibrator.cli.entry import entry\n"
               "class Finalised:\n"
               "    def __del__(self):\n"
               "        print('torn down', file=sys.stderr)\n"
               "kept = Finalised()\n"
               f"atexit.register(pathlib.Path({str(marker)!r}).write_text, 'ran')\n"
+              "import calibrator.cli.main as cli\n"
+              "returned, command = threading.Event(), cli.main\n"
+              "def main():\n"
+              "    try:\n"
+              "        return command()\n"
+              "    finally:\n"
+              "        returned.set()\n"
+              "cli.main = main\n"
+              "def work(seconds):\n"
+              "    returned.wait()\n"     # (alive when the command returns)
+              "    time.sleep(seconds)\n"
+              f"    pathlib.Path({str(finished)!r}).write_text('done')\n"
+              f"if {thread!r} == 'daemon':\n"   # (holding nothing of the script's)
+              "    threading.Thread(target=time.sleep, args=(600,), daemon=True).start()\n"
+              f"if {thread!r} == 'worker':\n"
+              "    threading.Thread(target=work, args=(0.5,)).start()\n"
               "sys.argv = ['calibrator', *sys.argv[1:]]\n"
               "raise SystemExit(entry())\n")
     done = subprocess.run([sys.executable, "-c", script, *argv], cwd=tmp_path, env=_env(),
                           capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == code, done.stderr
     assert marker.read_text() == "ran"
-    assert "torn down" not in done.stderr
+    assert ("torn down" in done.stderr) == (thread == "worker"), done.stderr
+    assert finished.exists() == (thread == "worker")
     if code == 0:
         assert done.stdout.startswith("calibrator "), done.stdout
     else:

@@ -76,10 +76,13 @@ def _leave(code: int) -> None:
     each of torch's thousands of modules one by one (about half a second on a 2-core
     machine, a tenth of an FP32 pass over 500 images; a user's every run). The command's
     outputs were written and closed before it returned. Returns without ending (the
-    interpreter then ends the usual way) where another thread still runs, or where a
-    flush fails (a closed pipe: the usual way reports it as before)."""
+    interpreter then ends the usual way) where a thread the usual way would wait for still
+    runs (a daemon thread, such as a progress bar's monitor, is not waited for either way),
+    or where a flush fails (a closed pipe: the usual way reports it as before)."""
     run_handlers = getattr(atexit, "_run_exitfuncs", None)   # (CPython's; the usual way
-    if run_handlers is None or threading.active_count() > 1:  # runs the same handlers)
+    if run_handlers is None or any(                            # runs the same handlers)
+            thread is not threading.main_thread() and not thread.daemon
+            for thread in threading.enumerate()):   # (the usual way waits for them)
         return
     if not _flushed():
         return
