@@ -533,6 +533,36 @@ def test_kernel_filter_gives_the_tensor_codes_candidate(gaussian, levels, monkey
         monkeypatch.setattr(native, "kl_divergences", real)
 
 
+@pytest.mark.skipif(not native.available(), reason="no C compiler: no kernel to filter with")
+def test_a_lone_candidate_within_the_margin_is_the_answer_unscored(gaussian, monkeypatch):
+    """Where the kernel leaves one candidate within the margin of its minimum (each of
+    these histograms), it is the tensor code's answer and the tensor code scores nothing;
+    where a second candidate is within it (here the kernel's scores given a tie far from
+    the answer), the tensor code decides, and gives its own answer."""
+    hists = _kl_histograms(gaussian)
+    wants = [int(c[int(torch.argmin(d))]) for c, d in (kl_divergences(h, 128) for h in hists)]
+    real, scored = kl_module._chunk_divergences, []
+
+    def counted(*args):
+        scored.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(kl_module, "_chunk_divergences", counted)
+    assert [kl_module._best_candidate(h, 128) for h in hists] == wants
+    assert scored == []
+    kernel = native.kl_divergences
+
+    def tied(*args):
+        divergence, size = kernel(*args)
+        far = (int(torch.argmin(divergence)) + 1000) % len(divergence)
+        divergence[far] = divergence.min()
+        return divergence, size
+
+    monkeypatch.setattr(native, "kl_divergences", tied)
+    assert [kl_module._best_candidate(h, 128) for h in hists] == wants
+    assert len(scored) >= 2 * len(hists)   # (the two chunks holding the two candidates)
+
+
 def test_without_the_kernel_the_tensor_code_decides(gaussian, monkeypatch):
     monkeypatch.setattr(native, "kl_divergences", lambda *a: None)
     hist = _kl_histograms(gaussian)[1]
