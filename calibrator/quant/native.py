@@ -5,8 +5,9 @@ requantization (:func:`requantize`), the statistics' histogram bin counts
 the counting kernel on its way, and by a ReLU6's clamp, :func:`clamp_with_figures`: one
 pass where there were two), and every KL candidate's divergence up to rounding
 (:func:`kl_divergences`, a filter within a stated bound of the tensor code of
-:mod:`calibrator.quant.kl`, which scores again the candidates the bound cannot separate). Each returns None where it cannot run; the caller's
-tensor code then gives the same results.
+:mod:`calibrator.quant.kl`, which scores again the candidates the bound cannot separate).
+Each returns None where it cannot run; the caller's tensor code then gives the same
+results.
 
 The requantization does in one loop what the tensor code does in three to six elementwise
 passes (multiply, residual sum, saturate, round; each a full read and write of a conv output
