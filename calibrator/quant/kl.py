@@ -183,8 +183,8 @@ def _best_candidate(hist: torch.Tensor, levels: int, chunk: int = 64) -> int:
     hist = hist.to(torch.float64)
     fast = native.kl_divergences(hist, levels, SMOOTH_EPS, zero_bin_value(SMOOTH_EPS))
     if fast is None or not bool(torch.isfinite(fast[0]).all()):
-        candidates, _ = _chunks(hist.numel(), levels, chunk, hist.device)
-        return int(candidates[int(torch.argmin(kl_divergences(hist, levels, chunk)[1]))])
+        candidates, divergence = kl_divergences(hist, levels, chunk)
+        return int(candidates[int(torch.argmin(divergence))])
     divergence, size = fast
     at = int(torch.argmin(divergence))
     bound = _FILTER_MARGIN * (1.0 + size)
