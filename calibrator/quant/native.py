@@ -220,7 +220,7 @@ int kl_all(const double *h, int64_t bins, int64_t levels, double eps, double giv
         tail[k] = h[k] + tail[k + 1];
     double table[256];
     log_table(table);
-    const double log_given = log(given);
+    const double log_given = any_log(given, table);
     double *lh = malloc((size_t)bins * 2 * sizeof(double));   /* ln h, 1 / h (h > 0) */
     if (lh == NULL) {
         free(pre);
@@ -318,11 +318,14 @@ int kl_all(const double *h, int64_t bins, int64_t levels, double eps, double giv
                     p = h[k] - ptake;
                     const double r = ptake * ih[k];
                     lp = r == 0.0 ? lh[k]
-                        : r < 0x1p-9 && h[k] >= DBL_MIN
+                        : r < 0x1p-9
                         ? lh[k] - r * (1.0 + r * (0.5 + r * (1.0 / 3.0 + r * 0.25)))
                         : p > 0.0 ? any_log(p, table) : 0.0;
+                } else if (k < i - 1 || last == 0.0) {
+                    p = given;   /* (its log taken once, for Q's empty bins too) */
+                    lp = log_given;
                 } else {
-                    p = k < i - 1 ? given : (last != 0.0 ? last - ptake : given);
+                    p = last - ptake;
                     lp = p > 0.0 ? any_log(p, table) : 0.0;
                 }
                 if (p > 0.0 && q[k] > 0.0) {
