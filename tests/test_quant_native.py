@@ -181,6 +181,44 @@ def test_counts_with_figures_are_the_counts_and_the_figures(size):
     assert native.bin_counts(x, 2048, 2.0 ** -149, 6.0, True, with_figures=True) is None
 
 
+@pytest.mark.parametrize("size", [2047, 3_000_001])
+def test_counts_of_a_clamp_are_torchs_clamp_counted_and_the_figures_before_it(size):
+    """Counting with a clamp: the tensor becomes ``clamp_(0, 6)``'s bit for bit, the counts
+    are the tensor route's keys of the clamped values, the figures and zeros those of the
+    values before the clamp; where a value is not finite the figures are None (the values
+    clamped all the same, as torch clamps them)."""
+    from calibrator.quant.counting import _count
+    low = 2.0 ** -149
+
+    def keys(values, width):   # the tensor route's keys, those past the range in the last
+        counts = _count(values, 2048, low, width, True)
+        return torch.cat([counts[:2049], counts[2049:].sum().reshape(1)])
+
+    for bad in (None, float("nan"), float("inf")):
+        x = _awkward(size, size + 3)
+        x[7::13] += 5.0                    # values past the clamp
+        x[1] = 6.5                         # clamped to 6: the last bin's edge
+        if bad is not None:
+            x[size // 4] = bad
+        before = native.figures(x.clone())
+        want = x.clone().clamp_(0.0, 6.0)
+        for high in (6.0, 3.0):            # 3: clamped values past the range, the last key
+            width = float(np.float32(high) - np.float32(low))
+            y = x.clone()
+            counts, extremes, zeros = native.bin_counts(y, 2048, low, width, True,
+                                                        with_figures=True, clamp=(0.0, 6.0))
+            assert torch.equal(bits(y), bits(want))
+            assert zeros == size - int(torch.count_nonzero(x))
+            if bad is None:
+                assert (*extremes, zeros) == before
+                assert torch.equal(counts, keys(want, width))
+            else:
+                assert extremes is None
+                if bad != bad:            # (a NaN has no key; inf was clamped to 6)
+                    continue
+                assert torch.equal(counts, keys(want, width))
+
+
 @pytest.mark.skipif(not native.available(), reason="no C compiler")
 def test_a_kernel_without_memory_says_so_and_the_tensor_code_runs(monkeypatch):
     """The allocating kernels return -1 where malloc/calloc fail (here: tables of 2^62
@@ -189,9 +227,15 @@ def test_a_kernel_without_memory_says_so_and_the_tensor_code_runs(monkeypatch):
     library = native._library()
     counts = torch.zeros(8, dtype=torch.int64)
     x = torch.ones(16)
+    none = (None, 0.0, 0.0, None)   # (no clamp)
     assert library.hist_count(x.data_ptr(), 16, 2 ** 61, 0.0, 1.0, 1, counts.data_ptr(),
-                              None) == -1
-    assert library.hist_count(x.data_ptr(), 16, 4, 0.0, 1.0, 1, counts.data_ptr(), None) == 0
+                              None, *none) == -1
+    zeros = torch.zeros(1, dtype=torch.int64)
+    assert library.hist_count(x.data_ptr(), 2 ** 18, 2 ** 61, 0.0, 1.0, 1, counts.data_ptr(),
+                              None, torch.full((2 ** 18,), -1.0).data_ptr(), 0.0, 0.5,
+                              zeros.data_ptr()) == -1   # (a clamp too: see the next test)
+    assert library.hist_count(x.data_ptr(), 16, 4, 0.0, 1.0, 1, counts.data_ptr(), None,
+                              *none) == 0
     assert counts.tolist() == [0, 0, 0, 0, 0, 16, 0, 0]   # |1| / 1 * 4 bins: key 5, the last
     h = torch.ones(4, dtype=torch.float64)
     out = torch.full((2,), 7.0, dtype=torch.float64)
@@ -206,6 +250,11 @@ def test_a_kernel_without_memory_says_so_and_the_tensor_code_runs(monkeypatch):
     monkeypatch.setattr(native, "_library", lambda: Starved())
     assert native.bin_counts(torch.rand(1000), 2048, 0.0, 1.0, True) is None
     assert native.bin_counts(torch.rand(1000), 2048, 0.0, 1.0, True, with_figures=True) is None
+    x = torch.rand(1000) * 8
+    kept = x.clone()
+    assert native.bin_counts(x, 2048, 0.0, 1.0, True, with_figures=True,
+                             clamp=(0.0, 6.0)) is None
+    assert torch.equal(x, kept)
     assert native.kl_divergences(torch.rand(2048, dtype=torch.float64), 128, 1e-4, 1e-4) is None
 
 
@@ -236,7 +285,8 @@ def test_the_avx2_counting_kernel_counts_what_the_baseline_one_counts(tmp_path, 
             for library, counts, ext in ((native._library(), got, extremes[0]),
                                          (baseline, want, extremes[1])):
                 assert library.hist_count(x.data_ptr(), x.numel(), bins, low, high, absolute,
-                                          counts.data_ptr(), ext.data_ptr()) == 0
+                                          counts.data_ptr(), ext.data_ptr(), None, 0.0, 0.0,
+                                          None) == 0
             assert torch.equal(got, want) and int(got.sum()) == x.numel()
             assert torch.equal(*extremes)
             assert native._extremes(extremes[0]) == (float(values.min()), float(values.max()),
@@ -338,7 +388,9 @@ def test_statistics_read_a_relu6_input_while_it_clamps(monkeypatch):
         return stats, values
 
     seen["kernel"] = run()
-    assert len(calls) == len(tiny.batches)
+    # the first batch (which sets c3's ReLU6 output's histogram range) clamps with the
+    # figures; the later ones clamp while counting (the next test)
+    assert len(calls) == 1
     monkeypatch.setattr(native, "_library", lambda: None)
     seen["tensors"] = run()
     (stats, values), (other, other_values) = seen["kernel"], seen["tensors"]
@@ -348,16 +400,66 @@ def test_statistics_read_a_relu6_input_while_it_clamps(monkeypatch):
         a, b = stats[key], other[key]
         assert (a.minimum, a.maximum, a.absmax, a.count, a.zeros, a.batch_absmax) == \
             (b.minimum, b.maximum, b.absmax, b.count, b.zeros, b.batch_absmax), key
+        assert (a.hist is None) == (b.hist is None)
+        if a.hist is not None:
+            assert np.array_equal(a.hist, b.hist), key
     for i in values:
         assert torch.equal(bits(values[i]), bits(other_values[i]))
     monkeypatch.setattr(native, "_library", real_library)
-    broken = [dict(feeds) for feeds in tiny.batches]
-    broken[0]["data"] = broken[0]["data"].clone()
-    broken[0]["data"][0, 0, 0, 0] = float("nan")
-    calls.clear()
-    with pytest.raises(LayerError, match="'c3'"):    # the one tracked tensor: c3's output
-        collect(tiny.net, tiny.fused, iter(broken), refs=[pre], hist_keys=set())
-    assert calls
+    post = next(r for r in refs if r.name == "c3" and r.producer > pre.producer)
+    for batch, tracked in ((0, [pre]), (len(tiny.batches) - 1, [pre, post])):
+        broken = [dict(feeds) for feeds in tiny.batches]    # (the last: clamp and count)
+        broken[batch]["data"] = broken[batch]["data"].clone()
+        broken[batch]["data"][0, 0, 0, 0] = float("nan")
+        calls.clear()
+        with pytest.raises(LayerError, match="'c3'"):    # c3's output, before the ReLU6
+            collect(tiny.net, tiny.fused, iter(broken), refs=tracked,
+                    hist_keys={r.key for r in tracked[1:]})
+        assert len(calls) == 1   # the first batch's clamp (the last batch: clamp and count)
+
+
+def test_statistics_count_a_relu6_output_while_it_clamps(monkeypatch):
+    """Where the in-place ReLU6's output is histogrammed (c3's ReLU6 here), every batch
+    after the first clamps and counts it in one read: the histogram, the figures before and
+    after the clamp and the values the net computes are the tensor code's, a batch past the
+    histogram's range included (counted again at the grown range)."""
+    from calibrator.quant.histogram import GrowingHistogram
+    from calibrator.quant.statistics import collect, tracked_refs
+    tiny = TinyNet(RESIDUAL_NET, seed=11)
+    tiny.calibrate()
+    refs = tracked_refs(tiny.fused)
+    pre = next(r for r in refs if r.name == "c3" and tiny.net.nodes[r.producer].name == "c3")
+    keys = {r.key for r in refs} - {pre.key}     # c3's output read by the ReLU6 alone
+    feeds = [dict(f) for f in tiny.batches]
+    feeds[0]["data"] = feeds[0]["data"] / 64      # the later batches past its range
+    fused, grown = [], []
+    real_clamped, real_add = GrowingHistogram.add_clamped, GrowingHistogram.add
+    monkeypatch.setattr(GrowingHistogram, "add_clamped",
+                        lambda self, *a: fused.append(real_clamped(self, *a)) or fused[-1])
+    monkeypatch.setattr(GrowingHistogram, "add",
+                        lambda self, *a, **k: grown.append(a[1]) or real_add(self, *a, **k))
+    runs = []
+    for kernel in (True, False):
+        if not kernel:
+            monkeypatch.setattr(native, "_library", lambda: None)
+        values = []
+        runs.append((collect(tiny.net, tiny.fused, iter(feeds), outputs=["c4"], hist_keys=keys,
+                             on_batch=lambda out: values.append(out["c4"].clone())), values))
+    assert len([f for f in fused if f is not None]) == len(feeds) - 1
+    post = next(r for r in refs if r.name == "c3" and r.producer > pre.producer)
+    (stats, values), (other, other_values) = runs
+    assert stats[post.key].batch_absmax[0] < stats[post.key].batch_absmax[-1] == 6.0
+    assert stats[pre.key].absmax > 6.0 and stats[pre.key].hist is None
+    assert set(stats) == set(other)
+    for key in stats:
+        a, b = stats[key], other[key]
+        assert (a.minimum, a.maximum, a.absmax, a.count, a.zeros, a.batch_absmax) == \
+            (b.minimum, b.maximum, b.absmax, b.count, b.zeros, b.batch_absmax), key
+        assert (a.hist is None) == (b.hist is None)
+        if a.hist is not None:
+            assert np.array_equal(a.hist, b.hist), key
+    for a, b in zip(values, other_values, strict=True):
+        assert torch.equal(bits(a), bits(b))
 
 
 def test_a_relu6_reading_a_later_version_takes_no_figures_for_an_earlier_one(monkeypatch):

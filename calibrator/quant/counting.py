@@ -51,20 +51,22 @@ def bin_counts(flat: torch.Tensor, bins: int, low: float, high: float,
     return _in_range(counts, bins)
 
 
-def bin_counts_with_figures(flat: torch.Tensor, bins: int, low: float, high: float
-                            ) -> tuple[torch.Tensor, tuple[float, float, float]] | None:
+def bin_counts_with_figures(flat: torch.Tensor, bins: int, low: float, high: float,
+                            clamp: tuple[float, float] | None = None) -> tuple | None:
     """:func:`bin_counts` of ``|flat|`` and ``flat``'s (min, max, max|x|) in one read by the
     C kernel (:func:`calibrator.quant.native.bin_counts`); the counts are
     ``bin_counts``'s where max|x| <= ``high`` (values past it are counted in the last bin).
-    None where the kernel does not run or a value is not finite."""
+    None where the kernel does not run or a value is not finite. ``clamp`` = (low, high):
+    ``flat`` clamped in place on the same read and its clamped values counted; returns
+    (counts, the figures before the clamp or None where a value is not finite, the zeros
+    before it), or None with ``flat`` untouched."""
     width = _width(flat, bins, low, high)
     if width is None:
         return None
-    got = native.bin_counts(flat, bins, low, width, True, with_figures=True)
+    got = native.bin_counts(flat, bins, low, width, True, with_figures=True, clamp=clamp)
     if got is None:
         return None
-    counts, extremes = got
-    return _in_range(counts, bins), extremes
+    return (_in_range(got[0], bins), *got[1:])
 
 
 def _width(flat: torch.Tensor, bins: int, low: float, high: float) -> float | None:

@@ -63,6 +63,32 @@ class GrowingHistogram:
             nonzero = int(counts.sum())
         return lo, hi, absmax, x.numel() - nonzero
 
+    def add_clamped(self, flat: torch.Tensor, low: float, high: float):
+        """``flat.clamp_(low, high)`` (``flat`` 1-D, dense) and the clamped values counted,
+        in one read where the C kernel runs: returns the figures (min, max, max|x|, zeros)
+        of ``flat`` before the clamp (None where a value is not finite) and after it. None
+        where it cannot (before the first batch, without the kernel): ``flat`` is then
+        untouched and nothing counted."""
+        if self.counts is None:
+            return None
+        got = abs_histogram_with_figures(flat, self.range, self.bins, clamp=(low, high))
+        if got is None:
+            return None
+        counts, extremes, zeros = got
+        if extremes is None:
+            return None, None
+        lo, hi, absmax = extremes
+        # the clamp is monotone: the clamped extremes are the extremes clamped
+        # (a zero extreme as +0, as the kernel reports one)
+        c_lo, c_hi = (min(max(v, low), high) + 0.0 for v in (lo, hi))
+        c_absmax = max(abs(c_lo), abs(c_hi))
+        if c_absmax > self.range:
+            nonzero = self.add(flat, c_absmax, nonnegative=c_lo >= 0)
+        else:
+            self.counts += counts
+            nonzero = int(counts.sum())
+        return (lo, hi, absmax, zeros), (c_lo, c_hi, c_absmax, flat.numel() - nonzero)
+
     def rebin(self, absmax: float, bins: int = NUM_BINS) -> np.ndarray:
         """Counts (float64) in ``bins`` bins over [0, absmax], absmax <= range."""
         if self.counts is None or absmax <= 0:

@@ -247,12 +247,15 @@ def abs_histogram(x: torch.Tensor, absmax: float, bins: int = NUM_BINS,
                       absolute=not nonnegative)
 
 
-def abs_histogram_with_figures(x: torch.Tensor, high: float, bins: int = NUM_BINS
-                               ) -> tuple[torch.Tensor, tuple[float, float, float]] | None:
+def abs_histogram_with_figures(x: torch.Tensor, high: float, bins: int = NUM_BINS,
+                               clamp: tuple[float, float] | None = None) -> tuple | None:
     """:func:`abs_histogram` of ``x`` over [0, ``high``] and ``x``'s (min, max, max|x|),
     read in one pass by the C kernel; the counts are ``abs_histogram``'s only where
-    max|x| <= ``high``. None where the kernel does not run or ``x`` is not finite."""
-    return bin_counts_with_figures(in_memory_order(x.detach()), bins, _SMALLEST, float(high))
+    max|x| <= ``high``. None where the kernel does not run or ``x`` is not finite.
+    ``clamp``: ``x`` (dense) clamped in place on that pass and its clamped values counted
+    (see :func:`~calibrator.quant.counting.bin_counts_with_figures`)."""
+    return bin_counts_with_figures(in_memory_order(x.detach()), bins, _SMALLEST, float(high),
+                                   clamp)
 
 
 #: the smallest positive float32 (2^-149): the low end of the histogram's range

@@ -420,20 +420,26 @@ int64_t figures(const float *x, int64_t n, int32_t *ext, float *out, float lo, f
 static const float TINY = 0x1p-123f;   /* from here up, e - 2^-149 rounds to e */
 
 /* counts[0 .. bins + 1] += the bin keys' counts of |x| (absolute) or x; n < 2^32; with
-   ext, x's extremes merged into it on the way (see block_figures).
-   Returns 0, or -1 where memory could not be had (counts and ext then undefined) */
+   ext, x's extremes merged into it on the way (see block_figures). With out (x itself for
+   in place), each value is first clamped to [clo, chi] (as figures clamps) and written
+   there: the counts are the clamped values', ext gets x's extremes before the clamp and
+   *zeros (not NULL then) gains x's zeros before it.
+   Returns 0, or -1 where memory could not be had (counts, ext, out then undefined) */
 WITH_AVX2
 int hist_count(const float *x, int64_t n, int64_t bins, float low, float width,
-               int absolute, int64_t *counts, int32_t *ext)
+               int absolute, int64_t *counts, int32_t *ext, float *out, float clo,
+               float chi, int64_t *zeros)
 {
     const float fb = (float)bins;
     const uint32_t last = (uint32_t)(bins + 1);
     int failed = 0;
-    #pragma omp parallel if (n >= SPLIT)
+    int64_t zero_total = 0;
+    #pragma omp parallel if (n >= SPLIT) reduction(+: zero_total)
     {
         uint32_t *even = calloc(2 * ((size_t)bins + 2), sizeof(uint32_t));
         uint32_t *odd = even != NULL ? even + bins + 2 : NULL;
         int32_t key[BLOCK];
+        float clamped[BLOCK];
         int32_t mine[3] = {INT32_MAX, INT32_MIN, 0};
         if (ext != NULL) {
             mine[0] = ext[0];
@@ -444,28 +450,52 @@ int hist_count(const float *x, int64_t n, int64_t bins, float low, float width,
             #pragma omp atomic write
             failed = 1;
         }
+        #pragma omp barrier
+        int skip;   /* one thread without tables: none reads (or writes out) anything */
+        #pragma omp atomic read
+        skip = failed;
         #pragma omp for schedule(static)
         for (int64_t b = 0; b < n; b += BLOCK) {
-            if (even == NULL)
-                continue;   /* (every thread must reach the loop; this one's share is lost) */
+            if (skip)
+                continue;   /* (every thread must reach the loop) */
             const int64_t m = n - b < BLOCK ? n - b : BLOCK;
             const float *xb = x + b;
             int tiny = 0;
             int32_t lo = mine[0], hi = mine[1], top = mine[2];
-            for (int64_t j = 0; j < m; j++) {   /* (the extremes cost next to nothing here) */
-                uint32_t bits;
-                memcpy(&bits, xb + j, sizeof bits);
-                EXTEND(bits, lo, hi, top);
-                const float e = absolute ? fabsf(xb[j]) : xb[j];
-                key[j] = e >= TINY ? (int32_t)((e * fb) / width) + 1 : 0;
-                tiny |= (e < TINY) & (e != 0.0f);
+            if (out == NULL) {
+                for (int64_t j = 0; j < m; j++) {   /* (the extremes cost next to nothing) */
+                    uint32_t bits;
+                    memcpy(&bits, xb + j, sizeof bits);
+                    EXTEND(bits, lo, hi, top);
+                    const float e = absolute ? fabsf(xb[j]) : xb[j];
+                    key[j] = e >= TINY ? (int32_t)((e * fb) / width) + 1 : 0;
+                    tiny |= (e < TINY) & (e != 0.0f);
+                }
+            } else {   /* (clamped into the block's own buffer, which x cannot alias, so
+                          that the loop vectorises; copied out after it) */
+                int32_t found = 0;
+                for (int64_t j = 0; j < m; j++) {
+                    uint32_t bits;
+                    memcpy(&bits, xb + j, sizeof bits);
+                    EXTEND(bits, lo, hi, top);
+                    found += (bits & 0x7fffffffu) == 0;
+                    float v = xb[j] < clo ? clo : xb[j];
+                    v = v > chi ? chi : v;
+                    clamped[j] = v;
+                    const float e = absolute ? fabsf(v) : v;
+                    key[j] = e >= TINY ? (int32_t)((e * fb) / width) + 1 : 0;
+                    tiny |= (e < TINY) & (e != 0.0f);
+                }
+                memcpy(out + b, clamped, (size_t)m * sizeof(float));
+                zero_total += found;
             }
             mine[0] = lo;
             mine[1] = hi;
             mine[2] = top;
             if (tiny) {
+                const float *vb = out != NULL ? out + b : xb;   /* (the values counted) */
                 for (int64_t j = 0; j < m; j++) {
-                    const float e = absolute ? fabsf(xb[j]) : xb[j];
+                    const float e = absolute ? fabsf(vb[j]) : vb[j];
                     if (e < TINY && e != 0.0f)
                         key[j] = (int32_t)(((e - low) * fb) / width) + 1;
                 }
@@ -481,7 +511,7 @@ int hist_count(const float *x, int64_t n, int64_t bins, float low, float width,
                 even[k0 > last ? last : k0]++;
             }
         }
-        if (even != NULL) {
+        if (!skip) {
             #pragma omp critical
             {
                 for (int64_t k = 0; k < bins + 2; k++)
@@ -492,6 +522,8 @@ int hist_count(const float *x, int64_t n, int64_t bins, float low, float width,
         }
         free(even);
     }
+    if (zeros != NULL)
+        *zeros += zero_total;
     return failed ? -1 : 0;
 }
 """
@@ -509,7 +541,7 @@ _SIGNATURES = {
     "rq_first": (None, [_POINTER, _POINTER, _INT, _INT, _INT, _POINTER, _FLOAT, _POINTER,
                         _DOUBLE, _FLOAT, _FLOAT]),
     "hist_count": (ctypes.c_int, [_POINTER, _INT, _INT, _FLOAT, _FLOAT, ctypes.c_int,
-                                  _POINTER, _POINTER]),
+                                  _POINTER, _POINTER, _POINTER, _FLOAT, _FLOAT, _POINTER]),
     "figures": (_INT, [_POINTER, _INT, _POINTER, _POINTER, _FLOAT, _FLOAT]),
     "kl_all": (ctypes.c_int, [_POINTER, _INT, _INT, _DOUBLE, _DOUBLE, _POINTER, _POINTER]),
 }
@@ -654,25 +686,36 @@ def _extremes(ext: torch.Tensor) -> tuple[float, float, float] | None:
 
 
 def bin_counts(flat: torch.Tensor, bins: int, low: float, width: float, absolute: bool,
-               with_figures: bool = False):
+               with_figures: bool = False, clamp: tuple[float, float] | None = None):
     """int64 counts of the bin keys 0 ... ``bins`` + 1 of ``flat`` (1-D, float32, on the
     CPU), as the module's text says; None where the kernel is unavailable, ``flat`` is not
     such a tensor, or the kernel could not allocate its tables (the caller runs its tensor
     operations). ``with_figures``: (counts, (min, max, max|x|)) read on the same pass, None
-    also where a value is not finite."""
+    also where a value is not finite. ``clamp`` = (low, high) (with ``with_figures``):
+    ``flat.clamp_(low, high)`` on the same pass, the counts those of the clamped values;
+    returns (counts, (min, max, max|x|) before the clamp or None where a value is not
+    finite, zeros before the clamp); where it returns None, ``flat`` is untouched."""
     library = _flat_library(flat)
     if library is None:
         return None
     counts = torch.zeros(bins + 2, dtype=torch.int64)
     ext = torch.tensor(_NO_EXTREMES, dtype=torch.int32) if with_figures else None
-    for piece in flat.split(_HIST_CALL):
+    zeros = torch.zeros(1, dtype=torch.int64) if clamp is not None else None
+    pieces = flat.split(_HIST_CALL)
+    if clamp is not None and len(pieces) > 1:
+        return None  # (a later piece without memory would leave the first ones clamped)
+    for piece in pieces:
         if library.hist_count(piece.data_ptr(), piece.numel(), bins, low, width,
                               int(absolute), counts.data_ptr(),
-                              None if ext is None else ext.data_ptr()) != 0:
+                              None if ext is None else ext.data_ptr(),
+                              *((None, 0.0, 0.0, None) if clamp is None else
+                                (piece.data_ptr(), *clamp, zeros.data_ptr()))) != 0:
             return None  # no memory for the kernel's tables: the tensor code counts
     if ext is None:
         return counts
     extremes = _extremes(ext)
+    if clamp is not None:
+        return counts, extremes, int(zeros)
     return None if extremes is None else (counts, extremes)
 
 

@@ -114,6 +114,7 @@ class _Collector:
                       for ref in refs}
         self.hists = {key: GrowingHistogram() for key in self.stats if key in histograms}
         self.clamping: set[int] = set()   # the ReLU6 nodes that take figures (see below)
+        self.counted: str | None = None   # a top's key _clamp has observed already
 
     def observe(self, ref: BlobRef, x: torch.Tensor, node=None) -> None:
         x = x.detach()
@@ -163,6 +164,8 @@ class _Collector:
         owned = blobs.owned == name
         flat = in_memory_order(x) if owned else None
         if flat is not None and flat.data_ptr() == x.data_ptr():   # (a view: x is dense)
+            if self._count_clamped(node, flat, ref, bounds, producer):
+                return (x,)
             got = native.clamp_with_figures(flat, *bounds)   # (None: not a CPU float32 blob)
             if got is not None:
                 extremes, zeros = got
@@ -173,13 +176,33 @@ class _Collector:
         self.observe(ref, x, producer)
         return (node.module.apply_(x) if owned else node.module.apply(x),)
 
+    def _count_clamped(self, node, flat: torch.Tensor, ref: BlobRef, bounds, producer) -> bool:
+        """Where the clamp's own top is histogrammed: ``flat`` clamped and counted in one
+        read (:meth:`~calibrator.quant.histogram.GrowingHistogram.add_clamped`), the figures
+        of ``ref`` (before) and of the top (after) folded, the hook told the top is
+        observed. False where that cannot run (``flat`` untouched)."""
+        top = next((r for r in self.by_producer.get(node.index, ())
+                    if r.name == node.tops[0] and r.key in self.hists), None)
+        got = self.hists[top.key].add_clamped(flat, *bounds) if top is not None else None
+        if got is None:
+            return False
+        before, after = got
+        if before is None:
+            _refuse(ref, producer)
+        fold(self.stats[ref.key], (*before[:3], flat.numel(), before[3]))
+        fold(self.stats[top.key], (*after[:3], flat.numel(), after[3]))
+        self.counted = top.key
+        return True
+
     def feeds(self, feeds: dict) -> None:
         for ref in self.by_producer.get(-1, []):
             self.observe(ref, feeds[ref.name])
 
     def hook(self, node, tops):
+        counted, self.counted = self.counted, None
         for ref in self.by_producer.get(node.index, ()):
-            self.observe(ref, tops[node.tops.index(ref.name)], node)
+            if ref.key != counted:
+                self.observe(ref, tops[node.tops.index(ref.name)], node)
 
     def finish(self) -> dict[str, TensorStats]:
         for key, hist in self.hists.items():
