@@ -33,7 +33,7 @@ from calibrator.quant.layerwise import calibration_subset, layerwise
 from calibrator.quant.scales import eligible_units, kept_fp32
 from calibrator.report import (REPORT_FILES, layer_table, trace_table, unit_cosines,
                                write_report)
-from calibrator.search import Evaluator, Search, SearchResult, SearchState
+from calibrator.search import Evaluator, PrefixReuse, Search, SearchResult, SearchState
 from calibrator.search.adjust import ESTIMATORS as ADJUST_ESTIMATORS
 from calibrator.search.countermeasures import forced_choices
 from calibrator.writers import (OutputContext, force_u8_paths, get_writer,
@@ -291,7 +291,9 @@ class Pipeline:
         config, settings = self.config, self.config.search
         metric_name = "agreement" if metric.kind == "agreement" else metric.blob
         state = self.search_state(paths["prototxt"], metric_name, calibration, backend)
-        evaluator = Evaluator(model, metric, config.iterations, state, quiet=config.quiet)
+        evaluator = Evaluator(model, metric, config.iterations, state, quiet=config.quiet,
+                              reuse=PrefixReuse(calibration.fused, config.iterations,
+                                                metric.outputs()))
         resumed = state.path.exists()
         try:
             result = Search(model, calibration, evaluator, settings, backend,

@@ -61,3 +61,11 @@ def test_fp32_section_names_an_opencv_without_caffe_importer(monkeypatch, tmp_pa
     with pytest.raises(CalibratorError, match=rf"OpenCV {cv2.__version__} has no Caffe "
                                               r"importer.*opencv-python-headless<5"):
         fp32._opencv_net(files, None, fusion=True)
+
+
+def test_the_peers_figures_are_the_min_and_median_of_the_rounds():
+    from calibrator.bench.peers import _shown, _spread
+    runs = [{"s": 9.0}, {"s": 7.0}, {"s": 8.0}, {"s": 20.0}]
+    assert _spread(runs, "s") == (7.0, 8.5)
+    assert _spread(runs[:3], "s") == (7.0, 8.0)
+    assert _shown((7.0, 8.5), "{:.1f}") == "7.0 / 8.5"

@@ -60,7 +60,8 @@ def _ours(ctx: Context, files, out: Path, *extra: str) -> dict:
 
 
 def _fp32_pass(ctx: Context, model) -> float:
-    """Seconds of our FP32 forward over the 500 images (the best of --repeat passes)."""
+    """Seconds of our FP32 forward over the 500 images (the best of --repeat passes, after a
+    first batch that warms the kernels up)."""
     folded = FoldedFP32(analyze(model.net)).overrides
     feeds = [{k: v.to(ctx.device) for k, v in model.source.batch(i).items()}
              for i in range(BATCHES)]
@@ -111,52 +112,78 @@ def run_nncf(ctx: Context, model, tmp: Path, calibration: range = range(BATCHES)
 @section("peers", "Whole runs, shared MobileNetV2, 500 images: -q and -l 0.01 vs FP32 "
                   "and NNCF")
 def peers(ctx: Context) -> SectionResult:
+    """``--repeat`` rounds, each running our FP32 pass, our -q, our -l 0.01 and NNCF one
+    after the other (a slow spell of the machine falls on every contender of a round); each
+    figure as the min and the median over the rounds, each ratio from the medians."""
     files = _files(ctx)
     model = load_model(files["test"], files["weights"], device=ctx.device)
     model.source.prefetch(BATCHES)
-    ctx.log("our FP32 pass over the 500 images")
-    fp32_s = _fp32_pass(ctx, model)
+    runs: dict[str, list] = {"fp32": [], "quantize": [], "search": [], "nncf": []}
     with tempfile.TemporaryDirectory(prefix="calibrator-bench-") as tmp:
         tmp = Path(tmp)
-        ctx.log("calibrator -q (a process of its own)")
-        quantize = _ours(ctx, files, tmp / "q", "-q")
-        ctx.log("calibrator -l 0.01 (a process of its own)")
-        search = _ours(ctx, files, tmp / "l", "-l", "0.01", "-n", "accuracy-top1")
-        ctx.log("NNCF quantize and quantize_with_accuracy_control, when installed")
-        nncf = run_nncf(ctx, model, tmp)
-    summary = search["search"]
-    rows = [["our FP32 pass, 500 images (s)", f"{fp32_s:.1f}", ""],
-            ["calibrator -q (s)", f"{quantize['wall_seconds']:.1f}",
-             f"{quantize['wall_seconds'] / fp32_s:.2f} FP32 passes"],
-            ["calibrator -q peak memory (MB)", f"{quantize['peak_rss_mb']:.0f}", ""],
-            ["calibrator -l 0.01 (s)", f"{search['wall_seconds']:.1f}",
-             f"{summary['full_evaluations']} full evaluations"],
+        for turn in range(ctx.repeat):
+            ctx.log(f"round {turn + 1}/{ctx.repeat}: our FP32 pass over the 500 images, "
+                    "calibrator -q, calibrator -l 0.01 (each a process of its own), NNCF "
+                    "when installed")
+            runs["fp32"].append({"seconds": _fp32_pass(ctx, model)})
+            runs["quantize"].append(_ours(ctx, files, tmp / f"q{turn}", "-q"))
+            runs["search"].append(_ours(ctx, files, tmp / f"l{turn}", "-l", "0.01", "-n",
+                                        "accuracy-top1"))
+            (tmp / f"n{turn}").mkdir()
+            runs["nncf"].append(run_nncf(ctx, model, tmp / f"n{turn}"))
+    quantize, search = runs["quantize"], runs["search"]
+    summary = search[0]["search"]
+    q_s, l_s = _spread(quantize, "wall_seconds"), _spread(search, "wall_seconds")
+    fp32 = _spread(runs["fp32"], "seconds")
+    fp32_s = fp32[1]
+    evaluations = sorted({run["search"]["full_evaluations"] for run in search})
+    rows = [["our FP32 pass, 500 images (s)", _shown(fp32, "{:.2f}"), ""],
+            ["calibrator -q (s)", _shown(q_s, "{:.1f}"),
+             f"{q_s[1] / fp32_s:.2f} FP32 passes"],
+            ["calibrator -q peak memory (MB)",
+             _shown(_spread(quantize, "peak_rss_mb"), "{:.0f}"), ""],
+            ["calibrator -l 0.01 (s)", _shown(l_s, "{:.1f}"),
+             f"{'/'.join(map(str, evaluations))} full evaluations"],
             ["calibrator -l 0.01 top-1 FP32 -> INT8",
              f"{summary['fp32']:.3f} -> {summary['int8']:.3f}",
              f"{len(summary['fp32_layers'])} FP32 layers"],
-            ["calibrator -l 0.01 peak memory (MB)", f"{search['peak_rss_mb']:.0f}", ""]]
-    data = {"images": IMAGES, "fp32_pass_seconds": fp32_s, "quantize": quantize,
-            "search": search, "quantize_over_fp32_passes": quantize["wall_seconds"] / fp32_s}
-    notes = []
-    if nncf is None:
+            ["calibrator -l 0.01 peak memory (MB)",
+             _shown(_spread(search, "peak_rss_mb"), "{:.0f}"), ""]]
+    data = {"images": IMAGES, "rounds": ctx.repeat, "fp32_pass_seconds": fp32_s,
+            "fp32_pass_runs": [run["seconds"] for run in runs["fp32"]],
+            "quantize": quantize, "search": search,
+            "quantize_over_fp32_passes": q_s[1] / fp32_s}
+    notes = [f"min / median of {ctx.repeat} rounds; ratios from the medians"]
+    nncf = runs["nncf"]
+    if nncf[0] is None:
         notes.append("NNCF is not installed (pip install nncf): no peer figures")
-    elif "error" in nncf:
-        notes.append(f"NNCF failed: {nncf['error']}")
+    elif any("error" in run for run in nncf):
+        notes.append(f"NNCF failed: {next(r['error'] for r in nncf if 'error' in r)}")
         data["nncf"] = nncf
     else:
         data["nncf"] = nncf
-        data["search_over_nncf_accuracy_control"] = (search["wall_seconds"]
-                                                     / nncf["accuracy_control_seconds"])
-        data["quantize_over_nncf_quantize"] = (quantize["wall_seconds"]
-                                               / nncf["quantize_seconds"])
-        rows += [[f"NNCF {nncf['nncf']} quantize (s)", f"{nncf['quantize_seconds']:.1f}",
+        n_q, n_ac = _spread(nncf, "quantize_seconds"), _spread(nncf, "accuracy_control_seconds")
+        data["search_over_nncf_accuracy_control"] = l_s[1] / n_ac[1]
+        data["quantize_over_nncf_quantize"] = q_s[1] / n_q[1]
+        rows += [[f"NNCF {nncf[0]['nncf']} quantize (s)", _shown(n_q, "{:.1f}"),
                   f"ours -q: {data['quantize_over_nncf_quantize']:.2f}x its time"],
                  ["NNCF quantize top-1 FP32 -> INT8",
-                  f"{nncf['fp32_top1']:.3f} -> {nncf['quantize_top1']:.3f}", ""],
-                 ["NNCF quantize_with_accuracy_control (s)",
-                  f"{nncf['accuracy_control_seconds']:.1f}",
+                  f"{nncf[0]['fp32_top1']:.3f} -> {nncf[0]['quantize_top1']:.3f}", ""],
+                 ["NNCF quantize_with_accuracy_control (s)", _shown(n_ac, "{:.1f}"),
                   f"ours -l 0.01: {data['search_over_nncf_accuracy_control']:.2f}x its time"],
                  ["NNCF accuracy control top-1",
-                  f"{nncf['accuracy_control_top1']:.3f}", ""],
-                 ["NNCF peak memory (MB)", f"{nncf['peak_rss_mb']:.0f}", ""]]
-    return SectionResult([Table(["figure", "value", "ratio"], rows)], data, notes)
+                  f"{nncf[0]['accuracy_control_top1']:.3f}", ""],
+                 ["NNCF peak memory (MB)", _shown(_spread(nncf, "peak_rss_mb"), "{:.0f}"),
+                  ""]]
+    return SectionResult([Table(["figure", "value (min / median)", "ratio"], rows)], data,
+                         notes)
+
+
+def _spread(runs: list[dict], key: str) -> tuple[float, float]:
+    """(min, median) of ``key`` over the runs."""
+    values = [run[key] for run in runs]
+    return min(values), float(np.median(values))
+
+
+def _shown(spread: tuple[float, float], form: str) -> str:
+    return " / ".join(form.format(v) for v in spread)

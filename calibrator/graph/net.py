@@ -342,18 +342,19 @@ class CaffeNet(torch.nn.Module):
                 last[bottom] = node.index
         return last
 
-    def _needed(self, wanted: frozenset) -> set[int]:
-        """Indices of the nodes the ``wanted`` blobs depend on (the rest need not run)."""
+    def _needed(self, wanted: frozenset, stop: int | None = None) -> set[int]:
+        """Indices of the nodes before ``stop`` (None: all) the ``wanted`` blobs depend on
+        as they are at ``stop`` (the rest need not run)."""
         cache = self.__dict__.setdefault("_needed_cache", {})
-        if wanted not in cache:
+        if (wanted, stop) not in cache:
             needed, pending = set(), set(wanted)
-            for node in reversed(self.nodes):
+            for node in reversed(self.nodes[:stop]):
                 if pending & set(node.tops):
                     needed.add(node.index)
                     pending -= set(node.tops)
                     pending |= set(node.bottoms)
-            cache[wanted] = needed
-        return cache[wanted]
+            cache[wanted, stop] = needed
+        return cache[wanted, stop]
 
     def _overwritable(self, node: Node, blobs: dict, wanted: set, keep_all: bool) -> bool:
         """Whether ``node`` may overwrite its first bottom (an activation in place, an
@@ -410,7 +411,7 @@ class CaffeNet(torch.nn.Module):
             feeds.clear()
         nodes = self.nodes[start:stop]
         if outputs is not None and hook is None and not keep_all:
-            needed = self._needed(frozenset(wanted))
+            needed = self._needed(frozenset(wanted), stop)
             nodes = [n for n in nodes if n.index in needed]
         for node in nodes:
             override = overrides.get(node.index) if overrides else None

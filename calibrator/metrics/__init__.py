@@ -122,13 +122,16 @@ def measure(model, metrics: list[Metric], iterations: int, *, net=None, override
             reference: bool = False, desc: str = "evaluate", quiet: bool = False,
             stop: Callable[[list[list[BatchOutcome]]], bool] | None = None,
             on_batch: Callable[[int, dict], None] | None = None, first: int = 0,
-            start: bool = True) -> list[list[BatchOutcome]]:
+            start: bool = True, runner: Callable[[int, dict, list], dict] | None = None
+            ) -> list[list[BatchOutcome]]:
     """Every metric over the first ``iterations`` TEST batches of ``model``'s source, in one
     pass of ``net`` (default ``model.net``) under ``overrides``; per metric, the outcome of
     each batch read. ``reference``: this is the FP32 pass (metrics relative to FP32 keep
     it). ``on_batch(index, outputs)`` sees each batch's outputs; ``stop(outcomes)``, asked
     after each batch, ends the pass early. ``first``: skip the batches before it (an
-    earlier pass read them; ``start=False`` then keeps the metrics' state).
+    earlier pass read them; ``start=False`` then keeps the metrics' state). ``runner(index,
+    feeds, outputs)``, where given, computes a batch's outputs instead of the pass of ``net``
+    (the same values: :mod:`calibrator.search.reuse` resumes it from stored blobs).
 
     Under torchrun the batches are sharded across the ranks and the outcomes gathered back
     in batch order, so every rank returns what one process would (``on_batch`` runs on the
@@ -146,7 +149,8 @@ def measure(model, metrics: list[Metric], iterations: int, *, net=None, override
     def read(index: int, feeds) -> list[BatchOutcome]:
         if sharded:  # DetectionEvaluate's image counter: this batch's first image
             seek_state(net, index * model.batch_size)
-        outputs = net(feeds, outputs=wanted, overrides=overrides)
+        outputs = (net(feeds, outputs=wanted, overrides=overrides) if runner is None
+                   else runner(index, feeds, wanted))
         if on_batch is not None:
             on_batch(index, outputs)
         row = []

@@ -3,7 +3,8 @@ over memory or in plain loops what tensor code does in many operations: the simu
 requantization (:func:`requantize`), the statistics' histogram bin counts
 (:func:`bin_counts`) and a tensor's min, max, max|x| and zeros (:func:`figures`; read by
 the counting kernel on its way, and by a ReLU6's clamp, :func:`clamp_with_figures`: one
-pass where there were two), and every KL candidate's divergence up to rounding
+pass where there were two; the counting kernel may clamp too, counting the clamped values:
+one pass where there were three), and every KL candidate's divergence up to rounding
 (:func:`kl_divergences`, a filter within a stated bound of the tensor code of
 :mod:`calibrator.quant.kl`, which scores again the candidates the bound cannot separate).
 Each returns None where it cannot run; the caller's tensor code then gives the same

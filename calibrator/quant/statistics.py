@@ -13,7 +13,9 @@ first batch, which sets the range, and where a batch passes it: 617 reads for
 MobileNetV2's 520 histogrammed tensor-batches, where the tensor code takes 1040), the
 others' in one read of min, max and zeros, taken while the in-place ReLU6 that alone reads
 such a tensor clamps it (:meth:`_Collector.clamp_overrides`: MobileNetV2's 35 expand
-outputs a batch); the same statistics and values as the tensor code's.
+outputs a batch), and where that ReLU6's output is histogrammed, counted on the same read
+(:meth:`~calibrator.quant.histogram.GrowingHistogram.add_clamped`, from the second batch
+on); the same statistics and values as the tensor code's.
 
 Under torchrun each rank reads its own share of the batches (:func:`collect_sharded`, see
 :mod:`calibrator.distributed`) and the statistics come out exactly as one process computes

@@ -4,6 +4,7 @@ Pieces, each with one job (the loop in ``loop.py`` only sequences them; what a f
 evaluation measures is a :mod:`calibrator.metrics` Metric, what it runs the backend's
 simulator):
   ``evaluator``        runs full evaluations, counts and caches them (resumable state)
+  ``reuse``            evaluations resumed at a cut from an earlier plan's blobs
   ``sensitivity``      the cheap, label-free ranking of quantized layers
   ``adjust``           cheaper fixes before reverting (estimators, per-channel, EasyQuant)
   ``countermeasures``  per-layer fixes for targets that saturate int16 pair sums
@@ -13,5 +14,7 @@ simulator):
 
 from calibrator.search.evaluator import Evaluator, SearchState
 from calibrator.search.loop import Search, SearchResult, SearchSettings
+from calibrator.search.reuse import PrefixReuse
 
-__all__ = ["Evaluator", "Search", "SearchResult", "SearchSettings", "SearchState"]
+__all__ = ["Evaluator", "PrefixReuse", "Search", "SearchResult", "SearchSettings",
+           "SearchState"]

@@ -129,12 +129,13 @@ class Evaluator:
     """Runs (or recalls) full evaluations and counts the ones the search asked for."""
 
     def __init__(self, model, metric: Metric, iterations: int, state: SearchState, *,
-                 quiet: bool = False):
+                 quiet: bool = False, reuse=None):
         self.model = model
         self.metric = metric
         self.iterations = iterations
         self.state = state
         self.quiet = quiet
+        self.reuse = reuse     # a search.reuse.PrefixReuse, or None: every pass runs whole
         self.used = 0          # full evaluations the search asked for (run or recalled)
         self.ran = 0           # of which actually run in this process
 
@@ -156,7 +157,8 @@ class Evaluator:
             outcomes, seconds = measured
             partial = False
         else:
-            outcomes, partial = self._measure(overrides, desc, plan is None, decide)
+            outcomes, partial = self._measure(overrides, desc, plan is None, decide,
+                                              self._runner(plan, overrides))
             seconds = time.time() - started
         self.ran += 1
         return self._store(key, outcomes, seconds, partial)
@@ -167,18 +169,25 @@ class Evaluator:
         if not result.partial:
             return result
         started = time.time()
+        runner = self._runner(plan, overrides)
         rest = measure(self.model, [self.metric], self.iterations, overrides=overrides,
                        desc=desc, quiet=self.quiet, first=result.batches, start=False,
-                       reference=plan is None)[0] if len(result.outcomes) == result.batches \
-            else None
+                       reference=plan is None, runner=runner)[0] \
+            if len(result.outcomes) == result.batches else None
         if rest is None:  # recalled from a state file without the per-batch outcomes
-            outcomes, _ = self._measure(overrides, desc, plan is None, None)
+            outcomes, _ = self._measure(overrides, desc, plan is None, None, runner)
         else:
             outcomes = list(result.outcomes) + rest
         return self._store(plan_fingerprint(plan), outcomes,
                            result.seconds + time.time() - started, False)
 
-    def _measure(self, overrides, desc: str, fp32: bool, decide) -> tuple[list, bool]:
+    def _runner(self, plan, overrides):
+        """The pass that resumes from blobs stored by earlier evaluations (INT8 plans)."""
+        return None if plan is None or self.reuse is None else \
+            self.reuse.runner(plan, overrides)
+
+    def _measure(self, overrides, desc: str, fp32: bool, decide, runner=None
+                 ) -> tuple[list, bool]:
         verdict = {}
 
         def stop(outcomes):
@@ -194,7 +203,8 @@ class Evaluator:
             return True
 
         outcomes = measure(self.model, [self.metric], self.iterations, overrides=overrides,
-                           reference=fp32, desc=desc, quiet=self.quiet, stop=stop)[0]
+                           reference=fp32, desc=desc, quiet=self.quiet, stop=stop,
+                           runner=runner)[0]
         if "bound" in verdict:
             outcomes = _Partial(outcomes, verdict["bound"])
         return outcomes, "bound" in verdict
