@@ -266,7 +266,8 @@ def test_the_avx2_counting_kernel_counts_what_the_baseline_one_counts(tmp_path, 
     its neighbours, tiny and subnormal values, zeros of either sign and values past the
     range, and finds the same extremes and zeros."""
     monkeypatch.setenv("CALIBRATOR_CACHE", str(tmp_path))
-    baseline = ctypes.CDLL(str(native._build(native._compiler(), ("-DWITH_AVX2=",))))
+    baseline = ctypes.CDLL(str(native._build(native._compiler(),
+                                              ("-DWITH_AVX2=", "-DWITH_AVX512="))))
     for name in ("hist_count", "figures"):
         restype, argtypes = native._SIGNATURES[name]
         getattr(baseline, name).restype, getattr(baseline, name).argtypes = restype, argtypes
@@ -297,6 +298,49 @@ def test_the_avx2_counting_kernel_counts_what_the_baseline_one_counts(tmp_path, 
                  for library, ext in ((native._library(), extremes[0]), (baseline, extremes[1]))]
         assert zeros[0] == zeros[1] == x.numel() - int(torch.count_nonzero(x))
         assert torch.equal(*extremes)
+
+
+@pytest.mark.skipif(not native.available() or platform.machine() != "x86_64",
+                    reason="no C compiler, or not x86-64 (no vector copies)")
+def test_the_vector_requantization_kernels_give_the_baselines_bits(tmp_path, monkeypatch):
+    """The loaded library's rq_last and rq_first (the AVX-512 or AVX2 copies, as the CPU
+    has them) write the bits of a build with the baseline alone, in place and not, with and
+    without a residual, ties, signed zeros and saturation included, on rows that are not a
+    multiple of the vector width."""
+    monkeypatch.setenv("CALIBRATOR_CACHE", str(tmp_path))
+    baseline = ctypes.CDLL(str(native._build(native._compiler(),
+                                              ("-DWITH_AVX2=", "-DWITH_AVX512="))))
+    for name in ("rq_last", "rq_first"):
+        restype, argtypes = native._SIGNATURES[name]
+        getattr(baseline, name).restype, getattr(baseline, name).argtypes = restype, argtypes
+    loaded = native._library()
+    shape = (3, 37, 13, 11)
+    x = values(shape, 6, "first")
+    residual = torch.from_numpy(np.random.default_rng(7).integers(-128, 128, shape)
+                                .astype(np.float32))
+    m = torch.rand(shape[1], generator=torch.Generator().manual_seed(8))
+    checked = 0
+    for low, high in ((0.0, 255.0), (-128.0, 127.0), (0.0, 170.25)):
+        for res in (None, residual):
+            outs = []
+            for library in (loaded, baseline):
+                out = torch.empty_like(x)
+                library.rq_last(x.data_ptr(), out.data_ptr(), shape[0] * shape[2] * shape[3],
+                                shape[1], m.data_ptr(), 1.25,
+                                None if res is None else res.data_ptr(), 0.375, low, high)
+                first = torch.empty_like(x)
+                library.rq_first(x.data_ptr(), first.data_ptr(), shape[0] * shape[1],
+                                 shape[1], shape[2] * shape[3], m.data_ptr(), 1.25,
+                                 None if res is None else res.data_ptr(), 0.375, low, high)
+                in_place = x.clone()
+                library.rq_last(in_place.data_ptr(), in_place.data_ptr(),
+                                shape[0] * shape[2] * shape[3], shape[1], m.data_ptr(), 1.0,
+                                None if res is None else res.data_ptr(), 0.375, low, high)
+                outs.append((out, first, in_place))
+            for got, want in zip(*outs):
+                assert torch.equal(bits(got), bits(want))
+                checked += 1
+    assert checked == 18
 
 
 def test_statistics_read_once_are_those_of_the_tensor_code(monkeypatch):

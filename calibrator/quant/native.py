@@ -49,7 +49,9 @@ comparisons are branch-free once the compiler may assume no floating-point traps
 (``-fno-trapping-math``, which changes no value). On x86-64 with glibc the counting kernel is
 built twice, for AVX2 and the baseline, and the CPU picks one when the library loads (GNU
 ``target_clones``; MobileNetV2's ``-q``: the bins 15% faster, the same counts; the other
-kernels gained nothing from it).
+kernels gained nothing from it). The requantization kernels are built for AVX-512 too
+(on an AVX-512 Xeon: 27-28% faster than their AVX2 copies on a 50 x 144 x 56 x 56 blob,
+with and without a residual; the counting kernel gained 3% and is not).
 
 The figures compare float32 bit patterns as integers (the extremes as patterns mapped to
 int32 in the order of the values, max|x| as the largest pattern without its sign bit), which
@@ -95,19 +97,26 @@ SOURCE = r"""
 static const float MAGIC = 12582912.0f;   /* 1.5 * 2^23 */
 #define SPLIT (1 << 18)                      /* elements: below, one thread */
 
-/* an AVX2 copy of a kernel beside the baseline one, the CPU choosing at load time (GNU
-   ifunc: glibc on x86-64, a compiler that knows the attribute); elsewhere, or built with
-   -DWITH_AVX2= (the tests), the baseline alone. The same IEEE operations in each (no FMA:
-   -ffp-contract=off), so the same results. */
-#ifndef WITH_AVX2
+/* an AVX2 copy of a kernel beside the baseline one (WITH_AVX512: an AVX-512 copy too), the
+   CPU choosing at load time (GNU ifunc: glibc on x86-64, a compiler that knows the
+   attribute); elsewhere, or built with -DWITH_AVX2= -DWITH_AVX512= (the tests), the
+   baseline alone. The same IEEE operations in each (no FMA: -ffp-contract=off), so the
+   same results. */
 #if defined(__x86_64__) && defined(__GLIBC__) && defined(__has_attribute)
 #if __has_attribute(target_clones)
+#ifndef WITH_AVX2
 #define WITH_AVX2 __attribute__((target_clones("avx2", "default")))
+#endif
+#ifndef WITH_AVX512
+#define WITH_AVX512 __attribute__((target_clones("avx512f", "avx2", "default")))
 #endif
 #endif
 #endif
 #ifndef WITH_AVX2
 #define WITH_AVX2
+#endif
+#ifndef WITH_AVX512
+#define WITH_AVX512
 #endif
 
 static inline float saturate_round(float v, float lo, float hi)
@@ -118,6 +127,7 @@ static inline float saturate_round(float v, float lo, float hi)
 }
 
 /* rows x channels, channels innermost (channels-last blobs, inner-product outputs) */
+WITH_AVX512
 void rq_last(const float *x, float *out, int64_t rows, int64_t channels, const float *m,
              float t, const float *res, double rs, float lo, float hi)
 {
@@ -138,6 +148,7 @@ void rq_last(const float *x, float *out, int64_t rows, int64_t channels, const f
 }
 
 /* blocks of `inner` elements, block b in channel b % channels (NCHW blobs) */
+WITH_AVX512
 void rq_first(const float *x, float *out, int64_t blocks, int64_t channels, int64_t inner,
               const float *m, float t, const float *res, double rs, float lo, float hi)
 {
