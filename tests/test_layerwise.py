@@ -159,6 +159,35 @@ def test_the_int8_products_make_the_choices_the_float_products_make(bits, monkey
 
 
 @pytest.mark.parametrize("bits", [8, 7])
+def test_the_cosine_kernels_make_the_choices_the_tensor_code_makes(bits, monkeypatch):
+    """The cosines' float64 sums by the C kernels (one read of the candidates' outputs) and
+    by float64 copies of them choose the same scales and corrections."""
+    from calibrator.quant import native
+    if not native.available():
+        pytest.skip("no C compiler")
+    net = _three_convs()
+    net.calibrate(first_conv=True, per_channel=True, bits=bits)
+    options = QuantOptions(first_conv=True, per_channel=True, bits=bits)
+    settings = LayerwiseSettings(steps=21)
+    runs, calls = [], []
+    real = native.column_dot_square
+    monkeypatch.setattr(native, "column_dot_square", lambda *a: calls.append(1) or real(*a))
+    for kernel in (True, False):
+        if not kernel:
+            monkeypatch.setattr(native, "dot_square", lambda *a: None)
+            monkeypatch.setattr(native, "column_dot_square", lambda *a: None)
+        runs.append(layerwise(net.net, net.fused, net.stats, options, {}, net.batches[0],
+                              settings)[0])
+    assert calls
+    with_kernel, without = runs
+    assert set(with_kernel) == set(without) == {"c1", "c2", "c3"}
+    for name in with_kernel:
+        assert with_kernel[name].input_threshold == without[name].input_threshold
+        assert with_kernel[name].weight_scales == without[name].weight_scales
+        assert np.array_equal(with_kernel[name].bias_shift, without[name].bias_shift)
+
+
+@pytest.mark.parametrize("bits", [8, 7])
 def test_easyquant_never_lowers_the_cosine_and_runs_at_7_bits(bits):
     net = _three_convs()
     net.calibrate(first_conv=True, per_channel=True, bits=bits)

@@ -533,3 +533,33 @@ def test_a_relu6_reading_a_later_version_takes_no_figures_for_an_earlier_one(mon
         a, b = with_kernel[key], without[key]
         assert (a.minimum, a.maximum, a.count, a.zeros, a.batch_absmax) == \
             (b.minimum, b.maximum, b.count, b.zeros, b.batch_absmax), key
+
+
+@pytest.mark.skipif(not native.available(), reason="no C compiler")
+@pytest.mark.parametrize("n", [1, 7, 8, 1029])
+def test_the_cosine_sums_are_the_float64_sums(n):
+    """dot_square and column_dot_square: the float64 sums of y.double()'s products with the
+    reference and with itself, within float64 rounding of another summation order; rows (or
+    candidates) of equal values give equal sums exactly; other dtypes or shapes: None."""
+    rng = np.random.default_rng(n)
+    groups, per = 3, 5
+    y = torch.from_numpy(rng.normal(0, 50, (groups, per, n)).astype(np.float32))
+    y[:, 1] = y[:, 0]                                 # equal rows
+    ref = torch.from_numpy(rng.normal(0, 50, (groups, n)))
+    dot, square = native.dot_square(y, ref)
+    y64 = y.double()
+    assert torch.allclose(dot, (y64 * ref[:, None]).sum(2), rtol=1e-13, atol=0)
+    assert torch.allclose(square, (y64 * y64).sum(2), rtol=1e-13, atol=0)
+    assert torch.equal(dot[:, 0], dot[:, 1]) and torch.equal(square[:, 0], square[:, 1])
+    cols = torch.from_numpy(rng.normal(0, 50, (groups, n, per, 4)).astype(np.float32))
+    cols[:, :, 2] = cols[:, :, 3]                     # equal candidates
+    cref = torch.from_numpy(rng.normal(0, 50, (groups, n, 4)))
+    cdot, csquare = native.column_dot_square(cols, cref)
+    c64 = cols.double()
+    assert torch.allclose(cdot, (c64 * cref[:, :, None]).sum(1), rtol=1e-13, atol=1e-9)
+    assert torch.allclose(csquare, (c64 * c64).sum(1), rtol=1e-13, atol=0)
+    assert torch.equal(cdot[:, 2], cdot[:, 3]) and torch.equal(csquare[:, 2], csquare[:, 3])
+    assert native.dot_square(y.double(), ref) is None
+    assert native.dot_square(y, ref.float()) is None
+    assert native.dot_square(y.transpose(0, 1), ref) is None
+    assert native.column_dot_square(cols, cref[:, :-1]) is None

@@ -4,7 +4,9 @@ requantization (:func:`requantize`), the statistics' histogram bin counts
 (:func:`bin_counts`) and a tensor's min, max, max|x| and zeros (:func:`figures`; read by
 the counting kernel on its way, and by a ReLU6's clamp, :func:`clamp_with_figures`: one
 pass where there were two; the counting kernel may clamp too, counting the clamped values:
-one pass where there were three), and every KL candidate's divergence up to rounding
+one pass where there were three), EasyQuant's cosine sums in float64 from the candidates'
+float32 outputs (:func:`dot_square`, :func:`column_dot_square`: one read, no float64 copy),
+and every KL candidate's divergence up to rounding
 (:func:`kl_divergences`, a filter within a stated bound of the tensor code of
 :mod:`calibrator.quant.kl`, which scores again the candidates the bound cannot separate).
 Each returns None where it cannot run; the caller's tensor code then gives the same
@@ -358,6 +360,72 @@ int kl_all(const double *h, int64_t bins, int64_t levels, double eps, double giv
     return failed ? -1 : 0;
 }
 
+/* the rows of y (float32, groups x per x n) against ref (float64, groups x n: the row's
+   group's): dot[r] = sum_j y[r][j] ref[g][j] and square[r] = sum_j y[r][j]^2 in float64
+   (each product exact: float32 x float32 fits in a double; y x ref rounds once), summed in
+   eight interleaved partial sums (lane j % 8) added in lane order at the end: one read of
+   y, no float64 copy of it. The same order for every row, so rows of equal values give
+   equal sums. */
+WITH_AVX512
+void dot_square(const float *y, const double *ref, int64_t groups, int64_t per, int64_t n,
+                double *dot, double *square)
+{
+    #pragma omp parallel for schedule(static) if (groups * per * n >= SPLIT)
+    for (int64_t r = 0; r < groups * per; r++) {
+        const float *yr = y + r * n;
+        const double *gr = ref + (r / per) * n;
+        double d[8] = {0}, q[8] = {0};
+        int64_t j = 0;
+        for (; j + 8 <= n; j += 8) {
+            for (int i = 0; i < 8; i++) {
+                const double v = (double)yr[j + i];
+                d[i] += v * gr[j + i];
+                q[i] += v * v;
+            }
+        }
+        for (int i = 0; j < n; j++, i++) {
+            const double v = (double)yr[j];
+            d[i] += v * gr[j];
+            q[i] += v * v;
+        }
+        double a = 0.0, b = 0.0;
+        for (int i = 0; i < 8; i++) {
+            a += d[i];
+            b += q[i];
+        }
+        dot[r] = a;
+        square[r] = b;
+    }
+}
+
+/* the columns of y (float32, groups x P x K x O) against ref (float64, groups x P x O):
+   dot[g][k][o] = sum_p y[g][p][k][o] ref[g][p][o] and square[g][k][o] = sum_p
+   y[g][p][k][o]^2 in float64 (the products exact or rounded once), summed over p in order:
+   one read of y, no float64 copy of it */
+WITH_AVX512
+void column_dot_square(const float *y, const double *ref, int64_t groups, int64_t positions,
+                       int64_t per, int64_t n, double *dot, double *square)
+{
+    #pragma omp parallel for collapse(2) schedule(static) \
+        if (groups * positions * per * n >= SPLIT)
+    for (int64_t g = 0; g < groups; g++) {
+        for (int64_t k = 0; k < per; k++) {
+            double *d = dot + (g * per + k) * n, *q = square + (g * per + k) * n;
+            for (int64_t o = 0; o < n; o++)
+                d[o] = q[o] = 0.0;
+            for (int64_t p = 0; p < positions; p++) {
+                const float *yr = y + ((g * positions + p) * per + k) * n;
+                const double *rr = ref + (g * positions + p) * n;
+                for (int64_t o = 0; o < n; o++) {
+                    const double v = (double)yr[o];
+                    d[o] += v * rr[o];
+                    q[o] += v * v;
+                }
+            }
+        }
+    }
+}
+
 #define BLOCK 2048
 
 /* float32 bit patterns as int32 in the order of the values (-0 just below +0, the
@@ -556,6 +624,9 @@ _SIGNATURES = {
                                   _POINTER, _POINTER, _POINTER, _FLOAT, _FLOAT, _POINTER]),
     "figures": (_INT, [_POINTER, _INT, _POINTER, _POINTER, _FLOAT, _FLOAT]),
     "kl_all": (ctypes.c_int, [_POINTER, _INT, _INT, _DOUBLE, _DOUBLE, _POINTER, _POINTER]),
+    "dot_square": (None, [_POINTER, _POINTER, _INT, _INT, _INT, _POINTER, _POINTER]),
+    "column_dot_square": (None, [_POINTER, _POINTER, _INT, _INT, _INT, _INT, _POINTER,
+                                 _POINTER]),
 }
 
 
@@ -776,3 +847,42 @@ def kl_divergences(hist: torch.Tensor, levels: int, eps: float, given: float
                       size.data_ptr()) != 0:
         return None  # no memory for the kernel's buffers: the tensor code scores
     return divergence, size
+
+
+def dot_square(y: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(sum of y * ref, sum of y * y), each (G, K), over the last dimension of ``y`` (float32,
+    contiguous, (G, K, n), on the CPU) against ``ref`` (float64, contiguous, (G, n): row
+    (g, k) against ref[g]): float64 sums in one read of ``y`` (see the kernel; the values of
+    ``y.double()``'s products summed, up to the summation order). None where the kernel is
+    unavailable or the tensors are not such."""
+    library = _library()
+    if (library is None or y.device.type != "cpu" or y.dtype != torch.float32
+            or ref.dtype != torch.float64 or y.dim() != 3 or not y.is_contiguous()
+            or ref.shape != (y.shape[0], y.shape[2]) or not ref.is_contiguous()):
+        return None
+    groups, per, n = y.shape
+    dot = torch.empty(groups, per, dtype=torch.float64)
+    square = torch.empty(groups, per, dtype=torch.float64)
+    library.dot_square(y.data_ptr(), ref.data_ptr(), groups, per, n, dot.data_ptr(),
+                       square.data_ptr())
+    return dot, square
+
+
+def column_dot_square(y: torch.Tensor, ref: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(sum over P of y * ref, sum over P of y * y), each (G, K, O), of ``y`` (float32,
+    contiguous, (G, P, K, O), on the CPU) against ``ref`` (float64, contiguous, (G, P, O),
+    the same for every K): float64 sums in one read of ``y`` (see the kernel; the values of
+    ``y.double()``'s products summed, up to the summation order). None where the kernel is
+    unavailable or the tensors are not such."""
+    library = _library()
+    if (library is None or y.device.type != "cpu" or y.dtype != torch.float32
+            or ref.dtype != torch.float64 or y.dim() != 4 or not y.is_contiguous()
+            or ref.shape != (y.shape[0], y.shape[1], y.shape[3]) or not ref.is_contiguous()):
+        return None
+    groups, positions, per, n = y.shape
+    dot = torch.empty(groups, per, n, dtype=torch.float64)
+    square = torch.empty(groups, per, n, dtype=torch.float64)
+    library.column_dot_square(y.data_ptr(), ref.data_ptr(), groups, positions, per, n,
+                              dot.data_ptr(), square.data_ptr())
+    return dot, square
