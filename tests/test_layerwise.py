@@ -138,24 +138,11 @@ def test_the_int8_products_make_the_choices_the_float_products_make(bits, monkey
     """c1 reads signed data, c2 and c3 unsigned ReLU outputs (shifted by 128 at 8 bits)."""
     if not layerwise_module.int8_products_work():
         pytest.skip("no int8 matrix products in this PyTorch build")
-    net = _three_convs()
-    net.calibrate(first_conv=True, per_channel=True, bits=bits)
-    options = QuantOptions(first_conv=True, per_channel=True, bits=bits)
-    settings = LayerwiseSettings(steps=21)
-
-    def run():
-        return layerwise(net.net, net.fused, net.stats, options, {}, net.batches[0], settings)
-
+    run = _three_convs_pass(bits)
     monkeypatch.setattr(layerwise_module, "INT8_PRODUCTS", True)
-    integer, _ = run()
+    integer = run()
     monkeypatch.setattr(layerwise_module, "INT8_PRODUCTS", False)
-    floating, _ = run()
-    assert set(integer) == {"c1", "c2", "c3"}
-    for name in integer:
-        assert integer[name].input_threshold == floating[name].input_threshold
-        assert integer[name].weight_scales == floating[name].weight_scales
-        assert np.allclose(integer[name].bias_shift, floating[name].bias_shift, rtol=0,
-                           atol=1e-9)
+    _assert_same_choices(integer, run(), bias_atol=1e-9)
 
 
 @pytest.mark.parametrize("bits", [8, 7])
@@ -165,26 +152,35 @@ def test_the_cosine_kernels_make_the_choices_the_tensor_code_makes(bits, monkeyp
     from calibrator.quant import native
     if not native.available():
         pytest.skip("no C compiler")
+    run = _three_convs_pass(bits)
+    calls = []
+    real = native.column_dot_square
+    monkeypatch.setattr(native, "column_dot_square", lambda *a: calls.append(1) or real(*a))
+    with_kernel = run()
+    assert calls
+    monkeypatch.setattr(native, "dot_square", lambda *a: None)
+    monkeypatch.setattr(native, "column_dot_square", lambda *a: None)
+    _assert_same_choices(with_kernel, run(), bias_atol=0.0)
+
+
+def _three_convs_pass(bits: int):
+    """The layer-wise pass over ``_three_convs`` at ``bits`` (per-channel, first conv
+    INT8, 21 steps): a function giving its choices."""
     net = _three_convs()
     net.calibrate(first_conv=True, per_channel=True, bits=bits)
     options = QuantOptions(first_conv=True, per_channel=True, bits=bits)
     settings = LayerwiseSettings(steps=21)
-    runs, calls = [], []
-    real = native.column_dot_square
-    monkeypatch.setattr(native, "column_dot_square", lambda *a: calls.append(1) or real(*a))
-    for kernel in (True, False):
-        if not kernel:
-            monkeypatch.setattr(native, "dot_square", lambda *a: None)
-            monkeypatch.setattr(native, "column_dot_square", lambda *a: None)
-        runs.append(layerwise(net.net, net.fused, net.stats, options, {}, net.batches[0],
-                              settings)[0])
-    assert calls
-    with_kernel, without = runs
-    assert set(with_kernel) == set(without) == {"c1", "c2", "c3"}
-    for name in with_kernel:
-        assert with_kernel[name].input_threshold == without[name].input_threshold
-        assert with_kernel[name].weight_scales == without[name].weight_scales
-        assert np.array_equal(with_kernel[name].bias_shift, without[name].bias_shift)
+    return lambda: layerwise(net.net, net.fused, net.stats, options, {}, net.batches[0],
+                             settings)[0]
+
+
+def _assert_same_choices(got: dict, want: dict, bias_atol: float) -> None:
+    assert set(got) == set(want) == {"c1", "c2", "c3"}
+    for name in got:
+        assert got[name].input_threshold == want[name].input_threshold
+        assert got[name].weight_scales == want[name].weight_scales
+        assert np.allclose(got[name].bias_shift, want[name].bias_shift, rtol=0,
+                           atol=bias_atol)
 
 
 @pytest.mark.parametrize("bits", [8, 7])

@@ -343,6 +343,18 @@ def test_the_vector_requantization_kernels_give_the_baselines_bits(tmp_path, mon
     assert checked == 18
 
 
+def assert_same_statistics(got: dict, want: dict) -> None:
+    """Every tracked tensor's figures and histogram the same in both statistics."""
+    assert set(got) == set(want)
+    for key, a in got.items():
+        b = want[key]
+        assert (a.minimum, a.maximum, a.absmax, a.count, a.zeros, a.batch_absmax) == \
+            (b.minimum, b.maximum, b.absmax, b.count, b.zeros, b.batch_absmax), key
+        assert (a.hist is None) == (b.hist is None)
+        if a.hist is not None:
+            assert np.array_equal(a.hist, b.hist), key
+
+
 def test_statistics_read_once_are_those_of_the_tensor_code(monkeypatch):
     """The statistics pass takes each histogrammed tensor's figures and counts in one read
     (a second where a batch's values pass the histogram's range); every statistic, the
@@ -372,15 +384,7 @@ def test_statistics_read_once_are_those_of_the_tensor_code(monkeypatch):
     grown.clear()
     without = collect(tiny.net, tiny.fused, iter(tiny.batches))
     assert len(grown) == 5 * histograms     # the tensor code: two reads of every batch
-    assert set(once) == set(without)
-    for key, stats in once.items():
-        other = without[key]
-        assert (stats.minimum, stats.maximum, stats.absmax, stats.count, stats.zeros,
-                stats.batch_absmax) == (other.minimum, other.maximum, other.absmax,
-                                        other.count, other.zeros, other.batch_absmax), key
-        assert (stats.hist is None) == (other.hist is None)
-        if stats.hist is not None:
-            assert np.array_equal(stats.hist, other.hist), key
+    assert_same_statistics(once, without)
 
 
 @pytest.mark.parametrize("size", [2047, 3_000_001])
@@ -440,13 +444,7 @@ def test_statistics_read_a_relu6_input_while_it_clamps(monkeypatch):
     (stats, values), (other, other_values) = seen["kernel"], seen["tensors"]
     assert stats[pre.key].hist is None and stats[pre.key].minimum < 0
     assert stats[pre.key].zeros >= stats[pre.key].count // 8
-    for key in stats:
-        a, b = stats[key], other[key]
-        assert (a.minimum, a.maximum, a.absmax, a.count, a.zeros, a.batch_absmax) == \
-            (b.minimum, b.maximum, b.absmax, b.count, b.zeros, b.batch_absmax), key
-        assert (a.hist is None) == (b.hist is None)
-        if a.hist is not None:
-            assert np.array_equal(a.hist, b.hist), key
+    assert_same_statistics(stats, other)
     for i in values:
         assert torch.equal(bits(values[i]), bits(other_values[i]))
     monkeypatch.setattr(native, "_library", real_library)
@@ -494,14 +492,7 @@ def test_statistics_count_a_relu6_output_while_it_clamps(monkeypatch):
     (stats, values), (other, other_values) = runs
     assert stats[post.key].batch_absmax[0] < stats[post.key].batch_absmax[-1] == 6.0
     assert stats[pre.key].absmax > 6.0 and stats[pre.key].hist is None
-    assert set(stats) == set(other)
-    for key in stats:
-        a, b = stats[key], other[key]
-        assert (a.minimum, a.maximum, a.absmax, a.count, a.zeros, a.batch_absmax) == \
-            (b.minimum, b.maximum, b.absmax, b.count, b.zeros, b.batch_absmax), key
-        assert (a.hist is None) == (b.hist is None)
-        if a.hist is not None:
-            assert np.array_equal(a.hist, b.hist), key
+    assert_same_statistics(stats, other)
     for a, b in zip(values, other_values, strict=True):
         assert torch.equal(bits(a), bits(b))
 

@@ -6,28 +6,17 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
 from calibrator.backends import make_backend
 from calibrator.search.reuse import PrefixReuse, live_blobs, prefix_fingerprint, valid_cuts
 from tests.quant_helpers import TinyNet, conv_text, input_text, relu_text
+from tests.test_quant_native import RESIDUAL_NET, bits
 
-NET = (input_text((2, 3, 9, 9))
-       + conv_text("c1", "data", "c1", 8, kernel=3, extra="pad: 1")
-       + relu_text("r1", "c1")
-       + conv_text("c2", "c1", "c2", 8, kernel=3, extra="pad: 1")
-       + 'layer { name: "sum" type: "Eltwise" bottom: "c1" bottom: "c2" top: "s" }\n'
-       + relu_text("r2", "s")
-       + conv_text("c3", "s", "c3", 8, kernel=1)
-       + 'layer { name: "r3" type: "ReLU6" bottom: "c3" top: "c3" }\n'
-       + conv_text("c4", "c3", "c4", 8, kernel=3, extra="pad: 1")
-       + relu_text("r4", "c4")
-       + conv_text("c5", "c4", "c5", 4, kernel=1))
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.int32)
+#: a residual unit (c2 with the add and its ReLU), a ReLU6, and two units after them
+NET = RESIDUAL_NET + relu_text("r4", "c4") + conv_text("c5", "c4", "c5", 4, kernel=1)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +91,10 @@ def test_the_cuts_fit_the_budget(tiny):
     none."""
     for budget in (0, 3 * 1024, 1 << 30):
         reuse = PrefixReuse(tiny.fused, 4, ["c5"], budget=budget)
-        assert sum(reuse._bytes(c) * 4 for c in reuse.cuts) <= budget
+        shapes = tiny.net.blob_shapes
+        assert reuse.stored_bytes == sum(
+            4 * 4 * int(np.prod(shapes[name])) for c in reuse.cuts for name in reuse.live[c]
+            if name in shapes) <= budget
         if budget == 0:
             assert reuse.cuts == []
     assert len(PrefixReuse(tiny.fused, 4, ["c5"], budget=1 << 30).cuts) > 1

@@ -499,6 +499,40 @@ int64_t figures(const float *x, int64_t n, int32_t *ext, float *out, float lo, f
 }
 static const float TINY = 0x1p-123f;   /* from here up, e - 2^-149 rounds to e */
 
+/* one block's bin keys (see hist_count) of x[0 .. m - 1], its extremes merged into mine
+   (before the clamp); with clamping (a constant where it is inlined, so each form is its
+   own loop), each value first clamped to [clo, chi] into clamped[] and its zeros before the
+   clamp added to *zeros. Returns whether a nonzero value below TINY was met. */
+static inline int block_keys(const float *xb, int64_t m, int absolute, float fb, float width,
+                             int32_t *mine, const int clamping, float clo, float chi,
+                             float *clamped, int32_t *key, int64_t *zeros)
+{
+    int tiny = 0;
+    int32_t found = 0;
+    int32_t lo = mine[0], hi = mine[1], top = mine[2];
+    for (int64_t j = 0; j < m; j++) {   /* (the extremes cost next to nothing here) */
+        uint32_t bits;
+        memcpy(&bits, xb + j, sizeof bits);
+        EXTEND(bits, lo, hi, top);
+        float v = xb[j];
+        if (clamping) {
+            found += (bits & 0x7fffffffu) == 0;
+            v = v < clo ? clo : v;
+            v = v > chi ? chi : v;
+            clamped[j] = v;
+        }
+        const float e = absolute ? fabsf(v) : v;
+        key[j] = e >= TINY ? (int32_t)((e * fb) / width) + 1 : 0;
+        tiny |= (e < TINY) & (e != 0.0f);
+    }
+    mine[0] = lo;
+    mine[1] = hi;
+    mine[2] = top;
+    if (clamping)
+        *zeros += found;
+    return tiny;
+}
+
 /* counts[0 .. bins + 1] += the bin keys' counts of |x| (absolute) or x; n < 2^32; with
    ext, x's extremes merged into it on the way (see block_figures). With out (x itself for
    in place), each value is first clamped to [clo, chi] (as figures clamps) and written
@@ -540,38 +574,13 @@ int hist_count(const float *x, int64_t n, int64_t bins, float low, float width,
                 continue;   /* (every thread must reach the loop) */
             const int64_t m = n - b < BLOCK ? n - b : BLOCK;
             const float *xb = x + b;
-            int tiny = 0;
-            int32_t lo = mine[0], hi = mine[1], top = mine[2];
-            if (out == NULL) {
-                for (int64_t j = 0; j < m; j++) {   /* (the extremes cost next to nothing) */
-                    uint32_t bits;
-                    memcpy(&bits, xb + j, sizeof bits);
-                    EXTEND(bits, lo, hi, top);
-                    const float e = absolute ? fabsf(xb[j]) : xb[j];
-                    key[j] = e >= TINY ? (int32_t)((e * fb) / width) + 1 : 0;
-                    tiny |= (e < TINY) & (e != 0.0f);
-                }
-            } else {   /* (clamped into the block's own buffer, which x cannot alias, so
-                          that the loop vectorises; copied out after it) */
-                int32_t found = 0;
-                for (int64_t j = 0; j < m; j++) {
-                    uint32_t bits;
-                    memcpy(&bits, xb + j, sizeof bits);
-                    EXTEND(bits, lo, hi, top);
-                    found += (bits & 0x7fffffffu) == 0;
-                    float v = xb[j] < clo ? clo : xb[j];
-                    v = v > chi ? chi : v;
-                    clamped[j] = v;
-                    const float e = absolute ? fabsf(v) : v;
-                    key[j] = e >= TINY ? (int32_t)((e * fb) / width) + 1 : 0;
-                    tiny |= (e < TINY) & (e != 0.0f);
-                }
+            const int tiny = out == NULL
+                ? block_keys(xb, m, absolute, fb, width, mine, 0, 0.0f, 0.0f, NULL, key, NULL)
+                : block_keys(xb, m, absolute, fb, width, mine, 1, clo, chi, clamped, key,
+                             &zero_total);
+            if (out != NULL)   /* (clamped into the block's own buffer, which x cannot alias,
+                                  so that the loop vectorises; copied out here) */
                 memcpy(out + b, clamped, (size_t)m * sizeof(float));
-                zero_total += found;
-            }
-            mine[0] = lo;
-            mine[1] = hi;
-            mine[2] = top;
             if (tiny) {
                 const float *vb = out != NULL ? out + b : xb;   /* (the values counted) */
                 for (int64_t j = 0; j < m; j++) {

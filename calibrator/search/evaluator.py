@@ -37,17 +37,21 @@ from calibrator.metrics import BatchOutcome, Metric, measure
 STATE_VERSION = 1
 
 
-def plan_fingerprint(plan) -> str:
-    """Identifies a configuration by what the simulation computes with; "fp32" for none."""
+def plan_fingerprint(plan, keep: Callable[[str], bool] = lambda name: True,
+                     salt=None) -> str:
+    """Identifies a configuration by what the simulation computes with; "fp32" for none.
+    ``keep(name)``: only those layers' entries (with ``salt`` beside them)."""
     if plan is None:
         return "fp32"
     items = []
     for name in sorted(plan.layers):
+        if not keep(name):
+            continue
         lq = plan.layers[name]
         items.append([name, lq.scale_in, lq.scale_out, lq.scale_params, lq.input_unsigned,
                       lq.output_unsigned, lq.output_int8, lq.force_u8_input, lq.bits,
                       lq.bias_shift, name in plan.excluded])
-    text = json.dumps(items, separators=(",", ":"))
+    text = json.dumps(items if salt is None else [salt, items], separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 

@@ -25,12 +25,12 @@ while they fit. One entry per cut: a new plan's blobs replace an older plan's.""
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Callable
 
 from calibrator.graph.net import Node
+from calibrator.limits import elements
 from calibrator.quant.fusion import FusedGraph
+from calibrator.search.evaluator import plan_fingerprint
 
 #: default memory for the stored blobs (all cuts, all batches)
 BUDGET = 64 * 2 ** 20
@@ -40,21 +40,14 @@ TARGETS = (0.9, 0.75, 0.5)
 
 def _work(node: Node) -> float:
     """Multiply-adds of a convolution or inner product, else its outputs' size."""
-    size = sum(_elements(shape) for shape in node.top_shapes)
+    size = sum(elements(shape) for shape in node.top_shapes)
     if node.type in ("Convolution", "InnerProduct") and node.bottom_shapes:
         bottom = node.bottom_shapes[0]
-        per_output = _elements(bottom[1:]) if node.type == "InnerProduct" else \
+        per_output = elements(bottom[1:]) if node.type == "InnerProduct" else \
             bottom[1] // max(getattr(node.module, "group", 1), 1) * \
-            _elements(getattr(node.module, "kernel", (1, 1)))
+            elements(getattr(node.module, "kernel", (1, 1)))
         return float(size) * per_output
     return float(size)
-
-
-def _elements(shape) -> int:
-    count = 1
-    for dim in shape:
-        count *= int(dim)
-    return count
 
 
 def live_blobs(nodes: list[Node], cut: int, outputs) -> list[str]:
@@ -82,18 +75,13 @@ def valid_cuts(fused: FusedGraph) -> list[int]:
 
 
 def prefix_fingerprint(plan, fused: FusedGraph, cut: int) -> str:
-    """The plan's entries (as ``search.evaluator.plan_fingerprint`` reads them) of the units
-    before ``cut``."""
-    items = []
-    for name in sorted(plan.layers):
+    """``search.evaluator.plan_fingerprint`` of the plan's entries of the units before
+    ``cut`` (an entry of no unit kept, to be safe)."""
+    def before(name: str) -> bool:
         unit = fused.by_name.get(name)
-        if unit is None or unit.layer.index < cut:   # (an entry of no unit: kept, to be safe)
-            lq = plan.layers[name]
-            items.append([name, lq.scale_in, lq.scale_out, lq.scale_params,
-                          lq.input_unsigned, lq.output_unsigned, lq.output_int8,
-                          lq.force_u8_input, lq.bits, lq.bias_shift, name in plan.excluded])
-    text = json.dumps([cut, items], separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
+        return unit is None or unit.layer.index < cut
+
+    return plan_fingerprint(plan, before, salt=cut)
 
 
 class PrefixReuse:
@@ -110,26 +98,26 @@ class PrefixReuse:
         for w in work:
             before.append(running / total)
             running += w
-        valid = valid_cuts(fused)
+        live = {c: live_blobs(nodes, c, self.outputs) for c in valid_cuts(fused)}
+        stored = {c: self._bytes(names) * iterations for c, names in live.items()}
         cuts, left = [], budget
         for target in TARGETS:
-            fitting = [c for c in valid if before[c] <= target and c not in cuts
-                       and self._bytes(c) * iterations <= left]
+            fitting = [c for c in live if before[c] <= target and c not in cuts
+                       and stored[c] <= left]
             if fitting:
                 cut = max(fitting, key=lambda c: before[c])
                 cuts.append(cut)
-                left -= self._bytes(cut) * iterations
+                left -= stored[cut]
         self.cuts = sorted(cuts)
-        self.share = {c: before[c] for c in self.cuts}   # the work a resume skips
-        self.live = {c: live_blobs(nodes, c, self.outputs) for c in self.cuts}
+        self.live = {c: live[c] for c in self.cuts}
+        self.stored_bytes = sum(stored[c] for c in self.cuts)   # at most, all batches
         self.entries: dict[int, tuple[str, dict[int, dict]]] = {}
-        self.resumed = 0    # batches resumed at a cut (for the trace and tests)
+        self.resumed = 0    # batches resumed at a cut (what the tests count)
 
-    def _bytes(self, cut: int) -> int:
-        """Bytes of the blobs live at ``cut`` for one batch (float32)."""
+    def _bytes(self, names: list[str]) -> int:
+        """Bytes of one batch of these blobs (float32)."""
         shapes = self.net.blob_shapes
-        return sum(4 * _elements(shapes[name]) for name in
-                   live_blobs(self.net.nodes, cut, self.outputs) if name in shapes)
+        return sum(4 * elements(shapes[name]) for name in names if name in shapes)
 
     def runner(self, plan, overrides) -> Callable[[int, dict, list], dict]:
         """``run(batch index, feeds, outputs)``: the net under ``overrides`` (``plan``'s),
