@@ -111,3 +111,59 @@ def test_fewer_pieces_than_threads_restore_the_callers_thread_count():
         assert torch.get_num_threads() == 4
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(not native.available(), reason="no C compiler: the kernel is not built")
+@pytest.mark.parametrize("bins, high", [(bins, high) for bins in (64, 65536)
+                                         for high in (1e-30, 3.0e-3, 0.7, 6.0, 35.1)]
+                         + [(65536, 1023.0)])
+def test_counts_regrown_from_one_read_equal_torch_histc_at_the_grown_range(high, bins,
+                                                                           monkeypatch):
+    """A read at [low, high] whose values pass high: its counts taken at the range doubled
+    once to five times (each value's key from its key at high, those past the range from
+    the kernel) are ``torch.histc``'s at that range, at every bin edge of the grown range
+    and its neighbours, at high itself and at the grown high; the read's own counts are
+    histc's at high where nothing passes it."""
+    monkeypatch.setattr(counting, "SPILL", 1 << 20)   # (most values here pass high)
+    rng = np.random.default_rng(bins)
+    high = float(np.float32(high))
+    for doublings in range(1, 6):
+        grown = high * 2.0 ** doublings
+        values = torch.from_numpy(np.concatenate([edge_values(bins, grown, rng),
+                                                  edge_values(bins, high, rng)]))
+        signed = values * torch.from_numpy(np.where(rng.random(values.numel()) < 0.5, -1, 1)
+                                           .astype(np.float32))
+        read = counting.bin_counts_with_figures(signed, bins, _SMALLEST, high)
+        assert read.extremes[2] == grown and read.counted.past.numel() > 0
+        if grown >= 2 * bins:   # (histc's route at that range: see the next test)
+            assert read.regrown(doublings) is None
+            continue
+        assert torch.equal(read.regrown(doublings), histc(signed, bins, grown, True))
+    inside = signed[signed.abs() <= high]
+    read = counting.bin_counts_with_figures(inside, bins, _SMALLEST, high)
+    assert torch.equal(read.counts(), histc(inside, bins, high, True))
+    assert torch.equal(read.regrown(0), read.counts())
+
+
+@pytest.mark.skipif(not native.available(), reason="no C compiler: the kernel is not built")
+def test_counts_that_cannot_be_regrown_exactly_are_refused(monkeypatch):
+    """None (the caller counts again) where the kernel kept fewer keys past the range than
+    there were, where the doubled range's width is not twice the width (a subnormal high),
+    where the grown range leaves the kernel's route (histc counts there) and where the
+    doublings outnumber what the bins can halve."""
+    rng = np.random.default_rng(5)
+    x = torch.from_numpy(rng.normal(0, 1, 100_000).astype(np.float32))
+    past = int((x.abs() > 4.0).sum())
+    assert 0 < past < 20
+    assert counting.bin_counts_with_figures(x, 2048, _SMALLEST, 4.0).regrown(1) is not None
+    monkeypatch.setattr(counting, "SPILL", past - 1)
+    assert counting.bin_counts_with_figures(x, 2048, _SMALLEST, 4.0).regrown(1) is None
+    monkeypatch.undo()
+    small = torch.tensor([0.0, 1e-42, 3e-42], dtype=torch.float32)
+    high = float(np.float32(1e-42))
+    read = counting.bin_counts_with_figures(small, 64, _SMALLEST, high)
+    assert read is not None and read.regrown(2) is None   # 1e-42 - 2^-149 is not 1e-42
+    read = counting.bin_counts_with_figures(x / 8, 64, _SMALLEST, 1.0)
+    assert read.regrown(6) is not None and read.regrown(7) is None       # 2^7 > 64 bins
+    read = counting.bin_counts_with_figures(x * 1000, 2048, _SMALLEST, 3000.0)
+    assert read is not None and read.regrown(1) is None      # 6000: past 2 x 2048, histc's

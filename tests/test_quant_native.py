@@ -172,10 +172,10 @@ def test_counts_with_figures_are_the_counts_and_the_figures(size):
     x[0] = 7.5                                  # past the range [0, 6]
     for high in (6.0, float(x.abs().max())):
         width = float(np.float32(high) - np.float32(2.0 ** -149))
-        counts, figures = native.bin_counts(x, 2048, 2.0 ** -149, width, True,
-                                            with_figures=True)
+        counts, figures, zeros, _ = native.bin_counts(x, 2048, 2.0 ** -149, width, True,
+                                                      with_figures=True)
         assert torch.equal(counts, native.bin_counts(x, 2048, 2.0 ** -149, width, True))
-        assert figures == native.figures(x)[:3]
+        assert figures == native.figures(x)[:3] and zeros is None
         assert int(counts[0]) == native.figures(x)[3]        # key 0: the zeros
     x[5] = float("nan")
     assert native.bin_counts(x, 2048, 2.0 ** -149, 6.0, True, with_figures=True) is None
@@ -205,8 +205,8 @@ def test_counts_of_a_clamp_are_torchs_clamp_counted_and_the_figures_before_it(si
         for high in (6.0, 3.0):            # 3: clamped values past the range, the last key
             width = float(np.float32(high) - np.float32(low))
             y = x.clone()
-            counts, extremes, zeros = native.bin_counts(y, 2048, low, width, True,
-                                                        with_figures=True, clamp=(0.0, 6.0))
+            counts, extremes, zeros, _ = native.bin_counts(y, 2048, low, width, True,
+                                                           with_figures=True, clamp=(0.0, 6.0))
             assert torch.equal(bits(y), bits(want))
             assert zeros == size - int(torch.count_nonzero(x))
             if bad is None:
@@ -227,13 +227,13 @@ def test_a_kernel_without_memory_says_so_and_the_tensor_code_runs(monkeypatch):
     library = native._library()
     counts = torch.zeros(8, dtype=torch.int64)
     x = torch.ones(16)
-    none = (None, 0.0, 0.0, None)   # (no clamp)
+    none = (None, 0.0, 0.0, None, None, 0, None)   # (no clamp, no keys past the range)
     assert library.hist_count(x.data_ptr(), 16, 2 ** 61, 0.0, 1.0, 1, counts.data_ptr(),
                               None, *none) == -1
     zeros = torch.zeros(1, dtype=torch.int64)
     assert library.hist_count(x.data_ptr(), 2 ** 18, 2 ** 61, 0.0, 1.0, 1, counts.data_ptr(),
                               None, torch.full((2 ** 18,), -1.0).data_ptr(), 0.0, 0.5,
-                              zeros.data_ptr()) == -1   # (a clamp too: see the next test)
+                              zeros.data_ptr(), None, 0, None) == -1   # (a clamp: see below)
     assert library.hist_count(x.data_ptr(), 16, 4, 0.0, 1.0, 1, counts.data_ptr(), None,
                               *none) == 0
     assert counts.tolist() == [0, 0, 0, 0, 0, 16, 0, 0]   # |1| / 1 * 4 bins: key 5, the last
@@ -264,7 +264,7 @@ def test_the_avx2_counting_kernel_counts_what_the_baseline_one_counts(tmp_path, 
     """The loaded library's hist_count and figures are the AVX2 copies on a CPU that has
     AVX2; a build with the baseline alone (-DWITH_AVX2=) counts the same at every bin edge,
     its neighbours, tiny and subnormal values, zeros of either sign and values past the
-    range, and finds the same extremes and zeros."""
+    range (whose own keys both keep alike), and finds the same extremes and zeros."""
     monkeypatch.setenv("CALIBRATOR_CACHE", str(tmp_path))
     baseline = ctypes.CDLL(str(native._build(native._compiler(),
                                               ("-DWITH_AVX2=", "-DWITH_AVX512="))))
@@ -283,13 +283,25 @@ def test_the_avx2_counting_kernel_counts_what_the_baseline_one_counts(tmp_path, 
         for low in (0.0, 2.0 ** -149):
             got, want = (torch.zeros(bins + 2, dtype=torch.int64) for _ in range(2))
             extremes = [torch.tensor(native._NO_EXTREMES, dtype=torch.int32) for _ in range(2)]
-            for library, counts, ext in ((native._library(), got, extremes[0]),
-                                         (baseline, want, extremes[1])):
+            past = [torch.full((1 << 16,), -1, dtype=torch.int64) for _ in range(2)]
+            npast = [torch.zeros(1, dtype=torch.int64) for _ in range(2)]
+            for library, counts, ext, kept, n in (
+                    (native._library(), got, extremes[0], past[0], npast[0]),
+                    (baseline, want, extremes[1], past[1], npast[1])):
                 assert library.hist_count(x.data_ptr(), x.numel(), bins, low, high, absolute,
                                           counts.data_ptr(), ext.data_ptr(), None, 0.0, 0.0,
-                                          None) == 0
+                                          None, kept.data_ptr(), 1 << 16, n.data_ptr()) == 0
             assert torch.equal(got, want) and int(got.sum()) == x.numel()
             assert torch.equal(*extremes)
+            # the keys past the range: 7.5's and the normal tail's (where absolute is 0,
+            # negative values too, whose keys cannot be had: more than the buffer holds)
+            assert int(npast[0]) == int(npast[1]) > 0
+            if absolute:
+                assert torch.equal(*(torch.sort(kept[:int(n)]).values
+                                     for kept, n in zip(past, npast)))
+                assert (past[0][:int(npast[0])] > bins + 1).all()
+            else:
+                assert int(npast[0]) > 1 << 16
             assert native._extremes(extremes[0]) == (float(values.min()), float(values.max()),
                                                       float(np.abs(values).max()))
     for x in (torch.from_numpy(values), _awkward(3_000_001, 4)):
@@ -357,9 +369,10 @@ def assert_same_statistics(got: dict, want: dict) -> None:
 
 def test_statistics_read_once_are_those_of_the_tensor_code(monkeypatch):
     """The statistics pass takes each histogrammed tensor's figures and counts in one read
-    (a second where a batch's values pass the histogram's range); every statistic, the
-    histograms included, is what the tensor code (no kernel) gives, over batches whose
-    range grows, shrinks and grows again."""
+    (where a batch's values pass the histogram's range too: its counts are taken at the
+    grown range from that read); every statistic, the histograms included, is what the
+    tensor code (no kernel) gives, over batches whose range grows, shrinks and grows again."""
+    from calibrator.quant.counting import Read
     from calibrator.quant.histogram import GrowingHistogram
     from calibrator.quant.statistics import collect
     rng = np.random.default_rng(12)
@@ -375,11 +388,15 @@ def test_statistics_read_once_are_those_of_the_tensor_code(monkeypatch):
         return real_add(self, *args, **kwargs)
 
     monkeypatch.setattr(GrowingHistogram, "add", add)
+    regrown, real_regrown = [], Read.regrown
+    monkeypatch.setattr(Read, "regrown", lambda self, doublings: regrown.append(doublings)
+                        or real_regrown(self, doublings))
     once = collect(tiny.net, tiny.fused, iter(tiny.batches))
     histograms = sum(stats.hist is not None for stats in once.values())
     assert histograms >= 4
-    # the first batch sets each range; of the rest, only those past it are counted again
-    assert grown.count(False) == histograms and 0 < grown.count(True) < 4 * histograms
+    # the first batch sets each range; none of the rest is counted again
+    assert grown.count(False) == histograms and grown.count(True) == 0
+    assert len(regrown) >= histograms and max(regrown) >= 2   # (x4, then x5: three doublings)
     monkeypatch.setattr(native, "_library", lambda: None)
     grown.clear()
     without = collect(tiny.net, tiny.fused, iter(tiny.batches))
@@ -462,9 +479,10 @@ def test_statistics_read_a_relu6_input_while_it_clamps(monkeypatch):
 
 def test_statistics_count_a_relu6_output_while_it_clamps(monkeypatch):
     """Where the in-place ReLU6's output is histogrammed (c3's ReLU6 here), every batch
-    after the first clamps and counts it in one read: the histogram, the figures before and
-    after the clamp and the values the net computes are the tensor code's, a batch past the
-    histogram's range included (counted again at the grown range)."""
+    after the first clamps and counts it in one read (the first, which sets the range, clamps
+    with the figures, then counts): the histogram, the figures before and after the clamp
+    and the values the net computes are the tensor code's, a batch past the histogram's range
+    included (its counts taken at the grown range from the same read)."""
     from calibrator.quant.histogram import GrowingHistogram
     from calibrator.quant.statistics import collect, tracked_refs
     tiny = TinyNet(RESIDUAL_NET, seed=11)
@@ -487,7 +505,7 @@ def test_statistics_count_a_relu6_output_while_it_clamps(monkeypatch):
         values = []
         runs.append((collect(tiny.net, tiny.fused, iter(feeds), outputs=["c4"], hist_keys=keys,
                              on_batch=lambda out: values.append(out["c4"].clone())), values))
-    assert len([f for f in fused if f is not None]) == len(feeds) - 1
+    assert len([f for f in fused if f is not None]) == len(feeds)
     post = next(r for r in refs if r.name == "c3" and r.producer > pre.producer)
     (stats, values), (other, other_values) = runs
     assert stats[post.key].batch_absmax[0] < stats[post.key].batch_absmax[-1] == 6.0

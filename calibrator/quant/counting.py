@@ -21,6 +21,8 @@ lies below it). A zero's quotient ``-low * bins / (high - low)`` must lie in [-1
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -51,29 +53,87 @@ def bin_counts(flat: torch.Tensor, bins: int, low: float, high: float,
     return _in_range(counts, bins)
 
 
+#: keys past the last bin kept per read (see :meth:`Read.regrown`)
+SPILL = 1 << 12
+
+
 def bin_counts_with_figures(flat: torch.Tensor, bins: int, low: float, high: float,
-                            clamp: tuple[float, float] | None = None) -> tuple | None:
-    """:func:`bin_counts` of ``|flat|`` and ``flat``'s (min, max, max|x|) in one read by the
-    C kernel (:func:`calibrator.quant.native.bin_counts`); the counts are
-    ``bin_counts``'s where max|x| <= ``high`` (values past it are counted in the last bin).
-    None where the kernel does not run or a value is not finite. ``clamp`` = (low, high):
-    ``flat`` clamped in place on the same read and its clamped values counted; returns
-    (counts, the figures before the clamp or None where a value is not finite, the zeros
-    before it), or None with ``flat`` untouched."""
+                            clamp: tuple[float, float] | None = None) -> Read | None:
+    """One read of ``flat`` by the C kernel (:func:`calibrator.quant.native.bin_counts`):
+    the counts of ``|flat|`` over [``low``, ``high``] and ``flat``'s (min, max, max|x|) (see
+    :class:`Read`). None where the kernel does not run, or, without a clamp, where a value
+    is not finite. ``clamp`` = (low, high): ``flat`` clamped in place on the same read and
+    its clamped values counted, the figures and zeros those before the clamp (the figures
+    None where a value is not finite); where it returns None, ``flat`` is untouched."""
     width = _width(flat, bins, low, high)
     if width is None:
         return None
-    got = native.bin_counts(flat, bins, low, width, True, with_figures=True, clamp=clamp)
-    if got is None:
-        return None
-    return (_in_range(got[0], bins), *got[1:])
+    got = native.bin_counts(flat, bins, low, width, True, with_figures=True, clamp=clamp,
+                            spill=SPILL)
+    return None if got is None else Read(got, bins, low, high)
+
+
+@dataclass(frozen=True)
+class Read:
+    """What :func:`bin_counts_with_figures` read: the figures, and the keys' counts at
+    [``low``, ``high``], from which follow :func:`bin_counts`'s counts at that range
+    (:meth:`counts`, where max|x| <= ``high``) and at a range doubled any number of times
+    (:meth:`regrown`, where max|x| passed ``high``), without reading the tensor again."""
+    counted: native.Counted
+    bins: int
+    low: float
+    high: float
+
+    @property
+    def extremes(self) -> tuple[float, float, float] | None:
+        return self.counted.extremes
+
+    @property
+    def zeros(self) -> int | None:
+        return self.counted.zeros
+
+    def counts(self) -> torch.Tensor:
+        """:func:`bin_counts`'s counts over [low, high] (a value past ``high`` is counted
+        in the last bin)."""
+        return _in_range(self.counted.counts.clone(), self.bins)
+
+    def regrown(self, doublings: int) -> torch.Tensor | None:
+        """:func:`bin_counts`'s counts over [low, high * 2^doublings], exactly: that range's
+        width is this one's times 2^doublings, so each value's quotient is its quotient
+        here over 2^doublings (exact in binary) and its key (one plus the quotient's floor)
+        is ``((key - 1) >> doublings) + 1`` of its key here; the keys past the last one
+        come from the kernel (:attr:`~calibrator.quant.native.Counted.past`). None where
+        that does not hold: more such keys than the kernel kept, a width that is not
+        the doubled one (or not the kernel's: :func:`bin_counts` counts with
+        ``torch.histc`` there), or more doublings than the bins can halve."""
+        past, bins = self.counted.past, self.bins
+        step = 1 << doublings
+        if past is None or step > bins or bins % step:
+            return None
+        grown = self.high * float(step)
+        width = _key_width(bins, self.low, self.high)
+        if width is None or _key_width(bins, self.low, grown) != width * step:
+            return None
+        table = self.counted.counts[1:].clone()   # key k at k - 1, 0 ... bins
+        table[bins] -= past.numel()               # (they were counted there too)
+        keys = torch.zeros(bins + 1, dtype=torch.int64)
+        keys[:bins // step] = table[:bins].view(-1, step).sum(1)
+        keys[bins // step] += table[bins]
+        keys += torch.bincount(((past - 1) >> doublings).clamp_(max=bins), minlength=bins + 1)
+        keys[bins - 1] += keys[bins]              # (the values equal to the new high)
+        return keys[:bins]
 
 
 def _width(flat: torch.Tensor, bins: int, low: float, high: float) -> float | None:
     """``high - low`` in float32, None where the keys of the module's text do not hold
     (``torch.histc`` itself counts then)."""
+    return _key_width(bins, low, high) if flat.device.type == "cpu" else None
+
+
+def _key_width(bins: int, low: float, high: float) -> float | None:
+    """:func:`_width` of a CPU tensor."""
     width = float(np.float32(high) - np.float32(low))
-    if flat.device.type != "cpu" or low <= 0 or not low * bins <= width < 2 * bins:
+    if low <= 0 or not low * bins <= width < 2 * bins:
         return None
     return width
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from calibrator.quant import native
 from calibrator.quant.kl import NUM_BINS, abs_histogram, abs_histogram_with_figures
 
 FINE_BINS = 32 * NUM_BINS
@@ -36,45 +37,74 @@ class GrowingHistogram:
         if self.counts is None:
             self.range = float(absmax)
             self.counts = torch.zeros(self.bins, dtype=torch.int64, device=x.device)
-        while absmax > self.range:
+        self._grow(self._doublings(absmax))
+        counts = abs_histogram(x, self.range, self.bins, nonnegative)
+        self.counts += counts
+        return int(counts.sum())
+
+    def _doublings(self, absmax: float) -> int:
+        """How often the range doubles to reach ``absmax``."""
+        doublings, reach = 0, self.range
+        while absmax > reach:
+            reach *= 2.0
+            doublings += 1
+        return doublings
+
+    def _grow(self, doublings: int) -> None:
+        """The range doubled ``doublings`` times, the bins merged in pairs each time."""
+        for _ in range(doublings):
             merged = self.counts.reshape(-1, 2).sum(1)
             self.counts = torch.cat([merged, torch.zeros_like(merged)])
             self.range *= 2.0
-        counts = abs_histogram(x, self.range, self.bins, nonnegative)
+
+    def _take(self, read, x: torch.Tensor, lo: float, absmax: float) -> int:
+        """Add what one read at the current range counted (``read``: a
+        :class:`~calibrator.quant.counting.Read` of ``x``, whose min and max|x| are ``lo``
+        and ``absmax``); where ``absmax`` passed the range, the range grows and the read's
+        counts are taken at the grown range (:meth:`~calibrator.quant.counting.Read.
+        regrown`), or, where they cannot be, ``x`` is counted again (:meth:`add`).
+        Returns the nonzero values of ``x``."""
+        if absmax <= self.range:
+            counts = read.counts()
+        else:
+            doublings = self._doublings(absmax)
+            counts = read.regrown(doublings)
+            if counts is None:
+                return self.add(x, absmax, nonnegative=lo >= 0)
+            self._grow(doublings)
         self.counts += counts
         return int(counts.sum())
 
     def add_with_figures(self, x: torch.Tensor) -> tuple[float, float, float, int] | None:
         """Count ``x`` and return its (min, max, max|x|, zeros), all from one read where the
-        C kernel runs (a second read, at the grown range, where a value lies past the
-        current one). None where it cannot: before the first batch (which sets the range),
-        without the kernel, or where ``x`` is not finite; nothing is counted then (the
-        caller takes the figures and calls :meth:`add`)."""
+        C kernel runs (see :meth:`_take` where a value lies past the current range). None
+        where it cannot: before the first batch (which sets the range), without the kernel,
+        or where ``x`` is not finite; nothing is counted then (the caller takes the figures
+        and calls :meth:`add`)."""
         if self.counts is None:
             return None
-        got = abs_histogram_with_figures(x, self.range, self.bins)
-        if got is None:
+        read = abs_histogram_with_figures(x, self.range, self.bins)
+        if read is None:
             return None
-        counts, (lo, hi, absmax) = got
-        if absmax > self.range:
-            nonzero = self.add(x, absmax, nonnegative=lo >= 0)
-        else:
-            self.counts += counts
-            nonzero = int(counts.sum())
+        lo, hi, absmax = read.extremes
+        nonzero = self._take(read, x, lo, absmax)
         return lo, hi, absmax, x.numel() - nonzero
 
     def add_clamped(self, flat: torch.Tensor, low: float, high: float):
         """``flat.clamp_(low, high)`` (``flat`` 1-D, dense) and the clamped values counted,
-        in one read where the C kernel runs: returns the figures (min, max, max|x|, zeros)
-        of ``flat`` before the clamp (None where a value is not finite) and after it. None
-        where it cannot (before the first batch, without the kernel): ``flat`` is then
-        untouched and nothing counted."""
+        in one read where the C kernel runs (two on the first batch, which sets the range:
+        the clamp with the figures, then the count): returns the figures (min, max, max|x|,
+        zeros) of ``flat`` before the clamp (None where a value is not finite) and after it.
+        None where it cannot (without the kernel): ``flat`` is then untouched and nothing
+        counted."""
         if self.counts is None:
-            return None
-        got = abs_histogram_with_figures(flat, self.range, self.bins, clamp=(low, high))
+            read, got = None, native.clamp_with_figures(flat, low, high)
+        else:
+            read = abs_histogram_with_figures(flat, self.range, self.bins, clamp=(low, high))
+            got = None if read is None else (read.extremes, read.zeros)
         if got is None:
             return None
-        counts, extremes, zeros = got
+        extremes, zeros = got
         if extremes is None:
             return None, None
         lo, hi, absmax = extremes
@@ -82,11 +112,10 @@ class GrowingHistogram:
         # (a zero extreme as +0, as the kernel reports one)
         c_lo, c_hi = (min(max(v, low), high) + 0.0 for v in (lo, hi))
         c_absmax = max(abs(c_lo), abs(c_hi))
-        if c_absmax > self.range:
+        if read is None:
             nonzero = self.add(flat, c_absmax, nonnegative=c_lo >= 0)
         else:
-            self.counts += counts
-            nonzero = int(counts.sum())
+            nonzero = self._take(read, flat, c_lo, c_absmax)
         return (lo, hi, absmax, zeros), (c_lo, c_hi, c_absmax, flat.numel() - nonzero)
 
     def rebin(self, absmax: float, bins: int = NUM_BINS) -> np.ndarray:

@@ -36,7 +36,7 @@ import torch
 
 from calibrator.graph.net import in_memory_order
 from calibrator.quant import native
-from calibrator.quant.counting import bin_counts, bin_counts_with_figures
+from calibrator.quant.counting import Read, bin_counts, bin_counts_with_figures
 
 NUM_BINS = 2048
 SMOOTH_EPS = 1e-4
@@ -248,12 +248,13 @@ def abs_histogram(x: torch.Tensor, absmax: float, bins: int = NUM_BINS,
 
 
 def abs_histogram_with_figures(x: torch.Tensor, high: float, bins: int = NUM_BINS,
-                               clamp: tuple[float, float] | None = None) -> tuple | None:
-    """:func:`abs_histogram` of ``x`` over [0, ``high``] and ``x``'s (min, max, max|x|),
-    read in one pass by the C kernel; the counts are ``abs_histogram``'s only where
-    max|x| <= ``high``. None where the kernel does not run or ``x`` is not finite.
-    ``clamp``: ``x`` (dense) clamped in place on that pass and its clamped values counted
-    (see :func:`~calibrator.quant.counting.bin_counts_with_figures`)."""
+                               clamp: tuple[float, float] | None = None) -> Read | None:
+    """One read of ``x`` by the C kernel: :func:`abs_histogram`'s counts of ``x`` over
+    [0, ``high``] (or, where max|x| passed ``high``, over a doubled range) and ``x``'s
+    (min, max, max|x|), as a :class:`~calibrator.quant.counting.Read`. None where the
+    kernel does not run or ``x`` is not finite. ``clamp``: ``x`` (dense) clamped in place on
+    that pass and its clamped values counted (see
+    :func:`~calibrator.quant.counting.bin_counts_with_figures`)."""
     return bin_counts_with_figures(in_memory_order(x.detach()), bins, _SMALLEST, float(high),
                                    clamp)
 

@@ -83,6 +83,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -537,12 +538,16 @@ static inline int block_keys(const float *xb, int64_t m, int absolute, float fb,
    ext, x's extremes merged into it on the way (see block_figures). With out (x itself for
    in place), each value is first clamped to [clo, chi] (as figures clamps) and written
    there: the counts are the clamped values', ext gets x's extremes before the clamp and
-   *zeros (not NULL then) gains x's zeros before it.
+   *zeros (not NULL then) gains x's zeros before it. A key past bins + 1 (a value above
+   low + width) is counted in bins + 1; with past, its own key, floor(|x| * bins / width)
+   + 1 from the same float32 operations (as int64), is also kept: *npast gains one for each
+   and the first cap go to past[] (in no particular order); a value whose key cannot be had
+   (negative, 2^62 or more, not finite) adds cap + 1 to *npast.
    Returns 0, or -1 where memory could not be had (counts, ext, out then undefined) */
 WITH_AVX2
 int hist_count(const float *x, int64_t n, int64_t bins, float low, float width,
                int absolute, int64_t *counts, int32_t *ext, float *out, float clo,
-               float chi, int64_t *zeros)
+               float chi, int64_t *zeros, int64_t *past, int64_t cap, int64_t *npast)
 {
     const float fb = (float)bins;
     const uint32_t last = (uint32_t)(bins + 1);
@@ -589,8 +594,9 @@ int hist_count(const float *x, int64_t n, int64_t bins, float low, float width,
                         key[j] = (int32_t)(((e - low) * fb) / width) + 1;
                 }
             }
+            const uint32_t at_last = even[last] + odd[last];
             int64_t j = 0;
-            for (; j + 1 < m; j += 2) {   /* (a key past the last bin, never expected: last) */
+            for (; j + 1 < m; j += 2) {   /* (a key past the last bin: last) */
                 const uint32_t k0 = (uint32_t)key[j], k1 = (uint32_t)key[j + 1];
                 even[k0 > last ? last : k0]++;
                 odd[k1 > last ? last : k1]++;
@@ -598,6 +604,26 @@ int hist_count(const float *x, int64_t n, int64_t bins, float low, float width,
             if (j < m) {
                 const uint32_t k0 = (uint32_t)key[j];
                 even[k0 > last ? last : k0]++;
+            }
+            if (past != NULL && even[last] + odd[last] != at_last) {
+                /* (rare: a value at the high end or, in a batch past the range, beyond) */
+                const float *vb = out != NULL ? out + b : xb;
+                for (int64_t i = 0; i < m; i++) {
+                    if ((uint32_t)key[i] <= last)
+                        continue;
+                    const float e = absolute ? fabsf(vb[i]) : vb[i];
+                    const float q = (e * fb) / width;
+                    if (!(q >= 0.0f && q < 0x1p62f)) {
+                        #pragma omp atomic
+                        *npast += cap + 1;
+                        continue;
+                    }
+                    int64_t at;
+                    #pragma omp atomic capture
+                    at = (*npast)++;
+                    if (at < cap)
+                        past[at] = (int64_t)q + 1;
+                }
             }
         }
         if (!skip) {
@@ -630,7 +656,8 @@ _SIGNATURES = {
     "rq_first": (None, [_POINTER, _POINTER, _INT, _INT, _INT, _POINTER, _FLOAT, _POINTER,
                         _DOUBLE, _FLOAT, _FLOAT]),
     "hist_count": (ctypes.c_int, [_POINTER, _INT, _INT, _FLOAT, _FLOAT, ctypes.c_int,
-                                  _POINTER, _POINTER, _POINTER, _FLOAT, _FLOAT, _POINTER]),
+                                  _POINTER, _POINTER, _POINTER, _FLOAT, _FLOAT, _POINTER,
+                                  _POINTER, _INT, _POINTER]),
     "figures": (_INT, [_POINTER, _INT, _POINTER, _POINTER, _FLOAT, _FLOAT]),
     "kl_all": (ctypes.c_int, [_POINTER, _INT, _INT, _DOUBLE, _DOUBLE, _POINTER, _POINTER]),
     "dot_square": (None, [_POINTER, _POINTER, _INT, _INT, _INT, _POINTER, _POINTER]),
@@ -777,22 +804,39 @@ def _extremes(ext: torch.Tensor) -> tuple[float, float, float] | None:
     return lo, hi, absmax
 
 
+class Counted(NamedTuple):
+    """:func:`bin_counts` with figures: what one read of a tensor gives."""
+    #: int64 counts of the keys 0 ... bins + 1 (a key past bins + 1 counted in bins + 1)
+    counts: torch.Tensor
+    #: (min, max, max|x|) (before the clamp, with one); None where a value is not finite
+    extremes: tuple[float, float, float] | None
+    #: the zeros before the clamp (with one; else None)
+    zeros: int | None
+    #: the keys past bins + 1 themselves (int64, in no particular order, each also counted
+    #: in ``counts[bins + 1]``); None where there were more than ``spill`` (or one could not
+    #: be had: see the C source)
+    past: torch.Tensor | None
+
+
 def bin_counts(flat: torch.Tensor, bins: int, low: float, width: float, absolute: bool,
-               with_figures: bool = False, clamp: tuple[float, float] | None = None):
+               with_figures: bool = False, clamp: tuple[float, float] | None = None,
+               spill: int = 0):
     """int64 counts of the bin keys 0 ... ``bins`` + 1 of ``flat`` (1-D, float32, on the
     CPU), as the module's text says; None where the kernel is unavailable, ``flat`` is not
     such a tensor, or the kernel could not allocate its tables (the caller runs its tensor
-    operations). ``with_figures``: (counts, (min, max, max|x|)) read on the same pass, None
-    also where a value is not finite. ``clamp`` = (low, high) (with ``with_figures``):
-    ``flat.clamp_(low, high)`` on the same pass, the counts those of the clamped values;
-    returns (counts, (min, max, max|x|) before the clamp or None where a value is not
-    finite, zeros before the clamp); where it returns None, ``flat`` is untouched."""
+    operations). ``with_figures``: a :class:`Counted`, read on the same pass, keeping up to
+    ``spill`` keys past ``bins + 1``. ``clamp`` = (low, high) (with ``with_figures``):
+    ``flat.clamp_(low, high)`` on the same pass, the counts those of the clamped values, the
+    figures and zeros those before the clamp; where it returns None, ``flat`` is untouched.
+    Without a clamp, None also where a value is not finite."""
     library = _flat_library(flat)
     if library is None:
         return None
     counts = torch.zeros(bins + 2, dtype=torch.int64)
     ext = torch.tensor(_NO_EXTREMES, dtype=torch.int32) if with_figures else None
     zeros = torch.zeros(1, dtype=torch.int64) if clamp is not None else None
+    past = torch.empty(spill, dtype=torch.int64) if with_figures else None
+    npast = torch.zeros(1, dtype=torch.int64)
     pieces = flat.split(_HIST_CALL)
     if clamp is not None and len(pieces) > 1:
         return None  # (a later piece without memory would leave the first ones clamped)
@@ -801,14 +845,18 @@ def bin_counts(flat: torch.Tensor, bins: int, low: float, width: float, absolute
                               int(absolute), counts.data_ptr(),
                               None if ext is None else ext.data_ptr(),
                               *((None, 0.0, 0.0, None) if clamp is None else
-                                (piece.data_ptr(), *clamp, zeros.data_ptr()))) != 0:
+                                (piece.data_ptr(), *clamp, zeros.data_ptr())),
+                              None if past is None else past.data_ptr(), spill,
+                              npast.data_ptr()) != 0:
             return None  # no memory for the kernel's tables: the tensor code counts
     if ext is None:
         return counts
     extremes = _extremes(ext)
-    if clamp is not None:
-        return counts, extremes, int(zeros)
-    return None if extremes is None else (counts, extremes)
+    if clamp is None and extremes is None:
+        return None
+    kept = int(npast)
+    return Counted(counts, extremes, None if zeros is None else int(zeros),
+                   past[:kept] if kept <= spill else None)
 
 
 def figures(flat: torch.Tensor) -> tuple[float, float, float, int] | None:

@@ -8,14 +8,16 @@ over [0, max|x|]. Only running aggregates stay in memory (on the model's device)
 activations themselves. Where the C kernels run (:mod:`calibrator.quant.native`), each
 tensor is read once a batch: a histogrammed one's figures are taken while its values are
 counted at the histogram's current range
-(:meth:`~calibrator.quant.histogram.GrowingHistogram.add_with_figures`; counted again on the
-first batch, which sets the range, and where a batch passes it: 617 reads for
-MobileNetV2's 520 histogrammed tensor-batches, where the tensor code takes 1040), the
-others' in one read of min, max and zeros, taken while the in-place ReLU6 that alone reads
-such a tensor clamps it (:meth:`_Collector.clamp_overrides`: MobileNetV2's 35 expand
-outputs a batch), and where that ReLU6's output is histogrammed, counted on the same read
-(:meth:`~calibrator.quant.histogram.GrowingHistogram.add_clamped`, from the second batch
-on); the same statistics and values as the tensor code's.
+(:meth:`~calibrator.quant.histogram.GrowingHistogram.add_with_figures`; where a batch
+passes the range, its counts at the grown range come from the same read; read twice on the
+first batch, which sets the range: figures, then counts), the others' in one read of min,
+max and zeros, taken while the in-place ReLU6 that alone reads such a tensor clamps it
+(:meth:`_Collector.clamp_overrides`: MobileNetV2's 35 expand outputs a batch), and where
+that ReLU6's output is histogrammed, counted on the same read
+(:meth:`~calibrator.quant.histogram.GrowingHistogram.add_clamped`; on the first batch the
+clamp's read gives the figures of both, and a second one counts). MobileNetV2's 520
+histogrammed tensor-batches take 538 reads (the tensor code: 1040); the same statistics
+and values as the tensor code's.
 
 Under torchrun each rank reads its own share of the batches (:func:`collect_sharded`, see
 :mod:`calibrator.distributed`) and the statistics come out exactly as one process computes
