@@ -214,8 +214,12 @@ static inline double any_log(double x, const double *table)
    fast_log (the C library's log where the value is not a normal number). P's bins are
    h - t (t the candidate's smoothing take, often 0): ln h is taken once a bin, and
    ln(h - t) = ln h + ln(1 - r), r = t / h, by its series to r^4 where r < 2^-9 (the rest
-   below 4e-15 of r), fast_log otherwise.
+   below 4e-15 of r), fast_log otherwise. Where every r of a candidate is below 2^-9 (t
+   times the largest 1 / h before bin i - 1: a prefix maximum), its bins before i - 1 run
+   four at a time without a branch (GCC's vector extension; the terms as before, in four
+   interleaved sums).
    Returns 0, or -1 where memory could not be had (div and mag then undefined). */
+WITH_AVX2
 int kl_all(const double *h, int64_t bins, int64_t levels, double eps, double given,
            double *div, double *mag)
 {
@@ -236,7 +240,8 @@ int kl_all(const double *h, int64_t bins, int64_t levels, double eps, double giv
     double table[256];
     log_table(table);
     const double log_given = any_log(given, table);
-    double *lh = malloc((size_t)bins * 2 * sizeof(double));   /* ln h, 1 / h (h > 0) */
+    /* ln h, 1 / h (h > 0), the largest 1 / h of the bins before each bin */
+    double *lh = malloc(((size_t)bins * 3 + 1) * sizeof(double));
     if (lh == NULL) {
         free(pre);
         return -1;
@@ -246,6 +251,10 @@ int kl_all(const double *h, int64_t bins, int64_t levels, double eps, double giv
         lh[k] = h[k] > 0.0 ? any_log(h[k], table) : 0.0;
         ih[k] = h[k] > 0.0 ? 1.0 / h[k] : 0.0;
     }
+    double *most = ih + bins;
+    most[0] = 0.0;
+    for (int64_t k = 0; k < bins; k++)
+        most[k + 1] = ih[k] > most[k] ? ih[k] : most[k];
     #pragma omp parallel
     {
         double *q = malloc((size_t)bins * 2 * sizeof(double));   /* smoothed Q, its log */
@@ -327,7 +336,38 @@ int kl_all(const double *h, int64_t bins, int64_t levels, double eps, double giv
             qsum = qsum > 1e-300 ? qsum : 1e-300;
             const double shift = log(qsum / psum), share = 1.0 / psum;
             double kl = 0.0, size = 0.0;
-            for (int64_t k = 0; k < i; k++) {
+            int64_t k = 0;
+            if (ptake * most[i - 1] < 0x1p-9) {
+                /* every r below 2^-9 (or 0: the series gives ln h itself): the bins
+                   before i - 1 without a branch, in four interleaved sums */
+                typedef double v4 __attribute__((vector_size(32)));
+                typedef int64_t m4 __attribute__((vector_size(32)));
+                #define PICK(m, a, b) ((v4)(((m4)(a) & (m)) | ((m4)(b) & ~(m))))
+                const v4 zero = {0.0, 0.0, 0.0, 0.0}, one = zero + 1.0;
+                const v4 vt = zero + ptake, vs = zero + share, vh = zero + shift;
+                const v4 vg = zero + given, vlg = zero + log_given;
+                v4 kls = zero, sizes = zero;
+                for (; k + 4 <= i - 1; k += 4) {
+                    v4 hk, ik, lk, qk, lqk;
+                    memcpy(&hk, h + k, sizeof hk);
+                    memcpy(&ik, ih + k, sizeof ik);
+                    memcpy(&lk, lh + k, sizeof lk);
+                    memcpy(&qk, q + k, sizeof qk);
+                    memcpy(&lqk, lq + k, sizeof lqk);
+                    const v4 r = vt * ik;
+                    const m4 nz = hk != zero;
+                    const v4 p = PICK(nz, hk - vt, vg);
+                    const v4 lp = PICK(nz, lk - r * (one + r * (0.5 + r * (1.0 / 3.0
+                                                                          + r * 0.25))), vlg);
+                    const m4 used = (p > zero) & (qk > zero);
+                    const v4 term = PICK(used, p * vs * (lp - lqk + vh), zero);
+                    kls += term;
+                    sizes += PICK(term < zero, -term, term);
+                }
+                kl = (kls[0] + kls[1]) + (kls[2] + kls[3]);
+                size = (sizes[0] + sizes[1]) + (sizes[2] + sizes[3]);
+            }
+            for (; k < i; k++) {
                 double p, lp;
                 if (k < i - 1 && h[k] != 0.0) {
                     p = h[k] - ptake;
