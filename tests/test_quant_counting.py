@@ -123,7 +123,7 @@ def test_counts_regrown_from_one_read_equal_torch_histc_at_the_grown_range(high,
     once to five times (each value's key from its key at high, those past the range from
     the kernel) are ``torch.histc``'s at that range, at every bin edge of the grown range
     and its neighbours, at high itself and at the grown high; the read's own counts are
-    histc's at high where nothing passes it."""
+    histc's at high where nothing passes it (added to a histogram: the values counted)."""
     monkeypatch.setattr(counting, "SPILL", 1 << 20)   # (most values here pass high)
     rng = np.random.default_rng(bins)
     high = float(np.float32(high))
@@ -141,8 +141,10 @@ def test_counts_regrown_from_one_read_equal_torch_histc_at_the_grown_range(high,
         assert torch.equal(read.regrown(doublings), histc(signed, bins, grown, True))
     inside = signed[signed.abs() <= high]
     read = counting.bin_counts_with_figures(inside, bins, _SMALLEST, high)
-    assert torch.equal(read.counts(), histc(inside, bins, high, True))
-    assert torch.equal(read.regrown(0), read.counts())
+    counts = torch.full((bins,), 5, dtype=torch.int64)
+    assert read.add_counts(counts) == int((inside != 0).sum())
+    assert torch.equal(counts - 5, histc(inside, bins, high, True))
+    assert torch.equal(read.regrown(0), counts - 5)
 
 
 @pytest.mark.skipif(not native.available(), reason="no C compiler: the kernel is not built")

@@ -77,7 +77,7 @@ def bin_counts_with_figures(flat: torch.Tensor, bins: int, low: float, high: flo
 class Read:
     """What :func:`bin_counts_with_figures` read: the figures, and the keys' counts at
     [``low``, ``high``], from which follow :func:`bin_counts`'s counts at that range
-    (:meth:`counts`, where max|x| <= ``high``) and at a range doubled any number of times
+    (:meth:`add_counts`, where max|x| <= ``high``) and at a range doubled any number of times
     (:meth:`regrown`, where max|x| passed ``high``), without reading the tensor again."""
     counted: native.Counted
     bins: int
@@ -92,10 +92,14 @@ class Read:
     def zeros(self) -> int | None:
         return self.counted.zeros
 
-    def counts(self) -> torch.Tensor:
+    def add_counts(self, into: torch.Tensor) -> int:
         """:func:`bin_counts`'s counts over [low, high] (a value past ``high`` is counted
-        in the last bin)."""
-        return _in_range(self.counted.counts.clone(), self.bins)
+        in the last bin) added to ``into``; returns how many values they count (those not
+        below ``low``)."""
+        keys, bins = self.counted.counts, self.bins
+        into += keys[1:bins + 1]
+        into[bins - 1] += keys[bins + 1]
+        return int(keys.sum() - keys[0])
 
     def regrown(self, doublings: int) -> torch.Tensor | None:
         """:func:`bin_counts`'s counts over [low, high * 2^doublings], exactly: that range's

@@ -65,13 +65,12 @@ class GrowingHistogram:
         regrown`), or, where they cannot be, ``x`` is counted again (:meth:`add`).
         Returns the nonzero values of ``x``."""
         if absmax <= self.range:
-            counts = read.counts()
-        else:
-            doublings = self._doublings(absmax)
-            counts = read.regrown(doublings)
-            if counts is None:
-                return self.add(x, absmax, nonnegative=lo >= 0)
-            self._grow(doublings)
+            return read.add_counts(self.counts)
+        doublings = self._doublings(absmax)
+        counts = read.regrown(doublings)
+        if counts is None:
+            return self.add(x, absmax, nonnegative=lo >= 0)
+        self._grow(doublings)
         self.counts += counts
         return int(counts.sum())
 

@@ -80,12 +80,12 @@ import logging
 import os
 import platform
 import shutil
+import struct
 import subprocess
 import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -843,9 +843,8 @@ def _extremes(ext: torch.Tensor) -> tuple[float, float, float] | None:
     lo, hi, top = ext.tolist()
     if top >= _NOT_FINITE:
         return None
-    patterns = np.array([lo, hi, top], np.int64)
-    bits = np.where(patterns < 0, patterns ^ 0x7fffffff, patterns) & 0xffffffff
-    lo, hi, absmax = (float(v) + 0.0 for v in bits.astype(np.uint32).view(np.float32))
+    bits = [(v ^ 0x7fffffff if v < 0 else v) & 0xffffffff for v in (lo, hi, top)]
+    lo, hi, absmax = (v + 0.0 for v in struct.unpack("<3f", struct.pack("<3I", *bits)))
     return lo, hi, absmax
 
 
