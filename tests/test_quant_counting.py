@@ -169,3 +169,14 @@ def test_counts_that_cannot_be_regrown_exactly_are_refused(monkeypatch):
     assert read.regrown(6) is not None and read.regrown(7) is None       # 2^7 > 64 bins
     read = counting.bin_counts_with_figures(x * 1000, 2048, _SMALLEST, 3000.0)
     assert read is not None and read.regrown(1) is None      # 6000: past 2 x 2048, histc's
+
+
+@pytest.mark.skipif(not native.available(), reason="no C compiler: the kernel is not built")
+def test_a_read_without_room_for_keys_past_the_range_knows_none_of_them():
+    """Asked to keep no keys past the range, the kernel's read says it does not know them
+    (None), not that there were none: such a read is never regrown."""
+    x = torch.tensor([0.5, 3.0, 0.0], dtype=torch.float32)
+    width = float(np.float32(1.0) - np.float32(_SMALLEST))
+    kept = native.bin_counts(x, 64, _SMALLEST, width, True, with_figures=True, spill=4)
+    assert kept.past.tolist() == [3 * 64 + 1]
+    assert native.bin_counts(x, 64, _SMALLEST, width, True, with_figures=True).past is None

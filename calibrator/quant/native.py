@@ -364,6 +364,7 @@ int kl_all(const double *h, int64_t bins, int64_t levels, double eps, double giv
                     kls += term;
                     sizes += PICK(term < zero, -term, term);
                 }
+                #undef PICK
                 kl = (kls[0] + kls[1]) + (kls[2] + kls[3]);
                 size = (sizes[0] + sizes[1]) + (sizes[2] + sizes[3]);
             }
@@ -857,8 +858,8 @@ class Counted(NamedTuple):
     #: the zeros before the clamp (with one; else None)
     zeros: int | None
     #: the keys past bins + 1 themselves (int64, in no particular order, each also counted
-    #: in ``counts[bins + 1]``); None where there were more than ``spill`` (or one could not
-    #: be had: see the C source)
+    #: in ``counts[bins + 1]``); None without ``spill``, or where there were more than
+    #: ``spill`` (or one could not be had: see the C source)
     past: torch.Tensor | None
 
 
@@ -879,7 +880,7 @@ def bin_counts(flat: torch.Tensor, bins: int, low: float, width: float, absolute
     counts = torch.zeros(bins + 2, dtype=torch.int64)
     ext = torch.tensor(_NO_EXTREMES, dtype=torch.int32) if with_figures else None
     zeros = torch.zeros(1, dtype=torch.int64) if clamp is not None else None
-    past = torch.empty(spill, dtype=torch.int64) if with_figures else None
+    past = torch.empty(spill, dtype=torch.int64) if with_figures and spill > 0 else None
     npast = torch.zeros(1, dtype=torch.int64)
     pieces = flat.split(_HIST_CALL)
     if clamp is not None and len(pieces) > 1:
@@ -900,7 +901,7 @@ def bin_counts(flat: torch.Tensor, bins: int, low: float, width: float, absolute
         return None
     kept = int(npast)
     return Counted(counts, extremes, None if zeros is None else int(zeros),
-                   past[:kept] if kept <= spill else None)
+                   past[:kept] if past is not None and kept <= spill else None)
 
 
 def figures(flat: torch.Tensor) -> tuple[float, float, float, int] | None:
