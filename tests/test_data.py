@@ -423,3 +423,27 @@ def test_mobilenet_v2_test_prototxt_image_data(shared):
     mean = np.array([103.53, 116.28, 123.675], np.float32).reshape(3, 1, 1)
     expected = (crop - mean) * np.float32(0.017)
     assert torch.equal(batch["data"][0], torch.from_numpy(expected))
+
+
+@pytest.mark.parametrize("pad", [0, 2])
+def test_normalize_is_caffes_formula_and_leaves_a_float_batch_alone(pad):
+    """``(x - mean) * scale`` in float32, each operation rounded as Caffe rounds it (here
+    numpy's float32 arithmetic, written out), for a uint8 batch (normalised in place on its
+    float copy) and for a float32 batch, which is the caller's (a cached sample) and must
+    come back unchanged; with Intel's pad the border keeps the raw values."""
+    from calibrator.data.transform import Transform
+    rng = np.random.default_rng(pad)
+    transform = Transform(scale=0.017, mean_values=[104.0, 117.0, 123.0], pad=pad)
+    images = rng.integers(0, 256, (2, 3, 7, 9), dtype=np.uint8)
+    mean = np.array([104.0, 117.0, 123.0], np.float32).reshape(1, 3, 1, 1)
+    want = (images.astype(np.float32) - mean) * np.float32(0.017)
+    if pad:                  # (Intel rounds the normalised values, half to even)
+        want = np.round(want)
+    for batch in (torch.from_numpy(images), torch.from_numpy(images.astype(np.float32))):
+        kept = batch.clone()
+        got = transform.normalize(batch).numpy()
+        assert torch.equal(batch, kept)
+        inner = (slice(None), slice(None), slice(pad, 7 - pad), slice(pad, 9 - pad))
+        assert got.dtype == np.float32 and np.array_equal(got[inner], want[inner])
+        if pad:
+            assert np.array_equal(got[..., 0], images.astype(np.float32)[..., 0])

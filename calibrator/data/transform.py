@@ -205,10 +205,13 @@ class Transform:
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         """NCHW uint8 (or float32) -> float32 ``(x - mean) * scale`` in Caffe's order."""
         x = raw = batch.to(torch.float32)
+        # in place on the float copy (the same operations, without two more batch-sized
+        # tensors); out of place where the batch was float32 already or the border keeps raw
+        owned = x is not batch and not self.pad
         if self._mean is not None:
-            x = x - self._mean
+            x = x.sub_(self._mean) if owned else x - self._mean
         if self.scale != 1.0:
-            x = x * self._scale
+            x = x.mul_(self._scale) if owned else x * self._scale
         if self.pad:
             if self.mean_values.size:
                 x = x.round_()                       # nearbyint, half to even
