@@ -182,9 +182,10 @@ class _Collector:
 
     def _count_clamped(self, node, flat: torch.Tensor, ref: BlobRef, bounds, producer) -> bool:
         """Where the clamp's own top is histogrammed: ``flat`` clamped and counted in one
-        read (:meth:`~calibrator.quant.histogram.GrowingHistogram.add_clamped`), the figures
-        of ``ref`` (before) and of the top (after) folded, the hook told the top is
-        observed. False where that cannot run (``flat`` untouched)."""
+        read (two on the first batch: :meth:`~calibrator.quant.histogram.GrowingHistogram.
+        add_clamped`), the figures of ``ref`` (before) and of the top (after) folded, the
+        hook told the top is observed. False where that cannot run (without the kernel:
+        ``flat`` untouched)."""
         top = next((r for r in self.by_producer.get(node.index, ())
                     if r.name == node.tops[0] and r.key in self.hists), None)
         got = self.hists[top.key].add_clamped(flat, *bounds) if top is not None else None
