@@ -258,6 +258,18 @@ def test_a_kernel_without_memory_says_so_and_the_tensor_code_runs(monkeypatch):
     assert native.kl_divergences(torch.rand(2048, dtype=torch.float64), 128, 1e-4, 1e-4) is None
 
 
+def _baseline_library(tmp_path, monkeypatch, *names: str):
+    """The kernels built with the baseline alone (-DWITH_AVX2= -DWITH_AVX512=, into a
+    cache of the test's own), ``names`` given their C signatures."""
+    monkeypatch.setenv("CALIBRATOR_CACHE", str(tmp_path))
+    baseline = ctypes.CDLL(str(native._build(native._compiler(),
+                                              ("-DWITH_AVX2=", "-DWITH_AVX512="))))
+    for name in names:
+        restype, argtypes = native._SIGNATURES[name]
+        getattr(baseline, name).restype, getattr(baseline, name).argtypes = restype, argtypes
+    return baseline
+
+
 @pytest.mark.skipif(not native.available() or platform.machine() != "x86_64",
                     reason="no C compiler, or not x86-64 (no AVX2 copy)")
 def test_the_avx2_counting_kernel_counts_what_the_baseline_one_counts(tmp_path, monkeypatch):
@@ -265,12 +277,7 @@ def test_the_avx2_counting_kernel_counts_what_the_baseline_one_counts(tmp_path, 
     AVX2; a build with the baseline alone (-DWITH_AVX2=) counts the same at every bin edge,
     its neighbours, tiny and subnormal values, zeros of either sign and values past the
     range (whose own keys both keep alike), and finds the same extremes and zeros."""
-    monkeypatch.setenv("CALIBRATOR_CACHE", str(tmp_path))
-    baseline = ctypes.CDLL(str(native._build(native._compiler(),
-                                              ("-DWITH_AVX2=", "-DWITH_AVX512="))))
-    for name in ("hist_count", "figures"):
-        restype, argtypes = native._SIGNATURES[name]
-        getattr(baseline, name).restype, getattr(baseline, name).argtypes = restype, argtypes
+    baseline = _baseline_library(tmp_path, monkeypatch, "hist_count", "figures")
     rng = np.random.default_rng(3)
     bins, high = 2048, 6.0
     edges = np.arange(bins + 1, dtype=np.float32) * np.float32(high / bins)
@@ -319,12 +326,7 @@ def test_the_vector_requantization_kernels_give_the_baselines_bits(tmp_path, mon
     has them) write the bits of a build with the baseline alone, in place and not, with and
     without a residual, ties, signed zeros and saturation included, on rows that are not a
     multiple of the vector width."""
-    monkeypatch.setenv("CALIBRATOR_CACHE", str(tmp_path))
-    baseline = ctypes.CDLL(str(native._build(native._compiler(),
-                                              ("-DWITH_AVX2=", "-DWITH_AVX512="))))
-    for name in ("rq_last", "rq_first"):
-        restype, argtypes = native._SIGNATURES[name]
-        getattr(baseline, name).restype, getattr(baseline, name).argtypes = restype, argtypes
+    baseline = _baseline_library(tmp_path, monkeypatch, "rq_last", "rq_first")
     loaded = native._library()
     shape = (3, 37, 13, 11)
     x = values(shape, 6, "first")

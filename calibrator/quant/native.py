@@ -881,7 +881,7 @@ def bin_counts(flat: torch.Tensor, bins: int, low: float, width: float, absolute
     ext = torch.tensor(_NO_EXTREMES, dtype=torch.int32) if with_figures else None
     zeros = torch.zeros(1, dtype=torch.int64) if clamp is not None else None
     past = torch.empty(spill, dtype=torch.int64) if with_figures and spill > 0 else None
-    npast = torch.zeros(1, dtype=torch.int64)
+    npast = torch.zeros(1, dtype=torch.int64) if past is not None else None
     pieces = flat.split(_HIST_CALL)
     if clamp is not None and len(pieces) > 1:
         return None  # (a later piece without memory would leave the first ones clamped)
@@ -891,17 +891,17 @@ def bin_counts(flat: torch.Tensor, bins: int, low: float, width: float, absolute
                               None if ext is None else ext.data_ptr(),
                               *((None, 0.0, 0.0, None) if clamp is None else
                                 (piece.data_ptr(), *clamp, zeros.data_ptr())),
-                              None if past is None else past.data_ptr(), spill,
-                              npast.data_ptr()) != 0:
+                              *((None, 0, None) if past is None else
+                                (past.data_ptr(), spill, npast.data_ptr()))) != 0:
             return None  # no memory for the kernel's tables: the tensor code counts
     if ext is None:
         return counts
     extremes = _extremes(ext)
     if clamp is None and extremes is None:
         return None
-    kept = int(npast)
+    kept = None if past is None else int(npast)
     return Counted(counts, extremes, None if zeros is None else int(zeros),
-                   past[:kept] if past is not None and kept <= spill else None)
+                   past[:kept] if kept is not None and kept <= spill else None)
 
 
 def figures(flat: torch.Tensor) -> tuple[float, float, float, int] | None:
