@@ -158,9 +158,69 @@ def test_the_cosine_kernels_make_the_choices_the_tensor_code_makes(bits, monkeyp
     monkeypatch.setattr(native, "column_dot_square", lambda *a: calls.append(1) or real(*a))
     with_kernel = run()
     assert calls
-    monkeypatch.setattr(native, "dot_square", lambda *a: None)
-    monkeypatch.setattr(native, "column_dot_square", lambda *a: None)
+    for name in ("dot_square", "column_dot_square", "depthwise_sums", "quantized_rows",
+                 "integer_sums"):
+        monkeypatch.setattr(native, name, lambda *a: None)
     _assert_same_choices(with_kernel, run(), bias_atol=0.0)
+
+
+#: every way a unit's candidates are scored: dense int8 products with an unsigned input
+#: (offset 128) and a signed one, eight outputs and five (the kernel's two lane paths), a
+#: leaky ReLU, a residual with the ReLU after the sum and without one; depthwise with a
+#: residual and with a leaky ReLU
+_FUSED_NET = (input_text((6, 4, 7, 7)) + conv_text("c1", "data", "a", 8, 1)
+              + relu_text("r1", "a", 0.1)
+              + conv_text("dw", "a", "b", 8, 3, "pad: 1 group: 8")
+              + 'layer { name: "s1" type: "Eltwise" bottom: "a" bottom: "b" top: "c" }\n'
+              + relu_text("r2", "c")
+              + conv_text("pw", "c", "d", 8, 1)
+              + 'layer { name: "s2" type: "Eltwise" bottom: "c" bottom: "d" top: "e" }\n'
+              + conv_text("dw2", "e", "f", 8, 3, "pad: 1 group: 8") + relu_text("r3", "f", 0.1)
+              + conv_text("c4", "f", "g", 5, 1) + relu_text("r4", "g"))
+
+
+@pytest.mark.parametrize("bits", [8, 7])
+def test_the_fused_candidate_kernels_give_the_tensor_codes_cosines(bits, monkeypatch):
+    """The kernels that make, requantize and sum the candidates' outputs in cache
+    (depthwise_sums; quantized_rows and integer_sums around the int8 products) give every
+    cosine of the pass bit for bit as the tensor code with dot_square does, so the same
+    choices: each layout above, at 8 and 7 bits."""
+    from calibrator.quant import native
+    if not native.available() or not layerwise_module.int8_products_work():
+        pytest.skip("no C compiler or no int8 matrix products")
+    monkeypatch.setattr(layerwise_module, "INT8_PRODUCTS", True)
+    net = TinyNet(_FUSED_NET, seed=4, nonnegative_input=True)
+    net.calibrate(first_conv=True, per_channel=True, bits=bits)
+    options = QuantOptions(first_conv=True, per_channel=True, bits=bits)
+    kinds = {u.name: (u.residual is not None, u.relu_slope) for u in net.fused.units}
+    leaky = float(np.float32(0.1))
+    assert kinds == {"c1": (False, leaky), "dw": (True, 0.0), "pw": (True, None),
+                     "dw2": (False, leaky), "c4": (False, 0.0)}
+    unsigned = {name: lq.input_unsigned for name, lq in net.plan.layers.items()}
+    assert unsigned["pw"] and not unsigned["c4"]
+
+    def run():
+        return layerwise(net.net, net.fused, net.stats, options, {}, net.batches[0],
+                         LayerwiseSettings(steps=21))
+
+    calls = {}
+    for name in ("depthwise_sums", "quantized_rows", "integer_sums"):
+        real = getattr(native, name)
+
+        def spy(*args, real=real, name=name):
+            got = real(*args)
+            calls.setdefault(name, []).append(got is not None)
+            return got
+        monkeypatch.setattr(native, name, spy)
+    fused_choices, fused_reports = run()
+    assert set(calls) == {"depthwise_sums", "quantized_rows", "integer_sums"}
+    assert all(all(ran) for ran in calls.values())
+    for name in calls:
+        monkeypatch.setattr(native, name, lambda *a: None)
+    choices, reports = run()
+    assert fused_choices == choices
+    assert {n: vars(r) for n, r in fused_reports.items()} == \
+        {n: vars(r) for n, r in reports.items()}
 
 
 def _three_convs_pass(bits: int):

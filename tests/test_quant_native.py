@@ -574,3 +574,42 @@ def test_the_cosine_sums_are_the_float64_sums(n):
     assert native.dot_square(y, ref.float()) is None
     assert native.dot_square(y.transpose(0, 1), ref) is None
     assert native.column_dot_square(cols, cref[:, :-1]) is None
+
+
+@pytest.mark.parametrize("bounds, offset", [((0.0, 255.0), 128), ((-128.0, 127.0), 0),
+                                            ((0.0, 127.0), 0)])
+def test_quantized_rows_are_the_tensor_codes_int8_patches(bounds, offset):
+    """quantized_rows: ``(x * s).round_().clamp_(*bounds).sub_(offset).to(int8)`` for each
+    scale, the same bytes: ties to even, negative zeros, values past either bound; a tensor
+    that is not float32, contiguous, 2-D: None."""
+    rng = np.random.default_rng(int(bounds[1]) + offset)
+    x = torch.from_numpy(rng.normal(0, 40, (37, 19)).astype(np.float32))
+    x[0, :8] = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, -0.0, 254.5, -127.5])   # ties at s = 1
+    x[1, :2] = torch.tensor([1e9, -1e9])
+    scales = torch.tensor([1.0, 0.37, 2.0, 3.3], dtype=torch.float32)
+    got = native.quantized_rows(x, scales, bounds, offset)
+    want = torch.cat([(x * s).round_().clamp_(*bounds).sub_(offset).to(torch.int8)
+                      for s in scales])
+    assert torch.equal(got, want)
+    assert native.quantized_rows(x.double(), scales, bounds, offset) is None
+    assert native.quantized_rows(x.t(), scales, bounds, offset) is None
+
+
+def test_the_fused_sums_refuse_what_they_do_not_read():
+    """depthwise_sums and integer_sums answer None (the tensor code runs) for a tensor of
+    another dtype, shape or layout."""
+    taps, scales = torch.zeros(3, 9, 16), torch.ones(2)
+    weight, terms, ref = torch.zeros(3, 9), torch.ones(3, 2), torch.zeros(3, 16,
+                                                                          dtype=torch.float64)
+    assert native.depthwise_sums(taps, scales, weight, terms, terms, None, 0.0, (0.0, 255.0),
+                                 ref) is not None
+    assert native.depthwise_sums(taps, scales, weight, terms, terms, None, 0.0, (0.0, 255.0),
+                                 ref.float()) is None
+    assert native.depthwise_sums(taps, scales, weight.t(), terms, terms, None, 0.0,
+                                 (0.0, 255.0), ref) is None
+    acc = torch.zeros(2, 16, 5, dtype=torch.int32)
+    bias, ref = torch.ones(2, 5), torch.zeros(16, 5, dtype=torch.float64)
+    assert native.integer_sums(acc, None, bias, bias, None, None, ref) is not None
+    assert native.integer_sums(acc.float(), None, bias, bias, None, None, ref) is None
+    assert native.integer_sums(acc, torch.zeros(4, dtype=torch.int32), bias, bias, None,
+                               None, ref) is None

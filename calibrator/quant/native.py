@@ -5,8 +5,10 @@ requantization (:func:`requantize`), the statistics' histogram bin counts
 the counting kernel on its way, and by a ReLU6's clamp, :func:`clamp_with_figures`: one
 pass where there were two; the counting kernel may clamp too, counting the clamped values:
 one pass where there were three), EasyQuant's cosine sums in float64 from the candidates'
-float32 outputs (:func:`dot_square`, :func:`column_dot_square`: one read, no float64 copy),
-and every KL candidate's divergence up to rounding
+float32 outputs (:func:`dot_square`, :func:`column_dot_square`: one read, no float64 copy;
+:func:`depthwise_sums`, :func:`integer_sums`: the candidates' outputs made from the integers
+and summed in cache, never written; :func:`quantized_rows`: a dense layer's int8 patches for
+every candidate scale in one write), and every KL candidate's divergence up to rounding
 (:func:`kl_divergences`, a filter within a stated bound of the tensor code of
 :mod:`calibrator.quant.kl`, which scores again the candidates the bound cannot separate).
 Each returns None where it cannot run; the caller's tensor code then gives the same
@@ -468,6 +470,203 @@ void column_dot_square(const float *y, const double *ref, int64_t groups, int64_
     }
 }
 
+/* a depthwise unit's outputs for K input scales, each against its reference, summed as
+   dot_square sums them (dot[g][k], square[g][k]: lane p % 8 of eight float64 sums, added in
+   lane order), without the candidates' outputs in memory: at position p of group g,
+       acc = sum_j f32(sat_round(f32(taps[g][j][p] * s[k]), lo, hi) * w[g][j])
+   (j in order from +0; integers below 2^24: exact), then
+       y = f32(f32(acc + q_bias[g][k]) / divisor[g][k]) [+ residual[g][p]]
+   and the ReLU (relu 1: y < 0 ? 0 : y; relu 2: y > 0 ? y : f32(y * slope)): the tensor
+   code's operations (layerwise._Unit._tap_sums, _requantized, _finish) in its order.
+   Clamping every candidate equals clamping those that leave [lo, hi] (integer bounds). */
+WITH_AVX512
+static void depthwise_one(const float *tg, int64_t taps_n, int64_t positions, float s,
+                          const float *wg, float b, float dv, const float *rg, int relu,
+                          float slope, float lo, float hi, const double *fg, float *y,
+                          double *dot, double *square)
+{
+    for (int64_t p = 0; p < positions; p++)
+        y[p] = 0.0f;
+    for (int64_t j = 0; j < taps_n; j++) {
+        const float *tj = tg + j * positions;
+        const float w = wg[j];
+        for (int64_t p = 0; p < positions; p++)
+            y[p] += saturate_round(tj[p] * s, lo, hi) * w;
+    }
+    for (int64_t p = 0; p < positions; p++)
+        y[p] = (y[p] + b) / dv;
+    if (rg != NULL)
+        for (int64_t p = 0; p < positions; p++)
+            y[p] += rg[p];
+    if (relu == 1)
+        for (int64_t p = 0; p < positions; p++)
+            y[p] = y[p] < 0.0f ? 0.0f : y[p];
+    else if (relu == 2)
+        for (int64_t p = 0; p < positions; p++)
+            y[p] = y[p] > 0.0f ? y[p] : y[p] * slope;
+    double d[8] = {0}, q[8] = {0};
+    int64_t p = 0;
+    for (; p + 8 <= positions; p += 8) {
+        for (int i = 0; i < 8; i++) {
+            const double v = (double)y[p + i];
+            d[i] += v * fg[p + i];
+            q[i] += v * v;
+        }
+    }
+    for (int i = 0; p < positions; p++, i++) {
+        const double v = (double)y[p];
+        d[i] += v * fg[p];
+        q[i] += v * v;
+    }
+    double a = 0.0, c = 0.0;
+    for (int i = 0; i < 8; i++) {
+        a += d[i];
+        c += q[i];
+    }
+    *dot = a;
+    *square = c;
+}
+
+WITH_AVX512
+int depthwise_sums(const float *taps, int64_t groups, int64_t taps_n, int64_t positions,
+                   const float *scales, int64_t count, const float *weight,
+                   const float *q_bias, const float *divisor, const float *residual,
+                   int relu, float slope, float lo, float hi, const double *ref,
+                   double *dot, double *square)
+{
+    int failed = 0;
+    #pragma omp parallel if (groups * count * taps_n * positions >= SPLIT)
+    {
+        float *y = malloc((size_t)positions * sizeof(float));
+        if (y == NULL) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for collapse(2) schedule(static)
+        for (int64_t g = 0; g < groups; g++) {
+            for (int64_t k = 0; k < count; k++) {
+                if (y == NULL)
+                    continue;
+                depthwise_one(taps + g * taps_n * positions, taps_n, positions, scales[k],
+                              weight + g * taps_n, q_bias[g * count + k],
+                              divisor[g * count + k],
+                              residual ? residual + g * positions : NULL, relu, slope, lo, hi,
+                              ref + g * positions, y, dot + g * count + k,
+                              square + g * count + k);
+            }
+        }
+        free(y);
+    }
+    return failed ? -1 : 0;
+}
+
+/* out[k][r][c] = sat_round(f32(x[r][c] * scales[k]), lo, hi) - offset as int8, for rows x
+   cols of x and K scales: a dense unit's quantized patches for K input scales, as the
+   tensor code makes them (layerwise._Unit._q_in, then _IntegerProduct.input) in one write
+   of one byte each (lo - offset and hi - offset within int8) */
+WITH_AVX512
+void quantized_rows(const float *x, int64_t rows, int64_t cols, const float *scales,
+                    int64_t count, float lo, float hi, int offset, int8_t *out)
+{
+    #pragma omp parallel for collapse(2) schedule(static) if (count * rows * cols >= SPLIT)
+    for (int64_t k = 0; k < count; k++) {
+        for (int64_t r = 0; r < rows; r++) {
+            const float s = scales[k];
+            const float *xr = x + r * cols;
+            int8_t *o = out + (k * rows + r) * cols;
+            for (int64_t c = 0; c < cols; c++)
+                o[c] = (int8_t)((int32_t)saturate_round(xr[c] * s, lo, hi) - offset);
+        }
+    }
+}
+
+/* one row of integer_sums: y[o] of position p (see there) */
+WITH_AVX512
+static void integer_row(const int32_t *ap, int64_t outs, const int32_t *shift,
+                        const float *bk, const float *dk, const float *rp, int relu,
+                        float slope, float *y)
+{
+    if (shift != NULL)
+        for (int64_t o = 0; o < outs; o++)
+            y[o] = (float)(ap[o] + shift[o]);
+    else
+        for (int64_t o = 0; o < outs; o++)
+            y[o] = (float)ap[o];
+    for (int64_t o = 0; o < outs; o++)
+        y[o] = (y[o] + bk[o]) / dk[o];
+    if (rp != NULL)
+        for (int64_t o = 0; o < outs; o++)
+            y[o] += rp[o];
+    if (relu == 1)
+        for (int64_t o = 0; o < outs; o++)
+            y[o] = y[o] < 0.0f ? 0.0f : y[o];
+    else if (relu == 2)
+        for (int64_t o = 0; o < outs; o++)
+            y[o] = y[o] > 0.0f ? y[o] : y[o] * slope;
+}
+
+/* a dense unit's outputs for K input scales from its int32 accumulators acc (K x P x O, the
+   integer product of quantized_rows' rows), each against its reference, summed as
+   dot_square sums a row of P x O values (lane j % 8 of j = p O + o): at (k, p, o)
+       y = f32(f32(f32(acc + shift[o]) + q_bias[k][o]) / divisor[k][o]) [+ residual[p][o]]
+   (shift: the int32 column sums times the input's offset, added in int32; NULL: none) and
+   the ReLU, the tensor code's operations in its order (_IntegerProduct.__call__,
+   _requantized, _finish). Returns 0, or -1 where memory could not be had. */
+WITH_AVX512
+int integer_sums(const int32_t *acc, int64_t count, int64_t positions, int64_t outs,
+                 const int32_t *shift, const float *q_bias, const float *divisor,
+                 const float *residual, int relu, float slope, const double *ref,
+                 double *dot, double *square)
+{
+    int failed = 0;
+    #pragma omp parallel if (count * positions * outs >= SPLIT)
+    {
+        float *y = malloc((size_t)outs * sizeof(float));
+        if (y == NULL) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(static)
+        for (int64_t k = 0; k < count; k++) {
+            if (y == NULL)
+                continue;
+            double d[8] = {0}, q[8] = {0};
+            for (int64_t p = 0; p < positions; p++) {
+                integer_row(acc + (k * positions + p) * outs, outs, shift,
+                            q_bias + k * outs, divisor + k * outs,
+                            residual ? residual + p * outs : NULL, relu, slope, y);
+                const double *fp = ref + p * outs;
+                const int start = (int)((p * outs) % 8);
+                int64_t o = 0;
+                if (start == 0) {   /* lane j % 8 is o % 8: eight channels at a time */
+                    for (; o + 8 <= outs; o += 8) {
+                        for (int i = 0; i < 8; i++) {
+                            const double w = (double)y[o + i];
+                            d[i] += w * fp[o + i];
+                            q[i] += w * w;
+                        }
+                    }
+                }
+                for (; o < outs; o++) {
+                    const int lane = (int)((start + o) % 8);
+                    const double w = (double)y[o];
+                    d[lane] += w * fp[o];
+                    q[lane] += w * w;
+                }
+            }
+            double a = 0.0, c = 0.0;
+            for (int i = 0; i < 8; i++) {
+                a += d[i];
+                c += q[i];
+            }
+            dot[k] = a;
+            square[k] = c;
+        }
+        free(y);
+    }
+    return failed ? -1 : 0;
+}
+
 #define BLOCK 2048
 
 /* float32 bit patterns as int32 in the order of the values (-0 just below +0, the
@@ -709,6 +908,14 @@ _SIGNATURES = {
     "dot_square": (None, [_POINTER, _POINTER, _INT, _INT, _INT, _POINTER, _POINTER]),
     "column_dot_square": (None, [_POINTER, _POINTER, _INT, _INT, _INT, _INT, _POINTER,
                                  _POINTER]),
+    "quantized_rows": (None, [_POINTER, _INT, _INT, _POINTER, _INT, _FLOAT, _FLOAT,
+                              ctypes.c_int, _POINTER]),
+    "integer_sums": (ctypes.c_int, [_POINTER, _INT, _INT, _INT, _POINTER, _POINTER,
+                                    _POINTER, _POINTER, ctypes.c_int, _FLOAT, _POINTER,
+                                    _POINTER, _POINTER]),
+    "depthwise_sums": (ctypes.c_int, [_POINTER, _INT, _INT, _INT, _POINTER, _INT, _POINTER,
+                                      _POINTER, _POINTER, _POINTER, ctypes.c_int, _FLOAT,
+                                      _FLOAT, _FLOAT, _POINTER, _POINTER, _POINTER]),
 }
 
 
@@ -987,4 +1194,103 @@ def column_dot_square(y: torch.Tensor, ref: torch.Tensor
     square = torch.empty(groups, per, n, dtype=torch.float64)
     library.column_dot_square(y.data_ptr(), ref.data_ptr(), groups, positions, per, n,
                               dot.data_ptr(), square.data_ptr())
+    return dot, square
+
+
+def _laid_out(expected) -> bool:
+    """Whether each (tensor, shape, dtype) of ``expected`` is such a tensor, contiguous, on
+    the CPU."""
+    return all(t.device.type == "cpu" and t.dtype == dtype and t.shape == shape
+               and t.is_contiguous() for t, shape, dtype in expected)
+
+
+def depthwise_sums(taps: torch.Tensor, scales: torch.Tensor, weight: torch.Tensor,
+                   q_bias: torch.Tensor, divisor: torch.Tensor, residual: torch.Tensor | None,
+                   relu_slope: float | None, bounds: tuple[float, float], ref: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A depthwise unit's INT8 outputs for K input scales, summed against the reference as
+    :func:`dot_square` sums them, without the outputs in memory: (dot, square), each (G, K)
+    float64, the same bits as :func:`dot_square` of the tensor code's outputs (see the
+    kernel). ``taps`` (G, C, P) float32: the unit's patches, tap-major; ``scales`` (K,);
+    ``weight`` (G, C): the integer weights; ``q_bias``, ``divisor`` (G, K); ``residual``
+    (G, P) or None; ``relu_slope``: None (no ReLU), 0 or a leaky slope; ``bounds``: the
+    input's integer range; ``ref`` (G, P) float64. None where the kernel is unavailable or
+    a tensor is not such (contiguous, on the CPU, float32 but ``ref``)."""
+    library = _library()
+    groups, taps_n, positions = taps.shape
+    count = scales.numel()
+    expected = ((taps, (groups, taps_n, positions), torch.float32),
+                (scales, (count,), torch.float32), (weight, (groups, taps_n), torch.float32),
+                (q_bias, (groups, count), torch.float32),
+                (divisor, (groups, count), torch.float32),
+                (ref, (groups, positions), torch.float64))
+    if residual is not None:
+        expected += ((residual, (groups, positions), torch.float32),)
+    if library is None or not _laid_out(expected):
+        return None
+    dot = torch.empty(groups, count, dtype=torch.float64)
+    square = torch.empty(groups, count, dtype=torch.float64)
+    relu = 0 if relu_slope is None else 1 if relu_slope == 0 else 2
+    if library.depthwise_sums(taps.data_ptr(), groups, taps_n, positions, scales.data_ptr(),
+                              count, weight.data_ptr(), q_bias.data_ptr(), divisor.data_ptr(),
+                              None if residual is None else residual.data_ptr(), relu,
+                              float(relu_slope or 0.0), float(bounds[0]), float(bounds[1]),
+                              ref.data_ptr(), dot.data_ptr(), square.data_ptr()) != 0:
+        return None  # no memory for a thread's outputs: the tensor code runs
+    return dot, square
+
+
+def quantized_rows(x: torch.Tensor, scales: torch.Tensor, bounds: tuple[float, float],
+                   offset: int) -> torch.Tensor | None:
+    """(K * R, C) int8: ``sat(rne(x * scales[k])) - offset`` of ``x`` (R, C) float32 for
+    each of the K ``scales`` (float32), ``bounds`` integers and within int8 once ``offset``
+    is taken off; the tensor code's ``(x * s).round_().clamp_(*bounds).sub_(offset)
+    .to(torch.int8)``, the same bytes, in one write. None where the kernel is unavailable or
+    a tensor is not such (contiguous, on the CPU)."""
+    library = _library()
+    if (library is None or x.dim() != 2 or scales.dim() != 1 or any(
+            t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous()
+            for t in (x, scales))):
+        return None
+    rows, cols = x.shape
+    out = torch.empty(scales.numel() * rows, cols, dtype=torch.int8)
+    library.quantized_rows(x.data_ptr(), rows, cols, scales.data_ptr(), scales.numel(),
+                           float(bounds[0]), float(bounds[1]), int(offset), out.data_ptr())
+    return out
+
+
+def integer_sums(acc: torch.Tensor, shift: torch.Tensor | None, q_bias: torch.Tensor,
+                 divisor: torch.Tensor, residual: torch.Tensor | None,
+                 relu_slope: float | None, ref: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A dense unit's outputs for K input scales from its int32 accumulators ``acc``
+    (K, P, O), summed against the reference as :func:`dot_square` sums a row of P x O
+    values, without the outputs in memory: (dot, square), each (K,) float64, the same bits
+    as the tensor code's outputs summed by :func:`dot_square` (see the kernel). ``shift``
+    (O,) int32 added to every accumulator (None: none); ``q_bias``, ``divisor`` (K, O)
+    float32; ``residual`` (P, O) float32 or None; ``relu_slope``: None, 0 or a leaky slope;
+    ``ref`` (P, O) float64. None where the kernel is unavailable or a tensor is not such
+    (contiguous, on the CPU)."""
+    library = _library()
+    count, positions, outs = acc.shape
+    expected = ((acc, (count, positions, outs), torch.int32),
+                (q_bias, (count, outs), torch.float32),
+                (divisor, (count, outs), torch.float32),
+                (ref, (positions, outs), torch.float64))
+    if shift is not None:
+        expected += ((shift, (outs,), torch.int32),)
+    if residual is not None:
+        expected += ((residual, (positions, outs), torch.float32),)
+    if library is None or not _laid_out(expected):
+        return None
+    dot = torch.empty(count, dtype=torch.float64)
+    square = torch.empty(count, dtype=torch.float64)
+    relu = 0 if relu_slope is None else 1 if relu_slope == 0 else 2
+    if library.integer_sums(acc.data_ptr(), count, positions, outs,
+                            None if shift is None else shift.data_ptr(), q_bias.data_ptr(),
+                            divisor.data_ptr(),
+                            None if residual is None else residual.data_ptr(), relu,
+                            float(relu_slope or 0.0), ref.data_ptr(), dot.data_ptr(),
+                            square.data_ptr()) != 0:
+        return None  # no memory for a thread's row: the tensor code runs
     return dot, square
