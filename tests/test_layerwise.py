@@ -148,10 +148,12 @@ def test_the_int8_products_make_the_choices_the_float_products_make(bits, monkey
 @pytest.mark.parametrize("bits", [8, 7])
 def test_the_cosine_kernels_make_the_choices_the_tensor_code_makes(bits, monkeypatch):
     """The cosines' float64 sums by the C kernels (one read of the candidates' outputs) and
-    by float64 copies of them choose the same scales and corrections."""
+    by float64 copies of them choose the same scales and corrections (float products: the
+    int8 ones have kernels of their own, tested below)."""
     from calibrator.quant import native
     if not native.available():
         pytest.skip("no C compiler")
+    monkeypatch.setattr(layerwise_module, "INT8_PRODUCTS", False)
     run = _three_convs_pass(bits)
     calls = []
     real = native.column_dot_square
@@ -160,64 +162,88 @@ def test_the_cosine_kernels_make_the_choices_the_tensor_code_makes(bits, monkeyp
     assert calls
     for name in ("dot_square", "column_dot_square", "depthwise_sums", "quantized_rows",
                  "integer_sums"):
-        monkeypatch.setattr(native, name, lambda *a: None)
+        monkeypatch.setattr(native, name, lambda *a, **k: None)
     _assert_same_choices(with_kernel, run(), bias_atol=0.0)
 
 
 #: every way a unit's candidates are scored: dense int8 products with an unsigned input
 #: (offset 128) and a signed one, eight outputs and five (the kernel's two lane paths), a
-#: leaky ReLU, a residual with the ReLU after the sum and without one; depthwise with a
-#: residual and with a leaky ReLU
+#: residual with the ReLU after the sum, a leaky ReLU, none; depthwise with a residual and
+#: with a leaky ReLU
 _FUSED_NET = (input_text((6, 4, 7, 7)) + conv_text("c1", "data", "a", 8, 1)
-              + relu_text("r1", "a", 0.1)
+              + relu_text("r1", "a")
               + conv_text("dw", "a", "b", 8, 3, "pad: 1 group: 8")
               + 'layer { name: "s1" type: "Eltwise" bottom: "a" bottom: "b" top: "c" }\n'
               + relu_text("r2", "c")
               + conv_text("pw", "c", "d", 8, 1)
               + 'layer { name: "s2" type: "Eltwise" bottom: "c" bottom: "d" top: "e" }\n'
-              + conv_text("dw2", "e", "f", 8, 3, "pad: 1 group: 8") + relu_text("r3", "f", 0.1)
-              + conv_text("c4", "f", "g", 5, 1) + relu_text("r4", "g"))
+              + relu_text("r3", "e")
+              + conv_text("dw2", "e", "f", 8, 3, "pad: 1 group: 8") + relu_text("r4", "f", 0.1)
+              + conv_text("c4", "f", "g", 5, 1) + relu_text("r5", "g", 0.1)
+              + conv_text("c5", "g", "h", 8, 1))
 
 
-@pytest.mark.parametrize("bits", [8, 7])
-def test_the_fused_candidate_kernels_give_the_tensor_codes_cosines(bits, monkeypatch):
+@pytest.mark.parametrize("bits, slice_elements", [(8, None), (7, None), (8, 1),
+                                                   (8, 2 * 22 * 294 * 9)])
+def test_the_fused_candidate_kernels_give_the_tensor_codes_cosines(bits, slice_elements,
+                                                                   monkeypatch):
     """The kernels that make, requantize and sum the candidates' outputs in cache
-    (depthwise_sums; quantized_rows and integer_sums around the int8 products) give every
-    cosine of the pass bit for bit as the tensor code with dot_square does, so the same
-    choices: each layout above, at 8 and 7 bits."""
+    (depthwise_sums; quantized_rows and integer_sums around the int8 products, in the input
+    step and, per column, in the weight step) give every cosine of the pass bit for bit as
+    the tensor code with dot_square does, so the same choices: each layout above, at 8 and
+    7 bits; the groups' sums added slice by slice, one or two groups a slice (the 22
+    candidates of the input step on 294 positions of 9 taps) or more."""
     from calibrator.quant import native
     if not native.available() or not layerwise_module.int8_products_work():
         pytest.skip("no C compiler or no int8 matrix products")
     monkeypatch.setattr(layerwise_module, "INT8_PRODUCTS", True)
+    if slice_elements is not None:
+        monkeypatch.setattr(layerwise_module, "SLICE_ELEMENTS", slice_elements)
     net = TinyNet(_FUSED_NET, seed=4, nonnegative_input=True)
     net.calibrate(first_conv=True, per_channel=True, bits=bits)
     options = QuantOptions(first_conv=True, per_channel=True, bits=bits)
-    kinds = {u.name: (u.residual is not None, u.relu_slope) for u in net.fused.units}
     leaky = float(np.float32(0.1))
-    assert kinds == {"c1": (False, leaky), "dw": (True, 0.0), "pw": (True, None),
-                     "dw2": (False, leaky), "c4": (False, 0.0)}
+    kinds = {u.name: (u.residual is not None, u.relu_slope) for u in net.fused.units
+             if u.name in net.plan.layers and u.name not in net.plan.excluded}
+    assert kinds == {"c1": (False, 0.0), "dw": (True, 0.0), "pw": (True, 0.0),
+                     "dw2": (False, leaky), "c4": (False, leaky), "c5": (False, None)}
     unsigned = {name: lq.input_unsigned for name, lq in net.plan.layers.items()}
-    assert unsigned["pw"] and not unsigned["c4"]
+    assert unsigned["pw"] and not unsigned["c5"]
+    scored = []   # every cosine of the pass, in order
+    for cls, method in ((layerwise_module._Unit, "input_cosines"),
+                        (layerwise_module._WeightProducts, "channel_cosines")):
+        def record(self, *args, real=getattr(cls, method)):
+            cos = real(self, *args)
+            scored.append(cos)
+            return cos
+        monkeypatch.setattr(cls, method, record)
 
     def run():
-        return layerwise(net.net, net.fused, net.stats, options, {}, net.batches[0],
-                         LayerwiseSettings(steps=21))
+        scored.clear()
+        got = layerwise(net.net, net.fused, net.stats, options, {}, net.batches[0],
+                        LayerwiseSettings(steps=21))
+        return (*got, list(scored))
 
     calls = {}
     for name in ("depthwise_sums", "quantized_rows", "integer_sums"):
         real = getattr(native, name)
 
-        def spy(*args, real=real, name=name):
-            got = real(*args)
-            calls.setdefault(name, []).append(got is not None)
+        def spy(*args, real=real, name=name, **kwargs):
+            got = real(*args, **kwargs)
+            calls.setdefault(name + " columns" * kwargs.get("columns", False), []).append(
+                got is not None)
             return got
         monkeypatch.setattr(native, name, spy)
-    fused_choices, fused_reports = run()
-    assert set(calls) == {"depthwise_sums", "quantized_rows", "integer_sums"}
+    fused_choices, fused_reports, fused_cosines = run()
+    assert set(calls) == {"depthwise_sums", "quantized_rows", "integer_sums",
+                          "integer_sums columns"}
     assert all(all(ran) for ran in calls.values())
-    for name in calls:
-        monkeypatch.setattr(native, name, lambda *a: None)
-    choices, reports = run()
+    for name in ("depthwise_sums", "quantized_rows", "integer_sums"):
+        monkeypatch.setattr(native, name, lambda *a, **k: None)
+    choices, reports, cosines = run()
+    assert len(fused_cosines) == len(cosines) > 0
+    assert all(torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)   # (NaN: a dead channel)
+               for a, b in zip(fused_cosines, cosines))
     assert fused_choices == choices
     assert {n: vars(r) for n, r in fused_reports.items()} == \
         {n: vars(r) for n, r in reports.items()}

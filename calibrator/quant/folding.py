@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from calibrator.quant.fusion import FusedUnit
+from calibrator.quant.fusion import FusedGraph, FusedUnit
 
 
 def folded_weights(unit: FusedUnit, bias_shift=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,3 +33,13 @@ def weights_version(unit: FusedUnit) -> tuple:
     in place (a cache of anything computed from the folded weights keys on it)."""
     return tuple((id(t), t._version) for node in (unit.layer, *unit.folded)
                  for t in (*node.module.parameters(), *node.module.buffers()))
+
+
+def folded_once(fused: FusedGraph, unit: FusedUnit) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`folded_weights` of ``unit``, computed once per fused graph while its weights
+    stay the same (every simulator of a search runs its FP32 units with them)."""
+    version = weights_version(unit)
+    cached = fused.folded.get(unit.name)
+    if cached is None or cached[0] != version:
+        cached = fused.folded[unit.name] = (version, folded_weights(unit))
+    return cached[1]

@@ -125,6 +125,9 @@ class FusedGraph:
         #: (unit, per-channel, bits, factor) -> (weights' version, weight scales), the
         #: plans' cache (quant.scales)
         self.weight_scales: dict = {}
+        #: unit -> (weights' version, folded (weight, bias)): the FP32 units' cache
+        #: (quant.folding.folded_once)
+        self.folded: dict = {}
         #: units that stay FP32 whatever the options, and why (quant.scales.kept_fp32)
         self.kept_fp32: dict[str, str] | None = None
 

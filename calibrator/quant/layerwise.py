@@ -373,6 +373,9 @@ class _Unit:
         norms = torch.zeros_like(num)
         # every group's sums in one call, the outputs made and summed in cache
         whole = self._depthwise_sums(s_in, q_w, terms) or self._integer_sums(s_in, q_w, terms)
+        if whole is not None and step <= 2:   # the loop below's sums, without its loop
+            num, norms = (torch.from_numpy(_in_order(t.numpy(), step)) for t in whole)
+            return num / torch.sqrt(norms * self.reference_norm)
         for start in range(0, groups, step):
             part = slice(start, start + step)
             if whole is not None:
@@ -465,9 +468,44 @@ class _Unit:
         if sums is None:
             y = y.double()
             sums = (y * self.reference64[:, :, None]).sum(1), (y * y).sum(1)  # (G, K, Og)
-        num, squares = sums
+        return self._column_cosines(*sums)
+
+    def _column_cosines(self, num: torch.Tensor, squares: torch.Tensor) -> torch.Tensor:
+        """(K, O) cosines from the (G, K, Og) sums of :meth:`channel_cosines`."""
         cos = num / torch.sqrt(squares * self.reference_norms[:, None])
-        return cos.permute(1, 0, 2).reshape(y.shape[2], -1)
+        return cos.permute(1, 0, 2).reshape(num.shape[1], -1)
+
+    def integer_channel_cosines(self, q_in: torch.Tensor, s_in: torch.Tensor,
+                                s_w: torch.Tensor) -> torch.Tensor | None:
+        """:meth:`channel_cosines` of :meth:`weight_outputs` for a dense layer by int8
+        products, the accumulators requantized and summed per column in one read
+        (:func:`~calibrator.quant.native.integer_sums`), the outputs never written: the same
+        bits; None for any other layer or where the kernel does not run."""
+        if self.integer is None:
+            return None
+        q_w = self._q_w(s_w)                                                   # (K, 1, O, C)
+        count, _, og, channels = q_w.shape
+        q_w8 = q_w.to(torch.int8).reshape(count * og, channels).t()
+        acc = torch._int_mm(q_in, q_w8).reshape(-1, count, og)               # (P, K, O)
+        offset = self.integer.offset
+        shift = offset * q_w8.sum(0, dtype=torch.int32).reshape(count, og) if offset else None
+        q_b, divisor = (t[0].contiguous() for t in self._bias_terms(s_in[:, None] * s_w))
+        sums = native.integer_sums(acc, shift, q_b, divisor,
+                                   None if self.residual is None else self.residual[0],
+                                   self.unit.relu_slope, self.reference64[0], columns=True)
+        return None if sums is None else self._column_cosines(sums[0][None], sums[1][None])
+
+
+def _in_order(sums: np.ndarray, step: int) -> np.ndarray:
+    """What ``num += sums[start:start + step].sum(0)`` over the slices of (G, K) ``sums``
+    adds up to, for ``step`` 1 or 2 (a slice's sum of one or two rows is exact: ``a + b``
+    in either order), as one sequential accumulation (``np.add.accumulate`` adds row after
+    row): the same float64 value (a zero total may differ in its sign)."""
+    if step == 2:
+        pairs = sums[0::2].copy()
+        pairs[:len(sums) // 2] += sums[1::2]
+        sums = pairs
+    return np.add.accumulate(sums, axis=0)[-1]
 
 
 class _WeightProducts:
@@ -483,7 +521,11 @@ class _WeightProducts:
 
     def channel_cosines(self, s_w: torch.Tensor) -> torch.Tensor:
         """(K, O) cosines for K rows of weight scales (K, O)."""
-        return self.layer.channel_cosines(self.layer.weight_outputs(self.q_in, self.s_in, s_w))
+        layer = self.layer
+        cos = layer.integer_channel_cosines(self.q_in, self.s_in, s_w)
+        if cos is None:
+            cos = layer.channel_cosines(layer.weight_outputs(self.q_in, self.s_in, s_w))
+        return cos
 
 
 class _WeightMoments:

@@ -667,6 +667,50 @@ int integer_sums(const int32_t *acc, int64_t count, int64_t positions, int64_t o
     return failed ? -1 : 0;
 }
 
+/* integer_sums for the weight step: acc (P x K x O, the integer product of one input's
+   quantized patches with K rows of weight scales' weights), each column (k, o) against its
+   reference column, summed over p in order as column_dot_square sums it: dot[k][o],
+   square[k][o]; shift (K x O) or NULL, q_bias, divisor (K x O), residual (P x O) or NULL as
+   in integer_sums. Returns 0, or -1 where memory could not be had. */
+WITH_AVX512
+int integer_columns(const int32_t *acc, int64_t positions, int64_t count, int64_t outs,
+                    const int32_t *shift, const float *q_bias, const float *divisor,
+                    const float *residual, int relu, float slope, const double *ref,
+                    double *dot, double *square)
+{
+    int failed = 0;
+    #pragma omp parallel if (count * positions * outs >= SPLIT)
+    {
+        float *y = malloc((size_t)outs * sizeof(float));
+        if (y == NULL) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(static)
+        for (int64_t k = 0; k < count; k++) {
+            if (y == NULL)
+                continue;
+            double *d = dot + k * outs, *q = square + k * outs;
+            for (int64_t o = 0; o < outs; o++)
+                d[o] = q[o] = 0.0;
+            for (int64_t p = 0; p < positions; p++) {
+                integer_row(acc + (p * count + k) * outs, outs,
+                            shift ? shift + k * outs : NULL, q_bias + k * outs,
+                            divisor + k * outs, residual ? residual + p * outs : NULL, relu,
+                            slope, y);
+                const double *fp = ref + p * outs;
+                for (int64_t o = 0; o < outs; o++) {
+                    const double w = (double)y[o];
+                    d[o] += w * fp[o];
+                    q[o] += w * w;
+                }
+            }
+        }
+        free(y);
+    }
+    return failed ? -1 : 0;
+}
+
 #define BLOCK 2048
 
 /* float32 bit patterns as int32 in the order of the values (-0 just below +0, the
@@ -913,6 +957,9 @@ _SIGNATURES = {
     "integer_sums": (ctypes.c_int, [_POINTER, _INT, _INT, _INT, _POINTER, _POINTER,
                                     _POINTER, _POINTER, ctypes.c_int, _FLOAT, _POINTER,
                                     _POINTER, _POINTER]),
+    "integer_columns": (ctypes.c_int, [_POINTER, _INT, _INT, _INT, _POINTER, _POINTER,
+                                       _POINTER, _POINTER, ctypes.c_int, _FLOAT, _POINTER,
+                                       _POINTER, _POINTER]),
     "depthwise_sums": (ctypes.c_int, [_POINTER, _INT, _INT, _INT, _POINTER, _INT, _POINTER,
                                       _POINTER, _POINTER, _POINTER, ctypes.c_int, _FLOAT,
                                       _FLOAT, _FLOAT, _POINTER, _POINTER, _POINTER]),
@@ -1261,36 +1308,43 @@ def quantized_rows(x: torch.Tensor, scales: torch.Tensor, bounds: tuple[float, f
 
 def integer_sums(acc: torch.Tensor, shift: torch.Tensor | None, q_bias: torch.Tensor,
                  divisor: torch.Tensor, residual: torch.Tensor | None,
-                 relu_slope: float | None, ref: torch.Tensor
+                 relu_slope: float | None, ref: torch.Tensor, columns: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """A dense unit's outputs for K input scales from its int32 accumulators ``acc``
-    (K, P, O), summed against the reference as :func:`dot_square` sums a row of P x O
-    values, without the outputs in memory: (dot, square), each (K,) float64, the same bits
-    as the tensor code's outputs summed by :func:`dot_square` (see the kernel). ``shift``
-    (O,) int32 added to every accumulator (None: none); ``q_bias``, ``divisor`` (K, O)
-    float32; ``residual`` (P, O) float32 or None; ``relu_slope``: None, 0 or a leaky slope;
-    ``ref`` (P, O) float64. None where the kernel is unavailable or a tensor is not such
-    (contiguous, on the CPU)."""
+    """A dense unit's INT8 outputs from its int32 accumulators, summed against the reference
+    without the outputs in memory, the same bits as the tensor code's outputs summed by
+    :func:`dot_square` or :func:`column_dot_square` (see the kernels). ``acc`` (K, P, O):
+    K input scales, each candidate a row of P x O values: (dot, square), each (K,)
+    (:func:`dot_square`'s sums); ``columns``: ``acc`` (P, K, O), K rows of weight scales,
+    each column (k, o) summed over P: each (K, O) (:func:`column_dot_square`'s). ``shift``
+    int32 added to every accumulator, (O,) or with ``columns`` (K, O) (None: none);
+    ``q_bias``, ``divisor`` (K, O) float32; ``residual`` (P, O) float32 or None;
+    ``relu_slope``: None, 0 or a leaky slope; ``ref`` (P, O) float64. None where the kernel
+    is unavailable or a tensor is not such (contiguous, on the CPU)."""
     library = _library()
-    count, positions, outs = acc.shape
-    expected = ((acc, (count, positions, outs), torch.int32),
+    if columns:
+        positions, count, outs = acc.shape
+    else:
+        count, positions, outs = acc.shape
+    expected = ((acc, tuple(acc.shape), torch.int32),
                 (q_bias, (count, outs), torch.float32),
                 (divisor, (count, outs), torch.float32),
                 (ref, (positions, outs), torch.float64))
     if shift is not None:
-        expected += ((shift, (outs,), torch.int32),)
+        expected += ((shift, (count, outs) if columns else (outs,), torch.int32),)
     if residual is not None:
         expected += ((residual, (positions, outs), torch.float32),)
     if library is None or not _laid_out(expected):
         return None
-    dot = torch.empty(count, dtype=torch.float64)
-    square = torch.empty(count, dtype=torch.float64)
+    shape = (count, outs) if columns else (count,)
+    dot = torch.empty(shape, dtype=torch.float64)
+    square = torch.empty(shape, dtype=torch.float64)
     relu = 0 if relu_slope is None else 1 if relu_slope == 0 else 2
-    if library.integer_sums(acc.data_ptr(), count, positions, outs,
-                            None if shift is None else shift.data_ptr(), q_bias.data_ptr(),
-                            divisor.data_ptr(),
-                            None if residual is None else residual.data_ptr(), relu,
-                            float(relu_slope or 0.0), ref.data_ptr(), dot.data_ptr(),
-                            square.data_ptr()) != 0:
+    kernel = library.integer_columns if columns else library.integer_sums
+    sizes = (positions, count, outs) if columns else (count, positions, outs)
+    if kernel(acc.data_ptr(), *sizes, None if shift is None else shift.data_ptr(),
+              q_bias.data_ptr(), divisor.data_ptr(),
+              None if residual is None else residual.data_ptr(), relu,
+              float(relu_slope or 0.0), ref.data_ptr(), dot.data_ptr(),
+              square.data_ptr()) != 0:
         return None  # no memory for a thread's row: the tensor code runs
     return dot, square

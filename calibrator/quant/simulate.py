@@ -82,7 +82,7 @@ import torch
 from calibrator.graph.layers.pooling import caffe_ave_pool_parts
 from calibrator.graph.net import Blobs, Encoded
 from calibrator.quant import native
-from calibrator.quant.folding import folded_weights
+from calibrator.quant.folding import folded_once, folded_weights
 from calibrator.quant.fusion import FusedGraph, FusedUnit
 from calibrator.quant.scales import LayerQuant, QuantPlan
 from calibrator.quant.targets import Target, get_target
@@ -662,7 +662,7 @@ class FoldedFP32:
     def _fp32_start(self, unit: FusedUnit, x: torch.Tensor, owned: bool, code=None
                     ) -> torch.Tensor:
         if unit.name not in self._weights:
-            weight, bias = folded_weights(unit)
+            weight, bias = folded_once(self.fused, unit)
             self._weights[unit.name] = (weight.to(x.device), bias.to(x.device))
         weight, bias = self._weights[unit.name]
         return unit.layer.module.run_with(x, weight, bias)
