@@ -404,42 +404,46 @@ int kl_all(const double *h, int64_t bins, int64_t levels, double eps, double giv
     return failed ? -1 : 0;
 }
 
+/* sum_j y[j] ref[j] and sum_j y[j]^2 over n values in float64 (each product exact:
+   float32 x float32 fits in a double; y x ref rounds once), in eight interleaved partial
+   sums (lane j % 8) added in lane order at the end */
+WITH_AVX512
+static void row_sums(const float *y, const double *ref, int64_t n, double *dot,
+                     double *square)
+{
+    double d[8] = {0}, q[8] = {0};
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        for (int i = 0; i < 8; i++) {
+            const double v = (double)y[j + i];
+            d[i] += v * ref[j + i];
+            q[i] += v * v;
+        }
+    }
+    for (int i = 0; j < n; j++, i++) {
+        const double v = (double)y[j];
+        d[i] += v * ref[j];
+        q[i] += v * v;
+    }
+    double a = 0.0, b = 0.0;
+    for (int i = 0; i < 8; i++) {
+        a += d[i];
+        b += q[i];
+    }
+    *dot = a;
+    *square = b;
+}
+
 /* the rows of y (float32, groups x per x n) against ref (float64, groups x n: the row's
-   group's): dot[r] = sum_j y[r][j] ref[g][j] and square[r] = sum_j y[r][j]^2 in float64
-   (each product exact: float32 x float32 fits in a double; y x ref rounds once), summed in
-   eight interleaved partial sums (lane j % 8) added in lane order at the end: one read of
-   y, no float64 copy of it. The same order for every row, so rows of equal values give
-   equal sums. */
+   group's): dot[r] and square[r] of row_sums: one read of y, no float64 copy of it. The
+   same order for every row, so rows of equal values give equal sums. */
 WITH_AVX512
 void dot_square(const float *y, const double *ref, int64_t groups, int64_t per, int64_t n,
                 double *dot, double *square)
 {
     #pragma omp parallel for schedule(static) if (groups * per * n >= SPLIT)
-    for (int64_t r = 0; r < groups * per; r++) {
-        const float *yr = y + r * n;
-        const double *gr = ref + (r / per) * n;
-        double d[8] = {0}, q[8] = {0};
-        int64_t j = 0;
-        for (; j + 8 <= n; j += 8) {
-            for (int i = 0; i < 8; i++) {
-                const double v = (double)yr[j + i];
-                d[i] += v * gr[j + i];
-                q[i] += v * v;
-            }
-        }
-        for (int i = 0; j < n; j++, i++) {
-            const double v = (double)yr[j];
-            d[i] += v * gr[j];
-            q[i] += v * v;
-        }
-        double a = 0.0, b = 0.0;
-        for (int i = 0; i < 8; i++) {
-            a += d[i];
-            b += q[i];
-        }
-        dot[r] = a;
-        square[r] = b;
-    }
+    for (int64_t r = 0; r < groups * per; r++)
+        row_sums(y + r * n, ref + (r / per) * n, n, dot + r, square + r);
 }
 
 /* the columns of y (float32, groups x P x K x O) against ref (float64, groups x P x O):
@@ -470,6 +474,34 @@ void column_dot_square(const float *y, const double *ref, int64_t groups, int64_
     }
 }
 
+/* a thread's buffer of n elements of size bytes, or NULL with *failed set (every thread
+   must still reach the loop that follows: its share is then lost, and the call fails) */
+static void *thread_buffer(size_t n, size_t size, int *failed)
+{
+    void *buffer = malloc(n * size);
+    if (buffer == NULL) {
+        #pragma omp atomic write
+        *failed = 1;
+    }
+    return buffer;
+}
+
+/* y += r (r NULL: none), then the ReLU: relu 1: y < 0 ? 0 : y; relu 2: y > 0 ? y :
+   f32(y * slope); 0: none (layerwise._finish's order) */
+WITH_AVX512
+static void residual_relu(float *y, const float *r, int64_t n, int relu, float slope)
+{
+    if (r != NULL)
+        for (int64_t i = 0; i < n; i++)
+            y[i] += r[i];
+    if (relu == 1)
+        for (int64_t i = 0; i < n; i++)
+            y[i] = y[i] < 0.0f ? 0.0f : y[i];
+    else if (relu == 2)
+        for (int64_t i = 0; i < n; i++)
+            y[i] = y[i] > 0.0f ? y[i] : y[i] * slope;
+}
+
 /* a depthwise unit's outputs for K input scales, each against its reference, summed as
    dot_square sums them (dot[g][k], square[g][k]: lane p % 8 of eight float64 sums, added in
    lane order), without the candidates' outputs in memory: at position p of group g,
@@ -495,36 +527,8 @@ static void depthwise_one(const float *tg, int64_t taps_n, int64_t positions, fl
     }
     for (int64_t p = 0; p < positions; p++)
         y[p] = (y[p] + b) / dv;
-    if (rg != NULL)
-        for (int64_t p = 0; p < positions; p++)
-            y[p] += rg[p];
-    if (relu == 1)
-        for (int64_t p = 0; p < positions; p++)
-            y[p] = y[p] < 0.0f ? 0.0f : y[p];
-    else if (relu == 2)
-        for (int64_t p = 0; p < positions; p++)
-            y[p] = y[p] > 0.0f ? y[p] : y[p] * slope;
-    double d[8] = {0}, q[8] = {0};
-    int64_t p = 0;
-    for (; p + 8 <= positions; p += 8) {
-        for (int i = 0; i < 8; i++) {
-            const double v = (double)y[p + i];
-            d[i] += v * fg[p + i];
-            q[i] += v * v;
-        }
-    }
-    for (int i = 0; p < positions; p++, i++) {
-        const double v = (double)y[p];
-        d[i] += v * fg[p];
-        q[i] += v * v;
-    }
-    double a = 0.0, c = 0.0;
-    for (int i = 0; i < 8; i++) {
-        a += d[i];
-        c += q[i];
-    }
-    *dot = a;
-    *square = c;
+    residual_relu(y, rg, positions, relu, slope);
+    row_sums(y, fg, positions, dot, square);
 }
 
 WITH_AVX512
@@ -537,11 +541,7 @@ int depthwise_sums(const float *taps, int64_t groups, int64_t taps_n, int64_t po
     int failed = 0;
     #pragma omp parallel if (groups * count * taps_n * positions >= SPLIT)
     {
-        float *y = malloc((size_t)positions * sizeof(float));
-        if (y == NULL) {
-            #pragma omp atomic write
-            failed = 1;
-        }
+        float *y = thread_buffer((size_t)positions, sizeof(float), &failed);
         #pragma omp for collapse(2) schedule(static)
         for (int64_t g = 0; g < groups; g++) {
             for (int64_t k = 0; k < count; k++) {
@@ -594,20 +594,12 @@ static void integer_row(const int32_t *ap, int64_t outs, const int32_t *shift,
             y[o] = (float)ap[o];
     for (int64_t o = 0; o < outs; o++)
         y[o] = (y[o] + bk[o]) / dk[o];
-    if (rp != NULL)
-        for (int64_t o = 0; o < outs; o++)
-            y[o] += rp[o];
-    if (relu == 1)
-        for (int64_t o = 0; o < outs; o++)
-            y[o] = y[o] < 0.0f ? 0.0f : y[o];
-    else if (relu == 2)
-        for (int64_t o = 0; o < outs; o++)
-            y[o] = y[o] > 0.0f ? y[o] : y[o] * slope;
+    residual_relu(y, rp, outs, relu, slope);
 }
 
 /* a dense unit's outputs for K input scales from its int32 accumulators acc (K x P x O, the
-   integer product of quantized_rows' rows), each against its reference, summed as
-   dot_square sums a row of P x O values (lane j % 8 of j = p O + o): at (k, p, o)
+   integer product of quantized_rows' rows), each candidate's P x O outputs made into a
+   buffer of the thread's and summed against the reference by row_sums: at (k, p, o)
        y = f32(f32(f32(acc + shift[o]) + q_bias[k][o]) / divisor[k][o]) [+ residual[p][o]]
    (shift: the int32 column sums times the input's offset, added in int32; NULL: none) and
    the ReLU, the tensor code's operations in its order (_IntegerProduct.__call__,
@@ -621,46 +613,17 @@ int integer_sums(const int32_t *acc, int64_t count, int64_t positions, int64_t o
     int failed = 0;
     #pragma omp parallel if (count * positions * outs >= SPLIT)
     {
-        float *y = malloc((size_t)outs * sizeof(float));
-        if (y == NULL) {
-            #pragma omp atomic write
-            failed = 1;
-        }
+        float *y = thread_buffer((size_t)positions * (size_t)outs, sizeof(float), &failed);
         #pragma omp for schedule(static)
         for (int64_t k = 0; k < count; k++) {
             if (y == NULL)
                 continue;
-            double d[8] = {0}, q[8] = {0};
-            for (int64_t p = 0; p < positions; p++) {
+            for (int64_t p = 0; p < positions; p++)
                 integer_row(acc + (k * positions + p) * outs, outs, shift,
                             q_bias + k * outs, divisor + k * outs,
-                            residual ? residual + p * outs : NULL, relu, slope, y);
-                const double *fp = ref + p * outs;
-                const int start = (int)((p * outs) % 8);
-                int64_t o = 0;
-                if (start == 0) {   /* lane j % 8 is o % 8: eight channels at a time */
-                    for (; o + 8 <= outs; o += 8) {
-                        for (int i = 0; i < 8; i++) {
-                            const double w = (double)y[o + i];
-                            d[i] += w * fp[o + i];
-                            q[i] += w * w;
-                        }
-                    }
-                }
-                for (; o < outs; o++) {
-                    const int lane = (int)((start + o) % 8);
-                    const double w = (double)y[o];
-                    d[lane] += w * fp[o];
-                    q[lane] += w * w;
-                }
-            }
-            double a = 0.0, c = 0.0;
-            for (int i = 0; i < 8; i++) {
-                a += d[i];
-                c += q[i];
-            }
-            dot[k] = a;
-            square[k] = c;
+                            residual ? residual + p * outs : NULL, relu, slope,
+                            y + p * outs);
+            row_sums(y, ref, positions * outs, dot + k, square + k);
         }
         free(y);
     }
@@ -681,11 +644,7 @@ int integer_columns(const int32_t *acc, int64_t positions, int64_t count, int64_
     int failed = 0;
     #pragma omp parallel if (count * positions * outs >= SPLIT)
     {
-        float *y = malloc((size_t)outs * sizeof(float));
-        if (y == NULL) {
-            #pragma omp atomic write
-            failed = 1;
-        }
+        float *y = thread_buffer((size_t)outs, sizeof(float), &failed);
         #pragma omp for schedule(static)
         for (int64_t k = 0; k < count; k++) {
             if (y == NULL)
