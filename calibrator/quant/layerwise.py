@@ -135,14 +135,13 @@ def _patches(unit: FusedUnit, x: torch.Tensor, where) -> torch.Tensor:
     rows = r_idx[:, None] * sh - ph + torch.arange(kh)[None, :] * dh     # (P, kh)
     cols = c_idx[:, None] * sw - pw + torch.arange(kw)[None, :] * dw     # (P, kw)
     # the zero padding where a tap falls outside (no padded copy of the whole input)
-    inside = (((rows >= 0) & (rows < height))[:, None, :, None]
-              & ((cols >= 0) & (cols < width))[:, None, None, :])       # (P, 1, kh, kw)
-    patches = x[n_idx[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None],
-                rows.clamp(0, height - 1)[:, None, :, None],
-                cols.clamp(0, width - 1)[:, None, None, :]]              # (P, C, kh, kw)
+    inside = (((rows >= 0) & (rows < height))[:, :, None, None]
+              & ((cols >= 0) & (cols < width))[:, None, :, None])       # (P, kh, kw, 1)
+    # each tap's channels gathered as one row (of the channels-last blob: contiguous)
+    patches = x.permute(0, 2, 3, 1)[n_idx[:, None, None], rows.clamp(0, height - 1)[:, :, None],
+                                    cols.clamp(0, width - 1)[:, None, :]]   # (P, kh, kw, C)
     patches = torch.where(inside.to(patches.device), patches, patches.new_zeros(()))
-    groups = module.group
-    return patches.reshape(len(n_idx), groups, -1)
+    return patches.permute(0, 3, 1, 2).reshape(len(n_idx), module.group, -1)
 
 
 def _at(tensor: torch.Tensor, where) -> torch.Tensor:
