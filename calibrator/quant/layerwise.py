@@ -23,7 +23,7 @@ never held: a depthwise layer's are made, requantized and summed in cache
 (:func:`~calibrator.quant.native.depthwise_sums`), a dense layer's int8 patches written once
 (``quantized_rows``) and its int32 accumulators requantized and summed in one read
 (``integer_sums``), the same cosines bit for bit (``-q -c multiple --easyquant`` on 4
-batches 20.6 -> 13.5 s, the same files).
+batches 20.6 -> 12.4 s, the same files).
 
 Bias correction (Nagel et al. 2019; NNCF's "fast bias correction"): per output channel, the
 mean error of the unit's INT8 output (before its ReLU and residual add) against FP32 over
