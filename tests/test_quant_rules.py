@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from calibrator.quant.folding import folded_once
+from calibrator.quant.fusion import analyze
 from calibrator.quant.params import to_proto
 from calibrator.quant.scales import build_plan
 from calibrator.quant.simulate import Int8Simulator
@@ -349,3 +351,26 @@ def test_plans_recompute_weight_scales_when_the_weights_change():
     assert after == pytest.approx([s / 2 for s in before], rel=1e-6)
     assert build_plan(net.fused, net.stats, plan.options).layers["c1"].scale_params == list(
         plan.layers["c1"].scale_params)
+
+
+def test_the_fp32_units_folded_weights_follow_the_weights():
+    """The FP32 units' cache of folded weights (per fused graph, shared by every simulator
+    of a search): hand-folded BatchNorm/Scale weights; a weight or a BatchNorm statistic
+    changed in place gives the next simulator the new folding."""
+    net = TinyNet(WEIGHTS, seed=8)
+    fused = analyze(net.net)
+    unit = fused.by_name["conv2"]
+    blobs = net.weights
+    w, b = (np.array(v) for v in blobs["conv2"])   # (copies: the blobs are views)
+    bn, scale = [np.array(v) for v in blobs["conv2_bn"]], blobs["conv2_scale"]
+    weight, bias = folded_once(fused, unit)
+    np.testing.assert_allclose(weight.numpy(), fold_bn_scale(w, b, bn, scale)[0], rtol=1e-6)
+    assert folded_once(fused, unit)[0] is weight                # cached while unchanged
+    with torch.no_grad():
+        net.net.node("conv2").module.weight.mul_(3)
+        net.net.node("conv2_bn").module.variance.mul_(4)
+    bn[1] = bn[1] * 4
+    weight, bias = folded_once(fused, unit)
+    want_w, want_b = fold_bn_scale(w * 3, b, bn, scale)
+    np.testing.assert_allclose(weight.numpy(), want_w, rtol=1e-5)
+    np.testing.assert_allclose(bias.numpy(), want_b, rtol=1e-5, atol=1e-6)

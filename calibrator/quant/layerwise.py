@@ -18,12 +18,13 @@ from moments of the patches instead (:class:`_WeightMoments`). The cosines' floa
 the candidates' float32 outputs once (:func:`calibrator.quant.native.dot_square` and
 ``column_dot_square``; where the kernels are not built, float64 copies of the outputs: the
 same choices, another summation order; MobileNetV2's ``-q -c multiple --easyquant`` 29.4 ->
-24.9 s with the same files). Where they are built, the input step's candidates' outputs are
-never held: a depthwise layer's are made, requantized and summed in cache
-(:func:`~calibrator.quant.native.depthwise_sums`), a dense layer's int8 patches written once
-(``quantized_rows``) and its int32 accumulators requantized and summed in one read
-(``integer_sums``), the same cosines bit for bit (``-q -c multiple --easyquant`` on 4
-batches 20.6 -> 12.4 s, the same files).
+24.9 s with the same files). Where they are built, no tensor of candidates' outputs is made:
+a depthwise layer's input step makes, requantizes and sums them in cache
+(:func:`~calibrator.quant.native.depthwise_sums`); a dense layer's int8 patches are written
+once (``quantized_rows``) and its int32 accumulators requantized and summed in one read, per
+candidate in the input step and per channel in the weight step (``integer_sums``): the same
+cosines bit for bit (``-q -c multiple --easyquant`` on 4 batches 20.6 -> 12.4 s, the same
+files).
 
 Bias correction (Nagel et al. 2019; NNCF's "fast bias correction"): per output channel, the
 mean error of the unit's INT8 output (before its ReLU and residual add) against FP32 over
@@ -257,6 +258,8 @@ class _Unit:
         self.residual = None if residual is None else _grouped(residual, groups)
         self.limit = 2 ** (lq.bits - 1) - 1
         self.qmax_in = qmax(lq.input_unsigned, lq.bits)
+        #: the quantized input's integer range
+        self.bounds = (0.0 if lq.input_unsigned else -(self.qmax_in + 1), self.qmax_in)
         # one group on the CPU (the dense layers, where the products are the work): int8
         self.integer = (_IntegerProduct(self.qmax_in) if groups == 1 and lq.bits <= 8
                         and self.patches.device.type == "cpu" and _use_int8_products()
@@ -282,12 +285,12 @@ class _Unit:
         every element is, tell). The candidates from the first on are clamped: in range,
         a clamp changes nothing, so the others need none (ascending scales: only those
         beyond it leave the range)."""
-        low = 0.0 if self.lq.input_unsigned else -(self.qmax_in + 1)
+        low, high = self.bounds
         extremes = torch.round(self.extremes[:, None] * s_in[None, :])
-        out = ((extremes[0] < low) | (extremes[1] > self.qmax_in)).nonzero()
+        out = ((extremes[0] < low) | (extremes[1] > high)).nonzero()
         if len(out) == 0:
             return None
-        return int(out[0, 0]), (low, self.qmax_in)
+        return int(out[0, 0]), self.bounds
 
     def _tap_sums(self, s_in: torch.Tensor, q_w: torch.Tensor, groups: slice) -> torch.Tensor:
         """(g, K, P, 1) accumulators of a depthwise layer for K input scales, one tap at a
@@ -402,13 +405,12 @@ class _Unit:
         for any other layer or where the kernel does not run."""
         if self.taps is None:
             return None
-        groups, taps_n, positions = self.taps.shape
-        low = 0.0 if self.lq.input_unsigned else -(self.qmax_in + 1)
+        groups = self.taps.shape[0]
         q_b, divisor = (t.reshape(groups, -1) for t in terms)
         residual = None if self.residual is None else self.residual.reshape(groups, -1)
         return native.depthwise_sums(self.taps, s_in.contiguous(), q_w.reshape(groups, -1),
                                      q_b.contiguous(), divisor.contiguous(), residual,
-                                     self.unit.relu_slope, (low, float(self.qmax_in)),
+                                     self.unit.relu_slope, self.bounds,
                                      self.reference64.reshape(groups, -1))
 
     def _integer_sums(self, s_in: torch.Tensor, q_w: torch.Tensor, terms
@@ -416,16 +418,14 @@ class _Unit:
         """A dense layer's (dot, square) sums, each (1, K), for K input scales by int8
         products, the quantized patches made as int8 in one write
         (:func:`~calibrator.quant.native.quantized_rows`) and the accumulators requantized
-        and summed without their float32 outputs in memory
+        and summed one candidate at a time, without a tensor of their float32 outputs
         (:func:`~calibrator.quant.native.integer_sums`): the bits that
         :meth:`input_outputs` and :func:`~calibrator.quant.native.dot_square` give; None
         for any other layer or where the kernels do not run."""
         if self.integer is None or self.taps is not None:
             return None
-        low = 0.0 if self.lq.input_unsigned else -(self.qmax_in + 1)
         offset = self.integer.offset
-        a8 = native.quantized_rows(self.patches[0], s_in.contiguous(),
-                                   (low, float(self.qmax_in)), offset)
+        a8 = native.quantized_rows(self.patches[0], s_in.contiguous(), self.bounds, offset)
         if a8 is None:
             return None
         q_w8 = q_w[0].to(torch.int8)
@@ -478,7 +478,7 @@ class _Unit:
                                 s_w: torch.Tensor) -> torch.Tensor | None:
         """:meth:`channel_cosines` of :meth:`weight_outputs` for a dense layer by int8
         products, the accumulators requantized and summed per column in one read
-        (:func:`~calibrator.quant.native.integer_sums`), the outputs never written: the same
+        (:func:`~calibrator.quant.native.integer_sums`), no tensor of outputs made: the same
         bits; None for any other layer or where the kernel does not run."""
         if self.integer is None:
             return None

@@ -7,8 +7,9 @@ pass where there were two; the counting kernel may clamp too, counting the clamp
 one pass where there were three), EasyQuant's cosine sums in float64 from the candidates'
 float32 outputs (:func:`dot_square`, :func:`column_dot_square`: one read, no float64 copy;
 :func:`depthwise_sums`, :func:`integer_sums`: the candidates' outputs made from the integers
-and summed in cache, never written; :func:`quantized_rows`: a dense layer's int8 patches for
-every candidate scale in one write), and every KL candidate's divergence up to rounding
+and summed one candidate at a time, in cache, no tensor of them made; :func:`quantized_rows`:
+a dense layer's int8 patches for every candidate scale in one write), and every KL
+candidate's divergence up to rounding
 (:func:`kl_divergences`, a filter within a stated bound of the tensor code of
 :mod:`calibrator.quant.kl`, which scores again the candidates the bound cannot separate).
 Each returns None where it cannot run; the caller's tensor code then gives the same
@@ -1215,7 +1216,7 @@ def depthwise_sums(taps: torch.Tensor, scales: torch.Tensor, weight: torch.Tenso
                    relu_slope: float | None, bounds: tuple[float, float], ref: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """A depthwise unit's INT8 outputs for K input scales, summed against the reference as
-    :func:`dot_square` sums them, without the outputs in memory: (dot, square), each (G, K)
+    :func:`dot_square` sums them, one at a time in cache: (dot, square), each (G, K)
     float64, the same bits as :func:`dot_square` of the tensor code's outputs (see the
     kernel). ``taps`` (G, C, P) float32: the unit's patches, tap-major; ``scales`` (K,);
     ``weight`` (G, C): the integer weights; ``q_bias``, ``divisor`` (G, K); ``residual``
@@ -1270,8 +1271,9 @@ def integer_sums(acc: torch.Tensor, shift: torch.Tensor | None, q_bias: torch.Te
                  relu_slope: float | None, ref: torch.Tensor, columns: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """A dense unit's INT8 outputs from its int32 accumulators, summed against the reference
-    without the outputs in memory, the same bits as the tensor code's outputs summed by
-    :func:`dot_square` or :func:`column_dot_square` (see the kernels). ``acc`` (K, P, O):
+    one candidate at a time (no tensor of outputs), the same bits as the tensor code's
+    outputs summed by :func:`dot_square` or :func:`column_dot_square` (see the kernels).
+    ``acc`` (K, P, O):
     K input scales, each candidate a row of P x O values: (dot, square), each (K,)
     (:func:`dot_square`'s sums); ``columns``: ``acc`` (P, K, O), K rows of weight scales,
     each column (k, o) summed over P: each (K, O) (:func:`column_dot_square`'s). ``shift``
