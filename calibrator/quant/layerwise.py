@@ -219,10 +219,18 @@ class _IntegerProduct:
 
     def __call__(self, a8: torch.Tensor, q_w8: torch.Tensor) -> torch.Tensor:
         """(M, N) float32 product of an :meth:`input` (M, C) and int8 weights (C, N)."""
-        acc = torch._int_mm(a8, q_w8)
-        if self.offset:
-            acc += self.offset * q_w8.sum(0, dtype=torch.int32)
+        acc, shift = self.unshifted(a8, q_w8)
+        if shift is not None:
+            acc += shift
         return acc.float()
+
+    def unshifted(self, a8: torch.Tensor, q_w8: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the (M, N) int32 product of an :meth:`input` and int8 weights (C, N), the (N,)
+        int32 shift that takes it to ``q_in @ q_w``: the offset times the weights' column
+        sums, None without an offset), for a caller that adds the shift on its own pass."""
+        shift = self.offset * q_w8.sum(0, dtype=torch.int32) if self.offset else None
+        return torch._int_mm(a8, q_w8), shift
 
 
 def _grouped(values: torch.Tensor, groups: int) -> torch.Tensor:
@@ -424,13 +432,12 @@ class _Unit:
         for any other layer or where the kernels do not run."""
         if self.integer is None or self.taps is not None:
             return None
-        offset = self.integer.offset
-        a8 = native.quantized_rows(self.patches[0], s_in.contiguous(), self.bounds, offset)
+        a8 = native.quantized_rows(self.patches[0], s_in.contiguous(), self.bounds,
+                                   self.integer.offset)
         if a8 is None:
             return None
-        q_w8 = q_w[0].to(torch.int8)
-        acc = torch._int_mm(a8, q_w8).reshape(len(s_in), self.patches.shape[1], -1)
-        shift = offset * q_w8.sum(0, dtype=torch.int32) if offset else None
+        acc, shift = self.integer.unshifted(a8, q_w[0].to(torch.int8))
+        acc = acc.reshape(len(s_in), self.patches.shape[1], -1)                # (K, P, O)
         q_b, divisor = (t[0].contiguous() for t in terms)
         sums = native.integer_sums(acc, shift, q_b, divisor,
                                    None if self.residual is None else self.residual[0],
@@ -484,10 +491,10 @@ class _Unit:
             return None
         q_w = self._q_w(s_w)                                                   # (K, 1, O, C)
         count, _, og, channels = q_w.shape
-        q_w8 = q_w.to(torch.int8).reshape(count * og, channels).t()
-        acc = torch._int_mm(q_in, q_w8).reshape(-1, count, og)               # (P, K, O)
-        offset = self.integer.offset
-        shift = offset * q_w8.sum(0, dtype=torch.int32).reshape(count, og) if offset else None
+        acc, shift = self.integer.unshifted(
+            q_in, q_w.to(torch.int8).reshape(count * og, channels).t())
+        acc = acc.reshape(-1, count, og)                                        # (P, K, O)
+        shift = None if shift is None else shift.reshape(count, og)
         q_b, divisor = (t[0].contiguous() for t in self._bias_terms(s_in[:, None] * s_w))
         sums = native.integer_sums(acc, shift, q_b, divisor,
                                    None if self.residual is None else self.residual[0],

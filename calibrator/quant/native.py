@@ -1211,6 +1211,11 @@ def _laid_out(expected) -> bool:
                and t.is_contiguous() for t, shape, dtype in expected)
 
 
+def _relu_code(slope: float | None) -> int:
+    """The kernels' ReLU argument: 0 none, 1 max(y, 0), 2 leaky (``slope``)."""
+    return 0 if slope is None else 1 if slope == 0 else 2
+
+
 def depthwise_sums(taps: torch.Tensor, scales: torch.Tensor, weight: torch.Tensor,
                    q_bias: torch.Tensor, divisor: torch.Tensor, residual: torch.Tensor | None,
                    relu_slope: float | None, bounds: tuple[float, float], ref: torch.Tensor
@@ -1237,7 +1242,7 @@ def depthwise_sums(taps: torch.Tensor, scales: torch.Tensor, weight: torch.Tenso
         return None
     dot = torch.empty(groups, count, dtype=torch.float64)
     square = torch.empty(groups, count, dtype=torch.float64)
-    relu = 0 if relu_slope is None else 1 if relu_slope == 0 else 2
+    relu = _relu_code(relu_slope)
     if library.depthwise_sums(taps.data_ptr(), groups, taps_n, positions, scales.data_ptr(),
                               count, weight.data_ptr(), q_bias.data_ptr(), divisor.data_ptr(),
                               None if residual is None else residual.data_ptr(), relu,
@@ -1255,9 +1260,8 @@ def quantized_rows(x: torch.Tensor, scales: torch.Tensor, bounds: tuple[float, f
     .to(torch.int8)``, the same bytes, in one write. None where the kernel is unavailable or
     a tensor is not such (contiguous, on the CPU)."""
     library = _library()
-    if (library is None or x.dim() != 2 or scales.dim() != 1 or any(
-            t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous()
-            for t in (x, scales))):
+    if library is None or x.dim() != 2 or scales.dim() != 1 or not _laid_out(
+            ((x, x.shape, torch.float32), (scales, scales.shape, torch.float32))):
         return None
     rows, cols = x.shape
     out = torch.empty(scales.numel() * rows, cols, dtype=torch.int8)
@@ -1299,7 +1303,7 @@ def integer_sums(acc: torch.Tensor, shift: torch.Tensor | None, q_bias: torch.Te
     shape = (count, outs) if columns else (count,)
     dot = torch.empty(shape, dtype=torch.float64)
     square = torch.empty(shape, dtype=torch.float64)
-    relu = 0 if relu_slope is None else 1 if relu_slope == 0 else 2
+    relu = _relu_code(relu_slope)
     kernel = library.integer_columns if columns else library.integer_sums
     sizes = (positions, count, outs) if columns else (count, positions, outs)
     if kernel(acc.data_ptr(), *sizes, None if shift is None else shift.data_ptr(),
