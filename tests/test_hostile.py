@@ -645,6 +645,31 @@ def test_the_process_ends_without_the_interpreter_teardown(tmp_path, argv, code,
         assert done.stderr.startswith("calibrator: error: ") and done.stderr.count("\n") == 1
 
 
+@pytest.mark.parametrize("importable", [True, False])
+def test_the_entry_imports_with_the_collector_paused_and_freezes_what_it_made(importable):
+    """The CLI's import (torch's hundreds of thousands of objects) runs with the garbage
+    collector paused; its objects are then frozen out of the collector's walks, and the
+    collector runs again for the command, also where the import fails."""
+    script = ("import gc, sys\n"
+              "from calibrator.cli.entry import _import_main\n"
+              f"if not {importable!r}:\n"
+              "    sys.modules['calibrator.cli.main'] = None\n"   # (an import that fails)
+              "seen = []\n"
+              "gc.callbacks.append(lambda phase, info: seen.append(phase))\n"
+              "try:\n"
+              "    _import_main()\n"
+              "except ImportError:\n"
+              "    print('failed')\n"
+              "print(len(seen), gc.isenabled(), gc.get_freeze_count())\n")
+    done = subprocess.run([sys.executable, "-c", script], env=_env(), capture_output=True,
+                          text=True, timeout=300, check=True)
+    *failed, figures = done.stdout.split("\n")[:-1]
+    collections, enabled, frozen = figures.split()
+    assert failed == ([] if importable else ["failed"])
+    assert collections == "0" and enabled == "True"
+    assert int(frozen) > (100_000 if importable else 0)
+
+
 def test_interrupted_search_keeps_its_state_and_resumes(net, out, capsys, monkeypatch):
     from calibrator.search.evaluator import Evaluator
 

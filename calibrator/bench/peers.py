@@ -24,11 +24,13 @@ from calibrator.model import load_model
 from calibrator.quant.fusion import analyze
 from calibrator.quant.simulate import FoldedFP32
 
-#: runs the CLI as the ``calibrator`` script does (its process exit included) and records
-#: its own peak resident memory (MB) as the process ends
-_CHILD = ("import atexit, json, pathlib, sys; from calibrator.bench import peak_rss_mb; "
-          "from calibrator.cli.entry import entry; out = pathlib.Path(sys.argv[1]); "
-          "atexit.register(lambda: out.write_text(json.dumps({'peak_rss_mb': peak_rss_mb()}))); "
+#: runs the CLI as the ``calibrator`` script does (its imports through the entry point and
+#: its process exit included) and records its own peak resident memory (MB) as the process
+#: ends (``calibrator.bench``, which imports torch, only then: before the entry point, its
+#: import would run without the entry point's paused garbage collector)
+_CHILD = ("import atexit, json, pathlib, sys; from calibrator.cli.entry import entry; "
+          "out = pathlib.Path(sys.argv[1]); atexit.register(lambda: out.write_text(json.dumps("
+          "{'peak_rss_mb': __import__('calibrator.bench').bench.peak_rss_mb()}))); "
           "sys.argv = ['calibrator', *sys.argv[2:]]; raise SystemExit(entry())")
 
 

@@ -7,13 +7,16 @@ handlers first, then imports the CLI (the one place in the package that imports 
 time, for that reason). A signal during that import is noted and acted on once the import
 is over: raised inside it, a KeyboardInterrupt can be swallowed by a library's own
 ``except:`` and leave a half-imported module behind (numpy without ``numpy.matrix``).
-Once the command has returned, its outputs are complete or cleaned up: a signal while the
-interpreter shuts down is ignored, not raised inside a library's exit hook as a traceback.
-The process then ends without the interpreter's teardown (:func:`_leave`)."""
+The import runs with the garbage collector paused, and what it made is then moved out of
+the collector's sight (:func:`_import_main`). Once the command has returned, its outputs are
+complete or cleaned up: a signal while the interpreter shuts down is ignored, not raised
+inside a library's exit hook as a traceback. The process then ends without the
+interpreter's teardown (:func:`_leave`)."""
 
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import signal
 import sys
@@ -47,6 +50,7 @@ def entry() -> int:
             raise
         code = exc.code or 0
     _leave(code)
+    gc.unfreeze()   # (the usual teardown finalises no frozen object: see _import_main)
     return code
 
 
@@ -54,8 +58,7 @@ def _command() -> int:
     pending: list[int] = []
     for s in _SIGNALS:
         signal.signal(s, lambda signum, frame: pending.append(signum))
-    from calibrator.cli.main import main  # heavy (torch): see the module docstring
-
+    main = _import_main()
     if pending:
         return _stop(pending[0])
     try:
@@ -67,6 +70,27 @@ def _command() -> int:
         return _stop(signum)
     finally:
         _ignore()  # the command is over; the interpreter's shutdown is not the work
+
+
+def _import_main():
+    """``calibrator.cli.main.main``, imported (heavy: torch; see the module docstring) with
+    the garbage collector paused, its objects then frozen (``gc.freeze``). The import makes
+    about 275,000 objects (torch's modules, functions, types) that live as long as the
+    process; the collector, run every 700 new objects, walks those made so far again and
+    again during the import, and a full collection of the command would walk them all
+    again. Frozen, they are never walked: ``-q`` on MobileNetV2 through this entry point
+    5.71 s -> 5.53 s (mean of four runs each, the same files).
+    The import's own unreachable cycles (about 7,000 small objects, 0.7 MB) stay frozen
+    with them: collecting them first would cost a full collection (0.08 s). Where the
+    process ends the usual way (see :func:`_leave`), :func:`entry` unfreezes them first:
+    the interpreter's teardown finalises no frozen object."""
+    gc.disable()
+    try:
+        from calibrator.cli.main import main
+    finally:
+        gc.freeze()
+        gc.enable()
+    return main
 
 
 def _leave(code: int) -> None:

