@@ -262,7 +262,7 @@ class _Unit:
         self.taps = (patches.transpose(1, 2).contiguous() if groups > 1 and out == groups
                      else None)
         self.patches = patches.contiguous() if self.taps is None else self.taps.transpose(1, 2)
-        self.extremes = torch.stack([self.patches.min(), self.patches.max()])
+        self.extremes = torch.stack(torch.aminmax(self.patches))   # (one read)
         self.residual = None if residual is None else _grouped(residual, groups)
         self.limit = 2 ** (lq.bits - 1) - 1
         self.qmax_in = qmax(lq.input_unsigned, lq.bits)
