@@ -49,7 +49,9 @@ rounds to ``e`` itself (half an ulp of ``e`` exceeds 2^-149), so the key is
 zero (either sign) is bin 0; only a nonzero element below 2^-123 takes the subtraction, in a
 scalar loop that runs for the blocks holding one. Each thread counts into its own
 uint32 tables (two, alternating elements, so that runs of one bin do not serialise on one
-counter), summed in int64 at the end: integers, the same on any number of threads. The
+counter; one where AVX-512 sets the zeros' keys apart, which are then counted at once, and
+the runs of one bin that remain are rare), summed in int64 at the end: integers, the same
+on any number of threads. The
 comparisons are branch-free once the compiler may assume no floating-point traps
 (``-fno-trapping-math``, which changes no value). On x86-64 with glibc the counting kernel is
 built twice, for AVX2 and the baseline, and the CPU picks one when the library loads (GNU
@@ -889,8 +891,8 @@ int hist_count(const float *x, int64_t n, int64_t bins, float low, float width,
                         key[j] = (int32_t)(((e - low) * fb) / width) + 1;
                 }
             }
-            const uint32_t at_last = even[last];   /* (odd's: see below) */
-            const uint32_t odd_at_last = odd[last];
+            /* the last key's counts before the block: a change, a key at or past it */
+            const uint32_t even_at_last = even[last], odd_at_last = odd[last];
             const int32_t *counted = key;
             int64_t count = m;
             if (skip_zeros) {
@@ -919,7 +921,7 @@ int hist_count(const float *x, int64_t n, int64_t bins, float low, float width,
             }
             for (; ahead < end; ahead += 16)
                 __builtin_prefetch(ahead);
-            if (past != NULL && (even[last] != at_last || odd[last] != odd_at_last)) {
+            if (past != NULL && (even[last] != even_at_last || odd[last] != odd_at_last)) {
                 /* (rare: a value at the high end or, in a batch past the range, beyond) */
                 const float *vb = out != NULL ? out + b : xb;
                 for (int64_t i = 0; i < m; i++) {
