@@ -168,8 +168,8 @@ def test_the_cosine_kernels_make_the_choices_the_tensor_code_makes(bits, monkeyp
 
 #: every way a unit's candidates are scored: dense int8 products with an unsigned input
 #: (offset 128) and a signed one, eight outputs and five (the kernel's two lane paths), a
-#: residual with the ReLU after the sum, a leaky ReLU, none; depthwise with a residual and
-#: with a leaky ReLU
+#: residual with the ReLU after the sum, a leaky ReLU, none; depthwise 3 x 3 with a residual
+#: and 5 x 5 with a leaky ReLU (the depthwise kernel's nine-tap path and its other one)
 _FUSED_NET = (input_text((6, 4, 7, 7)) + conv_text("c1", "data", "a", 8, 1)
               + relu_text("r1", "a")
               + conv_text("dw", "a", "b", 8, 3, "pad: 1 group: 8")
@@ -178,7 +178,7 @@ _FUSED_NET = (input_text((6, 4, 7, 7)) + conv_text("c1", "data", "a", 8, 1)
               + conv_text("pw", "c", "d", 8, 1)
               + 'layer { name: "s2" type: "Eltwise" bottom: "c" bottom: "d" top: "e" }\n'
               + relu_text("r3", "e")
-              + conv_text("dw2", "e", "f", 8, 3, "pad: 1 group: 8") + relu_text("r4", "f", 0.1)
+              + conv_text("dw2", "e", "f", 8, 5, "pad: 2 group: 8") + relu_text("r4", "f", 0.1)
               + conv_text("c4", "f", "g", 5, 1) + relu_text("r5", "g", 0.1)
               + conv_text("c5", "g", "h", 8, 1))
 
