@@ -4,9 +4,13 @@ of each folded layer."""
 
 from __future__ import annotations
 
+from typing import Callable, TypeVar
+
 import torch
 
 from calibrator.quant.fusion import FusedGraph, FusedUnit
+
+T = TypeVar("T")
 
 
 def folded_weights(unit: FusedUnit, bias_shift=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,11 +48,17 @@ def _with_submodules(module: torch.nn.Module):
     return (module,) if not module._modules else tuple(module.modules())
 
 
+def while_unchanged(cache: dict, key, unit: FusedUnit, compute: Callable[[], T]) -> T:
+    """``compute()``, kept in ``cache[key]`` while ``unit``'s weights stay the same (its
+    :func:`weights_version`), computed again once they change."""
+    version = weights_version(unit)
+    cached = cache.get(key)
+    if cached is None or cached[0] != version:
+        cached = cache[key] = (version, compute())
+    return cached[1]
+
+
 def folded_once(fused: FusedGraph, unit: FusedUnit) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`folded_weights` of ``unit``, computed once per fused graph while its weights
     stay the same (every simulator of a search runs its FP32 units with them)."""
-    version = weights_version(unit)
-    cached = fused.folded.get(unit.name)
-    if cached is None or cached[0] != version:
-        cached = fused.folded[unit.name] = (version, folded_weights(unit))
-    return cached[1]
+    return while_unchanged(fused.folded, unit.name, unit, lambda: folded_weights(unit))

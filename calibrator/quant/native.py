@@ -450,6 +450,18 @@ void dot_square(const float *y, const double *ref, int64_t groups, int64_t per, 
         row_sums(y + r * n, ref + (r / per) * n, n, dot + r, square + r);
 }
 
+/* d[o] += y[o] ref[o] and q[o] += y[o]^2 in float64 (the products exact or rounded once):
+   one position's row of column sums */
+WITH_AVX512
+static void column_sums(const float *y, const double *ref, int64_t n, double *d, double *q)
+{
+    for (int64_t o = 0; o < n; o++) {
+        const double v = (double)y[o];
+        d[o] += v * ref[o];
+        q[o] += v * v;
+    }
+}
+
 /* the columns of y (float32, groups x P x K x O) against ref (float64, groups x P x O):
    dot[g][k][o] = sum_p y[g][p][k][o] ref[g][p][o] and square[g][k][o] = sum_p
    y[g][p][k][o]^2 in float64 (the products exact or rounded once), summed over p in order:
@@ -465,15 +477,9 @@ void column_dot_square(const float *y, const double *ref, int64_t groups, int64_
             double *d = dot + (g * per + k) * n, *q = square + (g * per + k) * n;
             for (int64_t o = 0; o < n; o++)
                 d[o] = q[o] = 0.0;
-            for (int64_t p = 0; p < positions; p++) {
-                const float *yr = y + ((g * positions + p) * per + k) * n;
-                const double *rr = ref + (g * positions + p) * n;
-                for (int64_t o = 0; o < n; o++) {
-                    const double v = (double)yr[o];
-                    d[o] += v * rr[o];
-                    q[o] += v * v;
-                }
-            }
+            for (int64_t p = 0; p < positions; p++)
+                column_sums(y + ((g * positions + p) * per + k) * n,
+                            ref + (g * positions + p) * n, n, d, q);
         }
     }
 }
@@ -671,12 +677,7 @@ int integer_columns(const int32_t *acc, int64_t positions, int64_t count, int64_
                             shift ? shift + k * outs : NULL, q_bias + k * outs,
                             divisor + k * outs, residual ? residual + p * outs : NULL, relu,
                             slope, y);
-                const double *fp = ref + p * outs;
-                for (int64_t o = 0; o < outs; o++) {
-                    const double w = (double)y[o];
-                    d[o] += w * fp[o];
-                    q[o] += w * w;
-                }
+                column_sums(y, ref + p * outs, outs, d, q);
             }
         }
         free(y);
@@ -787,12 +788,6 @@ static int can_skip_zeros(void)
     return __builtin_cpu_supports("avx512f");
 }
 #else
-static int64_t nonzero_keys(const int32_t *key, int64_t m, int32_t *nz)
-{
-    (void)key, (void)m, (void)nz;
-    return -1;   /* (never called) */
-}
-
 static int can_skip_zeros(void)
 {
     return 0;
@@ -905,11 +900,13 @@ int hist_count(const float *x, int64_t n, int64_t bins, float low, float width,
             const uint32_t even_at_last = even[last], odd_at_last = odd[last];
             const int32_t *counted = key;
             int64_t count = m;
+#ifdef NONZERO_KEYS
             if (skip_zeros) {
                 count = nonzero_keys(key, m, nz);
                 even[0] += (uint32_t)(m - count);
                 counted = nz;
             }
+#endif
             const float *ahead = xb + BLOCK, *end = xb + BLOCK + m;   /* (the next block's
                                                  lines, one each 16 keys: see above) */
             int64_t j = 0;

@@ -18,7 +18,7 @@ from calibrator.quant import estimators
 from calibrator.quant.compiled import (average_pooling_pairs, compiled_layers,
                                        force_fp32_outputs)
 from calibrator.quant.estimators import HISTOGRAM
-from calibrator.quant.folding import folded_weights, weights_version
+from calibrator.quant.folding import folded_once, folded_weights, while_unchanged
 from calibrator.quant.fusion import FusedGraph, FusedUnit
 from calibrator.quant.kl import release_layouts
 from calibrator.quant.targets import COUNTERMEASURES as SATURATION_FIXES
@@ -408,14 +408,9 @@ def _unit_weight_scales(fused: FusedGraph, unit: FusedUnit, per_channel: bool, b
                         factor: float) -> list[float]:
     """:func:`weight_scales` of the unit's folded weights, computed once per fused graph and
     setting while the weights stay the same (the search builds many plans)."""
-    key = (unit.name, per_channel, bits, factor)
-    version = weights_version(unit)
-    cached = fused.weight_scales.get(key)
-    if cached is None or cached[0] != version:
-        weight, _ = folded_weights(unit)
-        cached = fused.weight_scales[key] = (version, weight_scales(weight, per_channel, bits,
-                                                                    factor))
-    return list(cached[1])
+    return list(while_unchanged(
+        fused.weight_scales, (unit.name, per_channel, bits, factor), unit,
+        lambda: weight_scales(folded_once(fused, unit)[0], per_channel, bits, factor)))
 
 
 def _decide_output_precision(fused: FusedGraph, layers: dict[str, LayerQuant],
