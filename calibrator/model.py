@@ -136,9 +136,9 @@ def image_folder_source(test_param, base_dir: Path, images: ImageFolderOptions):
 
 def _batch_size_of(layer) -> int | None:
     """A data layer's batch_size (data_param for Data/AnnotatedData, else image_data_param)."""
-    for field in ("data_param", "image_data_param"):
-        if layer.HasField(field) and getattr(layer, field).batch_size:
-            return int(getattr(layer, field).batch_size)
+    for param in ("data_param", "image_data_param"):
+        if layer.HasField(param) and getattr(layer, param).batch_size:
+            return int(getattr(layer, param).batch_size)
     return None
 
 

@@ -33,10 +33,8 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 
 from calibrator.caffe import caffe_pb2
-from calibrator.caffe.caffemodel import write_caffemodel
 from calibrator.cli.main import main
 from tests.netutil import parse_net, random_weights
 from tests.test_cli_test_cmd import make_tiny_net, write_png

@@ -232,7 +232,7 @@ def test_force_u8_through_images_on_a_deploy_net(tmp_path):
     """An Input net fed by --images: the preprocessing goes into the Input's transform_param
     (Intel's Input ignores it), the Input grows by the pad, and `calibrator test --images`
     on the files computes what the ImageData net computes on the same (uncropped) pixels."""
-    images = write_images(tmp_path, size=12)
+    write_images(tmp_path, size=12)
     text = NET.replace("crop_size: 12", "")
     image_net = text.format(data_type="ImageData", data_param=(
         f'image_data_param {{ source: "{tmp_path}/list.txt" root_folder: "{tmp_path}/img/" '

@@ -188,8 +188,8 @@ def big_accumulation_net(channels: int, seed: int = 0):
     acc = conv_int64(x.astype(np.int64), w.astype(np.int64))
     bias = (-np.median(acc, axis=(0, 2, 3))).astype(np.float32)
     text = (input_text((2, channels, 2, 2))
-            + f'layer {{ name: "conv" type: "Convolution" bottom: "data" top: "y" '
-              f'convolution_param {{ num_output: 3 kernel_size: 1 }} }}\n')
+            + 'layer { name: "conv" type: "Convolution" bottom: "data" top: "y" '
+              'convolution_param { num_output: 3 kernel_size: 1 } }\n')
     net = TinyNet(text, weights={"conv": [w, bias]}, batches=[{"data": x}])
     ref = intel_output(acc, quantize_bias(bias, 1.0, np.ones(3)), 1.0, np.ones(3), 1.0, None)
     return net, acc, ref
