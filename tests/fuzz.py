@@ -33,7 +33,6 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from calibrator.caffe import caffe_pb2
 from calibrator.cli.main import main
 from tests.netutil import parse_net, random_weights
