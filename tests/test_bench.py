@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -69,3 +70,50 @@ def test_the_peers_figures_are_the_min_and_median_of_the_rounds():
     assert _spread(runs, "s") == (7.0, 8.5)
     assert _spread(runs[:3], "s") == (7.0, 8.0)
     assert _shown((7.0, 8.5), "{:.1f}") == "7.0 / 8.5"
+
+
+@pytest.mark.parametrize("successes,trials", [(238, 250), (250, 250), (0, 250), (3, 7),
+                                              (481, 500)])
+def test_the_agreement_interval_is_where_the_score_test_accepts(successes, trials):
+    """Wilson's interval from its definition: at each bound inside (0, 1) the score
+    statistic |p_hat - p| / sqrt(p (1 - p) / n) is the normal quantile; just inside it is
+    smaller, just outside larger; a bound at 0 or 1 is where p_hat is."""
+    from calibrator.bench import Z95, wilson_interval
+    low, high = wilson_interval(successes, trials)
+    p_hat = successes / trials
+
+    def score(p):
+        return abs(p_hat - p) / math.sqrt(p * (1 - p) / trials)
+
+    assert 0.0 <= low <= p_hat <= high <= 1.0
+    for bound, inward in ((low, 1e-6), (high, -1e-6)):
+        if 0.0 < bound < 1.0:
+            assert score(bound) == pytest.approx(Z95, rel=1e-9)
+            assert score(bound + inward) < Z95 < score(bound - inward)
+        else:
+            assert bound == p_hat
+
+
+def test_the_agreement_interval_is_scipys_wilson_interval():
+    stats = pytest.importorskip("scipy.stats")
+    from calibrator.bench import wilson_interval
+    for successes, trials in ((238, 250), (250, 250), (0, 250), (3, 7), (120, 250)):
+        reference = stats.binomtest(successes, trials).proportion_ci(0.95, method="wilson")
+        assert wilson_interval(successes, trials) == pytest.approx(
+            (reference.low, reference.high), abs=1e-12)
+
+
+def test_top1_figures_count_the_images_only_one_side_gets_right():
+    import numpy as np
+
+    from calibrator.bench import top1_figures
+    labels = np.array([0, 1, 2, 3, 4, 5])
+    fp32 = np.array([0, 1, 2, 9, 9, 5])        # right on 0, 1, 2, 5
+    int8 = np.array([0, 1, 8, 3, 9, 7])        # right on 0, 1, 3; agrees on 0, 1, 4
+    figures = top1_figures(labels, fp32, int8)
+    assert figures["images"] == 6
+    assert figures["fp32_only_right"] == 2 and figures["int8_only_right"] == 1
+    assert figures["drop_pt"] == pytest.approx(100 * (2 - 1) / 6)
+    assert figures["agreement"] == 0.5
+    low, high = figures["agreement_95"]
+    assert low < 0.5 < high

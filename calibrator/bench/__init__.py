@@ -14,6 +14,7 @@ both sides alike; the JSON records the machine and its load average.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import resource
 import time
@@ -33,12 +34,42 @@ SECTION_MODULES = ("calibrator.bench.fp32", "calibrator.bench.int8", "calibrator
 REPO = Path(__file__).resolve().parents[2]
 
 
+#: the standard normal quantile of a two-sided 95% interval
+Z95 = 1.959963984540054
+
+
+def wilson_interval(successes: int, trials: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (Wilson 1927): the p whose score test
+    ``|successes/trials - p| <= z sqrt(p (1 - p) / trials)`` accepts, in closed form. Unlike
+    the normal approximation it stays inside [0, 1] and is not empty at 0 or ``trials``
+    successes, where a top-1 agreement of a few hundred images often is."""
+    if trials <= 0:
+        return (0.0, 1.0)
+    p = successes / trials
+    z2 = z * z
+    centre = (p + z2 / (2 * trials)) / (1 + z2 / trials)
+    half = z / (1 + z2 / trials) * math.sqrt(p * (1 - p) / trials + z2 / (4 * trials * trials))
+    # at 0 or ``trials`` successes the bound is exactly p (the closed form rounds near it)
+    low = 0.0 if successes <= 0 else max(0.0, centre - half)
+    high = 1.0 if successes >= trials else min(1.0, centre + half)
+    return (low, high)
+
+
 def top1_figures(labels, top_fp32, top_int8) -> dict:
     """Top-1 of FP32 and of INT8, the drop (points) and their top-1 agreement, from the
-    labels and each one's predicted classes (numpy arrays of one length)."""
-    fp32, int8 = float((top_fp32 == labels).mean()), float((top_int8 == labels).mean())
+    labels and each one's predicted classes (numpy arrays of one length); with how much the
+    images say: their count, the agreement's 95% interval (:func:`wilson_interval`) and the
+    images only FP32 gets right and only INT8 gets right (the drop is their difference over
+    the count: on a few hundred images a handful of images either way)."""
+    right_fp32, right_int8 = top_fp32 == labels, top_int8 == labels
+    fp32, int8 = float(right_fp32.mean()), float(right_int8.mean())
+    agree = int((top_fp32 == top_int8).sum())
+    images = int(len(labels))
     return {"fp32": fp32, "int8": int8, "drop_pt": 100 * (fp32 - int8),
-            "agreement": float((top_fp32 == top_int8).mean())}
+            "agreement": agree / images if images else float("nan"),
+            "images": images, "agreement_95": list(wilson_interval(agree, images)),
+            "fp32_only_right": int((right_fp32 & ~right_int8).sum()),
+            "int8_only_right": int((right_int8 & ~right_fp32).sum())}
 
 
 def peak_rss_mb() -> float:
