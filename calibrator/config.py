@@ -35,6 +35,7 @@ class RunConfig:
     search: SearchSettings = field(default_factory=lambda: SearchSettings(tolerance=0.01))
     resume: bool = False
     easyquant: bool = False           # -q: EasyQuant on every quantized layer
+    equalize: bool = False            # --equalize: channel equalization (needs --weights-out)
     images: ImageFolderOptions | None = None
     detection_list: DetectionListOptions | None = None
     gpu: int | None = None
@@ -62,6 +63,12 @@ class RunConfig:
                                      ("--easyquant-seed", layerwise.seed, 0)):
             if value < least:
                 raise CalibratorError(f"{option} must be at least {least}, got {value}")
+        if self.equalize and "weights" not in self.outputs:
+            raise CalibratorError("--equalize rescales the weights, which reach the runtime "
+                                  "only through the caffemodel --weights-out writes: give "
+                                  "--weights-out")
+        if self.equalize and self.performance_only:
+            raise CalibratorError("--equalize contradicts -p (nothing is calibrated)")
         max_evals = self.search.max_evals
         if max_evals is not None and max_evals < 2:
             raise CalibratorError(f"--max-evals must be at least 2 (it counts the FP32 "

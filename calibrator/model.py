@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -177,6 +177,15 @@ def load_model(prototxt: str | os.PathLike, weights: str | os.PathLike | None, *
     net.to(device).eval()
     return Model(prototxt, Path(weights) if weights else None, net_param, test_param,
                  weight_blobs, net, source, device)
+
+
+def with_weights(model: Model, weights: dict) -> Model:
+    """``model`` running other weights (the same layers and data): e.g. equalized ones."""
+    input_shapes = model.source.top_shapes() if model.source is not None else {}
+    net = CaffeNet(model.test_param, weights, input_shapes, source=str(model.prototxt),
+                   require_weights=model.weights_path is not None)
+    net.to(model.device).eval()
+    return replace(model, weights=weights, net=net)
 
 
 def with_detection_list(net_param, options: DetectionListOptions | None):

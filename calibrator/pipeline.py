@@ -24,9 +24,10 @@ from calibrator.caffe.types import not_in_intel_caffe
 from calibrator.config import RunConfig
 from calibrator.errors import CalibratorError, shorten
 from calibrator.metrics import default_metric_blob, loss, make_metric, measure
-from calibrator.model import load_model, quantized_plan, select_device
+from calibrator.model import load_model, quantized_plan, select_device, with_weights
 from calibrator.outputs import OutputPlan, data_inputs, option_inputs
 from calibrator.quant.calibrate import calibrate
+from calibrator.quant.equalize import equalize
 from calibrator.quant.force_u8 import check_force_u8, force_u8
 from calibrator.quant.fusion import analyze
 from calibrator.quant.layerwise import calibration_subset, layerwise
@@ -49,6 +50,7 @@ class Pipeline:
     def __init__(self, config: RunConfig, say=None):
         self.config = config
         self.started = time.time()
+        self.equalization = None    # --equalize: what it did (calibrator.quant.equalize)
         self.say = say or ((lambda m: None) if config.quiet or not distributed.is_main() else
                            (lambda m: print(m, file=sys.stderr, flush=True)))
 
@@ -103,6 +105,8 @@ class Pipeline:
     def write(self, paths: dict[str, Path], context: OutputContext) -> None:
         if not distributed.is_main():  # rank 0 alone writes
             return
+        if self.equalization is not None and context.record is not None:
+            context.record["equalization"] = self.equalization.record()
         if "force_u8" in paths:  # the net was checked before calibrating; what the plan
             try:                   # decides (the first conv reverted to FP32) skips -fu only
                 context.force_u8 = force_u8(context.model, context.fused, context.plan,
@@ -175,6 +179,8 @@ class Pipeline:
                            detection_list=config.detection_list, device=device)
         self.check_data_files(model)
         backend = make_backend(config.runtime, config.target)
+        if config.equalize:
+            model = self.equalize(model)
         if config.performance_only:
             path = paths["performance"]
             if distributed.is_main():
@@ -236,6 +242,18 @@ class Pipeline:
                      summary={**summary, "wall_seconds": round(time.time() - self.started, 1)},
                      actions=actions, cosines=cosines)
         print(f"report written: {config.report / 'report.md'} (plots beside it)")
+
+    def equalize(self, model):
+        """--equalize: the model on equalized weights (the ones --weights-out writes)."""
+        config = self.config
+        self.say(f"channel equalization: channel ranges on {config.sampling_iterations} "
+                 f"batches of {model.batch_size}")
+        self.equalization = equalize(model, config.sampling_iterations,
+                                     config.quant.per_channel, quiet=config.quiet)
+        groups = self.equalization.groups
+        self.say(f"channel equalization: {len(groups)} tensor group(s), "
+                 f"{sum(g.channels for g in groups)} channels rescaled")
+        return with_weights(model, self.equalization.weights)
 
     def layerwise(self, model, calibration, choices: dict, *, easyquant: bool,
                   bias_correction: bool):

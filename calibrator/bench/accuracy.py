@@ -43,12 +43,22 @@ SETTINGS = [
      QuantOptions(per_channel=True, first_conv=True), {"easyquant": True, "weights": True}),
     ("-q --bits 7 -c multiple --easyquant --weights-out",
      QuantOptions(per_channel=True, bits=7), {"easyquant": True, "weights": True}),
+    ("-q -c multiple --equalize --easyquant --weights-out", QuantOptions(per_channel=True),
+     {"easyquant": True, "weights": True, "equalize": True}),
+    ("-q -1st -c multiple --equalize --easyquant --weights-out",
+     QuantOptions(per_channel=True, first_conv=True),
+     {"easyquant": True, "weights": True, "equalize": True}),
+    ("-q --bits 7 -c multiple --equalize --easyquant --weights-out",
+     QuantOptions(per_channel=True, bits=7),
+     {"easyquant": True, "weights": True, "equalize": True}),
+    ("-q -c multiple -a MSE --equalize --weights-out",
+     QuantOptions(per_channel=True, estimator="MSE"), {"weights": True, "equalize": True}),
     ("-l 0.01 --weights-out", QuantOptions(), {"search": 0.01, "weights": True}),
     ("-l 0.002 --weights-out", QuantOptions(), {"search": 0.002, "weights": True}),
 ]
-#: the setting run again with other EasyQuant seeds (the output positions it samples in
+#: the settings run again with other EasyQuant seeds (the output positions it samples in
 #: each layer): how much of a setting's figure is the sample's luck
-SEED_SETTING = SETTINGS[2]
+SEED_SETTINGS = (SETTINGS[2], SETTINGS[5])
 SEEDS = (1, 2, 3)
 
 
@@ -103,8 +113,8 @@ def accuracy(ctx: Context) -> SectionResult:
         tmp = Path(tmp)
         calib, judge, everything = _split(files, tmp)
         runs = [(label, options, extra, 0) for label, options, extra in SETTINGS]
-        runs += [(f"{SEED_SETTING[0]} --easyquant-seed {seed}", *SEED_SETTING[1:], seed)
-                 for seed in SEEDS]
+        runs += [(f"{label} --easyquant-seed {seed}", options, extra, seed)
+                 for label, options, extra in SEED_SETTINGS for seed in SEEDS]
         for label, options, extra, seed in runs:
             entry = _run(ctx, files, calib, judge, everything, tmp / str(len(data)), label,
                          options, extra, seed)
@@ -113,10 +123,13 @@ def accuracy(ctx: Context) -> SectionResult:
             rows.append([label, f"{unseen['drop_pt']:+.1f}", _agreement(unseen),
                          _discordant(unseen), f"{seen['drop_pt']:+.1f}", entry["fp32_layers"],
                          entry["full_evaluations"] or "", f"{entry['wall_seconds']:.0f}"])
-        spread = _seed_spread([e for e in data
-                               if e["setting"] == SEED_SETTING[0] or e["seed"]])
-        rows.append([f"{SEED_SETTING[0]}, seeds 0-{max(SEEDS)}: median (min..max)",
-                     spread["drop_pt"], spread["agreement"], "", "", "", "", ""])
+        spreads = {}
+        for label, _, _ in SEED_SETTINGS:
+            spreads[label] = spread = _seed_spread(
+                [e for e in data if e["setting"] == label
+                 or e["setting"].startswith(f"{label} --easyquant-seed")])
+            rows.append([f"{label}, seeds 0-{max(SEEDS)}: median (min..max)",
+                         spread["drop_pt"], spread["agreement"], "", "", "", "", ""])
         ctx.log("NNCF quantize, the same halves, when installed")
         peer = _nncf_unseen(ctx, files, everything, tmp / "nncf")
     notes = []
@@ -135,7 +148,7 @@ def accuracy(ctx: Context) -> SectionResult:
     notes.append("unseen: the second half's images; the agreement with its 95% Wilson "
                  "interval; the drop is (FP32-only right - INT8-only right) / images")
     return SectionResult([Table(headers, rows)],
-                         {"settings": data, "easyquant_seed_spread": spread, "nncf": peer},
+                         {"settings": data, "easyquant_seed_spread": spreads, "nncf": peer},
                          notes=notes)
 
 
@@ -149,7 +162,8 @@ def _run(ctx: Context, files, calib: Path, judge: Path, everything: Path, out: P
     config = RunConfig(
         calib, files["weights"], quant=options, iterations=HALF,
         sampling_iterations=HALF, quantize_only=search is None, outputs=outputs,
-        easyquant=bool(extra.get("easyquant")), quiet=True,
+        easyquant=bool(extra.get("easyquant")), equalize=bool(extra.get("equalize")),
+        quiet=True,
         search=SearchSettings(tolerance=search or 0.01,
                               bias_correction=bool(extra.get("weights")),
                               layerwise=LayerwiseSettings(seed=seed)))

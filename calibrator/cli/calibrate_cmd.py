@@ -115,6 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="with -q: EasyQuant (Wu et al. 2020) on every quantized layer, in "
                            "network order with the quantized network upstream (the search "
                            "always tries it unless --no-scale-search)")
+    ours.add_argument("--equalize", action="store_true",
+                      help="with --weights-out: channel equalization before calibrating: "
+                           "each channel of a tensor read only by convolutions (through "
+                           "sums and ReLU/ReLU6) is rescaled towards the tensor's widest "
+                           "channel in the producers' weights and back in the consumers', "
+                           "so the per-tensor INT8 scale fits every channel; the FP32 net is "
+                           "unchanged (ReLU6: up to each channel's calibration maximum). "
+                           "Best with -c multiple")
     ours.add_argument("--easyquant-images", type=int, default=argparse.SUPPRESS, metavar="N",
                       help="calibration images of EasyQuant and bias correction (default 50)")
     ours.add_argument("--easyquant-steps", type=int, default=argparse.SUPPRESS, metavar="N",
@@ -277,7 +285,8 @@ def run_config(args) -> RunConfig:
                      performance_only=args.performance_model, outputs=outputs,
                      report=args.report, runtime=args.runtime or "intel",
                      target=args.target or "vnni", search=settings, resume=option("resume"),
-                     easyquant=args.easyquant, images=image_folder_options(args),
+                     easyquant=args.easyquant, equalize=args.equalize,
+                     images=image_folder_options(args),
                      detection_list=detection_list_options(args), gpu=args.gpu,
                      quiet=args.quiet)
 
