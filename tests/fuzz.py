@@ -77,7 +77,8 @@ OPTIONS = [["-l", "nan"], ["-l", "inf"], ["-l", "-1"], ["-l", "0"], ["-l", "1e9"
            ["-n", "accuracy"], ["--metric", "mean"], ["--metric", "agreement"],
            ["--metric", "map"], ["--relative"], ["--strategy", "intel"], ["--target", "avx2"],
            ["--saturation-fix", "w7"], ["--runtime", "ort"], ["-q"], ["-p"], ["--resume"],
-           ["--gpu", "-1"], ["--gpu", "0"], ["-d", "1"], ["--ap-version", "Integral"]]
+           ["--gpu", "-1"], ["--gpu", "0"], ["-d", "1"], ["--ap-version", "Integral"],
+           ["--equalize"], ["--equalize", "--weights-out", "{out}/w.caffemodel"]]
 
 
 # --- the corpus ------------------------------------------------------------------------------
@@ -462,7 +463,7 @@ def make_case(rng: random.Random, index: int, base: Base, data: Path, case: Path
         if rng.random() < 0.3:
             argv += ["--json", str(out / "q.json"), "--table", str(out / "q.table")]
     if rng.random() < 0.25:
-        option = rng.choice(OPTIONS)
+        option = [a.replace("{out}", str(out)) for a in rng.choice(OPTIONS)]
         argv += option
         mutations.append("option " + " ".join(option))
     return Outcome(index, base.name, mode, mutations, argv)
