@@ -170,21 +170,27 @@ def load_model(prototxt: str | os.PathLike, weights: str | os.PathLike | None, *
     source = build_source(test_param, prototxt.parent, images)
     if source is None and need_source and not any(l.type == "Input" for l in test_param.layer):
         raise CalibratorError(f"{prototxt}: the TEST phase has no data layer or Input")
-    input_shapes = source.top_shapes() if source is not None else {}
-    net = CaffeNet(test_param, weight_blobs, input_shapes, source=str(prototxt),
-                   require_weights=require_weights and weights is not None)
     device = device or torch.device("cpu")
-    net.to(device).eval()
+    net = _built_net(test_param, weight_blobs, source, prototxt,
+                     require_weights and weights is not None, device)
     return Model(prototxt, Path(weights) if weights else None, net_param, test_param,
                  weight_blobs, net, source, device)
 
 
+def _built_net(test_param, weights: dict, source, prototxt: Path, require_weights: bool,
+               device: torch.device) -> CaffeNet:
+    """The TEST net on ``weights``, shaped by ``source``'s tops, on ``device``, in eval."""
+    input_shapes = source.top_shapes() if source is not None else {}
+    net = CaffeNet(test_param, weights, input_shapes, source=str(prototxt),
+                   require_weights=require_weights)
+    net.to(device).eval()
+    return net
+
+
 def with_weights(model: Model, weights: dict) -> Model:
     """``model`` running other weights (the same layers and data): e.g. equalized ones."""
-    input_shapes = model.source.top_shapes() if model.source is not None else {}
-    net = CaffeNet(model.test_param, weights, input_shapes, source=str(model.prototxt),
-                   require_weights=model.weights_path is not None)
-    net.to(model.device).eval()
+    net = _built_net(model.test_param, weights, model.source, model.prototxt,
+                     model.weights_path is not None, model.device)
     return replace(model, weights=weights, net=net)
 
 

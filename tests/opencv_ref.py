@@ -30,8 +30,11 @@ def write_caffemodel_bytes(prototxt_text: str, blobs: dict[str, list[np.ndarray]
 
 
 def opencv_forward(prototxt_text: str, blobs: dict[str, list[np.ndarray]] | None,
-                   inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
-    """Run ``prototxt_text`` (a deploy net) with OpenCV dnn and return the named blobs."""
+                   inputs: dict[str, np.ndarray], outputs: list[str],
+                   fusion: bool = True) -> dict[str, np.ndarray]:
+    """Run ``prototxt_text`` (a deploy net) with OpenCV dnn and return the named blobs
+    (``fusion=False``: OpenCV's layer fusion off, so a BatchNorm's or Scale's own output
+    can be read)."""
     import cv2
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -45,6 +48,7 @@ def opencv_forward(prototxt_text: str, blobs: dict[str, list[np.ndarray]] | None
             net = cv2.dnn.readNetFromCaffe(proto_path, model_path)
         else:
             net = cv2.dnn.readNetFromCaffe(proto_path)
+    net.enableFusion(fusion)
     net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
     net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
     for name, value in inputs.items():

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tempfile
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -18,7 +16,7 @@ from calibrator.caffe.caffemodel import read_caffemodel, write_caffemodel
 from calibrator.cli.main import main
 from calibrator.quant.equalize import Group, alpha_of, factors, find_groups, rescaled
 from tests.netutil import deployable, parse_net, random_weights, tinted_image_net
-from tests.opencv_ref import write_caffemodel_bytes
+from tests.opencv_ref import opencv_forward
 from tests.quant_helpers import bn_scale_text, conv_text, input_text, relu_text
 
 
@@ -113,20 +111,6 @@ def test_alpha_is_one_only_for_depthwise_consumers_with_per_channel_weights():
 DEPLOY = BLOCK.split('layer { name: "pool"')[0]
 
 
-def _opencv(text, blobs, x, layers):
-    """OpenCV dnn's outputs of ``layers`` with its layer fusion off (every layer's own
-    output can be read, BatchNorm and Scale included)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        proto, model = Path(tmp) / "net.prototxt", Path(tmp) / "net.caffemodel"
-        proto.write_text(text)
-        model.write_bytes(write_caffemodel_bytes(text, blobs))
-        net = cv2.dnn.readNetFromCaffe(str(proto), str(model))
-    net.enableFusion(False)
-    net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
-    net.setInput(x, "data")
-    return {name: np.array(value) for name, value in zip(layers, net.forward(layers))}
-
-
 def _maxima(net, feeds, blobs):
     with torch.no_grad():
         out = net({"data": torch.from_numpy(feeds)}, outputs=blobs)
@@ -155,7 +139,7 @@ def test_rescaled_weights_compute_the_same_net_in_opencv(per_channel):
     maxima = _maxima(net, x, blobs)
     scales = [factors(g, maxima, alpha_of(g, weights, per_channel)) for g in groups]
     assert all(s.max() > 2 for s in scales)   # something was rescaled
-    new = rescaled(weights, list(net.nodes), groups, scales)
+    new = rescaled(weights, net, groups, scales)
     text = input_text((2, 3, 8, 8)) + DEPLOY
     # OpenCV's outputs by layer: the last layer writing each (in-place) blob (its Caffe
     # importer names a convolution after its top)
@@ -163,7 +147,8 @@ def test_rescaled_weights_compute_the_same_net_in_opencv(per_channel):
     assert set(writer) == set(blobs)
 
     def run(blobs_):
-        got = _opencv(text, blobs_, x, ["r3"] + [writer[b] for b in blobs])
+        got = opencv_forward(text, blobs_, {"data": x}, ["r3"] + [writer[b] for b in blobs],
+                             fusion=False)   # every layer's own output readable
         return {"g": got["r3"], **{b: got[writer[b]] for b in blobs}}
     before, after = run(weights), run(new)
     assert np.abs(after["g"] - before["g"]).max() <= 1e-5 * np.abs(before["g"]).max()

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from calibrator.data.feed import batches
+from calibrator.graph.layers.eltwise import Eltwise
 
 #: a channel this far below the group's widest keeps its scale (dead on the calibration data)
 DEAD = 1e-4
@@ -64,7 +65,8 @@ class Group:
 
 
 def _union(nodes) -> dict[str, str]:
-    """Blob name -> its group's root: the bottoms and top of every Eltwise SUM/MAX."""
+    """Blob name -> its group's root: the bottoms and top of every Eltwise SUM/MAX (a
+    product is not homogeneous)."""
     parent: dict[str, str] = {}
 
     def find(name):
@@ -72,7 +74,7 @@ def _union(nodes) -> dict[str, str]:
             name = parent[name]
         return name
     for node in nodes:
-        if node.type == "Eltwise" and node.param.eltwise_param.operation != 0:  # not PROD
+        if node.type == "Eltwise" and node.module.operation != Eltwise.PROD:
             root = find(node.tops[0])
             for bottom in node.bottoms:
                 parent[find(bottom)] = root
@@ -96,29 +98,23 @@ def _channels_of(node, weights) -> int | None:
 
 def find_groups(net, weights: dict) -> list[Group]:
     """Every group of tensors ``net`` (a CaffeNet) can be equalized on, in network order."""
-    nodes = list(net.nodes)
-    root = _union(nodes)
+    root = _union(net.nodes)
     members: dict[str, list[str]] = {}
-    for node in nodes:
+    for node in net.nodes:
         for top in node.tops:
-            if root.get(top, top) not in members:
-                members[root.get(top, top)] = []
-            if top not in members[root.get(top, top)]:
-                members[root.get(top, top)].append(top)
-    groups = []
-    for key, blobs in members.items():
-        group = _group(nodes, weights, key, blobs, root)
-        if group is not None:
-            groups.append(group)
-    return groups
+            blobs = members.setdefault(root.get(top, top), [])
+            if top not in blobs:
+                blobs.append(top)
+    groups = (_group(net, weights, key, blobs, root) for key, blobs in members.items())
+    return [group for group in groups if group is not None]
 
 
-def _group(nodes, weights, key, blobs, root) -> Group | None:
+def _group(net, weights, key, blobs, root) -> Group | None:
     """The group of ``blobs`` when every writer and reader allows the rescaling."""
     group = Group(blobs=list(blobs))
     inside = set(blobs)
     for blob in blobs:
-        writers = [n for n in nodes if blob in n.tops]
+        writers = [n for n in net.nodes if blob in n.tops]
         in_place = [n for n in writers if n.type in _HOMOGENEOUS]
         if any(list(n.bottoms) != [blob] for n in in_place):
             return None
@@ -127,7 +123,7 @@ def _group(nodes, weights, key, blobs, root) -> Group | None:
             return None      # a net input
         last = main[-1]
         if last.type == "Eltwise":
-            if root.get(blob) != key or any(b not in inside for b in last.bottoms):
+            if any(b not in inside for b in last.bottoms):
                 return None
         else:
             channels = _channels_of(last, weights)
@@ -137,9 +133,7 @@ def _group(nodes, weights, key, blobs, root) -> Group | None:
             group.producers.append(last.name)
         if any(n.type == "ReLU6" for n in in_place):
             group.clipped.append(blob)
-        for reader in nodes:
-            if blob not in reader.bottoms or reader.index <= last.index:
-                continue
+        for reader in net.consumers(blob, after=last.index):
             if reader in in_place:
                 continue
             if reader.type == "Eltwise" and root.get(reader.tops[0]) == key:
@@ -153,15 +147,10 @@ def _group(nodes, weights, key, blobs, root) -> Group | None:
     if not group.producers or not group.consumers or not group.channels:
         return None
     for name in group.consumers:
-        if weights[name][0].ndim != 4 or weights[name][0].shape[1] * _groups(nodes, name) \
-                != group.channels:
+        if weights[name][0].ndim != 4 or \
+                weights[name][0].shape[1] * net.node(name).module.group != group.channels:
             return None
     return group
-
-
-def _groups(nodes, name: str) -> int:
-    node = next(n for n in nodes if n.name == name)
-    return int(node.param.convolution_param.group or 1)
 
 
 def channel_ranges(model, groups: list[Group], iterations: int, quiet: bool = False
@@ -213,22 +202,22 @@ def alpha_of(group: Group, weights: dict, per_channel: bool) -> float:
     return 1.0 if depthwise and per_channel else MIXING_ALPHA
 
 
-def rescaled(weights: dict, nodes, groups: list[Group], scales: list[np.ndarray]) -> dict:
-    """A copy of ``weights`` with each group's producers multiplied and consumers divided."""
+def rescaled(weights: dict, net, groups: list[Group], scales: list[np.ndarray]) -> dict:
+    """A copy of ``weights`` with each group's producers multiplied and consumers divided
+    (``net``: the CaffeNet the groups were found on)."""
     out = {name: list(blobs) for name, blobs in weights.items()}
-    types = {n.name: n for n in nodes}
     for group, s in zip(groups, scales):
         for name in group.producers:
             blobs = [np.asarray(b, np.float64) for b in out[name]]
-            shape = (-1,) + (1,) * (blobs[0].ndim - 1) if types[name].type == "Convolution" \
-                else blobs[0].shape
+            shape = ((-1,) + (1,) * (blobs[0].ndim - 1)
+                     if net.node(name).type == "Convolution" else blobs[0].shape)
             blobs[0] = blobs[0] * s.reshape(shape)
             if len(blobs) > 1:
                 blobs[1] = blobs[1] * s.reshape(blobs[1].shape)
-            out[name] = [b.astype(np.float32) for b in blobs] + list(out[name][len(blobs):])
+            out[name] = [b.astype(np.float32) for b in blobs]
         for name in group.consumers:
             w = np.asarray(out[name][0], np.float64)
-            g = _groups(nodes, name)
+            g = net.node(name).module.group
             o, cg = w.shape[0], w.shape[1]
             w = w.reshape(g, o // g, cg, *w.shape[2:]) / s.reshape(g, 1, cg, 1, 1)
             out[name] = [w.reshape(o, cg, *w.shape[3:]).astype(np.float32)] + list(
@@ -259,5 +248,4 @@ def equalize(model, iterations: int, per_channel: bool, quiet: bool = False) -> 
     groups = find_groups(model.net, model.weights)
     maxima = channel_ranges(model, groups, iterations, quiet=quiet) if groups else {}
     scales = [factors(g, maxima, alpha_of(g, model.weights, per_channel)) for g in groups]
-    return Equalization(groups, scales, rescaled(model.weights, list(model.net.nodes),
-                                                 groups, scales))
+    return Equalization(groups, scales, rescaled(model.weights, model.net, groups, scales))
