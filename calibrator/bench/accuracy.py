@@ -34,6 +34,8 @@ from calibrator.quant.simulate import FoldedFP32
 from calibrator.search import SearchSettings
 
 HALF = 5          # batches of 50: 250 images
+#: EasyQuant's positions drawn over every calibration image (not the default 50)
+ALL_IMAGES = f"-q -c multiple --equalize --easyquant --easyquant-images {50 * HALF} --weights-out"
 SETTINGS = [
     ("-q (KL, per-tensor)", QuantOptions(), {}),
     ("-q -c multiple", QuantOptions(per_channel=True), {}),
@@ -45,6 +47,8 @@ SETTINGS = [
      QuantOptions(per_channel=True, bits=7), {"easyquant": True, "weights": True}),
     ("-q -c multiple --equalize --easyquant --weights-out", QuantOptions(per_channel=True),
      {"easyquant": True, "weights": True, "equalize": True}),
+    (ALL_IMAGES, QuantOptions(per_channel=True),
+     {"easyquant": True, "weights": True, "equalize": True, "easyquant_images": 50 * HALF}),
     ("-q -1st -c multiple --equalize --easyquant --weights-out",
      QuantOptions(per_channel=True, first_conv=True),
      {"easyquant": True, "weights": True, "equalize": True}),
@@ -60,7 +64,8 @@ SETTINGS = [
 #: each layer): how much of a setting's figure is the sample's luck
 SEED_SETTINGS = tuple(s for s in SETTINGS if s[0] in (
     "-q -c multiple --easyquant --weights-out",
-    "-q -c multiple --equalize --easyquant --weights-out"))
+    "-q -c multiple --equalize --easyquant --weights-out",
+    ALL_IMAGES))
 SEEDS = (1, 2, 3)
 
 
@@ -161,6 +166,8 @@ def _run(ctx: Context, files, calib: Path, judge: Path, everything: Path, out: P
     if extra.get("weights"):
         outputs["weights"] = out / "q.caffemodel"
     search = extra.get("search")
+    layerwise = LayerwiseSettings(
+        seed=seed, images=extra.get("easyquant_images", LayerwiseSettings.images))
     config = RunConfig(
         calib, files["weights"], quant=options, iterations=HALF,
         sampling_iterations=HALF, quantize_only=search is None, outputs=outputs,
@@ -168,7 +175,7 @@ def _run(ctx: Context, files, calib: Path, judge: Path, everything: Path, out: P
         quiet=True,
         search=SearchSettings(tolerance=search or 0.01,
                               bias_correction=bool(extra.get("weights")),
-                              layerwise=LayerwiseSettings(seed=seed)))
+                              layerwise=layerwise))
     ctx.log(label)
     started = time.perf_counter()
     code = pipeline.run(config, say=lambda m: None)

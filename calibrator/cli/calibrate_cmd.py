@@ -124,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "unchanged (ReLU6: up to each channel's calibration maximum). "
                            "Best with -c multiple")
     ours.add_argument("--easyquant-images", type=int, default=argparse.SUPPRESS, metavar="N",
-                      help="calibration images of EasyQuant and bias correction (default 50)")
+                      help="calibration images of EasyQuant and bias correction (default 50; "
+                           "the positions are sampled over all of them, so more images make "
+                           "the scales depend less on --easyquant-seed, in more time)")
     ours.add_argument("--easyquant-steps", type=int, default=argparse.SUPPRESS, metavar="N",
                       help="candidates per scale over [0.5, 2] x S (default 100)")
     ours.add_argument("--easyquant-seed", type=int, default=argparse.SUPPRESS, metavar="N",
