@@ -34,21 +34,23 @@ from calibrator.quant.simulate import FoldedFP32
 from calibrator.search import SearchSettings
 
 HALF = 5          # batches of 50: 250 images
-#: EasyQuant's positions drawn over every calibration image (not the default 50)
-ALL_IMAGES = f"-q -c multiple --equalize --easyquant --easyquant-images {50 * HALF} --weights-out"
+CALIBRATION_IMAGES = 50 * HALF
 SETTINGS = [
     ("-q (KL, per-tensor)", QuantOptions(), {}),
     ("-q -c multiple", QuantOptions(per_channel=True), {}),
     ("-q -c multiple --easyquant --weights-out", QuantOptions(per_channel=True),
-     {"easyquant": True, "weights": True}),
+     {"easyquant": True, "weights": True, "seeds": True}),
     ("-q -1st -c multiple --easyquant --weights-out",
      QuantOptions(per_channel=True, first_conv=True), {"easyquant": True, "weights": True}),
     ("-q --bits 7 -c multiple --easyquant --weights-out",
      QuantOptions(per_channel=True, bits=7), {"easyquant": True, "weights": True}),
     ("-q -c multiple --equalize --easyquant --weights-out", QuantOptions(per_channel=True),
-     {"easyquant": True, "weights": True, "equalize": True}),
-    (ALL_IMAGES, QuantOptions(per_channel=True),
-     {"easyquant": True, "weights": True, "equalize": True, "easyquant_images": 50 * HALF}),
+     {"easyquant": True, "weights": True, "equalize": True, "seeds": True}),
+    # EasyQuant's positions drawn over every calibration image (not the default 50)
+    (f"-q -c multiple --equalize --easyquant --easyquant-images {CALIBRATION_IMAGES} "
+     "--weights-out", QuantOptions(per_channel=True),
+     {"easyquant": True, "weights": True, "equalize": True,
+      "easyquant_images": CALIBRATION_IMAGES, "seeds": True}),
     ("-q -1st -c multiple --equalize --easyquant --weights-out",
      QuantOptions(per_channel=True, first_conv=True),
      {"easyquant": True, "weights": True, "equalize": True}),
@@ -61,11 +63,8 @@ SETTINGS = [
     ("-l 0.002 --weights-out", QuantOptions(), {"search": 0.002, "weights": True}),
 ]
 #: the settings run again with other EasyQuant seeds (the output positions it samples in
-#: each layer): how much of a setting's figure is the sample's luck
-SEED_SETTINGS = tuple(s for s in SETTINGS if s[0] in (
-    "-q -c multiple --easyquant --weights-out",
-    "-q -c multiple --equalize --easyquant --weights-out",
-    ALL_IMAGES))
+#: each layer; the settings marked "seeds"): how much of a figure is the sample's luck
+SEED_SETTINGS = tuple(s for s in SETTINGS if s[2].get("seeds"))
 SEEDS = (1, 2, 3)
 
 
