@@ -160,7 +160,7 @@ class Pipeline:
             blob = default_metric_blob(model.test_param, config.detection)
         metric = make_metric(model.net, blob, config.metric, ap_version=config.ap_version)
         if config.metric == "blob" and metric.kind == "mean":
-            producer = next((n for n in reversed(model.net.nodes) if blob in n.tops), None)
+            producer = next(iter(reversed(model.net.writers(blob))), None)
             what = (f"a top of {producer.type} layer '{shorten(producer.name)}'"
                     if producer is not None else "an input of the net")
             raise CalibratorError(

@@ -146,3 +146,17 @@ def test_the_int8_simulation_quantizes_a_dead_input_in_place_with_the_same_outpu
     assert flags[6:] == [False, False, False]
     assert torch.equal(fast, slow) and torch.equal(held, slow)
     assert torch.equal(nhwc, kept) and (kept != torch.round(kept)).any()
+
+
+def test_writers_and_consumers_follow_a_blob_written_in_place():
+    """The blob index: the producer then the in-place layers write ``c``; a reader that
+    reads it twice (``c + c``) is listed once; ``after`` keeps the later readers."""
+    eltwise = ('layer { name: "s" type: "Eltwise" bottom: "c" bottom: "c" top: "s" '
+               'eltwise_param { operation: SUM } }\n')
+    net = _net(conv_text("c", "data", "c", 4, 3) + _relu6("r", "c", "c") + eltwise
+               + conv_text("d", "c", "d", 4, 1))
+    scan = [n.name for n in net.nodes if "c" in n.tops]
+    assert [n.name for n in net.writers("c")] == scan == ["c", "r"]
+    assert [n.name for n in net.consumers("c")] == ["r", "s", "d"]
+    assert [n.name for n in net.consumers("c", after=net.node("s").index)] == ["d"]
+    assert net.writers("data") == [] and net.consumers("d") == []

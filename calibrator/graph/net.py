@@ -240,6 +240,7 @@ class CaffeNet(torch.nn.Module):
         self.blob_shapes = shapes
         self.output_names = self._outputs()
         self._last_use = self._last_uses()
+        self._readers, self._writers = self._blob_index()
         self._check_peak_memory()
 
     # -- construction helpers ----------------------------------------------------------------
@@ -335,6 +336,18 @@ class CaffeNet(torch.nn.Module):
                 available[top] = None
         return list(available)
 
+    def _blob_index(self) -> tuple[dict[str, list[Node]], dict[str, list[Node]]]:
+        """(the nodes that read each blob, those that write it), each in network order, a
+        node once per blob (``x + x`` reads ``x`` once)."""
+        readers: dict[str, list[Node]] = {}
+        writers: dict[str, list[Node]] = {}
+        for node in self.nodes:
+            for blob in dict.fromkeys(node.bottoms):
+                readers.setdefault(blob, []).append(node)
+            for blob in dict.fromkeys(node.tops):
+                writers.setdefault(blob, []).append(node)
+        return readers, writers
+
     def _last_uses(self) -> dict[str, int]:
         last: dict[str, int] = {}
         for node in self.nodes:
@@ -381,7 +394,12 @@ class CaffeNet(torch.nn.Module):
         raise KeyError(name)
 
     def consumers(self, blob: str, after: int = -1) -> list[Node]:
-        return [n for n in self.nodes if n.index > after and blob in n.bottoms]
+        """The nodes after index ``after`` that read ``blob``, in network order."""
+        return [n for n in self._readers.get(blob, ()) if n.index > after]
+
+    def writers(self, blob: str) -> list[Node]:
+        """The nodes that write ``blob``: its producer, then the layers in place on it."""
+        return list(self._writers.get(blob, ()))
 
     @property
     def device(self) -> torch.device:

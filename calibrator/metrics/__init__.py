@@ -69,7 +69,7 @@ def describe_metrics() -> str:
 
 def kind_of(net, blob: str) -> str:
     """The kind ``blob`` picks for this blob: by the layer that produces it."""
-    producers = [n for n in net.nodes if blob in n.tops]
+    producers = net.writers(blob)
     if producers and producers[-1].type == "Accuracy" and producers[-1].tops[0] == blob:
         return "accuracy"
     if producers and producers[-1].type == "DetectionEvaluate":

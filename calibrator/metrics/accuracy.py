@@ -24,7 +24,7 @@ class AccuracyMetric(Metric):
     class_scores = True
 
     def __init__(self, net, blob: str):
-        producers = [n for n in net.nodes if blob in n.tops]
+        producers = net.writers(blob)
         if not producers or producers[-1].type != "Accuracy" or producers[-1].tops[0] != blob:
             raise CalibratorError(f"-n {blob}: not the top of an Accuracy layer")
         self.blob = blob

@@ -20,7 +20,7 @@ class DetectionMAP(Metric):
     description = "a DetectionEvaluate top: mAP over all batches (the layer's ap_version)"
 
     def __init__(self, net, blob: str, version: str | None = None):
-        producers = [n for n in net.nodes if blob in n.tops]
+        producers = net.writers(blob)
         if not producers or producers[-1].type != "DetectionEvaluate":
             raise CalibratorError(f"metric '{blob}' (kind map) is not a DetectionEvaluate top")
         self.blob = blob
@@ -30,7 +30,7 @@ class DetectionMAP(Metric):
             raise CalibratorError(f"unknown ap_version '{self.ap_version}' (use one of "
                                   f"{', '.join(AP_VERSIONS)})")
         # the detection heads the sensitivity probe compares (DetectionOutput's loc, conf)
-        feeding = [n for n in net.nodes if self.node.bottoms[0] in n.tops]
+        feeding = net.writers(self.node.bottoms[0])
         detection_output = feeding[-1] if feeding else None
         self.heads = (list(detection_output.bottoms[:2])
                       if detection_output is not None and detection_output.type ==

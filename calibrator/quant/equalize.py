@@ -114,7 +114,7 @@ def _group(net, weights, key, blobs, root) -> Group | None:
     group = Group(blobs=list(blobs))
     inside = set(blobs)
     for blob in blobs:
-        writers = [n for n in net.nodes if blob in n.tops]
+        writers = net.writers(blob)
         in_place = [n for n in writers if n.type in _HOMOGENEOUS]
         if any(list(n.bottoms) != [blob] for n in in_place):
             return None
