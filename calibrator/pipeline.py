@@ -160,7 +160,8 @@ class Pipeline:
             blob = default_metric_blob(model.test_param, config.detection)
         metric = make_metric(model.net, blob, config.metric, ap_version=config.ap_version)
         if config.metric == "blob" and metric.kind == "mean":
-            producer = next(iter(reversed(model.net.writers(blob))), None)
+            writers = model.net.writers(blob)
+            producer = writers[-1] if writers else None
             what = (f"a top of {producer.type} layer '{shorten(producer.name)}'"
                     if producer is not None else "an input of the net")
             raise CalibratorError(

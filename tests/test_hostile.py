@@ -268,7 +268,8 @@ def test_zero_counts_are_refused(net, out, capsys, option):
 
 
 def test_metric_blob_that_is_an_intermediate_blob(net, out, capsys):
-    expect_bad(search_argv(net, out, "-n", "conv"), capsys, "-n conv", watch=[net.folder, out])
+    expect_bad(search_argv(net, out, "-n", "conv"), capsys, "-n conv",
+               "a top of ReLU layer 'relu'", "--metric", watch=[net.folder, out])
 
 
 def test_intermediate_blob_scored_as_asked(net, out, capsys):
