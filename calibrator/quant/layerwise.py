@@ -747,13 +747,13 @@ def layerwise(net, fused: FusedGraph, stats: dict, options: QuantOptions, choice
     reports: dict[str, LayerReport] = {}
     fp_blobs, q_blobs, position = dict(feeds), dict(feeds), 0
 
-    def read_from(name, stop):  # whether a node at or after ``stop`` reads blob ``name``
+    def still_read(name, stop):  # whether a node at or after ``stop`` reads blob ``name``
         return bool(net.consumers(name, after=stop - 1))
 
     def advance(blobs, stop):  # consumes ``blobs``: the activations run in place on them
         out = net(blobs, start=position, stop=stop, overrides=folded, keep_all=True,
                   consume=True)
-        return {name: value for name, value in out.items() if read_from(name, stop)}
+        return {name: value for name, value in out.items() if still_read(name, stop)}
 
     with torch.no_grad():
         for index, unit in enumerate(units):
@@ -766,15 +766,15 @@ def layerwise(net, fused: FusedGraph, stats: dict, options: QuantOptions, choice
             bottom = unit.layer.bottoms[0]
             # the unit's input is the pass's to drop (or overwrite) when nothing after the
             # unit reads it and the caller did not give it (a feed)
-            owned = bottom not in feeds and not read_from(bottom, stop)
+            owned = bottom not in feeds and not still_read(bottom, stop)
 
             y_fp, y_q, change, reports[unit.name] = _through_unit(
                 unit, fused, fp_blobs, q_blobs, owned,
                 partial(_deployed, fused, stats, options, choices, unit.name), settings)
             if change:
                 choices[unit.name] = replace(choices.get(unit.name, UnitChoice()), **change)
-            fp_blobs = {k: v for k, v in fp_blobs.items() if read_from(k, stop)}
-            q_blobs = {k: v for k, v in q_blobs.items() if read_from(k, stop)}
+            fp_blobs = {k: v for k, v in fp_blobs.items() if still_read(k, stop)}
+            q_blobs = {k: v for k, v in q_blobs.items() if still_read(k, stop)}
             fp_blobs[unit.output.name], q_blobs[unit.output.name] = y_fp, y_q
             del y_fp, y_q  # the blobs hold what the next units read
             position = stop
