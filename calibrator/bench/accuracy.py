@@ -118,22 +118,22 @@ def accuracy(ctx: Context) -> SectionResult:
     with tempfile.TemporaryDirectory(prefix="calibrator-accuracy-") as tmp:
         tmp = Path(tmp)
         calib, judge, everything = _split(files, tmp)
-        runs = [(label, options, extra, 0) for label, options, extra in SETTINGS]
-        runs += [(f"{label} --easyquant-seed {seed}", options, extra, seed)
+        runs = [(label, label, options, extra, 0) for label, options, extra in SETTINGS]
+        runs += [(f"{label} --easyquant-seed {seed}", label, options, extra, seed)
                  for label, options, extra in SEED_SETTINGS for seed in SEEDS]
-        for label, options, extra, seed in runs:
+        by_setting: dict[str, list[dict]] = {}     # each setting's entries, every seed
+        for label, setting, options, extra, seed in runs:
             entry = _run(ctx, files, calib, judge, everything, tmp / str(len(data)), label,
                          options, extra, seed)
             data.append(entry)
+            by_setting.setdefault(setting, []).append(entry)
             unseen, seen = entry["unseen"], entry["all_dev"]
             rows.append([label, f"{unseen['drop_pt']:+.1f}", _agreement(unseen),
                          _discordant(unseen), f"{seen['drop_pt']:+.1f}", entry["fp32_layers"],
                          entry["full_evaluations"] or "", f"{entry['wall_seconds']:.0f}"])
         spreads = {}
         for label, _, _ in SEED_SETTINGS:
-            spreads[label] = spread = _seed_spread(
-                [e for e in data if e["setting"] == label
-                 or e["setting"].startswith(f"{label} --easyquant-seed")])
+            spreads[label] = spread = _seed_spread(by_setting[label])
             rows.append([f"{label}, seeds 0-{max(SEEDS)}: median (min..max)",
                          spread["drop_pt"], spread["agreement"], "", "", "", "", ""])
         ctx.log("NNCF quantize, the same halves, when installed")

@@ -241,6 +241,9 @@ class CaffeNet(torch.nn.Module):
         self.output_names = self._outputs()
         self._last_use = self._last_uses()
         self._readers, self._writers = self._blob_index()
+        self._by_name: dict[str, Node] = {}
+        for node in self.nodes:
+            self._by_name.setdefault(node.name, node)
         self._check_peak_memory()
 
     # -- construction helpers ----------------------------------------------------------------
@@ -388,10 +391,8 @@ class CaffeNet(torch.nn.Module):
 
     # -- queries -----------------------------------------------------------------------------
     def node(self, name: str) -> Node:
-        for node in self.nodes:
-            if node.name == name:
-                return node
-        raise KeyError(name)
+        """The (first) node named ``name``; KeyError where none is."""
+        return self._by_name[name]
 
     def consumers(self, blob: str, after: int = -1) -> list[Node]:
         """The nodes after index ``after`` that read ``blob``, in network order."""

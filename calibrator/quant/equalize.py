@@ -158,12 +158,7 @@ def channel_ranges(model, groups: list[Group], iterations: int, quiet: bool = Fa
     """Blob name -> its largest |x| per channel (float64) on the first ``iterations``
     batches, for every tensor of ``groups`` (its final version, after an in-place
     activation): one FP32 pass, each tensor reduced where it is written."""
-    wanted = {b for g in groups for b in g.blobs}
-    last_writer = {}
-    for node in model.net.nodes:
-        for top in node.tops:
-            if top in wanted:
-                last_writer[top] = node.index
+    last_writer = {b: model.net.writers(b)[-1].index for g in groups for b in g.blobs}
     maxima: dict[str, torch.Tensor] = {}
 
     def hook(node, tops):
