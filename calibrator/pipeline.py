@@ -105,8 +105,11 @@ class Pipeline:
     def write(self, paths: dict[str, Path], context: OutputContext) -> None:
         if not distributed.is_main():  # rank 0 alone writes
             return
-        if self.equalization is not None and context.record is not None:
-            context.record["equalization"] = self.equalization.record()
+        if context.record is not None:  # what every run's record says, -q or search
+            if "weights" in paths:
+                context.record["weights_out"] = str(paths["weights"])
+            if self.equalization is not None:
+                context.record["equalization"] = self.equalization.record()
         if "force_u8" in paths:  # the net was checked before calibrating; what the plan
             try:                   # decides (the first conv reverted to FP32) skips -fu only
                 context.force_u8 = force_u8(context.model, context.fused, context.plan,
@@ -341,8 +344,6 @@ class Pipeline:
                                                if s.partial}}}
         if result.layerwise:
             record["layerwise"] = {name: vars(r) for name, r in result.layerwise.items()}
-        if "weights" in paths:
-            record["weights_out"] = str(paths["weights"])
         self.write(paths, OutputContext(model, calibration.fused, plan, calibration.stats,
                                         backend, record))
         if "force_u8" in paths:

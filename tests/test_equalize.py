@@ -204,10 +204,11 @@ def test_equalize_needs_weights_out(image_net, capsys):
 
 def test_cli_writes_the_rescaled_weights_and_opencv_sees_one_range(image_net):
     """-q -c multiple --equalize --weights-out: the input caffemodel untouched; the JSON
-    names the groups; the written weights are the original ones with each group's channel
-    factor multiplied into its producers and divided out of its consumers (so the FP32 net
-    is the same, as OpenCV shows above); and OpenCV running the written caffemodel on the
-    calibration images finds every live channel of the depthwise conv's input at one range."""
+    names the written caffemodel and the groups; the written weights are the original ones
+    with each group's channel factor multiplied into its producers and divided out of its
+    consumers (so the FP32 net is the same, as OpenCV shows above); and OpenCV running the
+    written caffemodel on the calibration images finds every live channel of the depthwise
+    conv's input at one range."""
     tmp, prototxt, caffemodel = image_net
     digest = hashlib.sha256(caffemodel.read_bytes()).hexdigest()
     out = tmp / "eq"
@@ -217,6 +218,7 @@ def test_cli_writes_the_rescaled_weights_and_opencv_sees_one_range(image_net):
                  str(out / "q.json")]) == 0
     assert hashlib.sha256(caffemodel.read_bytes()).hexdigest() == digest
     record = json.loads((out / "q.json").read_text())
+    assert record["weights_out"] == str(out / "q.caffemodel")
     groups = record["equalization"]["groups"]
     assert [sorted(g["tensors"]) for g in groups] == [["a"], ["b"], ["c", "d", "e"]]
     assert all(g["largest_factor"] > 1.5 for g in groups)
