@@ -42,7 +42,61 @@ def test_the_seed_spread_is_the_median_and_range_of_the_seeds_runs():
                                          (3, -0.4, 0.968))]
     spread = _seed_spread(entries)
     assert spread == {"seeds": [0, 1, 2, 3], "drop_pt": "+0.8 (-0.4..+1.2)",
-                      "agreement": "0.964 (0.948..0.968)"}
+                      "agreement": "0.964 (0.948..0.968)", "mean_agreement": 0.961}
+
+
+def test_the_headline_setting_is_also_calibrated_on_the_second_half_at_every_seed(
+        monkeypatch, tmp_path):
+    """The accuracy section's swapped runs calibrate on the half the others are judged on
+    and are judged on the other; each split's seeds get a spread row of their own."""
+    import torch
+
+    from calibrator.bench import Context
+    from calibrator.bench import accuracy as bench
+
+    halves = {name: tmp_path / f"{name}.prototxt" for name in ("calib", "judge", "all")}
+    calls = []
+
+    def fake_run(ctx, files, calib, judge, everything, out, label, options, extra, seed):
+        calls.append((label, calib.stem, judge.stem, seed))
+        agreement = (0.96 if calib.stem == "calib" else 0.98) + seed / 1000
+        return {"setting": label, "seed": seed, "exit": 0, "wall_seconds": 1.0,
+                "unseen": {"drop_pt": 0.0, "agreement": agreement,
+                           "agreement_95": (0.9, 1.0), "fp32_only_right": 1,
+                           "int8_only_right": 1},
+                "all_dev": {"drop_pt": 0.0}, "int8_layers": 51, "fp32_layers": 1,
+                "full_evaluations": None, "met_on_calibration_half": None}
+
+    monkeypatch.setattr(bench, "_files", lambda ctx: {})
+    monkeypatch.setattr(bench, "_split", lambda files, folder: tuple(halves.values()))
+    monkeypatch.setattr(bench, "_run", fake_run)
+    monkeypatch.setattr(bench, "_nncf_unseen", lambda *args: None)
+    result = bench.accuracy(Context(shared=tmp_path, device=torch.device("cpu"), quiet=True))
+
+    (headline, _, _), = bench.HEADLINE
+    swapped = [c for c in calls if c[0].endswith("halves swapped")]
+    assert swapped and all(c[0].startswith(headline) for c in swapped)
+    assert {(c[1], c[2]) for c in swapped} == {("judge", "calib")}
+    assert sorted(c[3] for c in swapped) == list(range(8))
+    standard = [c for c in calls if c[0].startswith(headline) and c not in swapped
+                and "--easyquant-images" not in c[0]]
+    assert {(c[1], c[2]) for c in standard} == {("calib", "judge")}
+    assert sorted(c[3] for c in standard) == list(range(8))
+    spreads = result.data["easyquant_seed_spread"]
+    assert spreads[headline]["seeds"] == list(range(8))
+    assert spreads[f"{headline}, halves swapped"]["mean_agreement"] == 0.9835
+    assert spreads[headline]["mean_agreement"] == 0.9635
+    labels = [row[0] for row in result.tables[0].rows]
+    assert f"{headline}, halves swapped, seeds 0-7: median (min..max)" in labels
+    assert f"{headline}, seeds 0-7: median (min..max)" in labels
+    assert all(e["halves_swapped"] == e["setting"].endswith("swapped")
+               for e in result.data["settings"])
+
+
+def test_seed_ranges_read_as_ranges_where_consecutive():
+    from calibrator.bench.accuracy import _seed_range
+    assert _seed_range([3, 0, 1, 2]) == "0-3"
+    assert _seed_range([0, 2, 3]) == "0, 2, 3"
 
 
 def test_fp32_section_names_an_opencv_without_caffe_importer(monkeypatch, tmp_path):
