@@ -1,6 +1,7 @@
 """Data-parallel runs (calibrator.distributed): ``torchrun --nproc-per-node 2`` on the CPU
 (gloo) gives the bytes one process gives, for the accuracy search on the tiny net of
-test_search.py and for a detection (mAP) search on the shared res10; one rank's bad input
+test_search.py (and with --equalize --weights-out, its caffemodel too) and for a detection
+(mAP) search on the shared res10; one rank's bad input
 ends every rank with the same line and exit code; the primitives (sharding, gathering in
 batch order, exact reductions, rank 0's decisions, shared failures, no hangs) checked rank
 by rank with tests/distributed_worker.py."""
@@ -299,6 +300,39 @@ def test_torchrun_caffe_test_prints_what_one_process_prints(tiny, tmp_path, caps
     run = torchrun(args, tmp_path / "logs")
     assert run.returncode == 0, run.stderr[-3000:]
     assert rank_logs(tmp_path / "logs", "stdout") == [expected, ""]
+
+
+@pytest.mark.parametrize("mode", [["-q", "--easyquant"], ["-l", "0.05"]],
+                         ids=["quantize-only", "search"])
+def test_torchrun_equalized_corrected_weights_are_the_bytes_of_one_process(tiny, tmp_path,
+                                                                           mode):
+    """--equalize --weights-out on two ranks: the equalization's ranges, the statistics, the
+    EasyQuant and bias-correction pass (and for the search its evaluations) give the
+    prototxt, the table, the caffemodel and the JSON one process gives (the JSON's
+    weights_out names each run's own file)."""
+    tmp, prototxt, caffemodel = tiny
+    records = {}
+    for name in ("one", "two"):
+        out = tmp_path / name
+        out.mkdir()
+        args = ["-m", prototxt, "-w", caffemodel, "-i", "4", "-s", "4", "-c", "multiple",
+                "--equalize", "--weights-out", out / "w.caffemodel", "--output",
+                out / "q.prototxt", "--json", out / "q.json", "--table", out / "q.table",
+                *mode]
+        if name == "one":
+            assert one_process(args + ["--quiet"]) == 0
+        else:
+            run = torchrun(args, tmp_path / "logs")
+            assert run.returncode == 0, run.stderr[-3000:]
+        records[name] = json.loads((out / "q.json").read_text())
+        assert records[name].pop("weights_out") == str(out / "w.caffemodel")
+    assert records["one"] == records["two"]
+    assert records["one"]["equalization"]["groups"]
+    if "-l" in mode:
+        assert records["one"]["search"]["met"]
+    for name in ("q.prototxt", "q.table", "w.caffemodel"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+    assert rank_logs(tmp_path / "logs", "stdout")[1] == ""        # rank 1 writes nothing
 
 
 @pytest.mark.slow

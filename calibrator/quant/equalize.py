@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from calibrator import distributed
 from calibrator.data.feed import batches
 from calibrator.graph.layers.eltwise import Eltwise
 
@@ -157,21 +158,34 @@ def channel_ranges(model, groups: list[Group], iterations: int, quiet: bool = Fa
                    ) -> dict[str, torch.Tensor]:
     """Blob name -> its largest |x| per channel (float64) on the first ``iterations``
     batches, for every tensor of ``groups`` (its final version, after an in-place
-    activation): one FP32 pass, each tensor reduced where it is written."""
+    activation): one FP32 pass, each tensor reduced where it is written. Under torchrun
+    each rank reads its share of the batches and every rank gets the maxima of all of
+    them (a maximum is exact in any order: the factors of one process)."""
     last_writer = {b: model.net.writers(b)[-1].index for g in groups for b in g.blobs}
+
+    def one_batch(feeds) -> dict[str, torch.Tensor]:
+        maxima: dict[str, torch.Tensor] = {}
+
+        def hook(node, tops):
+            for top, value in zip(node.tops, tops):
+                if last_writer.get(top) == node.index:
+                    dims = [d for d in range(value.dim()) if d != 1]
+                    m = value.detach().abs().amax(dim=dims).double().cpu()
+                    maxima[top] = m if top not in maxima else torch.maximum(maxima[top], m)
+            return None
+
+        model.net(feeds, outputs=[], hook=hook)
+        return maxima
+
+    def this_ranks_batches() -> dict[int, dict[str, torch.Tensor]]:
+        with torch.no_grad():
+            return {index: one_batch(feeds) for index, feeds in batches(
+                model, iterations, desc="equalization ranges", quiet=quiet, shard=True)}
+
     maxima: dict[str, torch.Tensor] = {}
-
-    def hook(node, tops):
-        for top, value in zip(node.tops, tops):
-            if last_writer.get(top) == node.index:
-                dims = [d for d in range(value.dim()) if d != 1]
-                m = value.detach().abs().amax(dim=dims).double().cpu()
-                maxima[top] = m if top not in maxima else torch.maximum(maxima[top], m)
-        return None
-
-    with torch.no_grad():
-        for _, feeds in batches(model, iterations, desc="equalization ranges", quiet=quiet):
-            model.net(feeds, outputs=[], hook=hook)
+    for part in distributed.gather_batches(this_ranks_batches):
+        for blob, m in part.items():
+            maxima[blob] = m if blob not in maxima else torch.maximum(maxima[blob], m)
     return maxima
 
 
