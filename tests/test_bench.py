@@ -37,12 +37,14 @@ def test_a_child_process_reports_its_own_peak_memory_not_its_parents():
 
 def test_the_seed_spread_is_the_median_and_range_of_the_seeds_runs():
     from calibrator.bench.accuracy import _seed_spread
-    entries = [{"seed": seed, "unseen": {"drop_pt": drop, "agreement": agree}}
-               for seed, drop, agree in ((0, 1.2, 0.948), (1, 1.2, 0.964), (2, 0.4, 0.964),
-                                         (3, -0.4, 0.968))]
+    entries = [{"seed": seed, "unseen": {"drop_pt": drop, "agreement": agree,
+                                         "kl_divergence": kl}}
+               for seed, drop, agree, kl in ((0, 1.2, 0.948, 0.012), (1, 1.2, 0.964, 0.0142),
+                                             (2, 0.4, 0.964, 0.0165), (3, -0.4, 0.968, 0.013))]
     spread = _seed_spread(entries)
     assert spread == {"seeds": [0, 1, 2, 3], "drop_pt": "+0.8 (-0.4..+1.2)",
-                      "agreement": "0.964 (0.948..0.968)", "mean_agreement": 0.961}
+                      "agreement": "0.964 (0.948..0.968)", "mean_agreement": 0.961,
+                      "kl_divergence": "13.6 (12.0..16.5)"}
 
 
 def test_the_headline_setting_is_also_calibrated_on_the_second_half_at_every_seed(
@@ -63,7 +65,7 @@ def test_the_headline_setting_is_also_calibrated_on_the_second_half_at_every_see
         return {"setting": label, "seed": seed, "exit": 0, "wall_seconds": 1.0,
                 "unseen": {"drop_pt": 0.0, "agreement": agreement,
                            "agreement_95": (0.9, 1.0), "fp32_only_right": 1,
-                           "int8_only_right": 1},
+                           "int8_only_right": 1, "kl_divergence": 0.01},
                 "all_dev": {"drop_pt": 0.0}, "int8_layers": 51, "fp32_layers": 1,
                 "full_evaluations": None, "met_on_calibration_half": None}
 
@@ -97,6 +99,31 @@ def test_seed_ranges_read_as_ranges_where_consecutive():
     from calibrator.bench.accuracy import _seed_range
     assert _seed_range([3, 0, 1, 2]) == "0-3"
     assert _seed_range([0, 2, 3]) == "0, 2, 3"
+
+
+def test_the_output_divergence_is_scipys_kl_divergence_of_the_softmaxes():
+    """KL(softmax(FP32) || softmax(INT8)) per image, averaged, against scipy's entropy of
+    the two distributions (computed there from probabilities, here from log-softmaxes of
+    scores far apart in magnitude); zero where the scores only shift by a constant."""
+    import numpy as np
+    special = pytest.importorskip("scipy.special")
+    stats = pytest.importorskip("scipy.stats")
+    from calibrator.bench import output_divergence, score_figures
+    rng = np.random.default_rng(3)
+    a = rng.normal(0, 4, (6, 1000)).astype(np.float32)
+    b = a + rng.normal(0, 0.5, a.shape).astype(np.float32)
+    expected = np.mean([stats.entropy(special.softmax(x.astype(np.float64)),
+                                      special.softmax(y.astype(np.float64)))
+                        for x, y in zip(a, b)])
+    assert output_divergence(a, b) == pytest.approx(expected, rel=1e-9)
+    assert output_divergence(a, b) > 0
+    assert output_divergence(a, a + 7.0) == pytest.approx(0.0, abs=1e-12)
+    assert np.isfinite(output_divergence(100 * a, 100 * b))       # no overflow
+    labels = a.argmax(1)
+    figures = score_figures(labels, a, b)
+    assert figures["kl_divergence"] == output_divergence(a, b)
+    assert figures["agreement"] == float((a.argmax(1) == b.argmax(1)).mean())
+    assert figures["fp32"] == 1.0
 
 
 def test_fp32_section_names_an_opencv_without_caffe_importer(monkeypatch, tmp_path):

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from calibrator.errors import CalibratorError
@@ -70,6 +71,29 @@ def top1_figures(labels, top_fp32, top_int8) -> dict:
             "images": images, "agreement_95": list(wilson_interval(agree, images)),
             "fp32_only_right": int((right_fp32 & ~right_int8).sum()),
             "int8_only_right": int((right_int8 & ~right_fp32).sum())}
+
+
+def output_divergence(scores_fp32, scores_int8) -> float:
+    """The mean over the images of KL(softmax(FP32 scores) || softmax(INT8 scores)), in
+    nats (float64): how far the INT8 net's class distribution is from FP32's, a figure that
+    moves with every image's scores where the top-1 agreement moves only with the few
+    images whose two best classes are close."""
+    def log_softmax(scores):
+        x = np.asarray(scores, np.float64).reshape(len(scores), -1)
+        top = x.max(axis=1, keepdims=True)
+        return x - top - np.log(np.exp(x - top).sum(axis=1, keepdims=True))
+    p, q = log_softmax(scores_fp32), log_softmax(scores_int8)
+    return float((np.exp(p) * (p - q)).sum(axis=1).mean())
+
+
+def score_figures(labels, scores_fp32, scores_int8) -> dict:
+    """:func:`top1_figures` from each image's class scores (images x classes), with
+    :func:`output_divergence` as ``kl_divergence``."""
+    a = np.asarray(scores_fp32).reshape(len(scores_fp32), -1)
+    b = np.asarray(scores_int8).reshape(len(scores_int8), -1)
+    figures = top1_figures(np.asarray(labels).reshape(-1), a.argmax(1), b.argmax(1))
+    figures["kl_divergence"] = output_divergence(a, b)
+    return figures
 
 
 def peak_rss_mb() -> float:

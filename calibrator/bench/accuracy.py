@@ -21,7 +21,7 @@ import torch
 
 from calibrator import pipeline
 from calibrator.backends import backend_for
-from calibrator.bench import Context, SectionResult, Table, section, top1_figures
+from calibrator.bench import Context, SectionResult, Table, score_figures, section
 from calibrator.bench.fp32 import _files
 from calibrator.bench.peers import run_nncf
 from calibrator.caffe.prototxt import read_net, write_net
@@ -101,21 +101,22 @@ def _split(files, folder: Path) -> tuple[Path, Path, Path]:
 
 def _judge(prototxt: Path, weights: Path, quantized: Path, int8_weights: Path,
            iterations: int) -> dict:
-    """Top-1 of FP32 and of the quantized net, and their top-1 agreement."""
+    """Top-1 of FP32 and of the quantized net, their top-1 agreement and the divergence of
+    the quantized net's class distribution from FP32's (:func:`score_figures`)."""
     fp32 = load_model(prototxt, weights)
     corrected = load_model(prototxt, int8_weights)
     q = load_quantized(corrected, quantized)
     simulator = backend_for(quantized).simulator(q.fused, q.plan)
     folded = FoldedFP32(analyze(fp32.net)).overrides
-    labels, top_fp32, top_int8 = [], [], []
+    labels, scores_fp32, scores_int8 = [], [], []
     with torch.no_grad():
         for _, feeds in batches(fp32, iterations, quiet=True):
             a = fp32.net(feeds, outputs=["fc7"], overrides=folded)["fc7"]
             b = q.net(feeds, outputs=["fc7"], overrides=simulator.overrides)["fc7"]
-            top_fp32.append(a.reshape(len(a), -1).argmax(1).numpy())
-            top_int8.append(b.reshape(len(b), -1).argmax(1).numpy())
+            scores_fp32.append(a.reshape(len(a), -1).numpy())
+            scores_int8.append(b.reshape(len(b), -1).numpy())
             labels.append(feeds["label"].numpy().reshape(-1).astype(int))
-    return top1_figures(*(np.concatenate(v) for v in (labels, top_fp32, top_int8)))
+    return score_figures(*(np.concatenate(v) for v in (labels, scores_fp32, scores_int8)))
 
 
 @section("accuracy", "Accuracy on unseen images: calibrate on 250 dev images, judge on the "
@@ -144,7 +145,8 @@ def accuracy(ctx: Context) -> SectionResult:
             by_setting.setdefault((setting, swapped), []).append(entry)
             unseen, seen = entry["unseen"], entry["all_dev"]
             rows.append([label, f"{unseen['drop_pt']:+.1f}", _agreement(unseen),
-                         _discordant(unseen), f"{seen['drop_pt']:+.1f}", entry["fp32_layers"],
+                         _divergence(unseen["kl_divergence"]), _discordant(unseen),
+                         f"{seen['drop_pt']:+.1f}", entry["fp32_layers"],
                          entry["full_evaluations"] or "", f"{entry['wall_seconds']:.0f}"])
         spreads = {}
         for (label, swapped), entries in by_setting.items():
@@ -156,7 +158,7 @@ def accuracy(ctx: Context) -> SectionResult:
             rows.append([f"{name}, seeds {_seed_range(spread['seeds'])}: median (min..max)",
                          spread["drop_pt"],
                          f"{spread['agreement']}, mean {spread['mean_agreement']:.3f}",
-                         "", "", "", "", ""])
+                         spread["kl_divergence"], "", "", "", "", ""])
         ctx.log("NNCF quantize, the same halves, when installed")
         peer = _nncf_unseen(ctx, files, everything, tmp / "nncf")
     notes = []
@@ -167,14 +169,17 @@ def accuracy(ctx: Context) -> SectionResult:
     else:
         unseen = peer["unseen"]
         rows.append([f"NNCF {peer['nncf']} quantize (ONNX Runtime, INT8)",
-                     f"{unseen['drop_pt']:+.1f}", _agreement(unseen), _discordant(unseen), "",
-                     0, "", f"{peer['quantize_seconds']:.0f}"])
+                     f"{unseen['drop_pt']:+.1f}", _agreement(unseen),
+                     _divergence(unseen["kl_divergence"]), _discordant(unseen), "", 0, "",
+                     f"{peer['quantize_seconds']:.0f}"])
     headers = ["setting", "unseen drop (pt)", "unseen agreement (95%)",
-               "unseen right: FP32 only / INT8 only", "all-dev drop (pt)", "FP32 convs",
-               "full evaluations", "wall (s)"]
+               "unseen KL from FP32 (1e-3 nats)", "unseen right: FP32 only / INT8 only",
+               "all-dev drop (pt)", "FP32 convs", "full evaluations", "wall (s)"]
     notes.append("unseen: the half a setting was not calibrated on (the second; the first "
                  "for the runs marked halves swapped); the agreement with its 95% Wilson "
-                 "interval; the drop is (FP32-only right - INT8-only right) / images")
+                 "interval; the drop is (FP32-only right - INT8-only right) / images; KL: "
+                 "the mean over the images of KL(softmax(FP32 fc7) || softmax(INT8 fc7)), "
+                 "which every image's scores move, not only the few near a tie")
     return SectionResult([Table(headers, rows)],
                          {"settings": data, "easyquant_seed_spread": spreads, "nncf": peer},
                          notes=notes)
@@ -220,14 +225,19 @@ def _agreement(figures: dict) -> str:
     return f"{figures['agreement']:.3f} ({low:.3f}..{high:.3f})"
 
 
+def _divergence(kl: float) -> str:
+    """The KL divergence from FP32 as the table shows it (1e-3 nats)."""
+    return f"{1e3 * kl:.1f}"
+
+
 def _discordant(figures: dict) -> str:
     """The images only FP32 gets right and only INT8 gets right, as the table shows them."""
     return f"{figures['fp32_only_right']} / {figures['int8_only_right']}"
 
 
 def _seed_spread(entries: list[dict]) -> dict:
-    """Median (min..max) of the unseen drop and agreement over the seeds' runs, and the
-    agreement's mean."""
+    """Median (min..max) of the unseen drop, agreement and KL divergence (1e-3 nats) over
+    the seeds' runs, and the agreement's mean."""
     def spread(values, form):
         values = sorted(values)
         return (f"{form.format(float(np.median(values)))} "
@@ -236,7 +246,9 @@ def _seed_spread(entries: list[dict]) -> dict:
     return {"seeds": [e["seed"] for e in entries],
             "drop_pt": spread([e["unseen"]["drop_pt"] for e in entries], "{:+.1f}"),
             "agreement": spread(agreements, "{:.3f}"),
-            "mean_agreement": round(float(np.mean(agreements)), 4)}
+            "mean_agreement": round(float(np.mean(agreements)), 4),
+            "kl_divergence": spread([1e3 * e["unseen"]["kl_divergence"] for e in entries],
+                                    "{:.1f}")}
 
 
 def _seed_range(seeds: list[int]) -> str:

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from calibrator.bench import peak_rss_mb, top1_figures
+from calibrator.bench import peak_rss_mb, score_figures
 
 
 def _session(model, threads):
@@ -32,12 +32,17 @@ def _session(model, threads):
                                 providers=["CPUExecutionProvider"])
 
 
-def _predictions(model, images, threads) -> np.ndarray:
-    """The top-1 class of every image (the argmax of the model's first output)."""
+def _scores(model, images, threads) -> np.ndarray:
+    """Every image's class scores (the model's first output, images x classes)."""
     session = _session(model, threads)
     name = session.get_inputs()[0].name
     return np.concatenate([session.run(None, {name: batch})[0].reshape(len(batch), -1)
-                           .argmax(1) for batch in images])
+                           for batch in images])
+
+
+def _predictions(model, images, threads) -> np.ndarray:
+    """The top-1 class of every image (the argmax of the model's first output)."""
+    return _scores(model, images, threads).argmax(1)
 
 
 def _top1(model, images, labels, threads) -> float:
@@ -48,10 +53,11 @@ def _top1(model, images, labels, threads) -> float:
 
 
 def _unseen(model, quantized, path, threads) -> dict:
-    """Top-1 of FP32 and INT8 and their agreement on images the calibration did not see."""
+    """Top-1 of FP32 and INT8, their agreement and the divergence of INT8's class
+    distribution from FP32's on images the calibration did not see."""
     data = np.load(path)
-    return top1_figures(data["labels"].reshape(-1), _predictions(model, data["images"], threads),
-                        _predictions(quantized, data["images"], threads))
+    return score_figures(data["labels"], _scores(model, data["images"], threads),
+                         _scores(quantized, data["images"], threads))
 
 
 def main(argv=None) -> int:
