@@ -101,14 +101,42 @@ def test_seed_ranges_read_as_ranges_where_consecutive():
     assert _seed_range([0, 2, 3]) == "0, 2, 3"
 
 
-def test_the_output_divergence_is_scipys_kl_divergence_of_the_softmaxes():
-    """KL(softmax(FP32) || softmax(INT8)) per image, averaged, against scipy's entropy of
-    the two distributions (computed there from probabilities, here from log-softmaxes of
-    scores far apart in magnitude); zero where the scores only shift by a constant."""
+def test_the_output_divergence_is_the_kl_divergence_of_the_softmaxes():
+    """KL(softmax(FP32) || softmax(INT8)) per image, averaged: for two classes it has a
+    closed form in the logistic function (FP32 scores (0, d) against INT8's (0, 0): the
+    distributions (1 - s, s) and (1/2, 1/2), s = 1 / (1 + exp(-d))); adding a constant to
+    an image's scores changes nothing; scores in the thousands do not overflow."""
+    import math
+
+    import numpy as np
+
+    from calibrator.bench import output_divergence, score_figures
+    for d in (0.5, 3.0, -7.0):
+        s = 1.0 / (1.0 + math.exp(-d))
+        closed = s * math.log(2 * s) + (1 - s) * math.log(2 * (1 - s))
+        assert output_divergence([[0.0, d]], [[0.0, 0.0]]) == pytest.approx(closed, rel=1e-12)
+    two = output_divergence([[0.0, 0.5], [0.0, 3.0]], [[0.0, 0.0], [0.0, 0.0]])
+    assert two == pytest.approx((output_divergence([[0.0, 0.5]], [[0.0, 0.0]])
+                                 + output_divergence([[0.0, 3.0]], [[0.0, 0.0]])) / 2)
+    rng = np.random.default_rng(3)
+    a = rng.normal(0, 4, (6, 1000)).astype(np.float32)
+    b = a + rng.normal(0, 0.5, a.shape).astype(np.float32)
+    assert output_divergence(a, b) > 0
+    shifted = b.astype(np.float64) + 7.0             # exact: no float32 rounding of b + 7
+    assert output_divergence(a, shifted) == pytest.approx(output_divergence(a, b), rel=1e-9)
+    assert output_divergence(a, a) == 0.0
+    assert math.isfinite(output_divergence(100 * a, 100 * b))
+    figures = score_figures(a.argmax(1), a, b)
+    assert figures["kl_divergence"] == output_divergence(a, b)
+    assert figures["agreement"] == float((a.argmax(1) == b.argmax(1)).mean())
+    assert figures["fp32"] == 1.0
+
+
+def test_the_output_divergence_is_scipys_entropy_of_the_softmaxes():
     import numpy as np
     special = pytest.importorskip("scipy.special")
     stats = pytest.importorskip("scipy.stats")
-    from calibrator.bench import output_divergence, score_figures
+    from calibrator.bench import output_divergence
     rng = np.random.default_rng(3)
     a = rng.normal(0, 4, (6, 1000)).astype(np.float32)
     b = a + rng.normal(0, 0.5, a.shape).astype(np.float32)
@@ -116,14 +144,6 @@ def test_the_output_divergence_is_scipys_kl_divergence_of_the_softmaxes():
                                       special.softmax(y.astype(np.float64)))
                         for x, y in zip(a, b)])
     assert output_divergence(a, b) == pytest.approx(expected, rel=1e-9)
-    assert output_divergence(a, b) > 0
-    assert output_divergence(a, a + 7.0) == pytest.approx(0.0, abs=1e-12)
-    assert np.isfinite(output_divergence(100 * a, 100 * b))       # no overflow
-    labels = a.argmax(1)
-    figures = score_figures(labels, a, b)
-    assert figures["kl_divergence"] == output_divergence(a, b)
-    assert figures["agreement"] == float((a.argmax(1) == b.argmax(1)).mean())
-    assert figures["fp32"] == 1.0
 
 
 def test_fp32_section_names_an_opencv_without_caffe_importer(monkeypatch, tmp_path):
