@@ -160,3 +160,6 @@ def test_writers_and_consumers_follow_a_blob_written_in_place():
     assert [n.name for n in net.consumers("c")] == ["r", "s", "d"]
     assert [n.name for n in net.consumers("c", after=net.node("s").index)] == ["d"]
     assert net.writers("data") == [] and net.consumers("d") == []
+    last = {b: n.index for n in net.nodes for b in n.bottoms}     # the last reader, scanned
+    assert net.last_read("c") == last["c"] == net.node("d").index
+    assert net.last_read("data") == last["data"] and net.last_read("d") == -1

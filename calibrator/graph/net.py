@@ -239,8 +239,9 @@ class CaffeNet(torch.nn.Module):
         self.layers = modules
         self.blob_shapes = shapes
         self.output_names = self._outputs()
-        self._last_use = self._last_uses()
         self._readers, self._writers = self._blob_index()
+        # each blob's last reader (its index): where a forward may drop or overwrite it
+        self._last_use = {blob: nodes[-1].index for blob, nodes in self._readers.items()}
         self._by_name: dict[str, Node] = {}
         for node in self.nodes:
             self._by_name.setdefault(node.name, node)
@@ -351,13 +352,6 @@ class CaffeNet(torch.nn.Module):
                 writers.setdefault(blob, []).append(node)
         return readers, writers
 
-    def _last_uses(self) -> dict[str, int]:
-        last: dict[str, int] = {}
-        for node in self.nodes:
-            for bottom in node.bottoms:
-                last[bottom] = node.index
-        return last
-
     def _needed(self, wanted: frozenset, stop: int | None = None) -> set[int]:
         """Indices of the nodes before ``stop`` (None: all) the ``wanted`` blobs depend on
         as they are at ``stop`` (the rest need not run)."""
@@ -397,6 +391,10 @@ class CaffeNet(torch.nn.Module):
     def consumers(self, blob: str, after: int = -1) -> list[Node]:
         """The nodes after index ``after`` that read ``blob``, in network order."""
         return [n for n in self._readers.get(blob, ()) if n.index > after]
+
+    def last_read(self, blob: str) -> int:
+        """The index of the last node that reads ``blob`` (-1 where none does)."""
+        return self._last_use.get(blob, -1)
 
     def writers(self, blob: str) -> list[Node]:
         """The nodes that write ``blob``: its producer, then the layers in place on it."""

@@ -748,7 +748,7 @@ def layerwise(net, fused: FusedGraph, stats: dict, options: QuantOptions, choice
     fp_blobs, q_blobs, position = dict(feeds), dict(feeds), 0
 
     def still_read(name, stop):  # whether a node at or after ``stop`` reads blob ``name``
-        return bool(net.consumers(name, after=stop - 1))
+        return net.last_read(name) >= stop
 
     def advance(blobs, stop):  # consumes ``blobs``: the activations run in place on them
         out = net(blobs, start=position, stop=stop, overrides=folded, keep_all=True,
