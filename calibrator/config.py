@@ -60,6 +60,7 @@ class RunConfig:
         layerwise = self.search.layerwise
         for option, value, least in (("--easyquant-images", layerwise.images, 1),
                                      ("--easyquant-steps", layerwise.steps, 2),
+                                     ("--easyquant-positions", layerwise.positions, 1),
                                      ("--easyquant-seed", layerwise.seed, 0)):
             if value < least:
                 raise CalibratorError(f"{option} must be at least {least}, got {value}")

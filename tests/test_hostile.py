@@ -877,6 +877,7 @@ def test_annotated_list_sources_protect_their_images_and_xmls(tmp_path):
 
 @pytest.mark.parametrize("option,value", [("--easyquant-images", "0"),
                                           ("--easyquant-steps", "0"),
+                                          ("--easyquant-positions", "0"),
                                           ("--easyquant-seed", "-1")])
 def test_easyquant_settings_out_of_range_are_refused(net, out, capsys, option, value):
     expect_bad(calibrate_argv(net, out, "--easyquant", option, value), capsys, option,

@@ -537,3 +537,38 @@ def test_the_seed_given_on_the_command_line_decides_the_sampled_positions(monkey
         runs.setdefault(seed, []).append([w for _, w in drawn])
     assert runs[3][0] == runs[3][1]
     assert all(a != b for a, b in zip(runs[0][0], runs[3][0]))
+
+
+def test_the_positions_given_on_the_command_line_size_the_sample(monkeypatch):
+    """``--easyquant-positions`` reaches the pass: each layer scores its candidates on that
+    many output positions, and on all of them where it has fewer, so that a sample as large
+    as the layers leaves nothing to the seed (the same scales at every seed)."""
+    from tests.test_intel_flags import config_of
+    assert config_of("--easyquant-positions", "64").search.layerwise.positions == 64
+    assert config_of().search.layerwise.positions == 1024
+    net = _three_convs()
+    net.calibrate(first_conv=True, per_channel=True)
+    options = QuantOptions(first_conv=True, per_channel=True)
+    drawn = []
+    sample = layerwise_module._sample_positions
+
+    def recording(unit, shape, count, seed):
+        where = sample(unit, shape, count, seed)
+        total = shape[0] * (shape[2] * shape[3] if len(shape) == 4 else 1)
+        drawn.append((count, total, len(where[0]), len(set(zip(*(w.tolist() for w in where))))))
+        return where
+
+    monkeypatch.setattr(layerwise_module, "_sample_positions", recording)
+    chosen = {}
+    for positions, seed in ((8, 0), (8, 3), (10 ** 6, 0), (10 ** 6, 3)):
+        drawn.clear()
+        chosen[positions, seed], _ = layerwise(
+            net.net, net.fused, net.stats, options, {}, net.batches[0],
+            LayerwiseSettings(steps=5, rounds=1, positions=positions, seed=seed,
+                              bias_correction=False))
+        assert len(drawn) == 3 and all(count == positions for count, *_ in drawn)
+        # distinct positions: as many as asked for, or every one the layer has
+        assert all(taken == distinct == min(positions, total)
+                   for _, total, taken, distinct in drawn)
+    assert chosen[10 ** 6, 0] == chosen[10 ** 6, 3]
+    assert chosen[8, 0] != chosen[8, 3]     # where the sample is a few positions it matters

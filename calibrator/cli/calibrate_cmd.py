@@ -129,11 +129,19 @@ def build_parser() -> argparse.ArgumentParser:
                            "the scales depend less on --easyquant-seed, in more time)")
     ours.add_argument("--easyquant-steps", type=int, default=argparse.SUPPRESS, metavar="N",
                       help="candidates per scale over [0.5, 2] x S (default 100)")
+    ours.add_argument("--easyquant-positions", type=int, default=argparse.SUPPRESS,
+                      metavar="N",
+                      help="output positions EasyQuant samples in each layer to score its "
+                           "candidates (default 1024; all of them where the layer has "
+                           "fewer): a larger sample makes the scales depend less on "
+                           "--easyquant-seed, in more time (every candidate is scored on "
+                           "every sampled position)")
     ours.add_argument("--easyquant-seed", type=int, default=argparse.SUPPRESS, metavar="N",
                       help="seed (default 0) of the output positions EasyQuant samples in "
-                           "each layer (1024): the scales depend on the sample, so the "
-                           "accuracy varies with it (on MobileNetV2 by about a point of top-1 "
-                           "on unseen images); run two seeds to see the spread on your model")
+                           "each layer (--easyquant-positions): the scales depend on the "
+                           "sample, so the accuracy varies with it (on MobileNetV2 by about a "
+                           "point of top-1 on unseen images); run two seeds to see the "
+                           "spread on your model")
     ours.add_argument("--metric", choices=metric_kinds(), default=argparse.SUPPRESS,
                       help="what -n measures (default blob): " + describe_metrics())
     add_ap_version_option(ours)
@@ -214,8 +222,10 @@ SEARCH_DEFAULTS = {"strategy": "bisect", "metric": "blob", "max_evals": None,
                    "time_budget": None, "resume": False, "relative": False,
                    "fp32_fallback": True, "scale_search": True, "probe_images": 16}
 _SEARCH_FLAGS = {"fp32_fallback": "--no-fp32-fallback", "scale_search": "--no-scale-search"}
-#: --easyquant-images/-steps/-seed (absent unless given), LayerwiseSettings' own defaults
-_EASYQUANT_SETTINGS = ("easyquant_images", "easyquant_steps", "easyquant_seed")
+#: --easyquant-images/-steps/-positions/-seed (absent unless given), LayerwiseSettings' own
+#: defaults
+_EASYQUANT_SETTINGS = ("easyquant_images", "easyquant_steps", "easyquant_positions",
+                       "easyquant_seed")
 
 
 def _search_option(args, name: str):
