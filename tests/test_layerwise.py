@@ -509,32 +509,49 @@ def test_patches_are_the_convolutions_input_windows(extra):
     assert torch.equal(patches.reshape(len(n_idx), -1), expected)
 
 
+class _SampledPass:
+    """The three-conv net's layer-wise pass with every sample it draws recorded: (seed,
+    count asked for, the layer's positions, the positions drawn as (n, row, col))."""
+
+    def __init__(self, monkeypatch):
+        self.net = _three_convs()
+        self.net.calibrate(first_conv=True, per_channel=True)
+        self.drawn = []
+        sample = layerwise_module._sample_positions
+
+        def recording(unit, shape, count, seed):
+            where = sample(unit, shape, count, seed)
+            total = shape[0] * (shape[2] * shape[3] if len(shape) == 4 else 1)
+            self.drawn.append((seed, count, total, torch.stack(where).t().tolist()))
+            return where
+
+        monkeypatch.setattr(layerwise_module, "_sample_positions", recording)
+
+    def run(self, positions: int, seed: int) -> dict:
+        """The pass's choices (EasyQuant alone, 5 candidates, one round)."""
+        net = self.net
+        self.drawn.clear()
+        choices, _ = layerwise(net.net, net.fused, net.stats,
+                               QuantOptions(first_conv=True, per_channel=True), {},
+                               net.batches[0],
+                               LayerwiseSettings(steps=5, rounds=1, positions=positions,
+                                                 seed=seed, bias_correction=False))
+        assert len(self.drawn) == 3                      # one sample per conv
+        return choices
+
+
 def test_the_seed_given_on_the_command_line_decides_the_sampled_positions(monkeypatch):
     """``--easyquant-seed`` reaches the pass: each seed samples its own output positions
     (a few of a layer's, so the scales may differ), the same seed the same ones."""
     from tests.test_intel_flags import config_of
     assert config_of("--easyquant-seed", "3").search.layerwise.seed == 3
     assert config_of().search.layerwise.seed == 0
-    net = _three_convs()
-    net.calibrate(first_conv=True, per_channel=True)
-    options = QuantOptions(first_conv=True, per_channel=True)
-    drawn = []
-    sample = layerwise_module._sample_positions
-
-    def recording(unit, shape, count, seed):
-        where = sample(unit, shape, count, seed)
-        drawn.append((seed, torch.stack(where).tolist()))
-        return where
-
-    monkeypatch.setattr(layerwise_module, "_sample_positions", recording)
+    sampled = _SampledPass(monkeypatch)
     runs = {}
     for seed in (0, 3, 3):
-        drawn.clear()
-        layerwise(net.net, net.fused, net.stats, options, {}, net.batches[0],
-                  LayerwiseSettings(steps=5, rounds=1, positions=8, seed=seed,
-                                    bias_correction=False))
-        assert {s for s, _ in drawn} == {seed} and len(drawn) == 3
-        runs.setdefault(seed, []).append([w for _, w in drawn])
+        sampled.run(8, seed)
+        assert {s for s, *_ in sampled.drawn} == {seed}
+        runs.setdefault(seed, []).append([where for *_, where in sampled.drawn])
     assert runs[3][0] == runs[3][1]
     assert all(a != b for a, b in zip(runs[0][0], runs[3][0]))
 
@@ -546,29 +563,13 @@ def test_the_positions_given_on_the_command_line_size_the_sample(monkeypatch):
     from tests.test_intel_flags import config_of
     assert config_of("--easyquant-positions", "64").search.layerwise.positions == 64
     assert config_of().search.layerwise.positions == 1024
-    net = _three_convs()
-    net.calibrate(first_conv=True, per_channel=True)
-    options = QuantOptions(first_conv=True, per_channel=True)
-    drawn = []
-    sample = layerwise_module._sample_positions
-
-    def recording(unit, shape, count, seed):
-        where = sample(unit, shape, count, seed)
-        total = shape[0] * (shape[2] * shape[3] if len(shape) == 4 else 1)
-        drawn.append((count, total, len(where[0]), len(set(zip(*(w.tolist() for w in where))))))
-        return where
-
-    monkeypatch.setattr(layerwise_module, "_sample_positions", recording)
+    sampled = _SampledPass(monkeypatch)
     chosen = {}
     for positions, seed in ((8, 0), (8, 3), (10 ** 6, 0), (10 ** 6, 3)):
-        drawn.clear()
-        chosen[positions, seed], _ = layerwise(
-            net.net, net.fused, net.stats, options, {}, net.batches[0],
-            LayerwiseSettings(steps=5, rounds=1, positions=positions, seed=seed,
-                              bias_correction=False))
-        assert len(drawn) == 3 and all(count == positions for count, *_ in drawn)
-        # distinct positions: as many as asked for, or every one the layer has
-        assert all(taken == distinct == min(positions, total)
-                   for _, total, taken, distinct in drawn)
+        chosen[positions, seed] = sampled.run(positions, seed)
+        for _, count, total, where in sampled.drawn:
+            assert count == positions
+            # distinct positions: as many as asked for, or every one the layer has
+            assert len(where) == len({tuple(w) for w in where}) == min(positions, total)
     assert chosen[10 ** 6, 0] == chosen[10 ** 6, 3]
     assert chosen[8, 0] != chosen[8, 3]     # where the sample is a few positions it matters
