@@ -166,12 +166,11 @@ def channel_ranges(model, groups: list[Group], iterations: int, quiet: bool = Fa
     def one_batch(feeds) -> dict[str, torch.Tensor]:
         maxima: dict[str, torch.Tensor] = {}
 
-        def hook(node, tops):
+        def hook(node, tops):  # each tensor once a batch: where its last writer writes it
             for top, value in zip(node.tops, tops):
                 if last_writer.get(top) == node.index:
                     dims = [d for d in range(value.dim()) if d != 1]
-                    m = value.detach().abs().amax(dim=dims).double().cpu()
-                    maxima[top] = m if top not in maxima else torch.maximum(maxima[top], m)
+                    maxima[top] = value.detach().abs().amax(dim=dims).double().cpu()
             return None
 
         model.net(feeds, outputs=[], hook=hook)
