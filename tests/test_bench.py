@@ -43,6 +43,7 @@ def test_the_seed_spread_is_the_median_and_range_of_the_seeds_runs():
                                              (2, 0.4, 0.964, 0.0165), (3, -0.4, 0.968, 0.013))]
     spread = _seed_spread(entries)
     assert spread == {"seeds": [0, 1, 2, 3], "drop_pt": "+0.8 (-0.4..+1.2)",
+                      "mean_drop_pt": 0.6,
                       "agreement": "0.964 (0.948..0.968)", "mean_agreement": 0.961,
                       "kl_divergence": "13.6 (12.0..16.5)"}
 
@@ -50,7 +51,8 @@ def test_the_seed_spread_is_the_median_and_range_of_the_seeds_runs():
 def test_the_headline_setting_is_also_calibrated_on_the_second_half_at_every_seed(
         monkeypatch, tmp_path):
     """The accuracy section's swapped runs calibrate on the half the others are judged on
-    and are judged on the other; each split's seeds get a spread row of their own."""
+    and are judged on the other; each split's seeds get a spread row of their own. The
+    7-bit setting runs at the same eight seeds, on the standard halves only."""
     import torch
 
     from calibrator.bench import Context
@@ -63,7 +65,7 @@ def test_the_headline_setting_is_also_calibrated_on_the_second_half_at_every_see
         calls.append((label, calib.stem, judge.stem, seed))
         agreement = (0.96 if calib.stem == "calib" else 0.98) + seed / 1000
         return {"setting": label, "seed": seed, "exit": 0, "wall_seconds": 1.0,
-                "unseen": {"drop_pt": 0.0, "agreement": agreement,
+                "unseen": {"drop_pt": seed * 0.4, "agreement": agreement,
                            "agreement_95": (0.9, 1.0), "fp32_only_right": 1,
                            "int8_only_right": 1, "kl_divergence": 0.01},
                 "all_dev": {"drop_pt": 0.0}, "int8_layers": 51, "fp32_layers": 1,
@@ -93,6 +95,12 @@ def test_the_headline_setting_is_also_calibrated_on_the_second_half_at_every_see
     assert f"{headline}, seeds 0-7: median (min..max)" in labels
     assert all(e["halves_swapped"] == e["setting"].endswith("swapped")
                for e in result.data["settings"])
+    seven = "-q --bits 7 -c multiple --equalize --easyquant --weights-out"
+    assert sorted(c[3] for c in calls if c[0].startswith(seven)) == list(range(8))
+    assert {(c[1], c[2]) for c in calls if c[0].startswith(seven)} == {("calib", "judge")}
+    assert f"{seven}, halves swapped" not in spreads
+    assert spreads[seven]["mean_drop_pt"] == 1.4            # 0.4 x the mean of 0..7
+    assert spreads[seven]["drop_pt"] == "+1.4 (+0.0..+2.8)"
 
 
 def test_seed_ranges_read_as_ranges_where_consecutive():
