@@ -4,7 +4,8 @@ The 500 dev images of the shared MobileNetV2 are split in two halves: each setti
 calibrated (and, for ``-l``, searched) on the first 250 and judged on the other 250 — top-1
 drop against FP32 and top-1 agreement with FP32 — and, beside it, on all 500 with the same
 scales (the figure a calibrate-and-test-on-the-same-images run would report). The EasyQuant
-settings run at several seeds, the headline one at eight and on the halves swapped too.
+settings run at several seeds, the headline one and the 7-bit one at eight, the headline
+on the halves swapped too.
 Wall time, INT8/FP32 layers and full evaluations come from the run itself. On 250 images a
 figure is a handful of images: the table gives the agreement's 95% interval and the images
 only FP32 and only INT8 get right, whose difference is the drop."""
