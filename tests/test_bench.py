@@ -91,8 +91,8 @@ def test_the_headline_setting_is_also_calibrated_on_the_second_half_at_every_see
     assert spreads[f"{headline}, halves swapped"]["mean_agreement"] == 0.9835
     assert spreads[headline]["mean_agreement"] == 0.9635
     labels = [row[0] for row in result.tables[0].rows]
-    assert f"{headline}, halves swapped, seeds 0-7: median (min..max)" in labels
-    assert f"{headline}, seeds 0-7: median (min..max)" in labels
+    assert f"{headline}, halves swapped, seeds 0-7: median (min..max), mean" in labels
+    assert f"{headline}, seeds 0-7: median (min..max), mean" in labels
     assert all(e["halves_swapped"] == e["setting"].endswith("swapped")
                for e in result.data["settings"])
     seven = "-q --bits 7 -c multiple --equalize --easyquant --weights-out"

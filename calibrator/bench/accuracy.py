@@ -160,7 +160,7 @@ def accuracy(ctx: Context) -> SectionResult:
             spread = _seed_spread(entries)
             name = f"{label}, halves swapped" if swapped else label
             spreads[name] = spread
-            rows.append([f"{name}, seeds {_seed_range(spread['seeds'])}: median (min..max)",
+            rows.append([f"{name}, seeds {_seed_range(spread['seeds'])}: median (min..max), mean",
                          f"{spread['drop_pt']}, mean {spread['mean_drop_pt']:+.2f}",
                          f"{spread['agreement']}, mean {spread['mean_agreement']:.3f}",
                          spread["kl_divergence"], "", "", "", "", ""])
