@@ -20,7 +20,8 @@ from calibrator.quant.layerwise import LayerwiseSettings, factors, layerwise
 from calibrator.quant.scales import QuantOptions, build_plan, qmax
 from calibrator.search.evaluator import Evaluator, SearchState
 from tests.netutil import deployable, parse_net, random_weights
-from tests.quant_helpers import TinyNet, bn_scale_text, conv_text, input_text, relu_text
+from tests.quant_helpers import (TinyNet, as_integers, bn_scale_text, conv_text, input_text,
+                                relu_text)
 from tests.test_search import tiny  # noqa: F401  (fixture)
 
 ONE_CONV = (input_text((6, 4, 7, 7))
@@ -247,6 +248,65 @@ def test_the_fused_candidate_kernels_give_the_tensor_codes_cosines(bits, slice_e
     assert fused_choices == choices
     assert {n: vars(r) for n, r in fused_reports.items()} == \
         {n: vars(r) for n, r in reports.items()}
+
+
+#: two inverted residual blocks as MobileNetV2 has them: a linear (no ReLU) output read by
+#: the next block's expansion and by the residual add fused into that block's projection
+_RESIDUAL_BLOCKS = (input_text((6, 4, 7, 7)) + conv_text("c1", "data", "a", 8, 1)
+                    + conv_text("e1", "a", "b", 16, 1) + relu_text("r1", "b")
+                    + conv_text("d1", "b", "c", 16, 3, "pad: 1 group: 16")
+                    + relu_text("r2", "c") + conv_text("p1", "c", "d", 8, 1)
+                    + 'layer { name: "s1" type: "Eltwise" bottom: "a" bottom: "d" top: "e" }\n'
+                    + conv_text("e2", "e", "f", 16, 1) + relu_text("r3", "f")
+                    + conv_text("p2", "f", "g", 8, 1)
+                    + 'layer { name: "s2" type: "Eltwise" bottom: "e" bottom: "g" top: "h" }\n'
+                    + conv_text("c9", "h", "i", 5, 1))
+
+
+@pytest.mark.parametrize("bits", [8, 7])
+def test_a_shared_output_is_rounded_once_at_its_writers_scale(bits, monkeypatch):
+    """c1's output is read by e1 and by the residual add fused into p1; p1's (the sum) by
+    e2 and by p2's add. The runtime writes each once, as integers at its writer's
+    scale_out, and every reader reads those (``sat(rne(q * scale_in / s))``, the fused
+    add ``q_residual``): the pass hands the reader those integers and keeps its input
+    scale at the writer's (EasyQuant searches its weight scales only), so the final plan
+    rounds nothing twice. A unit that one unit alone reads (e1 -> d1) writes unrounded
+    values in the pass, and its reader's input scale is searched."""
+    net = TinyNet(_RESIDUAL_BLOCKS, seed=4, nonnegative_input=True)
+    net.calibrate(first_conv=True, per_channel=True, bits=bits)
+    options = QuantOptions(first_conv=True, per_channel=True, bits=bits)
+    seen = {}   # unit -> (the quantized input the pass hands it, keep_input)
+    real = layerwise_module._through_unit
+
+    def spy(unit, fused, fp_blobs, q_blobs, owned, deployed, settings, keep_input=False):
+        seen[unit.name] = (q_blobs[unit.layer.bottoms[0]].clone(), keep_input)
+        return real(unit, fused, fp_blobs, q_blobs, owned, deployed, settings,
+                    keep_input=keep_input)
+    monkeypatch.setattr(layerwise_module, "_through_unit", spy)
+    choices, reports = layerwise(net.net, net.fused, net.stats, options, {},
+                                 net.batches[0], LayerwiseSettings(steps=21))
+    plan = build_plan(net.fused, net.stats, options, choices)
+    assert set(seen) == {"c1", "e1", "d1", "p1", "e2", "p2", "c9"}
+    assert {name for name, (_, keep) in seen.items() if keep} == {"e1", "e2"}
+    for reader, writer in (("e1", "c1"), ("e2", "p1")):
+        lq_w = plan.layers[writer]
+        assert lq_w.output_int8 and not lq_w.output_unsigned
+        # what the reader gets: integers at the writer's (calibrated) scale_out, in range
+        q = as_integers(seen[reader][0].numpy(), lq_w.scale_out)
+        assert q.min() >= -(2 ** (bits - 1)) and q.max() <= 2 ** (bits - 1) - 1
+        assert len(np.unique(q)) > 8
+        assert lq_w.scale_out == net.plan.layers[writer].scale_out
+        # the reader keeps that scale; its weight scales were searched
+        assert choices[reader].input_threshold is None
+        assert plan.layers[reader].scale_in == lq_w.scale_out
+        assert choices[reader].weight_scales is not None
+        assert choices[reader].weight_scales != tuple(net.plan.layers[reader].scale_params)
+    # a single reader's input: unrounded in the pass, its scale searched, and its writer
+    # then writes at that scale (one rounding)
+    assert not seen["d1"][1] and choices["d1"].input_threshold is not None
+    with pytest.raises(AssertionError, match="not INT8 values"):
+        as_integers(seen["d1"][0].numpy(), plan.layers["e1"].scale_out)
+    assert plan.layers["e1"].scale_out == plan.layers["d1"].scale_in
 
 
 def _three_convs_pass(bits: int):
