@@ -45,10 +45,10 @@ During the pass a quantized unit whose output feeds one quantized unit alone wri
 unrounded (FP32), so that input is rounded once, at the input scale being searched;
 afterwards the unit takes that consumer's input threshold as its output threshold (one
 rounding in the final plan too). An INT8 output that more than one layer reads (a residual
-stream: the next block's expansion, and the residual add fused into the block after it) is
-written by the runtime once, at the unit's scale_out, and every reader reads those integers
-(``simulate``: the next layer reads ``q_out / scale_out``, a fused Eltwise reads
-``q_residual``; ``mkldnn_convolution_layer.cpp`` :287-310). The pass rounds it there too,
+stream: the next block's expansion, and the residual add fused into that block's
+projection) is written by the runtime once, at the unit's scale_out, and every reader reads
+those integers (``simulate``: the next layer reads ``q_out / scale_out``, a fused Eltwise
+reads ``q_residual``; ``mkldnn_convolution_layer.cpp`` :287-310). The pass rounds it there,
 and a unit that reads it keeps the tensor's calibrated scale as its input scale (EasyQuant
 searches its weight scales only): a searched input scale would requantize integers already
 rounded at scale_out, a second rounding the cosine of the unrounded input does not see. On
@@ -805,8 +805,9 @@ def layerwise(net, fused: FusedGraph, stats: dict, options: QuantOptions, choice
 
 def _shared_outputs(fused: FusedGraph, plan, units: list[FusedUnit]) -> set[str]:
     """The units whose INT8 output is not read by one quantized unit alone (a residual
-    stream: the next block's expansion and the residual add of the block after it), which
-    the runtime writes once, rounded at the unit's scale_out, for all its readers."""
+    stream: the next block's expansion and the residual add fused into that block's
+    projection), which the runtime writes once, rounded at the unit's scale_out, for all
+    its readers."""
     shared = set()
     for unit in units:
         if not plan.layers[unit.name].output_int8:
