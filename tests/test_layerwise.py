@@ -20,8 +20,9 @@ from calibrator.quant.layerwise import LayerwiseSettings, factors, layerwise
 from calibrator.quant.scales import QuantOptions, build_plan, qmax
 from calibrator.search.evaluator import Evaluator, SearchState
 from tests.netutil import deployable, parse_net, random_weights
-from tests.quant_helpers import (TinyNet, as_integers, bn_scale_text, conv_text, input_text,
-                                relu_text)
+from tests.quant_helpers import (TinyNet, as_integers, bn_scale_text, conv_int64, conv_text,
+                                input_text, intel_output, quantize_bias, quantize_input,
+                                quantize_weights, relu_text)
 from tests.test_search import tiny  # noqa: F401  (fixture)
 
 ONE_CONV = (input_text((6, 4, 7, 7))
@@ -288,6 +289,19 @@ def test_a_shared_output_is_rounded_once_at_its_writers_scale(bits, monkeypatch)
     plan = build_plan(net.fused, net.stats, options, choices)
     assert set(seen) == {"c1", "e1", "d1", "p1", "e2", "p2", "c9"}
     assert {name for name, (_, keep) in seen.items() if keep} == {"e1", "e2"}
+    # e1 reads Intel's s8 integers of c1 at c1's deployed plan (its corrected bias), as
+    # the kernel's arithmetic written in numpy gives them (tests/quant_helpers)
+    lq = plan.layers["c1"]
+    data = net.batches[0]["data"].numpy()
+    weight, bias = net.weights["c1"]
+    if lq.bias_shift is not None:
+        bias = (np.asarray(bias, np.float32) + np.asarray(lq.bias_shift, np.float32)).astype(
+            np.float32)
+    acc = conv_int64(quantize_input(data, lq.scale_in, lq.input_unsigned, bits),
+                     quantize_weights(weight, lq.scale_params, bits))
+    want = intel_output(acc, quantize_bias(bias, lq.scale_in, lq.scale_params), lq.scale_in,
+                        lq.scale_params, lq.scale_out, "s8", bits=bits)
+    assert np.array_equal(as_integers(seen["e1"][0].numpy(), lq.scale_out), want)
     for reader, writer in (("e1", "c1"), ("e2", "p1")):
         lq_w = plan.layers[writer]
         assert lq_w.output_int8 and not lq_w.output_unsigned
