@@ -279,10 +279,11 @@ def test_a_shared_output_is_rounded_once_at_its_writers_scale(bits, monkeypatch)
     seen = {}   # unit -> (the quantized input the pass hands it, keep_input)
     real = layerwise_module._through_unit
 
-    def spy(unit, fused, fp_blobs, q_blobs, owned, deployed, settings, keep_input=False):
+    def spy(unit, fused, fp_blobs, q_blobs, owned, deployed, settings, keep_input=False,
+            **kwargs):
         seen[unit.name] = (q_blobs[unit.layer.bottoms[0]].clone(), keep_input)
         return real(unit, fused, fp_blobs, q_blobs, owned, deployed, settings,
-                    keep_input=keep_input)
+                    keep_input=keep_input, **kwargs)
     monkeypatch.setattr(layerwise_module, "_through_unit", spy)
     choices, reports = layerwise(net.net, net.fused, net.stats, options, {},
                                  net.batches[0], LayerwiseSettings(steps=21))

@@ -782,14 +782,11 @@ def layerwise(net, fused: FusedGraph, stats: dict, options: QuantOptions, choice
             # unit reads it and the caller did not give it (a feed)
             owned = bottom not in feeds and not still_read(bottom, stop)
 
-            deployed = partial(_deployed, fused, stats, options, choices, unit.name)
             y_fp, y_q, change, reports[unit.name] = _through_unit(
-                unit, fused, fp_blobs, q_blobs, owned, deployed, settings,
-                keep_input=_reads_shared(unit, fused, shared))
-            if unit.name in shared:   # written once, as the integers every reader reads
-                lq = deployed(change)
-                y_q = quantize(y_q, lq.scale_out, lq.output_unsigned, lq.bits,
-                               in_place=True).div_(lq.scale_out)
+                unit, fused, fp_blobs, q_blobs, owned,
+                partial(_deployed, fused, stats, options, choices, unit.name), settings,
+                keep_input=_reads_shared(unit, fused, shared),
+                shared_output=unit.name in shared)
             if change:
                 choices[unit.name] = replace(choices.get(unit.name, UnitChoice()), **change)
             fp_blobs = {k: v for k, v in fp_blobs.items() if still_read(k, stop)}
@@ -803,26 +800,34 @@ def layerwise(net, fused: FusedGraph, stats: dict, options: QuantOptions, choice
     return _single_rounding(fused, stats, options, choices), reports
 
 
+def _sole_writer(fused: FusedGraph, unit: FusedUnit) -> FusedUnit | None:
+    """The one quantized unit that writes ``unit``'s input (through INT8 pass-through
+    layers, nothing else upstream), else None."""
+    producers, others = fused.upstream_units(unit.input)
+    return producers[0] if len(producers) == 1 and not others else None
+
+
+def _sole_reader(fused: FusedGraph, unit: FusedUnit) -> str | None:
+    """The name of the one quantized unit that reads ``unit``'s output (nothing else
+    downstream), else None."""
+    consumers, others = fused.downstream(unit.output)
+    names = {c.name for c in consumers}
+    return next(iter(names)) if len(names) == 1 and not others else None
+
+
 def _shared_outputs(fused: FusedGraph, plan, units: list[FusedUnit]) -> set[str]:
     """The units whose INT8 output is not read by one quantized unit alone (a residual
     stream: the next block's expansion and the residual add fused into that block's
     projection), which the runtime writes once, rounded at the unit's scale_out, for all
     its readers."""
-    shared = set()
-    for unit in units:
-        if not plan.layers[unit.name].output_int8:
-            continue
-        consumers, others = fused.downstream(unit.output)
-        if others or len({c.name for c in consumers}) != 1:
-            shared.add(unit.name)
-    return shared
+    return {unit.name for unit in units
+            if plan.layers[unit.name].output_int8 and _sole_reader(fused, unit) is None}
 
 
 def _reads_shared(unit: FusedUnit, fused: FusedGraph, shared: set[str]) -> bool:
     """Whether ``unit``'s input is, as written, a shared output (:func:`_shared_outputs`)."""
-    producers, others = fused.upstream_units(unit.input)
-    return (len(producers) == 1 and not others and producers[0].name in shared
-            and producers[0].output == unit.input)
+    writer = _sole_writer(fused, unit)
+    return writer is not None and writer.name in shared and writer.output == unit.input
 
 
 def _deployed(fused: FusedGraph, stats: dict, options: QuantOptions, choices: dict, name: str,
@@ -834,12 +839,15 @@ def _deployed(fused: FusedGraph, stats: dict, options: QuantOptions, choices: di
 
 
 def _through_unit(unit: FusedUnit, fused: FusedGraph, fp_blobs: dict, q_blobs: dict,
-                  owned: bool, deployed, settings: LayerwiseSettings, keep_input: bool = False):
-    """EasyQuant and bias correction of one unit; (its FP32 output, its quantized output
-    (unrounded), the change to its choice, its report). ``owned``: the unit's input is
-    taken out of the blobs (its FP32 copy freed once used, its quantized copy quantized in
-    place); ``deployed(change)``: the unit's LayerQuant in the plan with ``change``;
-    ``keep_input``: EasyQuant leaves the input scale as calibrated (a shared tensor's)."""
+                  owned: bool, deployed, settings: LayerwiseSettings, keep_input: bool = False,
+                  shared_output: bool = False):
+    """EasyQuant and bias correction of one unit; (its FP32 output, its quantized output,
+    the change to its choice, its report). ``owned``: the unit's input is taken out of the
+    blobs (its FP32 copy freed once used, its quantized copy quantized in place);
+    ``deployed(change)``: the unit's LayerQuant in the plan with ``change``;
+    ``keep_input``: EasyQuant leaves the input scale as calibrated (a shared tensor's);
+    ``shared_output``: the output is rounded at its scale_out, as the runtime writes it for
+    all its readers (else left unrounded for its one reader to round)."""
     lq = deployed({})
     bottom = unit.layer.bottoms[0]
     residual_name = _residual_name(unit, fused)
@@ -919,6 +927,9 @@ def _through_unit(unit: FusedUnit, fused: FusedGraph, fp_blobs: dict, q_blobs: d
                 change["bias_shift"] = tuple(plain.bias_shift)
             report.bias_shift = 0.0
         del y_plain
+    if shared_output:   # (the correction changes the bias alone, not scale_out)
+        y_q = quantize(y_q, final.scale_out, final.output_unsigned, final.bits,
+                       in_place=True).div_(final.scale_out)
     return y_fp, y_q, change, report
 
 
@@ -950,15 +961,11 @@ def _single_rounding(fused: FusedGraph, stats: dict, options: QuantOptions,
         choice = choices.get(unit.name)
         if choice is None or choice.input_threshold is None or unit.name not in plan.layers:
             continue
-        producers, others = fused.upstream_units(unit.input)
-        if len(producers) != 1 or others:
+        producer = _sole_writer(fused, unit)
+        if producer is None:
             continue
-        producer = producers[0]
         lq = plan.layers.get(producer.name)
-        if lq is None or not lq.output_int8:
-            continue
-        consumers, other_nodes = fused.downstream(producer.output)
-        if other_nodes or {c.name for c in consumers} != {unit.name}:
+        if lq is None or not lq.output_int8 or _sole_reader(fused, producer) != unit.name:
             continue
         if lq.output_unsigned != plan.layers[unit.name].input_unsigned:
             continue
