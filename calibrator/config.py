@@ -62,7 +62,7 @@ class RunConfig:
                                      ("--easyquant-steps", layerwise.steps, 2),
                                      ("--easyquant-positions", layerwise.positions, 1),
                                      ("--easyquant-seed", layerwise.seed, 0)):
-            if value < least:
+            if value is not None and value < least:
                 raise CalibratorError(f"{option} must be at least {least}, got {value}")
         if self.equalize and "weights" not in self.outputs:
             raise CalibratorError("--equalize rescales the weights, which reach the runtime "

@@ -602,12 +602,12 @@ class _SampledPass:
 
         monkeypatch.setattr(layerwise_module, "_sample_positions", recording)
 
-    def run(self, positions: int, seed: int) -> dict:
+    def run(self, positions: int | None, seed: int, bits: int = 8) -> dict:
         """The pass's choices (EasyQuant alone, 5 candidates, one round)."""
         net = self.net
         self.drawn.clear()
         choices, _ = layerwise(net.net, net.fused, net.stats,
-                               QuantOptions(first_conv=True, per_channel=True), {},
+                               QuantOptions(first_conv=True, per_channel=True, bits=bits), {},
                                net.batches[0],
                                LayerwiseSettings(steps=5, rounds=1, positions=positions,
                                                  seed=seed, bias_correction=False))
@@ -637,7 +637,7 @@ def test_the_positions_given_on_the_command_line_size_the_sample(monkeypatch):
     as the layers leaves nothing to the seed (the same scales at every seed)."""
     from tests.test_intel_flags import config_of
     assert config_of("--easyquant-positions", "64").search.layerwise.positions == 64
-    assert config_of().search.layerwise.positions == 1024
+    assert config_of().search.layerwise.positions is None     # by bit width, below
     sampled = _SampledPass(monkeypatch)
     chosen = {}
     for positions, seed in ((8, 0), (8, 3), (10 ** 6, 0), (10 ** 6, 3)):
@@ -648,3 +648,14 @@ def test_the_positions_given_on_the_command_line_size_the_sample(monkeypatch):
             assert len(where) == len({tuple(w) for w in where}) == min(positions, total)
     assert chosen[10 ** 6, 0] == chosen[10 ** 6, 3]
     assert chosen[8, 0] != chosen[8, 3]     # where the sample is a few positions it matters
+
+
+def test_without_positions_given_the_sample_is_larger_at_7_bits(monkeypatch):
+    """Without ``--easyquant-positions`` each layer samples 1,024 output positions at 8 bits
+    and 4,096 at ``--bits 7`` (``POSITIONS``; BENCHMARKS.md, "A larger sample at 7 bits"),
+    and a number given on the command line wins at either width."""
+    sampled = _SampledPass(monkeypatch)
+    for positions, bits, expected in ((None, 8, 1024), (None, 7, 4096), (64, 7, 64),
+                                      (64, 8, 64)):
+        sampled.run(positions, 0, bits=bits)
+        assert [count for _, count, *_ in sampled.drawn] == [expected] * 3
